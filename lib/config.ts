@@ -1,0 +1,498 @@
+// Configuration of the three services. Every setting is a command-line flag and an environment variable
+// (PEARL_*); the flag wins. The same variable configures a setting whichever command reads it, so
+// `pearl serve --draft-port` and `pearl draft --port` both read PEARL_DRAFT_PORT.
+import { type Command, InvalidArgumentError, Option } from "commander";
+import { isLogLevel, type LogLevel } from "./logging.js";
+import type { Backend } from "./native.js";
+
+export type DecodingMode = "pearl" | "sd" | "ar";
+export const DECODING_MODES: readonly DecodingMode[] = ["pearl", "sd", "ar"];
+
+/** Settings shared by the draft and the target service: one model, one engine, one gRPC server. */
+export interface ModelServiceConfig {
+  modelDir: string;
+  /** Shown to clients; "" means the model folder's name. */
+  modelId: string;
+  backend: Backend;
+  /** CPU backend threads; 0: all cores. */
+  numThreads: number;
+  /** KV cache capacity in blocks; 0: the engine's default. */
+  numBlocks: number;
+  blockSize: number;
+  host: string;
+  /** 0 picks a free port (logged at start-up). */
+  grpcPort: number;
+  /** /metrics and /health; 0 picks a free port, -1 disables. */
+  httpPort: number;
+  /** Most prompt tokens prefilled per step, over all sessions; longer prompts take several steps. */
+  prefillChunk: number;
+  /** Most sessions advanced by one step. */
+  maxBatch: number;
+  /** Batch sizes whose step time is measured at start-up (empty: none; measured online anyway). */
+  profileBatchSizes: number[];
+  logLevel: LogLevel;
+}
+
+export type DraftServiceConfig = ModelServiceConfig;
+
+export interface TargetServiceConfig extends ModelServiceConfig {
+  /** Most proposed tokens one session gets verified in one step. */
+  maxVerifyWindow: number;
+}
+
+export interface GatewayConfig {
+  host: string;
+  grpcPort: number;
+  httpPort: number;
+  draftAddress: string;
+  targetAddress: string;
+  defaultMode: DecodingMode;
+  /** Draft tokens past the last verified position; 0: set from measured step times. */
+  lookahead: number;
+  /** Most proposed tokens per verify step; 0: set from measured step times. */
+  verifyWindow: number;
+  /** Upper bound of the automatic draft length. */
+  maxGamma: number;
+  /** The fixed draft length of mode sd. */
+  sdGamma: number;
+  draftTemperature: number;
+  /** Size of a sampled draft's sparse distribution q. */
+  draftTopK: number;
+  defaultMaxTokens: number;
+  /** A folder with tokenizer.json (and tokenizer_config.json); "": token ids only. */
+  tokenizerDir: string;
+  /** How long to wait for the target (and draft) service at start-up. */
+  connectTimeoutSeconds: number;
+  logLevel: LogLevel;
+}
+
+export const DEFAULT_HOST = "127.0.0.1";
+export const DEFAULT_PORTS = {
+  gatewayGrpc: 50051,
+  draftGrpc: 50052,
+  targetGrpc: 50053,
+  gatewayHttp: 8000,
+  draftHttp: 8001,
+  targetHttp: 8002,
+} as const;
+
+// ---- option specs -------------------------------------------------------------------------------------
+
+interface OptionSpec<Config> {
+  key: keyof Config & string;
+  /** The flag without dashes, e.g. "port"; `pearl serve` may prefix it ("draft-port"). */
+  flag: string;
+  /** Placeholder of the value in --help; absent for a boolean switch. */
+  valueName: string;
+  env: string;
+  description: string;
+  defaultValue: unknown;
+  parse: (raw: string) => unknown;
+}
+
+function integerIn(min: number, max: number): (raw: string) => number {
+  return (raw) => {
+    const value = Number(raw);
+    if (!Number.isInteger(value) || value < min || value > max) {
+      throw new InvalidArgumentError(`expected an integer in [${min}, ${max}], got "${raw}"`);
+    }
+    return value;
+  };
+}
+
+function numberIn(min: number, max: number): (raw: string) => number {
+  return (raw) => {
+    const value = Number(raw);
+    if (raw.trim() === "" || !Number.isFinite(value) || value < min || value > max) {
+      throw new InvalidArgumentError(`expected a number in [${min}, ${max}], got "${raw}"`);
+    }
+    return value;
+  };
+}
+
+function oneOf<T extends string>(values: readonly T[]): (raw: string) => T {
+  return (raw) => {
+    if (!(values as readonly string[]).includes(raw)) {
+      throw new InvalidArgumentError(`expected one of ${values.join(", ")}, got "${raw}"`);
+    }
+    return raw as T;
+  };
+}
+
+function text(raw: string): string {
+  return raw;
+}
+
+function logLevel(raw: string): LogLevel {
+  if (!isLogLevel(raw)) throw new InvalidArgumentError(`expected error, warn, info or debug, got "${raw}"`);
+  return raw;
+}
+
+const parsePort = integerIn(0, 65535);
+
+function parseHttpPort(raw: string): number {
+  return raw === "off" ? -1 : parsePort(raw);
+}
+
+function parseBatchSizes(raw: string): number[] {
+  if (raw === "" || raw === "off") return [];
+  return raw.split(",").map((part) => integerIn(1, 4096)(part.trim()));
+}
+
+const BACKENDS: readonly Backend[] = ["cpu", "cuda", "auto"];
+
+function modelServiceSpecs(
+  role: "draft" | "target",
+  grpcPort: number,
+  httpPort: number,
+): OptionSpec<TargetServiceConfig>[] {
+  const env = `PEARL_${role.toUpperCase()}_`;
+  return [
+    {
+      key: "modelDir",
+      flag: "model",
+      valueName: "dir",
+      env: `${env}MODEL`,
+      description: `${role} model folder (Hugging Face layout: config.json + *.safetensors)`,
+      defaultValue: "",
+      parse: text,
+    },
+    {
+      key: "modelId",
+      flag: "model-id",
+      valueName: "name",
+      env: `${env}MODEL_ID`,
+      description: "model name reported to clients (default: the folder's name)",
+      defaultValue: "",
+      parse: text,
+    },
+    {
+      key: "backend",
+      flag: "backend",
+      valueName: "cpu|cuda|auto",
+      env: `${env}BACKEND`,
+      description: "compute backend",
+      defaultValue: "auto",
+      parse: oneOf(BACKENDS),
+    },
+    {
+      key: "numThreads",
+      flag: "threads",
+      valueName: "n",
+      env: `${env}THREADS`,
+      description: "CPU backend threads (0: all cores)",
+      defaultValue: 0,
+      parse: integerIn(0, 1024),
+    },
+    {
+      key: "numBlocks",
+      flag: "kv-blocks",
+      valueName: "n",
+      env: `${env}KV_BLOCKS`,
+      description: "KV cache capacity in blocks (0: the engine's default)",
+      defaultValue: 0,
+      parse: integerIn(0, 1 << 24),
+    },
+    {
+      key: "blockSize",
+      flag: "block-size",
+      valueName: "tokens",
+      env: `${env}BLOCK_SIZE`,
+      description: "tokens per KV block",
+      defaultValue: 16,
+      parse: integerIn(1, 1024),
+    },
+    {
+      key: "grpcPort",
+      flag: "port",
+      valueName: "port",
+      env: `${env}PORT`,
+      description: "gRPC port (0: any free port)",
+      defaultValue: grpcPort,
+      parse: parsePort,
+    },
+    {
+      key: "httpPort",
+      flag: "http-port",
+      valueName: "port|off",
+      env: `${env}HTTP_PORT`,
+      description: "HTTP port of /metrics and /health (0: any free port)",
+      defaultValue: httpPort,
+      parse: parseHttpPort,
+    },
+    {
+      key: "prefillChunk",
+      flag: "prefill-chunk",
+      valueName: "tokens",
+      env: `${env}PREFILL_CHUNK`,
+      description: "most prompt tokens prefilled per step over all sessions",
+      defaultValue: 256,
+      parse: integerIn(1, 1 << 20),
+    },
+    {
+      key: "maxBatch",
+      flag: "max-batch",
+      valueName: "n",
+      env: `${env}MAX_BATCH`,
+      description: "most sessions advanced by one step",
+      defaultValue: 256,
+      parse: integerIn(1, 1 << 16),
+    },
+    {
+      key: "profileBatchSizes",
+      flag: "profile",
+      valueName: "sizes|off",
+      env: `${env}PROFILE`,
+      description: "batch sizes whose step time is measured at start-up, comma-separated",
+      defaultValue: [1, 2, 4, 8],
+      parse: parseBatchSizes,
+    },
+  ];
+}
+
+const HOST_SPEC = {
+  key: "host",
+  flag: "host",
+  valueName: "address",
+  env: "PEARL_HOST",
+  description: "address the servers bind to",
+  defaultValue: DEFAULT_HOST,
+  parse: text,
+} as const;
+
+const LOG_LEVEL_SPEC = {
+  key: "logLevel",
+  flag: "log-level",
+  valueName: "level",
+  env: "PEARL_LOG_LEVEL",
+  description: "error, warn, info or debug",
+  defaultValue: "info",
+  parse: logLevel,
+} as const;
+
+export const DRAFT_SERVICE_OPTIONS: OptionSpec<DraftServiceConfig>[] = [
+  ...(modelServiceSpecs("draft", DEFAULT_PORTS.draftGrpc, DEFAULT_PORTS.draftHttp) as OptionSpec<DraftServiceConfig>[]),
+  HOST_SPEC,
+  LOG_LEVEL_SPEC,
+];
+
+export const TARGET_SERVICE_OPTIONS: OptionSpec<TargetServiceConfig>[] = [
+  ...modelServiceSpecs("target", DEFAULT_PORTS.targetGrpc, DEFAULT_PORTS.targetHttp),
+  {
+    key: "maxVerifyWindow",
+    flag: "max-verify-window",
+    valueName: "tokens",
+    env: "PEARL_TARGET_MAX_VERIFY_WINDOW",
+    description: "most proposed tokens verified per session per step",
+    defaultValue: 32,
+    parse: integerIn(1, 1024),
+  },
+  HOST_SPEC,
+  LOG_LEVEL_SPEC,
+];
+
+export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
+  {
+    key: "grpcPort",
+    flag: "port",
+    valueName: "port",
+    env: "PEARL_GATEWAY_PORT",
+    description: "gRPC port of the Generate API (0: any free port)",
+    defaultValue: DEFAULT_PORTS.gatewayGrpc,
+    parse: parsePort,
+  },
+  {
+    key: "httpPort",
+    flag: "http-port",
+    valueName: "port|off",
+    env: "PEARL_GATEWAY_HTTP_PORT",
+    description: "HTTP port of /metrics and /health (0: any free port)",
+    defaultValue: DEFAULT_PORTS.gatewayHttp,
+    parse: parseHttpPort,
+  },
+  {
+    key: "draftAddress",
+    flag: "draft",
+    valueName: "host:port",
+    env: "PEARL_DRAFT_ADDRESS",
+    description: "the draft service",
+    defaultValue: `localhost:${DEFAULT_PORTS.draftGrpc}`,
+    parse: text,
+  },
+  {
+    key: "targetAddress",
+    flag: "target",
+    valueName: "host:port",
+    env: "PEARL_TARGET_ADDRESS",
+    description: "the target service",
+    defaultValue: `localhost:${DEFAULT_PORTS.targetGrpc}`,
+    parse: text,
+  },
+  {
+    key: "defaultMode",
+    flag: "mode",
+    valueName: "pearl|sd|ar",
+    env: "PEARL_MODE",
+    description: "decoding mode of requests that do not choose one",
+    defaultValue: "pearl",
+    parse: oneOf(DECODING_MODES),
+  },
+  {
+    key: "lookahead",
+    flag: "lookahead",
+    valueName: "tokens",
+    env: "PEARL_LOOKAHEAD",
+    description: "pin how far the draft runs past the last verified token (0: from measured step times)",
+    defaultValue: 0,
+    parse: integerIn(0, 1024),
+  },
+  {
+    key: "verifyWindow",
+    flag: "verify-window",
+    valueName: "tokens",
+    env: "PEARL_VERIFY_WINDOW",
+    description: "pin the most proposed tokens per verify step (0: from measured step times)",
+    defaultValue: 0,
+    parse: integerIn(0, 1024),
+  },
+  {
+    key: "maxGamma",
+    flag: "max-gamma",
+    valueName: "tokens",
+    env: "PEARL_MAX_GAMMA",
+    description: "upper bound of the automatic draft length",
+    defaultValue: 16,
+    parse: integerIn(1, 1024),
+  },
+  {
+    key: "sdGamma",
+    flag: "sd-gamma",
+    valueName: "tokens",
+    env: "PEARL_SD_GAMMA",
+    description: "draft length of mode sd (vanilla speculative decoding)",
+    defaultValue: 4,
+    parse: integerIn(1, 1024),
+  },
+  {
+    key: "draftTemperature",
+    flag: "draft-temperature",
+    valueName: "t",
+    env: "PEARL_DRAFT_TEMPERATURE",
+    description: "draft sampling temperature (0: greedy draft)",
+    defaultValue: 0,
+    parse: numberIn(0, 100),
+  },
+  {
+    key: "draftTopK",
+    flag: "draft-top-k",
+    valueName: "k",
+    env: "PEARL_DRAFT_TOP_K",
+    description: "size of a sampled draft's distribution q sent to the target",
+    defaultValue: 16,
+    parse: integerIn(1, 1024),
+  },
+  {
+    key: "defaultMaxTokens",
+    flag: "max-tokens",
+    valueName: "n",
+    env: "PEARL_MAX_TOKENS",
+    description: "max_tokens of requests that do not set it",
+    defaultValue: 256,
+    parse: integerIn(1, 1 << 24),
+  },
+  {
+    key: "tokenizerDir",
+    flag: "tokenizer",
+    valueName: "dir",
+    env: "PEARL_TOKENIZER",
+    description: "folder with tokenizer.json for text prompts (default: none, token ids only)",
+    defaultValue: "",
+    parse: text,
+  },
+  {
+    key: "connectTimeoutSeconds",
+    flag: "connect-timeout",
+    valueName: "seconds",
+    env: "PEARL_CONNECT_TIMEOUT",
+    description: "how long to wait for the draft and target services at start-up",
+    defaultValue: 60,
+    parse: numberIn(0, 86400),
+  },
+  HOST_SPEC,
+  LOG_LEVEL_SPEC,
+];
+
+function defaults<Config>(specs: OptionSpec<Config>[]): Config {
+  return Object.fromEntries(specs.map((spec) => [spec.key, spec.defaultValue])) as Config;
+}
+
+export function draftServiceDefaults(): DraftServiceConfig {
+  return defaults(DRAFT_SERVICE_OPTIONS);
+}
+
+export function targetServiceDefaults(): TargetServiceConfig {
+  return defaults(TARGET_SERVICE_OPTIONS);
+}
+
+export function gatewayDefaults(): GatewayConfig {
+  return defaults(GATEWAY_OPTIONS);
+}
+
+// ---- commander glue -----------------------------------------------------------------------------------
+
+function camelCase(flag: string): string {
+  return flag.replace(/-([a-z])/g, (_, letter: string) => letter.toUpperCase());
+}
+
+/**
+ * Adds the specs' flags to a command, each prefixed with `prefix` (e.g. "draft-"), except the keys in
+ * `skip` (settings the command derives itself).
+ */
+export function addOptions<Config>(
+  command: Command,
+  specs: OptionSpec<Config>[],
+  prefix = "",
+  skip: ReadonlySet<string> = new Set(),
+): void {
+  const existing = new Set(command.options.map((option) => option.long));
+  for (const spec of specs) {
+    if (skip.has(spec.key)) continue;
+    const long = `--${prefix}${spec.flag}`;
+    if (existing.has(long)) continue;
+    const option = new Option(`${long} <${spec.valueName}>`, spec.description)
+      .env(spec.env)
+      .argParser((raw: string) => spec.parse(raw));
+    option.default(spec.defaultValue, Array.isArray(spec.defaultValue) ? spec.defaultValue.join(",") : undefined);
+    command.addOption(option);
+  }
+}
+
+/** Reads back what addOptions added into a typed config. */
+export function readOptions<Config>(
+  values: Record<string, unknown>,
+  specs: OptionSpec<Config>[],
+  prefix = "",
+): Config {
+  const config = defaults(specs) as Record<string, unknown>;
+  for (const spec of specs) {
+    const value = values[camelCase(`${prefix}${spec.flag}`)];
+    if (value !== undefined) config[spec.key] = value;
+  }
+  return config as Config;
+}
+
+/** The flags that reproduce a config, for starting a service as a child process. */
+export function toArgs<Config>(config: Config, specs: OptionSpec<Config>[]): string[] {
+  const args: string[] = [];
+  for (const spec of specs) {
+    const value = (config as Record<string, unknown>)[spec.key];
+    if (value === undefined) continue;
+    let raw: string;
+    if (Array.isArray(value)) raw = value.length > 0 ? value.join(",") : "off";
+    else if (spec.key === "httpPort" && value === -1) raw = "off";
+    else raw = String(value);
+    if (raw === "" && spec.defaultValue === "") continue;
+    args.push(`--${spec.flag}`, raw);
+  }
+  return args;
+}

@@ -1,0 +1,212 @@
+// What the draft and target services share: loading the engine, measuring step times, reporting the
+// model and its KV cache, and the engine-level metrics.
+import { basename, resolve } from "node:path";
+import type { CacheStats as CacheStatsProto, ModelInfo as ModelInfoProto } from "../proto/gen/pearl/v1/common.js";
+import type { ModelServiceConfig } from "./config.js";
+import type { Logger } from "./logging.js";
+import { BATCH_SIZE_BUCKETS, Counter, Gauge, Histogram, LATENCY_BUCKETS_SECONDS, type Registry } from "./metrics.js";
+import { type CacheStats, Engine, type ModelInfo } from "./native.js";
+import { StepTimes } from "./step_times.js";
+
+export async function loadEngine(config: ModelServiceConfig, role: string, logger: Logger): Promise<Engine> {
+  if (config.modelDir === "") {
+    throw new Error(`no ${role} model: pass --model <dir> (or set PEARL_${role.toUpperCase()}_MODEL)`);
+  }
+  const started = performance.now();
+  const engine = await Engine.load({
+    modelDir: resolve(config.modelDir),
+    backend: config.backend,
+    blockSize: config.blockSize,
+    numBlocks: config.numBlocks,
+    numThreads: config.numThreads,
+  });
+  logger.info("model loaded", {
+    modelDir: config.modelDir,
+    architecture: engine.info.architecture,
+    backend: engine.info.backend,
+    dtype: engine.info.dtype,
+    parameters: engine.info.numParameters,
+    loadSeconds: Number(((performance.now() - started) / 1000).toFixed(3)),
+  });
+  return engine;
+}
+
+export function modelIdOf(config: ModelServiceConfig): string {
+  return config.modelId !== "" ? config.modelId : basename(resolve(config.modelDir));
+}
+
+export function modelInfoProto(info: ModelInfo, modelId: string): ModelInfoProto {
+  return {
+    modelId,
+    architecture: info.architecture,
+    modelType: info.modelType,
+    vocabSize: info.vocabSize,
+    hiddenSize: info.hiddenSize,
+    numLayers: info.numLayers,
+    maxPositionEmbeddings: info.maxPositionEmbeddings,
+    eosTokenIds: [...info.eosTokenIds],
+    bosTokenId: info.bosTokenId,
+    dtype: info.dtype,
+    backend: info.backend,
+    numParameters: info.numParameters,
+  };
+}
+
+export function cacheStatsProto(stats: CacheStats): CacheStatsProto {
+  return { ...stats };
+}
+
+/** Monotonic engine sequence ids, unique within the process. */
+export class SequenceIds {
+  private next = 1;
+  allocate(): number {
+    return this.next++;
+  }
+}
+
+const PROFILE_PROMPT_TOKENS = 8;
+const PROFILE_STEPS = 6;
+
+/**
+ * Measures decode steps at each batch size on throw-away sequences, so that the first requests already
+ * find step-time figures (the gateway derives its draft length from them). Online measurements refine
+ * them afterwards.
+ */
+export async function profileStepTimes(
+  engine: Engine,
+  batchSizes: number[],
+  times: StepTimes,
+  ids: SequenceIds,
+): Promise<void> {
+  const vocab = engine.info.vocabSize;
+  for (const batchSize of batchSizes) {
+    const seqIds = Array.from({ length: batchSize }, () => ids.allocate());
+    try {
+      for (const seqId of seqIds) await engine.addSequence(seqId);
+      let results = await engine.step(
+        seqIds.map((seqId, row) => ({
+          seqId,
+          tokens: Int32Array.from({ length: PROFILE_PROMPT_TOKENS }, (_, i) => (row * 31 + i * 7 + 3) % vocab),
+          commit: false,
+        })),
+      );
+      for (let step = 0; step < PROFILE_STEPS; step++) {
+        const started = performance.now();
+        results = await engine.step(
+          results.map((result) => ({ seqId: result.seqId, tokens: Int32Array.of(result.nextToken), commit: false })),
+        );
+        // The first decode step pays one-time costs (page faults, thread start-up).
+        if (step > 0) times.record(batchSize, performance.now() - started);
+      }
+    } finally {
+      for (const seqId of seqIds) await engine.release(seqId).catch(() => undefined);
+    }
+  }
+}
+
+/** Engine-level metrics of a draft or target service. */
+export class EngineMetrics {
+  readonly stepSeconds: Histogram;
+  readonly batchSize: Histogram;
+  readonly stepTokens: Counter;
+  readonly sessions: Gauge;
+
+  constructor(registry: Registry, engine: Engine, sessionCount: () => number) {
+    this.stepSeconds = new Histogram({
+      name: "pearl_engine_step_duration_seconds",
+      help: "Duration of one batched engine step",
+      buckets: LATENCY_BUCKETS_SECONDS,
+      registers: [registry],
+    });
+    this.batchSize = new Histogram({
+      name: "pearl_engine_step_batch_size_sequences",
+      help: "Sequences in one batched engine step",
+      buckets: BATCH_SIZE_BUCKETS,
+      registers: [registry],
+    });
+    this.stepTokens = new Counter({
+      name: "pearl_engine_step_tokens_total",
+      help: "Tokens appended by engine steps, by kind",
+      labelNames: ["kind"],
+      registers: [registry],
+    });
+    this.sessions = new Gauge({
+      name: "pearl_sessions_active_sessions",
+      help: "Sessions open on this service",
+      registers: [registry],
+      collect() {
+        this.set(sessionCount());
+      },
+    });
+    // Registered gauges are read by the registry on every scrape.
+    new Gauge({
+      name: "pearl_kv_cache_usage_ratio",
+      help: "Fraction of KV cache blocks referenced by a sequence",
+      registers: [registry],
+      async collect() {
+        const stats = await engine.cacheStats();
+        this.set(stats.blocksTotal > 0 ? stats.blocksUsed / stats.blocksTotal : 0);
+      },
+    });
+    new Gauge({
+      name: "pearl_kv_cache_blocks",
+      help: "KV cache blocks by state (used, free, cached)",
+      labelNames: ["state"],
+      registers: [registry],
+      async collect() {
+        const stats = await engine.cacheStats();
+        this.set({ state: "used" }, stats.blocksUsed);
+        this.set({ state: "free" }, stats.blocksFree);
+        this.set({ state: "cached" }, stats.blocksCached);
+      },
+    });
+  }
+
+  observeStep(batchSize: number, seconds: number): void {
+    this.stepSeconds.observe(seconds);
+    this.batchSize.observe(batchSize);
+  }
+}
+
+/** A started service, in-process. */
+export interface RunningService {
+  grpcPort: number;
+  /** -1 when the HTTP server is off. */
+  httpPort: number;
+  close(): Promise<void>;
+}
+
+export interface ModelServiceParts {
+  engine: Engine;
+  modelId: string;
+  stepTimes: StepTimes;
+  ids: SequenceIds;
+  registry: Registry;
+  logger: Logger;
+}
+
+/** Loads the model and measures its step times before the service takes requests. */
+export async function prepareModelService(
+  config: ModelServiceConfig,
+  role: "draft" | "target",
+  logger: Logger,
+  registry: Registry,
+): Promise<ModelServiceParts> {
+  const engine = await loadEngine(config, role, logger);
+  const stepTimes = new StepTimes();
+  const ids = new SequenceIds();
+  try {
+    const started = performance.now();
+    await profileStepTimes(engine, config.profileBatchSizes, stepTimes, ids);
+    if (config.profileBatchSizes.length > 0) {
+      logger.info("step times measured", {
+        seconds: Number(((performance.now() - started) / 1000).toFixed(3)),
+        stepTimes: stepTimes.toProto().map((t) => ({ batchSize: t.batchSize, ms: Number(t.meanMs.toFixed(3)) })),
+      });
+    }
+  } catch (error) {
+    await engine.close();
+    throw error;
+  }
+  return { engine, modelId: modelIdOf(config), stepTimes, ids, registry, logger };
+}

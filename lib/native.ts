@@ -1,0 +1,178 @@
+// Typed wrapper over the native runtime (native/binding/addon.cpp). Every call runs on the engine's own
+// thread, in submission order, and returns a Promise; the event loop never waits for the model.
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export type Backend = "cpu" | "cuda" | "auto";
+
+/** temperature 0 is greedy. seed: integer in [0, 2^53 - 1]; a seeded request is reproducible. */
+export interface SamplingParams {
+  temperature: number;
+  topK: number;
+  topP: number;
+  seed: number;
+}
+
+/** A draft's sparse top-k distribution q at one position. */
+export interface DraftDistribution {
+  tokens: Int32Array;
+  probs: Float32Array;
+}
+
+/** "none": only extend the KV; "sample": verify trailing drafts and return the next token; "logits": also
+ * return the raw logits of every appended row. */
+export type StepOutput = "none" | "sample" | "logits";
+
+export interface StepItem {
+  seqId: number;
+  tokens: Int32Array;
+  /** The last numDraft tokens are draft proposals to verify (default 0). */
+  numDraft?: number;
+  /** Empty/absent for a greedy draft, else one entry per draft token. */
+  draftDists?: DraftDistribution[];
+  /** Default "sample". */
+  output?: StepOutput;
+  /** Default greedy {temperature 0, topK 0, topP 1, seed 0}. */
+  sampling?: SamplingParams;
+  /** The appended non-draft tokens are committed text (default true). */
+  commit?: boolean;
+  /** A drafting service asks for q (sampled steps only). */
+  returnTopK?: number;
+}
+
+export interface StepResult {
+  seqId: number;
+  accepted: number;
+  /** -1 when output was "none". */
+  nextToken: number;
+  /** Tokens in the sequence's KV after the step. */
+  length: number;
+  /** [tokens.length * vocabSize] when output was "logits". */
+  logits?: Float32Array;
+  q?: DraftDistribution;
+}
+
+export interface ModelInfo {
+  architecture: string;
+  modelType: string;
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  maxPositionEmbeddings: number;
+  eosTokenIds: number[];
+  bosTokenId: number;
+  dtype: string;
+  backend: string;
+  numParameters: number;
+}
+
+export interface CacheStats {
+  blockSize: number;
+  blocksTotal: number;
+  blocksUsed: number;
+  blocksFree: number;
+  blocksCached: number;
+  prefixHitTokens: number;
+  prefixQueries: number;
+  prefixHits: number;
+  sequences: number;
+}
+
+export interface EngineOptions {
+  modelDir: string;
+  backend?: Backend;
+  blockSize?: number;
+  numBlocks?: number;
+  numThreads?: number;
+  devices?: number[];
+}
+
+interface NativeEngine {
+  load(options: EngineOptions): Promise<ModelInfo>;
+  addSequence(seqId: number): Promise<void>;
+  truncate(seqId: number, length: number): Promise<void>;
+  release(seqId: number): Promise<void>;
+  sequenceLength(seqId: number): Promise<number>;
+  step(items: StepItem[]): Promise<StepResult[]>;
+  cacheStats(): Promise<CacheStats>;
+  close(): Promise<void>;
+}
+
+interface Addon {
+  NativeEngine: new () => NativeEngine;
+}
+
+const ADDON_RELATIVE_PATH = "native/build/Release/pearl_addon.node";
+
+// This file runs as lib/native.ts under tsx and as dist/lib/native.js after tsc: the repository root is
+// one or two levels up.
+function addonCandidates(): string[] {
+  const here = dirname(fileURLToPath(import.meta.url));
+  return [resolve(here, "..", ADDON_RELATIVE_PATH), resolve(here, "..", "..", ADDON_RELATIVE_PATH)];
+}
+
+let addon: Addon | undefined;
+
+function loadAddon(): Addon {
+  if (addon) return addon;
+  const candidates = addonCandidates();
+  const path = candidates.find((candidate) => existsSync(candidate));
+  if (!path) {
+    throw new Error(
+      `the native runtime is not built (looked for ${candidates.join(" and ")}): run \`npm run build:native\``,
+    );
+  }
+  addon = createRequire(import.meta.url)(path) as Addon;
+  return addon;
+}
+
+export class Engine {
+  private constructor(
+    private readonly native: NativeEngine,
+    readonly info: ModelInfo,
+  ) {}
+
+  /** Loads a Hugging Face model folder on a new engine thread. */
+  static async load(options: EngineOptions): Promise<Engine> {
+    const native = new (loadAddon().NativeEngine)();
+    const info = await native.load(options);
+    return new Engine(native, info);
+  }
+
+  async addSequence(seqId: number): Promise<void> {
+    return this.native.addSequence(seqId);
+  }
+
+  /** Speculative rollback: keep positions [0, length). */
+  async truncate(seqId: number, length: number): Promise<void> {
+    return this.native.truncate(seqId, length);
+  }
+
+  /** Frees the sequence's KV blocks; published prefix blocks stay cached. */
+  async release(seqId: number): Promise<void> {
+    return this.native.release(seqId);
+  }
+
+  async sequenceLength(seqId: number): Promise<number> {
+    return this.native.sequenceLength(seqId);
+  }
+
+  /** One batched forward over all items (each sequence at most once). */
+  async step(items: StepItem[]): Promise<StepResult[]> {
+    return this.native.step(items);
+  }
+
+  async cacheStats(): Promise<CacheStats> {
+    return this.native.cacheStats();
+  }
+
+  /** Settles after every call made before it, then frees the model; later calls reject. */
+  async close(): Promise<void> {
+    return this.native.close();
+  }
+}

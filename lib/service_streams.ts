@@ -1,0 +1,44 @@
+// Server side of the long-lived bidi streams that carry many sessions: decode each request, hand it to
+// the service, and end the stream's sessions when the stream goes away (gateway gone, connection lost).
+import type { ServerDuplexStream } from "@grpc/grpc-js";
+import { errorMessage, type Logger } from "./logging.js";
+
+export interface SessionStreamHandlers<Request> {
+  onRequest(request: Request): void;
+  /** The stream is over (ended, cancelled or failed): close every session it opened. */
+  onClosed(): void;
+}
+
+export function serveSessionStream<Request, Event>(
+  call: ServerDuplexStream<Request, Event>,
+  logger: Logger,
+  makeHandlers: (send: (event: Event) => void) => SessionStreamHandlers<Request>,
+): void {
+  let open = true;
+  const send = (event: Event): void => {
+    if (open) call.write(event);
+  };
+  const handlers = makeHandlers(send);
+  const finish = (): void => {
+    if (!open) return;
+    open = false;
+    handlers.onClosed();
+  };
+  call.on("data", (request: Request) => {
+    try {
+      handlers.onRequest(request);
+    } catch (error) {
+      logger.error("session stream request failed", { error: errorMessage(error) });
+    }
+  });
+  call.on("end", () => {
+    finish();
+    call.end();
+  });
+  call.on("cancelled", finish);
+  call.on("error", (error: Error) => {
+    logger.debug("session stream error", { error: error.message });
+    finish();
+  });
+  call.on("close", finish);
+}

@@ -1,0 +1,66 @@
+// Text in and out, when the model pair ships a Hugging Face tokenizer (tokenizer.json, optionally
+// tokenizer_config.json). Without one the services speak token ids only.
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Tokenizer } from "@huggingface/tokenizers";
+
+export class TextTokenizer {
+  private constructor(private readonly tokenizer: Tokenizer) {}
+
+  /** undefined when the folder holds no tokenizer.json. */
+  static load(directory: string): TextTokenizer | undefined {
+    const tokenizerFile = join(directory, "tokenizer.json");
+    if (!existsSync(tokenizerFile)) return undefined;
+    const configFile = join(directory, "tokenizer_config.json");
+    const tokenizerJson: unknown = JSON.parse(readFileSync(tokenizerFile, "utf8"));
+    const configJson: unknown = existsSync(configFile) ? JSON.parse(readFileSync(configFile, "utf8")) : {};
+    return new TextTokenizer(new Tokenizer(tokenizerJson as object, configJson as object));
+  }
+
+  encode(text: string): number[] {
+    return this.tokenizer.encode(text).ids;
+  }
+
+  decode(tokenIds: number[]): string {
+    // The library throws on an empty list.
+    return tokenIds.length === 0 ? "" : this.tokenizer.decode(tokenIds, { skip_special_tokens: true });
+  }
+
+  /** Turns a stream of token ids into a stream of text. */
+  streamDecoder(): StreamDecoder {
+    return new StreamDecoder(this);
+  }
+}
+
+/**
+ * Incremental detokenization: a token may hold half of a multi-byte character, and a tokenizer may merge
+ * spaces across tokens, so each new piece of text is the difference between decoding a short window with
+ * and without the new tokens, held back while it ends in an incomplete character (U+FFFD).
+ */
+export class StreamDecoder {
+  private readonly tokens: number[] = [];
+  /** Start of the window decoded for context. */
+  private prefixOffset = 0;
+  /** Tokens up to here have been turned into text. */
+  private readOffset = 0;
+
+  constructor(private readonly tokenizer: TextTokenizer) {}
+
+  push(tokenIds: number[]): string {
+    this.tokens.push(...tokenIds);
+    const prefixText = this.tokenizer.decode(this.tokens.slice(this.prefixOffset, this.readOffset));
+    const fullText = this.tokenizer.decode(this.tokens.slice(this.prefixOffset));
+    if (fullText.length <= prefixText.length || fullText.endsWith("\uFFFD")) return "";
+    this.prefixOffset = this.readOffset;
+    this.readOffset = this.tokens.length;
+    return fullText.slice(prefixText.length);
+  }
+
+  /** Whatever is held back, at the end of the stream. */
+  flush(): string {
+    const prefixText = this.tokenizer.decode(this.tokens.slice(this.prefixOffset, this.readOffset));
+    const fullText = this.tokenizer.decode(this.tokens.slice(this.prefixOffset));
+    this.prefixOffset = this.readOffset = this.tokens.length;
+    return fullText.length > prefixText.length ? fullText.slice(prefixText.length) : "";
+  }
+}

@@ -1,0 +1,254 @@
+#include "engine.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <unordered_set>
+
+#include "backend.h"
+#include "kv_cache.h"
+#include "model_config.h"
+#include "safetensors.h"
+#include "sampling.h"
+#include "weights.h"
+
+namespace pearl {
+
+namespace {
+
+[[noreturn]] void invalid_item(const StepItem& item, const std::string& message) {
+  throw std::runtime_error("step: sequence " + std::to_string(item.seq_id) + ": " + message);
+}
+
+void validate_draft_distribution(const StepItem& item, size_t index, int32_t draft_token, int vocab_size) {
+  const DraftDistribution& q = item.draft_dists[index];
+  const std::string where = "draft_dists[" + std::to_string(index) + "] ";
+  if (q.tokens.empty() || q.tokens.size() != q.probs.size()) {
+    invalid_item(item, where + "needs as many probs as tokens, and at least one");
+  }
+  std::unordered_set<int32_t> seen;
+  double total = 0.0;
+  bool holds_draft = false;
+  for (size_t j = 0; j < q.tokens.size(); ++j) {
+    if (q.tokens[j] < 0 || q.tokens[j] >= vocab_size) {
+      invalid_item(item, where + "token id " + std::to_string(q.tokens[j]) + " is out of range [0, " +
+                             std::to_string(vocab_size) + ")");
+    }
+    if (!seen.insert(q.tokens[j]).second) invalid_item(item, where + "repeats token " + std::to_string(q.tokens[j]));
+    if (!std::isfinite(q.probs[j]) || q.probs[j] < 0.0f) invalid_item(item, where + "has a negative or non-finite prob");
+    total += q.probs[j];
+    if (q.tokens[j] == draft_token && q.probs[j] > 0.0f) holds_draft = true;
+  }
+  if (std::fabs(total - 1.0) > 1e-3) {
+    invalid_item(item, where + "probs sum to " + std::to_string(total) + ", not 1");
+  }
+  if (!holds_draft) {
+    invalid_item(item, where + "gives draft token " + std::to_string(draft_token) + " no probability");
+  }
+}
+
+class EngineImpl : public Engine {
+ public:
+  explicit EngineImpl(const EngineOptions& options)
+      : config_(ModelConfig::load(options.model_dir)),
+        checkpoint_(std::make_unique<Checkpoint>(options.model_dir)),
+        backend_(create_backend(config_, *checkpoint_, validated(options))),
+        cache_(backend_->num_blocks(), options.block_size) {
+    info_.architecture = config_.architecture;
+    info_.model_type = config_.model_type;
+    info_.vocab_size = config_.vocab_size;
+    info_.hidden_size = config_.hidden_size;
+    info_.num_layers = config_.num_layers;
+    info_.num_heads = config_.num_heads;
+    info_.num_kv_heads = config_.num_kv_heads;
+    info_.head_dim = config_.head_dim;
+    info_.max_position_embeddings = config_.max_position_embeddings;
+    info_.eos_token_ids = config_.eos_token_ids;
+    info_.bos_token_id = config_.bos_token_id;
+    info_.dtype = dtype_torch_name(checkpoint_->find("model.embed_tokens.weight")->dtype);
+    info_.backend = backend_->name();
+    info_.num_parameters = count_parameters(config_);
+    // The backend holds its own copy of the weights: unmap the files.
+    checkpoint_.reset();
+  }
+
+  const ModelInfo& info() const override { return info_; }
+
+  void add_sequence(uint64_t seq_id) override { cache_.add_sequence(seq_id); }
+  bool has_sequence(uint64_t seq_id) const override { return cache_.has_sequence(seq_id); }
+  int64_t sequence_length(uint64_t seq_id) const override { return cache_.length(seq_id); }
+  void truncate(uint64_t seq_id, int64_t length) override { cache_.truncate(seq_id, length); }
+  void release(uint64_t seq_id) override { cache_.release(seq_id); }
+  CacheStats cache_stats() const override { return cache_.stats(); }
+
+  std::vector<StepResult> step(const std::vector<StepItem>& items) override {
+    validate(items);
+    std::vector<int64_t> old_lengths;
+    for (const StepItem& item : items) old_lengths.push_back(cache_.length(item.seq_id));
+    try {
+      return run(items, old_lengths);
+    } catch (...) {
+      // Leave every sequence as it was (blocks taken for this step go back to the pool).
+      for (size_t i = 0; i < items.size(); ++i) cache_.truncate(items[i].seq_id, old_lengths[i]);
+      throw;
+    }
+  }
+
+ private:
+  static const EngineOptions& validated(const EngineOptions& options) {
+    if (options.block_size <= 0) throw std::runtime_error("block_size must be positive");
+    if (options.num_blocks < 0) throw std::runtime_error("num_blocks must be >= 0 (0 picks a default)");
+    if (options.num_threads < 0) throw std::runtime_error("num_threads must be >= 0 (0 uses every core)");
+    return options;
+  }
+
+  // Every check that can fail happens here, before any state changes.
+  void validate(const std::vector<StepItem>& items) const {
+    std::unordered_set<uint64_t> seen;
+    int64_t blocks_needed = 0;
+    for (const StepItem& item : items) {
+      if (!cache_.has_sequence(item.seq_id)) invalid_item(item, "unknown sequence");
+      if (!seen.insert(item.seq_id).second) invalid_item(item, "appears more than once in the batch");
+      const int64_t count = static_cast<int64_t>(item.tokens.size());
+      if (count == 0) invalid_item(item, "empty token list");
+      for (size_t i = 0; i < item.tokens.size(); ++i) {
+        if (item.tokens[i] < 0 || item.tokens[i] >= config_.vocab_size) {
+          invalid_item(item, "token id " + std::to_string(item.tokens[i]) + " at index " + std::to_string(i) +
+                                 " is out of range [0, " + std::to_string(config_.vocab_size) + ")");
+        }
+      }
+      if (item.num_draft < 0 || item.num_draft >= count) {
+        invalid_item(item, "num_draft " + std::to_string(item.num_draft) + " must be in [0, " +
+                               std::to_string(count - 1) + "] for " + std::to_string(count) + " tokens");
+      }
+      if (item.num_draft > 0 && item.output == StepOutput::None) {
+        invalid_item(item, "draft tokens need output Sample or Logits to be verified");
+      }
+      if (!item.draft_dists.empty()) {
+        if (static_cast<int>(item.draft_dists.size()) != item.num_draft) {
+          invalid_item(item, "draft_dists has " + std::to_string(item.draft_dists.size()) + " entries for " +
+                                 std::to_string(item.num_draft) + " draft tokens");
+        }
+        for (size_t i = 0; i < item.draft_dists.size(); ++i) {
+          validate_draft_distribution(item, i, item.tokens[static_cast<size_t>(count - item.num_draft) + i],
+                                      config_.vocab_size);
+        }
+      }
+      const SamplingParams& sampling = item.sampling;
+      if (!std::isfinite(sampling.temperature) || sampling.temperature < 0.0f) {
+        invalid_item(item, "temperature must be a finite number >= 0");
+      }
+      if (sampling.top_k < 0) invalid_item(item, "top_k must be >= 0");
+      if (!(sampling.top_p > 0.0f && sampling.top_p <= 1.0f)) invalid_item(item, "top_p must be in (0, 1]");
+      if (item.return_top_k < 0) invalid_item(item, "return_top_k must be >= 0");
+      if (item.return_top_k > 0 && item.num_draft > 0) {
+        invalid_item(item, "return_top_k is for drafting steps and needs num_draft == 0");
+      }
+      const int64_t length = cache_.length(item.seq_id);
+      if (length + count > config_.max_position_embeddings) {
+        invalid_item(item, "length " + std::to_string(length) + " + " + std::to_string(count) +
+                               " tokens exceeds max_position_embeddings (" +
+                               std::to_string(config_.max_position_embeddings) + ")");
+      }
+      blocks_needed += cache_.blocks_needed(item.seq_id, count);
+    }
+    if (blocks_needed > cache_.free_blocks()) {
+      throw std::runtime_error("step: out of KV cache blocks: the batch needs " + std::to_string(blocks_needed) +
+                               ", " + std::to_string(cache_.free_blocks()) + " of " +
+                               std::to_string(cache_.num_blocks()) + " are free");
+    }
+  }
+
+  std::vector<StepResult> run(const std::vector<StepItem>& items, const std::vector<int64_t>& old_lengths) {
+    // Prefix-cache matches first, so that this step's allocations cannot evict a block another item
+    // is about to reuse. The row before the drafts (and every draft) is always computed.
+    std::vector<int64_t> matched(items.size(), 0);
+    for (size_t i = 0; i < items.size(); ++i) {
+      const StepItem& item = items[i];
+      if (!item.commit || item.output == StepOutput::Logits || !cache_.can_match_prefix(item.seq_id)) continue;
+      const int64_t committed_tokens = static_cast<int64_t>(item.tokens.size()) - item.num_draft;
+      matched[i] = cache_.match_prefix(item.seq_id, item.tokens.data(), committed_tokens - 1);
+    }
+
+    ForwardBatch batch;
+    std::vector<int32_t> slots;
+    std::vector<size_t> first_logit_row(items.size(), 0);
+    for (size_t i = 0; i < items.size(); ++i) {
+      const StepItem& item = items[i];
+      const int64_t count = static_cast<int64_t>(item.tokens.size());
+      const auto copy = cache_.append(item.seq_id, item.tokens.data() + matched[i], count - matched[i], &slots);
+      if (copy) backend_->copy_block(copy->source, copy->destination);
+      batch.block_tables.push_back(cache_.block_table(item.seq_id));
+      const int64_t first_row = static_cast<int64_t>(batch.tokens.size());
+      for (int64_t t = matched[i]; t < count; ++t) {
+        batch.tokens.push_back(item.tokens[static_cast<size_t>(t)]);
+        batch.positions.push_back(static_cast<int32_t>(old_lengths[i] + t));
+        batch.slots.push_back(slots[static_cast<size_t>(t - matched[i])]);
+        batch.row_table.push_back(static_cast<int32_t>(i));
+      }
+      first_logit_row[i] = batch.logit_rows.size();
+      const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : count - item.num_draft - 1;
+      if (item.output != StepOutput::None) {
+        for (int64_t t = logit_from; t < count; ++t) {
+          batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
+        }
+      }
+    }
+
+    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+    std::vector<float> logits(batch.logit_rows.size() * vocab);
+    backend_->forward(batch, logits.data());
+
+    std::vector<StepResult> results;
+    results.reserve(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      const StepItem& item = items[i];
+      const int64_t count = static_cast<int64_t>(item.tokens.size());
+      StepResult result;
+      result.seq_id = item.seq_id;
+      if (item.output != StepOutput::None) {
+        const float* item_logits = logits.data() + first_logit_row[i] * vocab;
+        // Rows of the window: the last committed token's row, then one per draft.
+        const float* window = item_logits;
+        if (item.output == StepOutput::Logits) {
+          result.logits.assign(item_logits, item_logits + static_cast<size_t>(count) * vocab);
+          window = item_logits + static_cast<size_t>(count - item.num_draft - 1) * vocab;
+        }
+        const int64_t first_position = old_lengths[i] + count - item.num_draft;
+        const auto target = [&](int row) {
+          return process_logits(window + static_cast<size_t>(row) * vocab, config_.vocab_size, item.sampling);
+        };
+        if (item.return_top_k > 0 && item.sampling.temperature > 0.0f) {
+          result.q = top_k_distribution(target(0), item.return_top_k);
+          Distribution q;
+          q.tokens = result.q.tokens;
+          q.probs.assign(result.q.probs.begin(), result.q.probs.end());
+          result.next_token = sample_token(q, item.sampling.seed, first_position);
+        } else {
+          const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
+                                                item.draft_dists, item.sampling.seed, first_position);
+          result.accepted = verdict.accepted;
+          result.next_token = verdict.next_token;
+        }
+      }
+      const int64_t new_length = old_lengths[i] + count - item.num_draft + result.accepted;
+      cache_.truncate(item.seq_id, new_length);
+      if (item.commit) cache_.commit(item.seq_id, old_lengths[i], new_length);
+      result.length = new_length;
+      results.push_back(std::move(result));
+    }
+    return results;
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<Backend> backend_;
+  KvCacheManager cache_;
+  ModelInfo info_;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> Engine::create(const EngineOptions& options) { return std::make_unique<EngineImpl>(options); }
+
+}  // namespace pearl

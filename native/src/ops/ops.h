@@ -1,0 +1,84 @@
+// CPU kernels of the forward pass, one per file. Batch invariance is the rule every kernel keeps: a row's
+// result is computed by the same instructions in the same order whatever the number of rows, so each
+// reduction (dot product, norm, softmax) runs inside one row and threads only split independent outputs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model_config.h"
+#include "thread_pool.h"
+
+namespace pearl::ops {
+
+// Fixed-order dot product: 16 independent lanes (lane k sums elements i with i % 16 == k in increasing
+// i), combined pairwise in a fixed tree, then the tail in order. The lanes let the compiler vectorize
+// without reassociating anything.
+inline float dot(const float* a, const float* b, int n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  float sum = acc[0];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[r] = table[tokens[r]] for rows of width `dim`.
+void embedding(const float* table, int dim, const int32_t* tokens, int rows, float* out);
+
+// Hugging Face RMSNorm over each row: w * (x * rsqrt(mean(x^2) + eps)). Rows start `stride` floats
+// apart and hold `dim` values; in place is allowed (out == x).
+void rmsnorm(const float* x, int64_t stride, int rows, int dim, const float* weight, float eps, float* out,
+             int64_t out_stride);
+
+// y[rows, out] = x[rows, in] W^T + b, W row-major [out, in]; bias may be null.
+void matmul(const float* x, int rows, int in, const float* weight, const float* bias, int out, float* y,
+            ThreadPool& pool);
+
+// Inverse frequencies of the rotary embedding (head_dim / 2 values), as transformers computes them in
+// float32, llama3 scaling included.
+std::vector<float> rope_inv_freq(const RopeConfig& rope, int head_dim);
+
+// Rotates `heads` consecutive heads of each row in place ("rotate_half" pairing: i with i + head_dim/2).
+void rope(float* x, int64_t stride, int rows, int heads, int head_dim, const int32_t* positions,
+          const float* inv_freq);
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i].
+void silu_mul(const float* gate_up, int rows, int inter, float* out);
+
+// x += delta, elementwise.
+void residual_add(float* x, const float* delta, int64_t count);
+
+// Paged KV storage of one layer: [num_blocks, block_size, num_kv_heads, head_dim] for K and for V.
+struct KvLayerView {
+  float* k = nullptr;
+  float* v = nullptr;
+  int block_size = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+};
+
+// Writes each row's K and V (read from `stride`-spaced rows) into its slot (block * block_size + offset).
+void kv_store(const float* k, const float* v, int64_t stride, int rows, const int32_t* slots, const KvLayerView& kv);
+
+// Rows of a batch as attention sees them: row r is at positions[r] in the sequence whose block table is
+// block_tables[row_table[r]], and attends to that sequence's KV positions [start, positions[r]].
+struct AttentionRows {
+  const int32_t* positions = nullptr;
+  const int32_t* row_table = nullptr;
+  const std::vector<std::vector<int32_t>>* block_tables = nullptr;
+  int sliding_window = 0;  // 0: full causal
+};
+
+// Causal grouped-query attention over the paged cache; q rows are `q_stride` apart, out is
+// [rows, num_heads * head_dim].
+void attention(const float* q, int64_t q_stride, int rows, int num_heads, const KvLayerView& kv,
+               const AttentionRows& batch, float* out, ThreadPool& pool);
+
+}  // namespace pearl::ops

@@ -1,0 +1,424 @@
+// The draft service's engine loop. Every open session drafts ahead of its last verified position; ONE
+// engine step advances all of them together (continuous batching: sessions join and leave between steps).
+//
+// Each session holds the token sequence as the draft sees it: committed tokens (prompt and verified
+// output) followed by its own drafted tokens. The engine's KV holds a prefix of that sequence; a step
+// feeds the tokens after that prefix and samples the next draft token. Corrections from the gateway
+// rewrite the tail of the sequence; the KV is truncated to the part that still matches before the
+// session's next step.
+//
+// Only the loop touches the engine. Messages from the gateway change session state and wake the loop;
+// they may arrive while a step is running, which is why every step result is checked against what
+// happened to its session in the meantime.
+import type { DraftOpen, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
+import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+import type { DraftServiceConfig } from "../../lib/config.js";
+import { errorMessage, type Logger } from "../../lib/logging.js";
+import type { EngineMetrics, SequenceIds } from "../../lib/model_service.js";
+import type { Engine, SamplingParams, StepItem, StepResult } from "../../lib/native.js";
+import type { StepTimes } from "../../lib/step_times.js";
+
+/** Where a session's events go: the gateway stream that opened it. */
+export interface DraftEventSink {
+  tokens(event: DraftTokens): void;
+  failed(sessionId: number, message: string): void;
+}
+
+interface DraftSession {
+  readonly sink: DraftEventSink;
+  readonly sessionId: number;
+  readonly seqId: number;
+  /** Committed tokens, then drafted ones. */
+  tokens: number[];
+  /** The sparse q each drafted token was sampled from (sampled drafts only), aligned with tokens. */
+  distributions: (TokenDistribution | undefined)[];
+  /** Tokens in the engine's KV, as of the last finished step. */
+  kvLength: number;
+  /** First position whose KV entry no longer matches `tokens` (Infinity: all match). */
+  dirtyFrom: number;
+  /** Counts rollbacks: a step result is used only if its session was not rolled back meanwhile. */
+  rollbacks: number;
+  /** tokens[0, verifiedLength) are committed. */
+  verifiedLength: number;
+  /** tokens[0, sentLength) are known to the gateway in the current epoch. */
+  sentLength: number;
+  epoch: number;
+  lookahead: number;
+  /** Never draft a token at a position >= maxPosition. */
+  maxPosition: number;
+  sampling: SamplingParams;
+  distributionTopK: number;
+  state: "opening" | "active" | "closing";
+  inEngine: boolean;
+}
+
+interface Work {
+  session: DraftSession;
+  item: StepItem;
+  rollbacks: number;
+}
+
+export class Drafter {
+  private readonly sessions = new Map<DraftEventSink, Map<number, DraftSession>>();
+  private readonly eos: Set<number>;
+  private wakeRequested = false;
+  private wakeUp: (() => void) | undefined;
+  private stopping = false;
+  private loopDone: Promise<void> | undefined;
+  private lastStep = { ms: 0, batchSize: 0 };
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly config: DraftServiceConfig,
+    private readonly ids: SequenceIds,
+    private readonly stepTimes: StepTimes,
+    private readonly metrics: EngineMetrics,
+    private readonly logger: Logger,
+  ) {
+    this.eos = new Set(engine.info.eosTokenIds);
+  }
+
+  start(): void {
+    this.loopDone = this.loop().catch((error: unknown) => {
+      this.logger.error("draft loop stopped", { error: errorMessage(error) });
+    });
+  }
+
+  /** Stops the loop after the current step and frees every session. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.wake();
+    await this.loopDone;
+  }
+
+  get activeSessions(): number {
+    let count = 0;
+    for (const streamSessions of this.sessions.values()) count += streamSessions.size;
+    return count;
+  }
+
+  // ---- messages from the gateway ----------------------------------------------------------------------
+
+  open(sink: DraftEventSink, request: DraftOpen): void {
+    const streamSessions = this.streamSessions(sink);
+    if (streamSessions.has(request.sessionId)) {
+      sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
+      return;
+    }
+    const problem = this.checkOpen(request);
+    if (problem) {
+      sink.failed(request.sessionId, problem);
+      return;
+    }
+    const prompt = request.promptTokenIds;
+    streamSessions.set(request.sessionId, {
+      sink,
+      sessionId: request.sessionId,
+      seqId: this.ids.allocate(),
+      tokens: [...prompt],
+      distributions: prompt.map(() => undefined),
+      kvLength: 0,
+      dirtyFrom: Infinity,
+      rollbacks: 0,
+      verifiedLength: prompt.length,
+      sentLength: prompt.length,
+      epoch: 0,
+      lookahead: Math.max(1, request.lookahead),
+      maxPosition: request.maxPosition > 0 ? request.maxPosition : this.engine.info.maxPositionEmbeddings,
+      sampling: {
+        temperature: request.sampling?.temperature ?? 0,
+        topK: request.sampling?.topK ?? 0,
+        topP: request.sampling?.topP || 1,
+        seed: request.sampling?.seed ?? 0,
+      },
+      distributionTopK: Math.max(1, request.distributionTopK || 16),
+      state: "opening",
+      inEngine: false,
+    });
+    this.wake();
+  }
+
+  advance(sink: DraftEventSink, sessionId: number, verifiedLength: number, lookahead: number): void {
+    const session = this.lookup(sink, sessionId);
+    if (!session) return;
+    if (verifiedLength > session.tokens.length) {
+      this.fail(session, `advance to ${verifiedLength} is past the ${session.tokens.length} tokens the draft holds`);
+      return;
+    }
+    session.verifiedLength = Math.max(session.verifiedLength, verifiedLength);
+    session.sentLength = Math.max(session.sentLength, session.verifiedLength);
+    if (lookahead > 0) session.lookahead = lookahead;
+    this.wake();
+  }
+
+  correct(
+    sink: DraftEventSink,
+    sessionId: number,
+    position: number,
+    tokens: number[],
+    epoch: number,
+    lookahead: number,
+  ): void {
+    const session = this.lookup(sink, sessionId);
+    if (!session) return;
+    if (position < 1 || position > session.tokens.length) {
+      this.fail(session, `correction at position ${position}, but the draft holds ${session.tokens.length} tokens`);
+      return;
+    }
+    const badToken = tokens.find((token) => !this.inVocabulary(token));
+    if (badToken !== undefined) {
+      this.fail(session, `correction token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`);
+      return;
+    }
+    // Keep whatever the draft already holds that agrees with the correction: when the draft guessed the
+    // corrected tokens, nothing is rolled back and the tokens it drafted after them stay useful.
+    let firstDifference = -1;
+    for (let i = 0; i < tokens.length; i++) {
+      if (session.tokens[position + i] !== tokens[i]) {
+        firstDifference = position + i;
+        break;
+      }
+    }
+    if (firstDifference >= 0) {
+      session.tokens.length = firstDifference;
+      session.distributions.length = firstDifference;
+      for (let i = firstDifference - position; i < tokens.length; i++) {
+        session.tokens.push(tokens[i]!);
+        session.distributions.push(undefined);
+      }
+      session.dirtyFrom = Math.min(session.dirtyFrom, firstDifference);
+      session.rollbacks += 1;
+    }
+    session.epoch = epoch;
+    session.verifiedLength = position + tokens.length;
+    // Tokens drafted past the correction are resent under the new epoch.
+    session.sentLength = session.verifiedLength;
+    if (lookahead > 0) session.lookahead = lookahead;
+    this.flush(session);
+    this.wake();
+  }
+
+  close(sink: DraftEventSink, sessionId: number): void {
+    const session = this.lookup(sink, sessionId);
+    if (!session) return;
+    session.state = "closing";
+    this.wake();
+  }
+
+  /** The stream ended: its sessions end with it. */
+  closeStream(sink: DraftEventSink): void {
+    const streamSessions = this.sessions.get(sink);
+    if (!streamSessions) return;
+    for (const session of streamSessions.values()) session.state = "closing";
+    this.wake();
+  }
+
+  // ---- the loop ---------------------------------------------------------------------------------------
+
+  private async loop(): Promise<void> {
+    while (!this.stopping) {
+      this.wakeRequested = false;
+      await this.settleSessions();
+      const work = this.collectWork();
+      if (work.length === 0) {
+        await this.idle();
+        continue;
+      }
+      await this.runStep(work);
+    }
+    for (const streamSessions of this.sessions.values()) {
+      for (const session of streamSessions.values()) session.state = "closing";
+    }
+    await this.settleSessions();
+  }
+
+  /** Engine bookkeeping between steps: new sessions get a sequence, closed ones free theirs, rolled-back
+   * ones lose the KV entries that no longer match. */
+  private async settleSessions(): Promise<void> {
+    for (const [sink, streamSessions] of this.sessions) {
+      for (const session of [...streamSessions.values()]) {
+        if (session.state === "closing") {
+          streamSessions.delete(session.sessionId);
+          if (session.inEngine) await this.engine.release(session.seqId);
+          continue;
+        }
+        if (!session.inEngine) {
+          await this.engine.addSequence(session.seqId);
+          session.inEngine = true;
+          session.state = "active";
+        }
+        const valid = Math.min(session.kvLength, session.dirtyFrom);
+        session.dirtyFrom = Infinity;
+        if (valid < session.kvLength) {
+          session.kvLength = valid;
+          await this.engine.truncate(session.seqId, valid);
+        }
+      }
+      if (streamSessions.size === 0) this.sessions.delete(sink);
+    }
+  }
+
+  private collectWork(): Work[] {
+    const work: Work[] = [];
+    let prefillBudget = this.config.prefillChunk;
+    const contextLimit = this.engine.info.maxPositionEmbeddings;
+    for (const streamSessions of this.sessions.values()) {
+      for (const session of streamSessions.values()) {
+        if (work.length >= this.config.maxBatch) return work;
+        // A rollback that arrived during bookkeeping is settled first.
+        if (session.state !== "active" || session.dirtyFrom < session.kvLength) continue;
+        const unfed = session.tokens.length - session.kvLength;
+        const draftLimit = Math.min(
+          session.verifiedLength + session.lookahead,
+          session.maxPosition,
+          contextLimit,
+        );
+        const lastToken = session.tokens[session.tokens.length - 1]!;
+        const mayDraft = session.tokens.length < draftLimit && !this.eos.has(lastToken);
+        const fedPastVerified = session.kvLength + unfed > session.verifiedLength;
+        if (mayDraft && (unfed === 1 || unfed <= prefillBudget)) {
+          if (unfed > 1) prefillBudget -= unfed;
+          work.push(this.workItem(session, unfed, "sample", !fedPastVerified));
+        } else if (unfed > 1 && prefillBudget > 0) {
+          // Prefill (or a long correction) in chunks; the last token stays unfed for the sampling step.
+          const count = Math.min(prefillBudget, unfed - 1);
+          prefillBudget -= count;
+          work.push(this.workItem(session, count, "none", session.kvLength + count <= session.verifiedLength));
+        }
+      }
+    }
+    return work;
+  }
+
+  private workItem(session: DraftSession, count: number, output: "sample" | "none", commit: boolean): Work {
+    const sampled = session.sampling.temperature > 0;
+    return {
+      session,
+      rollbacks: session.rollbacks,
+      item: {
+        seqId: session.seqId,
+        tokens: Int32Array.from(session.tokens.slice(session.kvLength, session.kvLength + count)),
+        output,
+        sampling: session.sampling,
+        commit,
+        returnTopK: sampled && output === "sample" ? session.distributionTopK : 0,
+      },
+    };
+  }
+
+  private async runStep(work: Work[]): Promise<void> {
+    const started = performance.now();
+    let results: (StepResult | Error)[];
+    let batched = true;
+    try {
+      results = await this.engine.step(work.map((w) => w.item));
+    } catch (error) {
+      // The engine rejects a whole batch without changing anything; stepping each item alone tells the
+      // sessions at fault from the rest, which go on.
+      batched = false;
+      this.logger.warn("batched draft step failed; retrying items one by one", { error: errorMessage(error) });
+      results = [];
+      for (const w of work) {
+        results.push(await this.engine.step([w.item]).then((r) => r[0]!, (e: unknown) => new Error(errorMessage(e))));
+      }
+    }
+    const ms = performance.now() - started;
+    if (batched) {
+      this.stepTimes.record(work.length, ms);
+      this.metrics.observeStep(work.length, ms / 1000);
+    }
+    this.lastStep = { ms, batchSize: work.length };
+
+    for (let i = 0; i < work.length; i++) {
+      const { session, item, rollbacks } = work[i]!;
+      const result = results[i]!;
+      if (session.state === "closing") continue;
+      if (result instanceof Error) {
+        this.fail(session, result.message);
+        continue;
+      }
+      this.metrics.stepTokens.inc({ kind: item.output === "none" ? "prefill" : "draft" }, item.tokens.length);
+      session.kvLength = result.length;
+      // Rolled back while the step ran: the sampled token continues a sequence that no longer exists.
+      if (session.rollbacks !== rollbacks || item.output === "none") continue;
+      session.tokens.push(result.nextToken);
+      session.distributions.push(
+        result.q ? { tokenIds: Array.from(result.q.tokens), probs: Array.from(result.q.probs) } : undefined,
+      );
+      this.flush(session);
+    }
+  }
+
+  /** Sends the tokens the gateway has not seen in the current epoch. */
+  private flush(session: DraftSession): void {
+    if (session.tokens.length <= session.sentLength) return;
+    const from = session.sentLength;
+    const distributions = session.distributions.slice(from);
+    session.sink.tokens({
+      sessionId: session.sessionId,
+      epoch: session.epoch,
+      position: from,
+      tokenIds: session.tokens.slice(from),
+      distributions: distributions.every((d): d is TokenDistribution => d !== undefined) ? distributions : [],
+      stepMs: this.lastStep.ms,
+      batchSize: this.lastStep.batchSize,
+    });
+    session.sentLength = session.tokens.length;
+  }
+
+  // ---- helpers ----------------------------------------------------------------------------------------
+
+  private checkOpen(request: DraftOpen): string | undefined {
+    const prompt = request.promptTokenIds;
+    if (prompt.length === 0) return "empty prompt";
+    const badToken = prompt.find((token) => !this.inVocabulary(token));
+    if (badToken !== undefined) {
+      return `prompt token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`;
+    }
+    if (prompt.length >= this.engine.info.maxPositionEmbeddings) {
+      return `prompt of ${prompt.length} tokens leaves no room in the draft's context of ${this.engine.info.maxPositionEmbeddings}`;
+    }
+    const temperature = request.sampling?.temperature ?? 0;
+    if (!(temperature >= 0) || !Number.isFinite(temperature)) return `bad draft temperature ${temperature}`;
+    return undefined;
+  }
+
+  private inVocabulary(token: number): boolean {
+    return Number.isInteger(token) && token >= 0 && token < this.engine.info.vocabSize;
+  }
+
+  private streamSessions(sink: DraftEventSink): Map<number, DraftSession> {
+    let streamSessions = this.sessions.get(sink);
+    if (!streamSessions) {
+      streamSessions = new Map();
+      this.sessions.set(sink, streamSessions);
+    }
+    return streamSessions;
+  }
+
+  private lookup(sink: DraftEventSink, sessionId: number): DraftSession | undefined {
+    const session = this.sessions.get(sink)?.get(sessionId);
+    return session && session.state !== "closing" ? session : undefined;
+  }
+
+  private fail(session: DraftSession, message: string): void {
+    this.logger.warn("draft session failed", { sessionId: session.sessionId, error: message });
+    session.state = "closing";
+    session.sink.failed(session.sessionId, message);
+    this.wake();
+  }
+
+  private wake(): void {
+    this.wakeRequested = true;
+    const wakeUp = this.wakeUp;
+    this.wakeUp = undefined;
+    wakeUp?.();
+  }
+
+  private async idle(): Promise<void> {
+    if (this.wakeRequested || this.stopping) return;
+    await new Promise<void>((resolve) => {
+      this.wakeUp = resolve;
+    });
+  }
+}

@@ -1,0 +1,471 @@
+// The gateway's core, independent of any wire API: it connects to the draft and target services, checks
+// that they form a usable pair, validates requests, runs each through the PEARL loop (pearl_loop.ts) and
+// hands out the committed tokens as an async stream. The gRPC server (server.ts) and the REST API sit on
+// top of it.
+import { randomInt, randomUUID } from "node:crypto";
+import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
+import { DECODING_MODES, type DecodingMode, type GatewayConfig } from "../../lib/config.js";
+import { errorMessage, type Logger } from "../../lib/logging.js";
+import { Counter, Gauge, Histogram, LATENCY_BUCKETS_SECONDS, type Registry, TOKENS_BUCKETS } from "../../lib/metrics.js";
+import { modelPairDifferences } from "../../lib/model_pair.js";
+import { TextTokenizer } from "../../lib/tokenizer.js";
+import { AsyncQueue } from "./async_queue.js";
+import { DraftLink, TargetLink } from "./links.js";
+import { Generation, type GenerationRequest, type GenerationUsage, type LoopMetrics } from "./pearl_loop.js";
+import { Tuner } from "./tuner.js";
+
+/** A request as a client states it; anything unset takes the server's default. */
+export interface GenerateInput {
+  requestId?: string;
+  /** Exactly one of prompt (needs a tokenizer) and promptTokenIds. */
+  prompt?: string;
+  promptTokenIds?: number[];
+  maxTokens?: number;
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  seed?: number;
+  mode?: DecodingMode;
+  draftTemperature?: number;
+}
+
+export interface GenerateChunk {
+  tokenIds: number[];
+  /** Their text, when the gateway has a tokenizer. */
+  text: string;
+  /** Set on the last chunk only, with usage. */
+  finishReason?: FinishReason;
+  usage?: GenerationUsage & { seed: number };
+}
+
+/** The request is wrong; the message says what. */
+export class InvalidRequestError extends Error {}
+/** A service the request needs cannot be reached. */
+export class UnavailableError extends Error {}
+export class CancelledError extends Error {}
+
+const DRAFT_PROBE_INTERVAL_MS = 1000;
+
+export class Gateway {
+  private readonly target: TargetLink;
+  private readonly draft: DraftLink;
+  private draftInfo: ServiceInfo | undefined;
+  private draftAvailable = false;
+  private probeTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+  private nextSessionId = 1;
+  private readonly tuner: Tuner;
+  private readonly loopMetrics: LoopMetrics;
+  private readonly requests: Counter<"mode" | "finish_reason">;
+  private readonly running: Gauge;
+  private readonly timeToFirstToken: Histogram;
+  private readonly interTokenLatency: Histogram;
+  private readonly requestLatency: Histogram;
+  private readonly eosTokenIds: ReadonlySet<number>;
+
+  private constructor(
+    private readonly config: GatewayConfig,
+    private readonly logger: Logger,
+    registry: Registry,
+    private readonly targetInfo: ServiceInfo,
+    private readonly tokenizer: TextTokenizer | undefined,
+    target: TargetLink,
+    draft: DraftLink,
+  ) {
+    this.target = target;
+    this.draft = draft;
+    this.eosTokenIds = new Set(targetInfo.model?.eosTokenIds ?? []);
+    const registers = [registry];
+    this.loopMetrics = {
+      draftTokens: new Counter({
+        name: "pearl_spec_draft_tokens_total",
+        help: "Draft tokens the target verified",
+        registers,
+      }),
+      acceptedTokens: new Counter({
+        name: "pearl_spec_accepted_tokens_total",
+        help: "Draft tokens the target accepted",
+        registers,
+      }),
+      acceptedPerPosition: new Counter({
+        name: "pearl_spec_accepted_tokens_per_position_total",
+        help: "Accepted draft tokens by their 1-based position in the verify window",
+        labelNames: ["position"],
+        registers,
+      }),
+      verifySteps: new Counter({
+        name: "pearl_spec_verify_steps_total",
+        help: "Target steps that verified at least one draft token",
+        registers,
+      }),
+      targetSteps: new Counter({
+        name: "pearl_target_steps_total",
+        help: "Target steps that emitted tokens (prefills, verifications and plain decodes)",
+        registers,
+      }),
+      staleDraftTokens: new Counter({
+        name: "pearl_spec_stale_draft_tokens_total",
+        help: "Draft tokens dropped on arrival because a correction had made them stale",
+        registers,
+      }),
+      fallbacks: new Counter({
+        name: "pearl_draft_fallbacks_total",
+        help: "Requests that went on without the draft (in ar), by reason",
+        labelNames: ["reason"],
+        registers,
+      }),
+      meanAcceptedLength: new Histogram({
+        name: "pearl_request_mean_accepted_length_tokens",
+        help: "Per request: tokens committed per target step",
+        buckets: TOKENS_BUCKETS,
+        registers,
+      }),
+    };
+    this.requests = new Counter({
+      name: "pearl_requests_total",
+      help: "Finished requests by the mode they finished in and finish reason",
+      labelNames: ["mode", "finish_reason"],
+      registers,
+    });
+    this.running = new Gauge({ name: "pearl_requests_running_requests", help: "Requests in progress", registers });
+    this.timeToFirstToken = new Histogram({
+      name: "pearl_time_to_first_token_seconds",
+      help: "From request to first committed token",
+      buckets: LATENCY_BUCKETS_SECONDS,
+      registers,
+    });
+    this.interTokenLatency = new Histogram({
+      name: "pearl_inter_token_latency_seconds",
+      help: "Between consecutive committed tokens (tokens committed together share the interval)",
+      buckets: LATENCY_BUCKETS_SECONDS,
+      registers,
+    });
+    this.requestLatency = new Histogram({
+      name: "pearl_e2e_request_latency_seconds",
+      help: "From request to its last token",
+      buckets: LATENCY_BUCKETS_SECONDS,
+      registers,
+    });
+    this.tuner = new Tuner(config, logger, {
+      lookahead: new Gauge({
+        name: "pearl_lookahead_tokens",
+        help: "Draft tokens allowed past the last verified position (mode pearl)",
+        registers,
+      }),
+      verifyWindow: new Gauge({
+        name: "pearl_verify_window_tokens",
+        help: "Most draft tokens verified per target step (mode pearl)",
+        registers,
+      }),
+      gamma: new Gauge({
+        name: "pearl_draft_length_tokens",
+        help: "gamma = target step time / draft step time at the current batch sizes",
+        registers,
+      }),
+    });
+  }
+
+  /**
+   * Connects to both services (waiting up to the connect timeout for them to come up) and refuses a
+   * draft whose vocabulary or special tokens differ from the target's. A draft that is not there yet is
+   * used as soon as it answers.
+   */
+  static async connect(config: GatewayConfig, logger: Logger, registry: Registry): Promise<Gateway> {
+    const target = new TargetLink(config.targetAddress, logger);
+    const draft = new DraftLink(config.draftAddress, logger);
+    try {
+      const deadline = Date.now() + config.connectTimeoutSeconds * 1000;
+      const [targetInfo, draftInfo] = await Promise.all([
+        waitForInfo(() => target.info(), deadline, `target service at ${config.targetAddress}`),
+        waitForInfo(() => draft.info(), deadline, `draft service at ${config.draftAddress}`).catch(
+          (error: unknown) => {
+            logger.warn("draft service unavailable: requests run in ar until it answers", {
+              error: errorMessage(error),
+            });
+            return undefined;
+          },
+        ),
+      ]);
+      if (draftInfo) {
+        const differences = modelPairDifferences(draftInfo.model!, targetInfo.model!);
+        if (differences.length > 0) {
+          throw new Error(
+            `refusing the model pair: draft "${draftInfo.model!.modelId}" and target ` +
+              `"${targetInfo.model!.modelId}" differ in ${differences.join("; ")}`,
+          );
+        }
+      }
+      const tokenizer = config.tokenizerDir !== "" ? TextTokenizer.load(config.tokenizerDir) : undefined;
+      if (config.tokenizerDir !== "" && !tokenizer) {
+        throw new Error(`no tokenizer.json in ${config.tokenizerDir} (--tokenizer)`);
+      }
+      const gateway = new Gateway(config, logger, registry, targetInfo, tokenizer, target, draft);
+      if (draftInfo) gateway.useDraft(draftInfo);
+      else gateway.scheduleDraftProbe();
+      gateway.tuner.seed(draftInfo, targetInfo);
+      logger.info("connected", {
+        target: config.targetAddress,
+        targetModel: targetInfo.model?.modelId,
+        draft: config.draftAddress,
+        draftModel: draftInfo?.model?.modelId ?? null,
+        defaultMode: config.defaultMode,
+        tokenizer: tokenizer !== undefined,
+      });
+      return gateway;
+    } catch (error) {
+      target.shutdown();
+      draft.shutdown();
+      throw error;
+    }
+  }
+
+  get hasTokenizer(): boolean {
+    return this.tokenizer !== undefined;
+  }
+
+  get isDraftAvailable(): boolean {
+    return this.draftAvailable;
+  }
+
+  /** Runs one request; the stream ends after the chunk that carries the finish reason. Breaking out of
+   * the iteration (or aborting the signal) cancels the request on both services. */
+  async *generate(input: GenerateInput, signal?: AbortSignal): AsyncGenerator<GenerateChunk> {
+    const request = this.resolve(input);
+    if (signal?.aborted) throw new CancelledError("cancelled before it started");
+    const queue = new AsyncQueue<GenerateChunk>();
+    const decoder = this.tokenizer?.streamDecoder();
+    const started = performance.now();
+    let lastTokenAt: number | undefined;
+    let outcome: { finishReason: FinishReason; usage: GenerationUsage } | undefined;
+    let failure: Error | undefined;
+
+    const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
+      tokens: (tokenIds) => {
+        const now = performance.now();
+        if (lastTokenAt === undefined) this.timeToFirstToken.observe((now - started) / 1000);
+        else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
+        lastTokenAt = now;
+        queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
+      },
+      finished: (finishReason, usage) => {
+        outcome = { finishReason, usage };
+        queue.push({
+          tokenIds: [],
+          text: decoder?.flush() ?? "",
+          finishReason,
+          usage: { ...usage, seed: request.sampling.seed },
+        });
+        queue.end();
+      },
+      failed: (error) => {
+        failure = error;
+        queue.fail(new UnavailableError(error.message));
+      },
+    });
+    const onAbort = (): void => {
+      generation.cancel();
+      queue.fail(new CancelledError("cancelled by the client"));
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    this.running.inc();
+    generation.start();
+    try {
+      yield* queue;
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      // Still running when the consumer stopped listening: nobody wants the rest.
+      if (!outcome && !failure) generation.cancel();
+      this.running.dec();
+      const seconds = (performance.now() - started) / 1000;
+      const finishReason = outcome ? finishReasonName(outcome.finishReason) : failure ? "error" : "cancelled";
+      this.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
+      if (outcome) this.requestLatency.observe(seconds);
+      this.logger.info("request", {
+        requestId: request.requestId,
+        mode: request.mode,
+        finishedIn: outcome?.usage.mode ?? null,
+        finishReason,
+        promptTokens: request.promptTokenIds.length,
+        completionTokens: outcome?.usage.completionTokens ?? null,
+        draftTokens: outcome?.usage.draftTokens ?? null,
+        acceptedTokens: outcome?.usage.acceptedTokens ?? null,
+        targetSteps: outcome?.usage.targetSteps ?? null,
+        meanAcceptedLength: outcome ? Number(outcome.usage.meanAcceptedLength.toFixed(3)) : null,
+        draftFallback: outcome?.usage.draftFallback ?? null,
+        seconds: Number(seconds.toFixed(4)),
+        ...(failure ? { error: failure.message } : {}),
+      });
+    }
+  }
+
+  async info(): Promise<{
+    draft: ServiceInfo | undefined;
+    target: ServiceInfo;
+    draftAvailable: boolean;
+    lookahead: number;
+    verifyWindow: number;
+    sdGamma: number;
+  }> {
+    const [target, draft] = await Promise.all([
+      this.target.info(),
+      this.draftAvailable ? this.draft.info().catch(() => undefined) : Promise.resolve(undefined),
+    ]);
+    const plan = this.tuner.plan("pearl");
+    return {
+      draft,
+      target,
+      draftAvailable: this.draftAvailable,
+      lookahead: plan.lookahead,
+      verifyWindow: plan.verifyWindow,
+      sdGamma: this.config.sdGamma,
+    };
+  }
+
+  close(): void {
+    this.closed = true;
+    clearTimeout(this.probeTimer);
+    this.target.shutdown();
+    this.draft.shutdown();
+  }
+
+  // ---- requests -----------------------------------------------------------------------------------------
+
+  private resolve(input: GenerateInput): GenerationRequest {
+    const model = this.targetInfo.model!;
+    const hasText = input.prompt !== undefined && input.prompt !== "";
+    const hasIds = input.promptTokenIds !== undefined && input.promptTokenIds.length > 0;
+    if (hasText === hasIds) {
+      throw new InvalidRequestError("give exactly one of prompt (text) and prompt_token_ids");
+    }
+    let promptTokenIds: number[];
+    if (hasText) {
+      if (!this.tokenizer) {
+        throw new InvalidRequestError("this server has no tokenizer: send prompt_token_ids instead of prompt");
+      }
+      promptTokenIds = this.tokenizer.encode(input.prompt!);
+      if (promptTokenIds.length === 0) throw new InvalidRequestError("the prompt encodes to no tokens");
+    } else {
+      promptTokenIds = input.promptTokenIds!;
+      const bad = promptTokenIds.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= model.vocabSize);
+      if (bad >= 0) {
+        throw new InvalidRequestError(
+          `prompt_token_ids[${bad}] = ${promptTokenIds[bad]} is outside the vocabulary [0, ${model.vocabSize})`,
+        );
+      }
+    }
+    if (promptTokenIds.length >= model.maxPositionEmbeddings) {
+      throw new InvalidRequestError(
+        `the prompt has ${promptTokenIds.length} tokens; the model's context holds ${model.maxPositionEmbeddings}, ` +
+          "and at least one must be left to generate",
+      );
+    }
+    const maxTokens = input.maxTokens === undefined || input.maxTokens === 0 ? this.config.defaultMaxTokens : input.maxTokens;
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) {
+      throw new InvalidRequestError(`max_tokens must be a positive integer, got ${maxTokens}`);
+    }
+    const temperature = input.temperature ?? 1;
+    if (!Number.isFinite(temperature) || temperature < 0) {
+      throw new InvalidRequestError(`temperature must be >= 0, got ${temperature}`);
+    }
+    const topP = input.topP ?? 1;
+    if (!(topP > 0 && topP <= 1)) throw new InvalidRequestError(`top_p must be in (0, 1], got ${topP}`);
+    const topK = input.topK ?? 0;
+    if (!Number.isInteger(topK) || topK < 0) throw new InvalidRequestError(`top_k must be >= 0, got ${topK}`);
+    const seed = input.seed ?? randomInt(0, 2 ** 48);
+    if (!Number.isSafeInteger(seed) || seed < 0) {
+      throw new InvalidRequestError(`seed must be an integer in [0, 2^53), got ${seed}`);
+    }
+    const mode = input.mode ?? this.config.defaultMode;
+    if (!DECODING_MODES.includes(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
+    if (!Number.isFinite(draftTemperature) || draftTemperature < 0) {
+      throw new InvalidRequestError(`draft_temperature must be >= 0, got ${draftTemperature}`);
+    }
+    return {
+      requestId: input.requestId || randomUUID(),
+      promptTokenIds,
+      maxTokens,
+      sampling: { temperature, topK, topP, seed },
+      mode,
+      draftTemperature,
+      draftTopK: this.config.draftTopK,
+    };
+  }
+
+  private loopContext() {
+    return {
+      target: this.target,
+      draft: this.draftAvailable ? this.draft : undefined,
+      targetContextLength: this.targetInfo.model!.maxPositionEmbeddings,
+      draftContextLength: this.draftInfo?.model?.maxPositionEmbeddings ?? 0,
+      eosTokenIds: this.eosTokenIds,
+      tuner: this.tuner,
+      metrics: this.loopMetrics,
+      logger: this.logger,
+      draftLost: (error: Error) => this.draftLost(error),
+    };
+  }
+
+  // ---- draft availability ---------------------------------------------------------------------------
+
+  private useDraft(info: ServiceInfo): void {
+    this.draftInfo = info;
+    this.draftAvailable = true;
+  }
+
+  private draftLost(error: Error): void {
+    if (!this.draftAvailable) return;
+    this.draftAvailable = false;
+    this.logger.warn("draft service lost: new requests run in ar until it answers again", { error: error.message });
+    this.scheduleDraftProbe();
+  }
+
+  /** Asks the draft service for its info until it answers, then checks the pair again before using it. */
+  private scheduleDraftProbe(): void {
+    if (this.closed) return;
+    clearTimeout(this.probeTimer);
+    this.probeTimer = setTimeout(() => {
+      this.draft.info(DRAFT_PROBE_INTERVAL_MS).then(
+        (info) => {
+          if (this.closed) return;
+          const differences = modelPairDifferences(info.model!, this.targetInfo.model!);
+          if (differences.length > 0) {
+            this.logger.error("refusing the draft service: it does not match the target", {
+              differences,
+            });
+            this.scheduleDraftProbe();
+            return;
+          }
+          this.useDraft(info);
+          this.logger.info("draft service available", { draftModel: info.model?.modelId });
+        },
+        () => this.scheduleDraftProbe(),
+      );
+    }, DRAFT_PROBE_INTERVAL_MS);
+    this.probeTimer.unref();
+  }
+}
+
+async function waitForInfo(ask: () => Promise<ServiceInfo>, deadline: number, what: string): Promise<ServiceInfo> {
+  let lastError: unknown;
+  do {
+    try {
+      return await ask();
+    } catch (error) {
+      lastError = error;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+  } while (Date.now() < deadline);
+  throw new Error(`the ${what} did not answer: ${errorMessage(lastError)}`);
+}
+
+export function finishReasonName(reason: FinishReason): string {
+  switch (reason) {
+    case FinishReason.FINISH_REASON_STOP:
+      return "stop";
+    case FinishReason.FINISH_REASON_LENGTH:
+      return "length";
+    default:
+      return "unspecified";
+  }
+}

@@ -1,0 +1,163 @@
+// The gateway service: the Generate API over gRPC (proto/pearl/v1/gateway.proto), plus /metrics and
+// /health over HTTP (where the REST API will join them).
+import type { ServerWritableStream } from "@grpc/grpc-js";
+import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
+import {
+  DecodingMode,
+  type GatewayServer,
+  GatewayService,
+  type GenerateRequest,
+  type GenerateResponse,
+} from "../../proto/gen/pearl/v1/gateway.js";
+import type { DecodingMode as ModeName, GatewayConfig } from "../../lib/config.js";
+import { GrpcStatus, startGrpcServer } from "../../lib/grpc.js";
+import { startHttpServer } from "../../lib/http.js";
+import { createLogger, errorMessage, type Logger } from "../../lib/logging.js";
+import { createRegistry } from "../../lib/metrics.js";
+import type { RunningService } from "../../lib/model_service.js";
+import { CancelledError, Gateway, type GenerateChunk, InvalidRequestError, UnavailableError } from "./gateway.js";
+
+export interface RunningGateway extends RunningService {
+  gateway: Gateway;
+}
+
+const MODE_NAMES: Record<number, ModeName | undefined> = {
+  [DecodingMode.DECODING_MODE_PEARL]: "pearl",
+  [DecodingMode.DECODING_MODE_SD]: "sd",
+  [DecodingMode.DECODING_MODE_AR]: "ar",
+};
+
+export function modeToProto(mode: ModeName): DecodingMode {
+  switch (mode) {
+    case "pearl":
+      return DecodingMode.DECODING_MODE_PEARL;
+    case "sd":
+      return DecodingMode.DECODING_MODE_SD;
+    case "ar":
+      return DecodingMode.DECODING_MODE_AR;
+  }
+}
+
+function toResponse(chunk: GenerateChunk): GenerateResponse {
+  return {
+    tokenIds: chunk.tokenIds,
+    text: chunk.text,
+    finishReason: chunk.finishReason ?? FinishReason.FINISH_REASON_UNSPECIFIED,
+    usage: chunk.usage && {
+      promptTokens: chunk.usage.promptTokens,
+      completionTokens: chunk.usage.completionTokens,
+      draftTokens: chunk.usage.draftTokens,
+      acceptedTokens: chunk.usage.acceptedTokens,
+      targetSteps: chunk.usage.targetSteps,
+      meanAcceptedLength: chunk.usage.meanAcceptedLength,
+      mode: modeToProto(chunk.usage.mode),
+      draftFallback: chunk.usage.draftFallback,
+      seed: chunk.usage.seed,
+    },
+  };
+}
+
+async function serveGenerate(
+  gateway: Gateway,
+  call: ServerWritableStream<GenerateRequest, GenerateResponse>,
+  logger: Logger,
+): Promise<void> {
+  const request = call.request;
+  const abort = new AbortController();
+  let finished = false;
+  // grpc-js reports "cancelled" even after a normal end: only an unfinished call is a cancellation.
+  call.on("cancelled", () => {
+    if (!finished) abort.abort();
+  });
+  try {
+    if (request.mode !== DecodingMode.DECODING_MODE_UNSPECIFIED && MODE_NAMES[request.mode] === undefined) {
+      throw new InvalidRequestError(`unknown mode ${request.mode}`);
+    }
+    const chunks = gateway.generate(
+      {
+        requestId: request.requestId,
+        prompt: request.prompt,
+        promptTokenIds: request.promptTokenIds,
+        maxTokens: request.maxTokens,
+        temperature: request.temperature,
+        topP: request.topP,
+        topK: request.topK,
+        seed: request.seed,
+        mode: MODE_NAMES[request.mode],
+        draftTemperature: request.draftTemperature,
+      },
+      abort.signal,
+    );
+    for await (const chunk of chunks) call.write(toResponse(chunk));
+    finished = true;
+    call.end();
+  } catch (error) {
+    finished = true;
+    if (error instanceof CancelledError) return;
+    const code =
+      error instanceof InvalidRequestError
+        ? GrpcStatus.INVALID_ARGUMENT
+        : error instanceof UnavailableError
+          ? GrpcStatus.UNAVAILABLE
+          : GrpcStatus.INTERNAL;
+    if (code === GrpcStatus.INTERNAL) logger.error("generate failed", { error: errorMessage(error) });
+    call.emit("error", { code, details: errorMessage(error) });
+  }
+}
+
+export async function startGatewayService(config: GatewayConfig, logger?: Logger): Promise<RunningGateway> {
+  const log = logger ?? createLogger("gateway", config.logLevel);
+  const registry = createRegistry("gateway");
+  const gateway = await Gateway.connect(config, log, registry);
+
+  const implementation: GatewayServer = {
+    generate: (call) => void serveGenerate(gateway, call, log),
+    info: (_call, callback) => {
+      gateway.info().then(
+        (info) =>
+          callback(null, {
+            draft: info.draft,
+            target: info.target,
+            defaultMode: modeToProto(config.defaultMode),
+            draftAvailable: info.draftAvailable,
+            hasTokenizer: gateway.hasTokenizer,
+            lookahead: info.lookahead,
+            verifyWindow: info.verifyWindow,
+            sdGamma: info.sdGamma,
+          }),
+        (error: unknown) => callback({ code: GrpcStatus.UNAVAILABLE, details: errorMessage(error) }),
+      );
+    },
+  };
+
+  let grpc;
+  let http;
+  try {
+    grpc = await startGrpcServer(config.host, config.grpcPort, [
+      { name: "pearl.v1.Gateway", protoFile: "pearl/v1/gateway.proto", definition: GatewayService, implementation },
+    ]);
+    http =
+      config.httpPort >= 0
+        ? await startHttpServer({ host: config.host, port: config.httpPort, registry, unhealthyReason: () => null })
+        : undefined;
+  } catch (error) {
+    await grpc?.shutdown(0);
+    gateway.close();
+    throw error;
+  }
+  log.info("listening", { role: "gateway", grpcPort: grpc.port, httpPort: http?.port ?? -1 });
+  const grpcServer = grpc;
+  const httpServer = http;
+
+  return {
+    gateway,
+    grpcPort: grpcServer.port,
+    httpPort: httpServer?.port ?? -1,
+    async close() {
+      await grpcServer.shutdown();
+      await httpServer?.close();
+      gateway.close();
+      log.info("stopped", { role: "gateway" });
+    },
+  };
+}

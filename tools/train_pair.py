@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""Train pearl's embedded draft/target pair: two small Llama models for Python code completion.
+
+One command, on any machine with PyTorch, transformers and tokenizers (one GPU recommended):
+
+    python3 tools/train_pair.py --out-dir models
+
+Steps, in order:
+1. Corpus: every *.py file of this Python installation (standard library including its tests, and all
+   site-packages), deduplicated by content, split BY PACKAGE into train and held-out (HELD_OUT_PACKAGES).
+2. Tokenizer: byte-level BPE trained on the train split, with <|endoftext|> as end of text (and bos/pad).
+3. Target, then draft, trained on random windows of the train token stream (bf16 autocast, AdamW, cosine
+   schedule, fixed step counts). The draft learns from the data and from the target's distribution
+   (distillation), which is what speculative decoding rewards: agreeing with the target.
+4. Export both as Hugging Face folders (bf16 safetensors, config, generation config, tokenizer files).
+5. Measure with transformers, reloading the exported folders in float32: train and held-out loss, and
+   greedy agreement (draft argmax == target argmax along the target's own greedy continuation of held-out
+   contexts). Write models/README.md (model card), models/metrics.json and models/reference.json (greedy
+   continuations of 3 held-out prompts for both models, and tokenizer test strings with their ids).
+
+Seeds are fixed; GPU kernels are not bit-deterministic, so a rerun gives close but not identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import site
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+SEED = 1234
+END_OF_TEXT = "<|endoftext|>"
+VOCAB_SIZE = 6144
+SEQ_LEN = 512
+
+# Held-out packages: a mix of standard-library and third-party code of ordinary style, none of them
+# dominant in the corpus, so held-out loss measures generalization rather than a change of domain.
+HELD_OUT_PACKAGES = (
+    "email",
+    "asyncio",
+    "json",
+    "http",
+    "networkx",
+    "rich",
+    "jinja2",
+    "httpx",
+    "tqdm",
+    "seaborn",
+)
+
+MAX_FILE_BYTES = 1_000_000
+# Lines this long are data (tables, embedded blobs), not code a completion model should learn.
+MAX_LINE_CHARS = 2000
+TOKENIZER_SAMPLE_BYTES = 64 * 1024 * 1024
+MAX_TOTAL_MODEL_BYTES = 20 * 1024 * 1024
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '# ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+    "{%- else -%}{{ message['content'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+TOKENIZER_CASES = (
+    "def add(a, b):\n    return a + b\n",
+    "class Node(Base):\n\tdef __init__(self, value: int) -> None:\n\t\tsuper().__init__()\n\t\tself.value = value\n",
+    "x    =     1\n\n\n\ny = '  spaced  '   \n        \n",
+    "    leading spaces and trailing tabs\t\t",
+    "numbers: 0123456789 3.14159 -1e-10 0xFF 1_000_000",
+    's = """docstring with \'quotes\' and \\"escapes\\"""" # comment',
+    "print('héllo wörld, ça va? naïve café, Ångström, Øresund')",
+    "# 你好，世界 — 日本語のテキスト、한국어",
+    "emoji: 🐍🚀👍🏽 and a family 👨\u200d👩\u200d👧",
+    "mixed: Ünïcödé + 中文 + 🐍\ttabs\r\nCRLF line\r\n",
+    f"{END_OF_TEXT}def main():\n    pass\n{END_OF_TEXT}",
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+
+
+TARGET_SHAPE = ModelShape(256, 6, 8, 4, 704, tie_word_embeddings=False)
+DRAFT_SHAPE = ModelShape(128, 4, 4, 2, 384, tie_word_embeddings=True)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    peak_lr: float
+    warmup_steps: int
+    time_limit_s: float
+    distill_weight: float
+
+
+@dataclass
+class SourceFile:
+    package: str
+    path: str
+    text: str
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+def source_roots() -> list[tuple[str, Path]]:
+    """The standard library first, then every site directory, each once."""
+    paths = sysconfig.get_paths()
+    candidates = [("stdlib", Path(paths["stdlib"]))]
+    site_dirs = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    candidates += [("site", Path(p)) for p in site_dirs]
+    seen: set[Path] = set()
+    roots = []
+    for kind, root in candidates:
+        resolved = root.resolve()
+        if resolved.is_dir() and resolved not in seen:
+            seen.add(resolved)
+            roots.append((kind, resolved))
+    return roots
+
+
+def package_of(root: Path, file_path: Path) -> str:
+    first = file_path.relative_to(root).parts[0]
+    return first[:-3] if first.endswith(".py") else first
+
+
+def usable_text(raw: bytes) -> str | None:
+    if not raw.strip() or len(raw) > MAX_FILE_BYTES:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if max((len(line) for line in text.splitlines()), default=0) > MAX_LINE_CHARS:
+        return None
+    return text
+
+
+def collect_corpus() -> tuple[list[SourceFile], dict]:
+    roots = source_roots()
+    files: list[SourceFile] = []
+    seen_hashes: set[bytes] = set()
+    stats = {"roots": [str(r) for _, r in roots], "found": 0, "duplicates": 0, "rejected": 0}
+    for _, root in roots:
+        for directory, subdirs, names in os.walk(root):
+            current = Path(directory)
+            # Site directories inside the standard library are walked as roots of their own.
+            subdirs[:] = sorted(d for d in subdirs if d not in ("__pycache__", "site-packages", "dist-packages"))
+            for name in sorted(names):
+                if not name.endswith(".py"):
+                    continue
+                file_path = current / name
+                stats["found"] += 1
+                try:
+                    raw = file_path.read_bytes()
+                except OSError:
+                    stats["rejected"] += 1
+                    continue
+                digest = hashlib.sha256(raw).digest()
+                if digest in seen_hashes:
+                    stats["duplicates"] += 1
+                    continue
+                seen_hashes.add(digest)
+                text = usable_text(raw)
+                if text is None:
+                    stats["rejected"] += 1
+                    continue
+                files.append(SourceFile(package_of(root, file_path), str(file_path), text))
+    return files, stats
+
+
+def split_by_package(files: list[SourceFile]) -> tuple[list[SourceFile], list[SourceFile], dict]:
+    held = set(HELD_OUT_PACKAGES)
+    train = [f for f in files if f.package not in held]
+    held_out = [f for f in files if f.package in held]
+    bytes_by_package: dict[str, int] = {}
+    for f in files:
+        bytes_by_package[f.package] = bytes_by_package.get(f.package, 0) + len(f.text.encode("utf-8"))
+    present = {p: bytes_by_package[p] for p in HELD_OUT_PACKAGES if p in bytes_by_package}
+    missing = [p for p in HELD_OUT_PACKAGES if p not in bytes_by_package]
+    return train, held_out, {"held_out_bytes_by_package": present, "held_out_missing": missing,
+                             "bytes_by_package": bytes_by_package}
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(train_files: list[SourceFile], vocab_size: int) -> Tokenizer:
+    order = list(range(len(train_files)))
+    random.Random(SEED).shuffle(order)
+    sample: list[str] = []
+    budget = TOKENIZER_SAMPLE_BYTES
+    for index in order:
+        text = train_files[index].text
+        if budget <= 0:
+            break
+        sample.append(text)
+        budget -= len(text)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sample, trainer=trainer, length=len(sample))
+    if tokenizer.token_to_id(END_OF_TEXT) != 0:
+        raise AssertionError(f"{END_OF_TEXT} should be id 0, got {tokenizer.token_to_id(END_OF_TEXT)}")
+    return tokenizer
+
+
+def tokenizer_config(max_length: int) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": END_OF_TEXT,
+        "eos_token": END_OF_TEXT,
+        "pad_token": END_OF_TEXT,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            "0": {
+                "content": END_OF_TEXT,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+        },
+    }
+
+
+def encode_stream(tokenizer: Tokenizer, files: list[SourceFile], seed: int) -> np.ndarray:
+    """All documents, in a seeded order, each followed by <|endoftext|>, as one uint16 stream."""
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    texts = [files[i].text for i in order]
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    pieces: list[np.ndarray] = []
+    eot = np.array([tokenizer.token_to_id(END_OF_TEXT)], dtype=np.uint16)
+    for start in range(0, len(texts), 2000):
+        for encoding in encode(texts[start : start + 2000]):
+            pieces.append(np.asarray(encoding.ids, dtype=np.uint16))
+            pieces.append(eot)
+    return np.concatenate(pieces)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def llama_config(shape: ModelShape, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=SEQ_LEN,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        initializer_range=0.02,
+        use_cache=True,
+    )
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sample_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    offsets = torch.randint(0, stream.numel() - length, (batch,), device=stream.device, generator=generator)
+    index = offsets[:, None] + torch.arange(length, device=stream.device)[None, :]
+    return stream[index].long()
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    if step < settings.warmup_steps:
+        return settings.peak_lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.peak_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(
+    label: str,
+    model: torch.nn.Module,
+    stream: torch.Tensor,
+    settings: TrainSettings,
+    seed: int,
+    teacher: torch.nn.Module | None = None,
+    compile_model: bool = False,
+) -> dict:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.peak_lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
+    forward = torch.compile(model) if compile_model else model
+    generator = torch.Generator(device=stream.device).manual_seed(seed)
+    model.train()
+    started = time.monotonic()
+    tokens_seen = 0
+    step = 0
+    recent_losses: list[float] = []
+    for step in range(settings.steps):
+        if time.monotonic() - started > settings.time_limit_s:
+            log(f"{label}: WARNING time limit {settings.time_limit_s:.0f}s reached at step {step}/{settings.steps}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        chunk = sample_windows(stream, settings.batch_size, SEQ_LEN + 1, generator)
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(input_ids=inputs, use_cache=False).logits
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        ce = F.nll_loss(log_q.view(-1, log_q.size(-1)), targets.reshape(-1))
+        loss = ce
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
+            log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+            kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / targets.numel()
+            loss = (1.0 - settings.distill_weight) * ce + settings.distill_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        tokens_seen += targets.numel()
+        if step % 50 == 0 or step == settings.steps - 1:
+            recent_losses.append(float(ce.detach()))
+            elapsed = time.monotonic() - started
+            log(f"{label}: step {step} ce {recent_losses[-1]:.4f} lr {learning_rate(step, settings):.2e} "
+                f"{tokens_seen / max(elapsed, 1e-9) / 1e6:.2f}M tok/s")
+    torch.cuda.synchronize()
+    elapsed = time.monotonic() - started
+    model.eval()
+    return {"steps": step + 1, "tokens": tokens_seen, "seconds": round(elapsed, 1),
+            "final_running_ce": recent_losses[-1] if recent_losses else None}
+
+
+def benchmark_compile(vocab_size: int, stream: torch.Tensor, batch_size: int) -> dict:
+    """Times eager vs torch.compile training steps of the target shape, to decide whether compile pays."""
+    result = {}
+    for compiled in (False, True):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(llama_config(TARGET_SHAPE, vocab_size), attn_implementation="sdpa")
+        model.cuda()
+        forward = torch.compile(model) if compiled else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        generator = torch.Generator(device="cuda").manual_seed(SEED)
+
+        def run_steps(count: int) -> float:
+            started = time.monotonic()
+            for _ in range(count):
+                chunk = sample_windows(stream, batch_size, SEQ_LEN + 1, generator)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = forward(input_ids=chunk[:, :-1], use_cache=False).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            torch.cuda.synchronize()
+            return time.monotonic() - started
+
+        warmup_s = run_steps(5)
+        step_s = run_steps(20) / 20
+        result["compiled" if compiled else "eager"] = {"first_5_steps_s": round(warmup_s, 2),
+                                                       "step_s": round(step_s, 4)}
+        del model, optimizer, forward
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    exported = copy.deepcopy(model).to(torch.bfloat16)
+    exported.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    exported.save_pretrained(directory)
+    exported.generation_config.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(SEQ_LEN), indent=2) + "\n")
+    stored = sorted(p.name for p in directory.glob("*.safetensors"))
+    if stored != ["model.safetensors"]:
+        raise AssertionError(f"{directory}: expected one model.safetensors, got {stored}")
+
+
+def check_transformers_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
+    """The exported tokenizer files must load in transformers and agree with the tokenizers library."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(directory)
+    for text in TOKENIZER_CASES:
+        if hf.encode(text, add_special_tokens=True) != tokenizer.encode(text).ids:
+            raise AssertionError(f"transformers and tokenizers disagree on {text!r}")
+    rendered = hf.apply_chat_template(
+        [{"role": "system", "content": "complete the code"}, {"role": "user", "content": "def f(x):\n"}],
+        tokenize=False,
+    )
+    if rendered != "# complete the code\ndef f(x):\n":
+        raise AssertionError(f"chat template rendered {rendered!r}")
+
+
+def load_exported(directory: Path, device: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def fixed_windows(stream: np.ndarray, count: int, length: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, len(stream) - length, size=count)
+    return torch.from_numpy(np.stack([stream[o : o + length].astype(np.int64) for o in offsets]))
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor, device: str, batch: int = 32) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        chunk = windows[start : start + batch].to(device)
+        logits = model(input_ids=chunk[:, :-1], use_cache=False).logits
+        total += float(F.cross_entropy(logits.view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def greedy_agreement(
+    target: torch.nn.Module, draft: torch.nn.Module, contexts: torch.Tensor, new_tokens: int, device: str, eot: int
+) -> dict:
+    """Fraction of positions along the target's greedy continuation where the draft's argmax is the same.
+
+    Each row counts up to and including its first end-of-text token; later positions are not text.
+    """
+    sequences = contexts.to(device)
+    for _ in range(new_tokens):
+        next_tokens = target(input_ids=sequences, use_cache=False).logits[:, -1].argmax(-1)
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+    context_len = contexts.size(1)
+    continuation = sequences[:, context_len:]
+    draft_predictions = draft(input_ids=sequences[:, :-1], use_cache=False).logits[:, context_len - 1 :].argmax(-1)
+    is_eot = continuation == eot
+    after_first_eot = (is_eot.cumsum(dim=1) - is_eot.long()) > 0
+    counted = ~after_first_eot
+    agree = (draft_predictions == continuation) & counted
+    # Teacher-forced agreement on real held-out text, a second view of the same property.
+    target_argmax = target(input_ids=contexts.to(device), use_cache=False).logits.argmax(-1)
+    draft_argmax = draft(input_ids=contexts.to(device), use_cache=False).logits.argmax(-1)
+    return {
+        "greedy_agreement": float(agree.sum() / counted.sum()),
+        "positions": int(counted.sum()),
+        "teacher_forced_agreement": float((target_argmax == draft_argmax).float().mean()),
+    }
+
+
+def prompt_candidates(held_out: list[SourceFile], tokenizer: Tokenizer, count: int) -> list[str]:
+    """Held-out files cut right after their first top-level function signature, kept to ~60-160 tokens."""
+    files = sorted(held_out, key=lambda f: f.path)
+    random.Random(SEED).shuffle(files)
+    prompts = []
+    for source in files:
+        marker = source.text.find("\ndef ")
+        if marker < 0:
+            continue
+        line_end = source.text.find("\n", marker + 1)
+        if line_end < 0 or not source.text[marker:line_end].rstrip().endswith(":"):
+            continue
+        text = source.text[: line_end + 1]
+        lines = text.splitlines(keepends=True)
+        while len(lines) > 1 and len(tokenizer.encode("".join(lines)).ids) > 160:
+            lines.pop(0)
+        text = "".join(lines)
+        if 60 <= len(tokenizer.encode(text).ids) <= 160:
+            prompts.append(text)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+@torch.no_grad()
+def greedy_reference(model: torch.nn.Module, ids: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """transformers' generate(), greedy, float32 on CPU; returns new tokens and the smallest top-1/top-2 gap."""
+    output = model.generate(
+        torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    new = output.sequences[0, len(ids) :].tolist()
+    gaps = [float(torch.topk(step_logits[0].float(), 2).values.diff().abs()) for step_logits in output.logits]
+    return new, min(gaps)
+
+
+def build_reference(
+    target_dir: Path,
+    draft_dir: Path,
+    tokenizer: Tokenizer,
+    held_out: list[SourceFile],
+    new_tokens: int,
+    min_gap: float,
+) -> dict:
+    target = load_exported(target_dir, "cpu")
+    draft = load_exported(draft_dir, "cpu")
+    chosen = []
+    for text in prompt_candidates(held_out, tokenizer, 40):
+        ids = tokenizer.encode(text).ids
+        target_new, target_gap = greedy_reference(target, ids, new_tokens)
+        draft_new, draft_gap = greedy_reference(draft, ids, new_tokens)
+        # A near-tie would make the runtime test a coin flip between two correct fp32 implementations.
+        if min(target_gap, draft_gap) < min_gap:
+            continue
+        chosen.append({
+            "text": text,
+            "ids": ids,
+            "target": {"greedy": target_new, "text": tokenizer.decode(target_new, skip_special_tokens=False),
+                       "min_top2_gap": round(target_gap, 4)},
+            "draft": {"greedy": draft_new, "text": tokenizer.decode(draft_new, skip_special_tokens=False),
+                      "min_top2_gap": round(draft_gap, 4)},
+        })
+        if len(chosen) == 3:
+            break
+    if len(chosen) < 3:
+        raise AssertionError(f"only {len(chosen)} held-out prompts have clear greedy continuations")
+    cases = []
+    for text in TOKENIZER_CASES:
+        ids = tokenizer.encode(text).ids
+        cases.append({"text": text, "ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=False)})
+    return {
+        "new_tokens": new_tokens,
+        "dtype_note": "bf16 weights upcast to float32, transformers eager attention on CPU",
+        "prompts": chosen,
+        "tokenizer_cases": cases,
+    }
+
+
+# ------------------------------------------------------------------------------------------- model card
+
+
+def model_card(metrics: dict) -> str:
+    c, t, d, e = metrics["corpus"], metrics["target"], metrics["draft"], metrics["eval"]
+    held = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in c["held_out_bytes_by_package"].items())
+
+    def shape_row(name: str, m: dict) -> str:
+        s = m["shape"]
+        return (f"| {name} | {m['parameters'] / 1e6:.2f}M | {s['hidden_size']} | {s['num_hidden_layers']} | "
+                f"{s['num_attention_heads']}/{s['num_key_value_heads']} | {s['intermediate_size']} | "
+                f"{'yes' if s['tie_word_embeddings'] else 'no'} | {m['safetensors_bytes'] / 2**20:.2f} MiB |")
+
+    def train_row(name: str, m: dict) -> str:
+        tr = m["training"]
+        return (f"| {name} | {tr['steps']} | {tr['tokens'] / 1e6:.0f}M ({tr['tokens'] / c['train_tokens']:.2f} epochs) "
+                f"| {tr['seconds']:.0f} s | {e[name]['train_loss']:.3f} | {e[name]['held_out_loss']:.3f} | "
+                f"{e[name]['held_out_loss'] - e[name]['train_loss']:+.3f} |")
+
+    return f"""# pearl's embedded model pair
+
+Two small Llama models for Python code completion that share one tokenizer: `target/` and `draft/`.
+They exist so that `pearl serve` runs something real on a fresh machine with nothing to download, and so
+that the PEARL loop has a draft that agrees with its target often enough for speculation to pay.
+Produced by `python3 tools/train_pair.py --out-dir models` (one command, seed {SEED}); every number below
+was written by that script.
+
+## Corpus
+Every `*.py` file of the training machine's Python {metrics['machine']['python']} installation (standard
+library with its tests, and site-packages: {c['site_note']}), deduplicated by content (sha256).
+Files over {MAX_FILE_BYTES // 1000} kB, not UTF-8, or with a line over {MAX_LINE_CHARS} characters were dropped.
+
+- Files: {c['found']} found, {c['duplicates']} duplicates, {c['rejected']} rejected, {c['kept']} kept
+  ({c['train_files']} train, {c['held_out_files']} held-out).
+- Split by package. Held-out packages: {held}.
+- Tokens: {c['train_tokens'] / 1e6:.1f}M train, {c['held_out_tokens'] / 1e6:.2f}M held-out
+  ({c['train_bytes'] / c['train_tokens']:.2f} bytes per token on train).
+
+## Tokenizer
+Byte-level BPE (tokenizers {metrics['machine']['tokenizers']}), vocabulary {metrics['vocab_size']}, trained on
+a {TOKENIZER_SAMPLE_BYTES // 2**20} MiB sample of the train split. `{END_OF_TEXT}` (id 0) ends every
+document and is eos, bos and pad; nothing is added to encoded text. The chat template renders a system
+message as a `#` comment and user text verbatim, so a chat request is a code prompt.
+
+## Models
+Llama architecture (`LlamaForCausalLM`), bf16 safetensors, context {SEQ_LEN} tokens (the training length).
+
+| model | parameters | hidden | layers | heads/kv heads | intermediate | tied embeddings | size |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{shape_row('target', t)}
+{shape_row('draft', d)}
+
+## Training
+On {metrics['machine']['device']}, bf16 autocast, AdamW (betas 0.9/0.95, weight decay 0.1), cosine
+schedule with warmup, random {SEQ_LEN}-token windows of the train stream, {metrics['batch_tokens']} tokens a
+step. The draft's loss is {1 - d['settings']['distill_weight']:.1f} x cross-entropy + {d['settings']['distill_weight']:.1f}
+x KL(target || draft): it is taught to agree with the target. torch.compile: {metrics['compile']}.
+Whole script: {metrics['total_seconds']:.0f} s.
+
+Losses are cross-entropy in nats per token, measured with transformers on the exported bf16 weights upcast
+to float32, over {e['loss_windows']} fixed windows of {SEQ_LEN} tokens from each split.
+
+| model | steps | tokens seen | time | train loss | held-out loss | gap |
+| --- | --- | --- | --- | --- | --- | --- |
+{train_row('target', t)}
+{train_row('draft', d)}
+
+## Agreement
+Along the target's own greedy continuation ({e['agreement']['new_tokens']} tokens) of {e['agreement']['contexts']}
+held-out contexts of {e['agreement']['context_tokens']} tokens, the draft's argmax equals the target's at
+**{e['agreement']['greedy_agreement']:.3f}** of {e['agreement']['positions']} positions. On held-out text itself
+(teacher forcing) the two argmaxes agree at {e['agreement']['teacher_forced_agreement']:.3f} of positions.
+
+## Reference outputs
+`reference.json` holds 3 held-out prompts with transformers' greedy continuations ({metrics['reference_new_tokens']}
+new tokens, bf16 weights upcast to float32) for both models, and tokenizer test strings with the ids and
+decoded text the Python tokenizers library produced. `test/models.test.ts` checks the native runtime and
+the JS tokenizer against them.
+
+## Limits
+Tiny models: they continue Python plausibly for a few lines and then repeat themselves. They are a test
+and demo pair, not an assistant. GPU kernels are not bit-deterministic: rerunning the script gives close,
+not identical, weights.
+"""
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("models"))
+    parser.add_argument("--target-steps", type=int, default=8500)
+    parser.add_argument("--draft-steps", type=int, default=5500)
+    parser.add_argument("--batch-size", type=int, default=128, help="windows of SEQ_LEN tokens per step")
+    parser.add_argument("--target-time-limit", type=float, default=260.0, help="seconds; a safety stop")
+    parser.add_argument("--draft-time-limit", type=float, default=170.0, help="seconds; a safety stop")
+    # Measured with --benchmark-compile on an H200, target shape, batch 128: 39.7 ms a step eager, 21.2 ms
+    # compiled, after 21 s of compilation; it pays for any run longer than a minute.
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="train without torch.compile")
+    parser.add_argument("--benchmark-compile", action="store_true", help="time eager vs compiled steps first")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything, to catch errors")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        parser.error("training needs a CUDA GPU")
+    script_start = time.monotonic()
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import tokenizers
+
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "device": torch.cuda.get_device_name(0),
+    }
+    log(f"machine: {machine}")
+
+    files, stats = collect_corpus()
+    train_files, held_out_files, split = split_by_package(files)
+    if not held_out_files:
+        raise SystemExit(f"none of the held-out packages {HELD_OUT_PACKAGES} exists on this machine")
+    log(f"corpus: {stats} kept {len(files)} (train {len(train_files)}, held-out {len(held_out_files)})")
+    log(f"held-out packages present: {split['held_out_bytes_by_package']}; missing: {split['held_out_missing']}")
+    largest = sorted(split["bytes_by_package"].items(), key=lambda kv: -kv[1])[:40]
+    log("largest packages (MB): " + ", ".join(f"{name} {size / 1e6:.1f}" for name, size in largest))
+
+    tokenizer = train_tokenizer(train_files, VOCAB_SIZE)
+    vocab_size = tokenizer.get_vocab_size()
+    log(f"tokenizer trained: vocab {vocab_size}")
+    train_stream_np = encode_stream(tokenizer, train_files, SEED)
+    held_stream_np = encode_stream(tokenizer, held_out_files, SEED + 1)
+    train_bytes = sum(len(f.text.encode("utf-8")) for f in train_files)
+    log(f"tokens: train {len(train_stream_np)} ({train_bytes / len(train_stream_np):.2f} bytes/token), "
+        f"held-out {len(held_stream_np)}")
+
+    device = "cuda"
+    train_stream = torch.from_numpy(train_stream_np.astype(np.int32)).to(device)
+
+    compile_report = "off"
+    if args.benchmark_compile:
+        timing = benchmark_compile(vocab_size, train_stream, args.batch_size)
+        log(f"compile benchmark (target shape, batch {args.batch_size}): {timing}")
+        compile_report = f"benchmarked {timing}"
+    if args.compile:
+        compile_report = "on"
+
+    if args.smoke:
+        target_settings = TrainSettings(30, args.batch_size, 2e-3, 10, 60.0, 0.0)
+        draft_settings = TrainSettings(30, args.batch_size, 3e-3, 10, 60.0, 0.7)
+    else:
+        target_settings = TrainSettings(args.target_steps, args.batch_size, 2e-3, 200, args.target_time_limit, 0.0)
+        draft_settings = TrainSettings(args.draft_steps, args.batch_size, 3e-3, 200, args.draft_time_limit, 0.7)
+
+    torch.manual_seed(SEED)
+    target = AutoModelForCausalLM.from_config(llama_config(TARGET_SHAPE, vocab_size), attn_implementation="sdpa")
+    target.to(device)
+    log(f"target: {parameter_count(target)} parameters")
+    target_training = train("target", target, train_stream, target_settings, SEED, compile_model=args.compile)
+    log(f"target trained: {target_training}")
+
+    torch.manual_seed(SEED + 1)
+    draft = AutoModelForCausalLM.from_config(llama_config(DRAFT_SHAPE, vocab_size), attn_implementation="sdpa")
+    draft.to(device)
+    log(f"draft: {parameter_count(draft)} parameters")
+    teacher = torch.compile(target) if args.compile else target
+    draft_training = train("draft", draft, train_stream, draft_settings, SEED + 1, teacher=teacher,
+                           compile_model=args.compile)
+    del teacher
+    log(f"draft trained: {draft_training}")
+    del train_stream
+    torch.cuda.empty_cache()
+
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target_dir, draft_dir = out_dir / "target", out_dir / "draft"
+    export(target, target_dir, tokenizer)
+    export(draft, draft_dir, tokenizer)
+    check_transformers_tokenizer(target_dir, tokenizer)
+    sizes = {name: (out_dir / name / "model.safetensors").stat().st_size for name in ("target", "draft")}
+    if sum(sizes.values()) > MAX_TOTAL_MODEL_BYTES:
+        raise AssertionError(f"models take {sum(sizes.values())} bytes, over {MAX_TOTAL_MODEL_BYTES}")
+    log(f"exported: {sizes}")
+
+    loss_windows = 64 if args.smoke else 512
+    train_windows = fixed_windows(train_stream_np, loss_windows, SEQ_LEN + 1, SEED + 2)
+    held_windows = fixed_windows(held_stream_np, loss_windows, SEQ_LEN + 1, SEED + 3)
+    evaluation: dict = {"loss_windows": loss_windows}
+    exported = {name: load_exported(out_dir / name, device) for name in ("target", "draft")}
+    for name, model in exported.items():
+        evaluation[name] = {"train_loss": mean_loss(model, train_windows, device),
+                            "held_out_loss": mean_loss(model, held_windows, device)}
+        log(f"{name}: {evaluation[name]}")
+    contexts_count, context_tokens, new_tokens = (16, 128, 64) if args.smoke else (128, 128, 64)
+    contexts = fixed_windows(held_stream_np, contexts_count, context_tokens, SEED + 4)
+    agreement = greedy_agreement(exported["target"], exported["draft"], contexts, new_tokens, device, 0)
+    evaluation["agreement"] = {**agreement, "contexts": contexts_count, "context_tokens": context_tokens,
+                               "new_tokens": new_tokens}
+    log(f"agreement: {evaluation['agreement']}")
+    del exported
+    torch.cuda.empty_cache()
+
+    # Untrained smoke-run models have flat logits, so only real runs insist on clear greedy winners.
+    reference = build_reference(target_dir, draft_dir, tokenizer, held_out_files, 64, 0.0 if args.smoke else 0.02)
+    (out_dir / "reference.json").write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n")
+    log("reference written: " + ", ".join(
+        f"{len(p['ids'])}+{len(p['target']['greedy'])}/{len(p['draft']['greedy'])}" for p in reference["prompts"]))
+
+    site_packages = sorted({f.package for f in files if not f.path.startswith(stats["roots"][0])})
+    metrics = {
+        "machine": machine,
+        "vocab_size": vocab_size,
+        "batch_tokens": args.batch_size * SEQ_LEN,
+        "compile": compile_report,
+        "corpus": {
+            **stats,
+            "kept": len(files),
+            "train_files": len(train_files),
+            "held_out_files": len(held_out_files),
+            "train_bytes": train_bytes,
+            "train_tokens": int(len(train_stream_np)),
+            "held_out_tokens": int(len(held_stream_np)),
+            "held_out_bytes_by_package": split["held_out_bytes_by_package"],
+            "held_out_missing": split["held_out_missing"],
+            "site_note": f"{len(site_packages)} top-level packages and modules",
+        },
+        "target": {"shape": TARGET_SHAPE.__dict__, "parameters": parameter_count(target),
+                   "safetensors_bytes": sizes["target"], "training": target_training,
+                   "settings": target_settings.__dict__},
+        "draft": {"shape": DRAFT_SHAPE.__dict__, "parameters": parameter_count(draft),
+                  "safetensors_bytes": sizes["draft"], "training": draft_training,
+                  "settings": draft_settings.__dict__},
+        "eval": evaluation,
+        "reference_new_tokens": 64,
+        "smoke": args.smoke,
+    }
+    metrics["total_seconds"] = round(time.monotonic() - script_start, 1)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out_dir / "README.md").write_text(model_card(metrics))
+
+    gaps = {name: evaluation[name]["held_out_loss"] - evaluation[name]["train_loss"] for name in ("target", "draft")}
+    log(f"done in {metrics['total_seconds']:.0f} s; held-out minus train loss {gaps}; "
+        f"agreement {evaluation['agreement']['greedy_agreement']:.3f}")
+    if not args.smoke:
+        failures = [f"{name} held-out loss exceeds train loss by {gap:.3f} nats (limit 0.3)"
+                    for name, gap in gaps.items() if gap > 0.3]
+        if evaluation["agreement"]["greedy_agreement"] < 0.6:
+            failures.append(f"greedy agreement {evaluation['agreement']['greedy_agreement']:.3f} < 0.6")
+        if failures:
+            log("QUALITY TARGETS MISSED: " + "; ".join(failures))
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
