@@ -111,7 +111,10 @@ for (const model of models()) {
     const rates: number[] = [];
     for (let repeat = 0; repeat < repeats; repeat++)
       rates.push(await decodeRun(engine, info, batch, decodeSteps));
-    perBatch.push(median(rates).toFixed(1));
+    // The spread shows when other load on the machine disturbed the runs.
+    perBatch.push(
+      `${median(rates).toFixed(0)} (${Math.min(...rates).toFixed(0)}–${Math.max(...rates).toFixed(0)})`,
+    );
     process.stderr.write(`${model.label}: batch ${batch}: ${perBatch.at(-1)} tokens/s\n`);
   }
   await engine.close();
@@ -122,7 +125,7 @@ for (const model of models()) {
 }
 
 const cpus = os.cpus();
-console.log(`CPU decode throughput, tokens/s (median of ${repeats} runs)\n`);
+console.log(`CPU decode throughput, tokens/s: median of ${repeats} runs (min–max)\n`);
 console.log(
   `- machine: ${cpus[0]?.model.trim() ?? "unknown CPU"}, ${cpus.length} cores, ${os.platform()} ${os.arch()}`,
 );

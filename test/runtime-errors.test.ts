@@ -4,9 +4,9 @@ import assert from "node:assert/strict";
 import { cpSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, beforeEach, describe, test } from "node:test";
 
-import { Engine, type StepItem } from "../lib/native.js";
+import { type Backend, Engine, type EngineOptions, type StepItem } from "../lib/native.js";
 import { bitDifference, only, stepLogits } from "./reference/drive.js";
 import { loadFixture } from "./reference/fixtures.js";
 
@@ -63,7 +63,7 @@ describe("loading a broken checkpoint", () => {
       const path = join(d, "model.safetensors");
       truncateSync(path, Math.floor(readFileSync(path).length / 2));
     });
-    await assertLoadRejects(dir, /model\.safetensors/);
+    await assertLoadRejects(dir, /model\.safetensors: .*(out of range|truncated)/);
   });
 
   test("a header length past the end of the file", async () => {
@@ -73,7 +73,7 @@ describe("loading a broken checkpoint", () => {
       bytes.writeBigUInt64LE(BigInt(bytes.length) * 4n, 0);
       writeFileSync(path, bytes);
     });
-    await assertLoadRejects(dir, /model\.safetensors/);
+    await assertLoadRejects(dir, /model\.safetensors: header length/);
   });
 
   test("a header that is not JSON", async () => {
@@ -83,7 +83,7 @@ describe("loading a broken checkpoint", () => {
       bytes.write("{not json", 8, "utf8");
       writeFileSync(path, bytes);
     });
-    await assertLoadRejects(dir, /model\.safetensors/);
+    await assertLoadRejects(dir, /model\.safetensors: .*JSON/);
   });
 
   test("tensor data offsets out of range", async () => {
@@ -113,7 +113,7 @@ describe("loading a broken checkpoint", () => {
         delete config.hidden_size;
       }),
     );
-    await assertLoadRejects(dir, /hidden_size/);
+    await assertLoadRejects(dir, /config\.json: .*hidden_size/);
   });
 
   test("an unsupported architecture", async () => {
@@ -139,6 +139,26 @@ describe("loading a broken checkpoint", () => {
     await assertLoadRejects(dir, /yarn/);
   });
 
+  test("options of the wrong type are TypeErrors naming the option", async () => {
+    const load = (options: object) => Engine.load(options as EngineOptions);
+    await assert.rejects(load({ modelDir: 42 }), { name: "TypeError", message: /options\.modelDir/ });
+    await assert.rejects(load({ modelDir: FIXTURE_DIR, numBlocks: 1.5 }), {
+      name: "TypeError",
+      message: /options\.numBlocks/,
+    });
+    await assert.rejects(load({ modelDir: FIXTURE_DIR, devices: [0, "1"] }), {
+      name: "TypeError",
+      message: /options\.devices\[1\]/,
+    });
+  });
+
+  test("an unknown backend", async () => {
+    await assert.rejects(
+      Engine.load({ modelDir: FIXTURE_DIR, backend: "tpu" as Backend }),
+      /unknown backend "tpu"/,
+    );
+  });
+
   test("the process still loads and runs a good checkpoint", async () => {
     const engine = await Engine.load({ modelDir: FIXTURE_DIR, backend: "cpu" });
     await engine.addSequence(0);
@@ -151,9 +171,11 @@ describe("loading a broken checkpoint", () => {
 describe("bad step input on a loaded engine", () => {
   let engine: Engine;
   let vocab: number;
-  // A healthy sequence that every test steps before and after the bad call, to prove nothing changed.
+  // `healthy` steps alongside every bad call and must come out untouched; `victim` is the bad call's target.
   const healthy = 1;
+  const victim = 2;
   const healthyPrompt = [5, 9, 2, 7];
+  let healthyLogits: Float32Array;
 
   before(async () => {
     const modelDir = brokenCopy("short-context", (d) =>
@@ -164,59 +186,67 @@ describe("bad step input on a loaded engine", () => {
     engine = await Engine.load({ modelDir, backend: "cpu" });
     vocab = engine.info.vocabSize;
     assert.equal(engine.info.maxPositionEmbeddings, MAX_POSITIONS);
+    await engine.addSequence(healthy);
+    healthyLogits = await stepLogits(engine, healthy, healthyPrompt);
+    await engine.release(healthy);
   });
   after(async () => engine?.close());
 
-  /** Runs `bad`, expects a rejection matching `pattern`, then checks the engine still computes the same. */
+  beforeEach(async () => {
+    await engine.addSequence(healthy);
+    await engine.addSequence(victim);
+  });
+  afterEach(async () => {
+    for (const seqId of [healthy, victim]) {
+      await engine.release(seqId).catch((error: Error) => assert.match(error.message, /unknown sequence/));
+    }
+  });
+
+  /** Expects `bad` to reject with `pattern`, then checks that the engine changed nothing and still computes. */
   async function rejectsAndRecovers(
     bad: () => Promise<unknown>,
     pattern: RegExp,
     errorType = Error,
   ): Promise<void> {
-    await engine.addSequence(healthy);
-    const expected = await stepLogits(engine, healthy, healthyPrompt);
-    await engine.truncate(healthy, 0);
     await assert.rejects(bad(), (error: Error) => {
       assert.ok(error instanceof errorType, `expected a ${errorType.name}, got ${error.constructor.name}`);
       assert.match(error.message, pattern);
       return true;
     });
-    assert.equal(await engine.sequenceLength(healthy), 0);
-    assert.equal(bitDifference(await stepLogits(engine, healthy, healthyPrompt), expected), undefined);
-    await engine.release(healthy);
+    assert.equal(await engine.sequenceLength(healthy), 0, "the rejected step appended nothing");
+    assert.equal(bitDifference(await stepLogits(engine, healthy, healthyPrompt), healthyLogits), undefined);
+    await engine.truncate(healthy, 0);
   }
 
+  /** A batch of the healthy sequence plus one bad item. */
   const step = (item: StepItem) => engine.step([{ seqId: healthy, tokens: Int32Array.of(1) }, item]);
 
   test("token id >= vocab size", async () => {
     await rejectsAndRecovers(
-      () => step({ seqId: 2, tokens: Int32Array.of(1, vocab) }),
-      new RegExp(`${vocab}`),
+      () => step({ seqId: victim, tokens: Int32Array.of(1, vocab) }),
+      new RegExp(`token id ${vocab}`),
     );
   });
 
   test("negative token id", async () => {
-    await engine.addSequence(2);
-    await rejectsAndRecovers(() => step({ seqId: 2, tokens: Int32Array.of(-3) }), /-3/);
-    await engine.release(2);
+    await rejectsAndRecovers(() => step({ seqId: victim, tokens: Int32Array.of(-3) }), /token id -3/);
   });
 
   test("empty token list", async () => {
-    await engine.addSequence(2);
-    await rejectsAndRecovers(() => step({ seqId: 2, tokens: new Int32Array(0) }), /empty|token/i);
-    await engine.release(2);
+    await rejectsAndRecovers(() => step({ seqId: victim, tokens: new Int32Array(0) }), /empty/i);
   });
 
   test("a sequence past max_position_embeddings", async () => {
-    await engine.addSequence(2);
-    const full = Int32Array.from({ length: MAX_POSITIONS }, (_, i) => i % vocab);
+    const tokens = (count: number) => Int32Array.from({ length: count }, (_, i) => i % vocab);
     await rejectsAndRecovers(
-      () => step({ seqId: 2, tokens: Int32Array.from({ length: MAX_POSITIONS + 1 }, (_, i) => i % vocab) }),
+      () => step({ seqId: victim, tokens: tokens(MAX_POSITIONS + 1) }),
       /max_position_embeddings/,
     );
-    assert.equal(only(await engine.step([{ seqId: 2, tokens: full }])).length, MAX_POSITIONS);
-    await rejectsAndRecovers(() => step({ seqId: 2, tokens: Int32Array.of(1) }), /max_position_embeddings/);
-    await engine.release(2);
+    assert.equal(
+      only(await engine.step([{ seqId: victim, tokens: tokens(MAX_POSITIONS) }])).length,
+      MAX_POSITIONS,
+    );
+    await rejectsAndRecovers(() => step({ seqId: victim, tokens: tokens(1) }), /max_position_embeddings/);
   });
 
   test("an unknown sequence", async () => {
@@ -226,42 +256,48 @@ describe("bad step input on a loaded engine", () => {
     await rejectsAndRecovers(() => engine.sequenceLength(12345), /12345/);
   });
 
+  test("a sequence added twice", async () => {
+    await rejectsAndRecovers(() => engine.addSequence(victim), /already exists/);
+  });
+
+  test("truncating past the end", async () => {
+    await rejectsAndRecovers(() => engine.truncate(victim, 3), /truncate/);
+  });
+
   test("num_draft that leaves no committed token", async () => {
-    await engine.addSequence(2);
     await rejectsAndRecovers(
-      () => step({ seqId: 2, tokens: Int32Array.of(1, 2), numDraft: 2 }),
-      /num_?draft/i,
+      () => step({ seqId: victim, tokens: Int32Array.of(1, 2), numDraft: 2 }),
+      /num_draft/,
     );
-    await engine.release(2);
   });
 
   test("the same sequence twice in one step", async () => {
     await rejectsAndRecovers(
       () =>
         engine.step([
-          { seqId: healthy, tokens: Int32Array.of(1) },
-          { seqId: healthy, tokens: Int32Array.of(2) },
+          { seqId: victim, tokens: Int32Array.of(1) },
+          { seqId: victim, tokens: Int32Array.of(2) },
         ]),
-      new RegExp(`${healthy}`),
+      /sequence 2: appears more than once/,
     );
   });
 
   test("wrong JavaScript types are TypeErrors naming the field", async () => {
-    const untyped = [{ seqId: 2, tokens: [1, 2] }] as unknown as StepItem[];
+    const untyped = [{ seqId: victim, tokens: [1, 2] }] as unknown as StepItem[];
     await rejectsAndRecovers(() => engine.step(untyped), /items\[0\]\.tokens/, TypeError);
     await rejectsAndRecovers(
       () => step({ seqId: 2.5, tokens: Int32Array.of(1) }),
       /items\[1\]\.seqId/,
       TypeError,
     );
-    const badOutput = { seqId: 2, tokens: Int32Array.of(1), output: "all" } as unknown as StepItem;
+    const badOutput = { seqId: victim, tokens: Int32Array.of(1), output: "all" } as unknown as StepItem;
     await rejectsAndRecovers(() => step(badOutput), /items\[1\]\.output/, TypeError);
     const badSampling = {
-      seqId: 2,
+      seqId: victim,
       tokens: Int32Array.of(1),
       sampling: { temperature: 1 },
     } as unknown as StepItem;
     await rejectsAndRecovers(() => step(badSampling), /items\[1\]\.sampling\.topK/, TypeError);
-    await rejectsAndRecovers(() => engine.truncate(healthy, -1), /length/, TypeError);
+    await rejectsAndRecovers(() => engine.truncate(victim, -1), /length/, TypeError);
   });
 });

@@ -62,7 +62,7 @@ void CpuBackend::forward(const ForwardBatch& batch, float* logits) {
   attention_rows.positions = batch.positions.data();
   attention_rows.row_table = batch.row_table.data();
   attention_rows.block_tables = &batch.block_tables;
-  attention_rows.sliding_window = 0;
+  attention_rows.sliding_window = config_.sliding_window;
 
   ops::embedding(weights_.embed.data(), hidden, batch.tokens.data(), rows, x.data());
   for (int layer = 0; layer < config_.num_layers; ++layer) {

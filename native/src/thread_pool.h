@@ -1,10 +1,15 @@
 // A small persistent pool for data-parallel loops. Work is split into contiguous index ranges, one per
 // thread; the caller's thread takes the first range. Callers must only split independent outputs
 // (rows, columns, heads), never one reduction, so results do not depend on the split.
+//
+// A forward pass issues a few dozen short loops back to back, so waiting threads spin briefly before
+// they sleep: a condition-variable wake-up costs more than a small matmul.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -36,10 +41,10 @@ class ThreadPool {
   std::condition_variable work_done_;
   const std::function<void(int64_t, int64_t)>* task_ = nullptr;
   std::vector<std::pair<int64_t, int64_t>> ranges_;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  std::exception_ptr error_;
-  bool stopping_ = false;
+  std::atomic<uint64_t> generation_{0};  // loop counter << 16 | number of ranges
+  std::atomic<int> pending_{0};
+  std::exception_ptr error_;  // guarded by mutex_
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace pearl

@@ -124,7 +124,6 @@ TEST(matches_the_reference_forward_for_every_architecture) {
                   spec.architecture + ": max error " + std::to_string(max_error) + " for logits up to " +
                       std::to_string(max_magnitude));
     }
-    std::printf("%s max error %g magnitude %g\n", spec.architecture.c_str(), max_error, max_magnitude);
     CHECK(max_magnitude > 2.0);  // the random model is far from uniform
 
     const pearl::ModelInfo& info = engine->info();

@@ -83,7 +83,7 @@ TEST(temperature_top_k_and_top_p_supports) {
   CHECK_EQ(p.prob(2), 0.0);
   // A nucleus over a large vocabulary sorts in growing windows; the result is the same set.
   std::vector<float> wide(5000);
-  for (size_t i = 0; i < wide.size(); ++i) wide[i] = static_cast<float>(std::sin(i * 0.37) * 2.0);
+  for (size_t i = 0; i < wide.size(); ++i) wide[i] = static_cast<float>(std::sin(static_cast<double>(i) * 0.37) * 2.0);
   p = pearl::process_logits(wide.data(), 5000, params(1.0f, 0, 0.9f));
   double kept = 0.0, smallest_kept = 1.0;
   const Distribution full = pearl::process_logits(wide.data(), 5000, params(1.0f));

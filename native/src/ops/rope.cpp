@@ -35,7 +35,7 @@ std::vector<float> rope_inv_freq(const RopeConfig& rope, int head_dim) {
     const bool medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
     if (medium) {
       const float smooth = (static_cast<float>(old_context) / wavelen - low) / (high - low);
-      scaled = scaled / factor + 0.0f * smooth;
+      scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
     }
     freq = scaled;
   }

@@ -1,0 +1,215 @@
+// The three services as child processes (`pearl draft|target|gateway`, exactly as deployed) on ephemeral
+// loopback ports, and a gRPC client of the gateway.
+import { credentials, type ClientReadableStream } from "@grpc/grpc-js";
+import { CHANNEL_OPTIONS } from "../../lib/grpc.js";
+import { type ServiceProcess, spawnService } from "../../lib/service_process.js";
+import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
+import { DraftServiceClient } from "../../proto/gen/pearl/v1/draft.js";
+import {
+  DecodingMode,
+  GatewayClient,
+  type GenerateRequest,
+  type GenerateResponse,
+  type Usage,
+} from "../../proto/gen/pearl/v1/gateway.js";
+import { TargetServiceClient } from "../../proto/gen/pearl/v1/target.js";
+
+export interface RunningChild {
+  process: ServiceProcess;
+  grpcPort: number;
+  httpPort: number;
+  address: string;
+}
+
+/** Two cores: each engine gets one thread, and only the batch sizes the tests use are profiled. */
+const MODEL_SERVICE_ARGS = ["--port", "0", "--http-port", "0", "--threads", "1", "--profile", "1,8", "--log-level", "warn"];
+
+export interface StackOptions {
+  draftModel: string;
+  targetModel: string;
+  draftArgs?: string[];
+  targetArgs?: string[];
+  gatewayArgs?: string[];
+}
+
+export class Stack {
+  readonly logs: string[] = [];
+  draft!: RunningChild;
+  target!: RunningChild;
+  gateway!: RunningChild;
+  client!: GatewayClient;
+
+  private constructor(private readonly options: StackOptions) {}
+
+  static async start(options: StackOptions): Promise<Stack> {
+    const stack = new Stack(options);
+    try {
+      [stack.draft, stack.target] = await Promise.all([
+        stack.startChild(["draft", "--model", options.draftModel, ...MODEL_SERVICE_ARGS, ...(options.draftArgs ?? [])]),
+        stack.startChild(["target", "--model", options.targetModel, ...MODEL_SERVICE_ARGS, ...(options.targetArgs ?? [])]),
+      ]);
+      stack.gateway = await stack.startChild([
+        "gateway",
+        ...["--port", "0", "--http-port", "0", "--log-level", "warn", "--connect-timeout", "20"],
+        ...["--draft", stack.draft.address, "--target", stack.target.address],
+        ...(options.gatewayArgs ?? []),
+      ]);
+      stack.client = new GatewayClient(stack.gateway.address, credentials.createInsecure(), CHANNEL_OPTIONS);
+      return stack;
+    } catch (error) {
+      await stack.stop();
+      throw new Error(`${(error as Error).message}\n--- service logs ---\n${stack.logs.slice(-40).join("\n")}`);
+    }
+  }
+
+  async startChild(args: string[]): Promise<RunningChild> {
+    const service = spawnService(args, { onLine: (line) => this.logs.push(line), stderr: "pipe" });
+    service.child.stderr?.on("data", (chunk: Buffer) => this.logs.push(chunk.toString().trimEnd()));
+    const ports = await service.ready;
+    return { process: service, ...ports, address: `127.0.0.1:${ports.grpcPort}` };
+  }
+
+  /** Starts the draft service again on its old port (after it was killed). */
+  async restartDraft(): Promise<void> {
+    this.draft = await this.startChild([
+      "draft",
+      "--model",
+      this.options.draftModel,
+      ...MODEL_SERVICE_ARGS,
+      ...(this.options.draftArgs ?? []),
+      "--port",
+      String(this.draft.grpcPort),
+    ]);
+  }
+
+  async stop(): Promise<void> {
+    this.client?.close();
+    const children = [this.gateway, this.draft, this.target].filter((child) => child !== undefined);
+    for (const child of children) child.process.child.kill("SIGTERM");
+    await Promise.all(children.map((child) => child.process.exited));
+  }
+
+  draftInfo(): Promise<ServiceInfo> {
+    const client = new DraftServiceClient(this.draft.address, credentials.createInsecure());
+    return new Promise((resolve, reject) =>
+      client.info({}, (error, info) => {
+        client.close();
+        if (error) reject(error);
+        else resolve(info);
+      }),
+    );
+  }
+
+  targetInfo(): Promise<ServiceInfo> {
+    const client = new TargetServiceClient(this.target.address, credentials.createInsecure());
+    return new Promise((resolve, reject) =>
+      client.info({}, (error, info) => {
+        client.close();
+        if (error) reject(error);
+        else resolve(info);
+      }),
+    );
+  }
+
+  /** The Prometheus text of one service. */
+  async metrics(service: "draft" | "target" | "gateway"): Promise<string> {
+    const response = await fetch(`http://127.0.0.1:${this[service].httpPort}/metrics`);
+    return response.text();
+  }
+
+  generate(request: Partial<GenerateRequest>): Promise<Generated> {
+    return collect(this.client.generate(generateRequest(request)));
+  }
+
+  stream(request: Partial<GenerateRequest>): ClientReadableStream<GenerateResponse> {
+    return this.client.generate(generateRequest(request));
+  }
+}
+
+export interface Generated {
+  tokenIds: number[];
+  finishReason: FinishReason;
+  usage: Usage;
+  responses: number;
+}
+
+export const MODES = {
+  pearl: DecodingMode.DECODING_MODE_PEARL,
+  sd: DecodingMode.DECODING_MODE_SD,
+  ar: DecodingMode.DECODING_MODE_AR,
+} as const;
+
+export function generateRequest(request: Partial<GenerateRequest>): GenerateRequest {
+  return {
+    requestId: "",
+    prompt: "",
+    promptTokenIds: [],
+    maxTokens: 0,
+    mode: DecodingMode.DECODING_MODE_UNSPECIFIED,
+    ...request,
+  };
+}
+
+export function collect(call: ClientReadableStream<GenerateResponse>): Promise<Generated> {
+  return new Promise((resolve, reject) => {
+    const tokenIds: number[] = [];
+    let finishReason = FinishReason.FINISH_REASON_UNSPECIFIED;
+    let usage: Usage | undefined;
+    let responses = 0;
+    call.on("data", (response: GenerateResponse) => {
+      responses += 1;
+      tokenIds.push(...response.tokenIds);
+      if (response.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) {
+        finishReason = response.finishReason;
+        usage = response.usage;
+      }
+    });
+    call.on("error", reject);
+    call.on("end", () => {
+      if (!usage) reject(new Error("the stream ended without a finish reason"));
+      else resolve({ tokenIds, finishReason, usage, responses });
+    });
+  });
+}
+
+/** Runs tasks with at most `limit` in flight, keeping results in order. */
+export async function inParallel<T, R>(items: T[], limit: number, run: (item: T) => Promise<R>): Promise<R[]> {
+  const results: R[] = new Array<R>(items.length);
+  let next = 0;
+  const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (next < items.length) {
+      const index = next++;
+      results[index] = await run(items[index]!);
+    }
+  });
+  await Promise.all(workers);
+  return results;
+}
+
+/** Seeded prompts of random token ids (avoiding the special ids 0-2). */
+export function randomPrompts(count: number, minLength: number, maxLength: number, seed: number): number[][] {
+  let state = seed >>> 0 || 1;
+  const next = (): number => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state / 4294967296;
+  };
+  return Array.from({ length: count }, () => {
+    const length = minLength + Math.floor(next() * (maxLength - minLength + 1));
+    return Array.from({ length }, () => 3 + Math.floor(next() * 509));
+  });
+}
+
+/** The value of a Prometheus sample (sum over label sets matching `labels`, if given). */
+export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
+  let total = 0;
+  for (const line of text.split("\n")) {
+    if (line.startsWith("#")) continue;
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
+    if (!match || match[1] !== name) continue;
+    const labelText = match[2] ?? "";
+    if (Object.entries(labels).every(([key, value]) => labelText.includes(`${key}="${value}"`))) {
+      total += Number(match[3]);
+    }
+  }
+  return total;
+}
