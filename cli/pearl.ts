@@ -1,37 +1,38 @@
 #!/usr/bin/env node
 // The pearl command: run the services (all three, or one each) and generate from the command line.
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
   addOptions,
   DECODING_MODES,
+  type DecodingMode as ModeName,
   DEFAULT_PORTS,
   DRAFT_SERVICE_OPTIONS,
-  type DraftServiceConfig,
   GATEWAY_OPTIONS,
-  type GatewayConfig,
   readOptions,
   TARGET_SERVICE_OPTIONS,
-  type TargetServiceConfig,
-  toArgs,
 } from "../lib/config.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
-import { createLogger, errorMessage, type Logger } from "../lib/logging.js";
+import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
 import { packageRoot } from "../lib/paths.js";
-import { type ServiceProcess, spawnService } from "../lib/service_process.js";
+import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DecodingMode, GatewayClient, type GenerateRequest } from "../proto/gen/pearl/v1/gateway.js";
 import { startDraftService } from "../services/draft/server.js";
 import { startGatewayService } from "../services/gateway/server.js";
 import { startTargetService } from "../services/target/server.js";
+import { formatBench, runBench } from "./bench.js";
+import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
 
 const SHARED_KEYS = new Set(["host", "logLevel"]);
 
 function version(): string {
-  const manifest = JSON.parse(readFileSync(join(packageRoot(), "package.json"), "utf8")) as { version: string };
+  const manifest = JSON.parse(readFileSync(join(packageRoot(), "package.json"), "utf8")) as {
+    version: string;
+  };
   return manifest.version;
 }
 
@@ -51,6 +52,11 @@ function runUntilSignal(service: RunningService): void {
   };
   process.on("SIGINT", stop);
   process.on("SIGTERM", stop);
+  if (process.env[SUPERVISED_ENV] === "1") {
+    // Started by a supervisor (pearl serve, a test): its end closes our stdin.
+    process.stdin.on("end", stop);
+    process.stdin.resume();
+  }
 }
 
 async function startOrExit(start: () => Promise<RunningService>, role: string): Promise<void> {
@@ -60,123 +66,6 @@ async function startOrExit(start: () => Promise<RunningService>, role: string): 
     createLogger(role).error("failed to start", { error: errorMessage(error) });
     process.exit(1);
   }
-}
-
-// ---- the whole stack as child processes -------------------------------------------------------------
-
-interface StackConfig {
-  draft: DraftServiceConfig;
-  target: TargetServiceConfig;
-  gateway: GatewayConfig;
-}
-
-/** The embedded model pair is the default; without it the user must name the models. */
-function withDefaultModels(stack: StackConfig): StackConfig {
-  const embedded = join(packageRoot(), "models");
-  for (const role of ["draft", "target"] as const) {
-    if (stack[role].modelDir !== "") continue;
-    const fallback = join(embedded, role);
-    if (!existsSync(join(fallback, "config.json"))) {
-      throw new Error(
-        `no ${role} model: pass --${role}-model <dir> (or set PEARL_${role.toUpperCase()}_MODEL); ` +
-          `the embedded model ${fallback} does not exist`,
-      );
-    }
-    stack[role].modelDir = fallback;
-  }
-  if (stack.gateway.tokenizerDir === "" && existsSync(join(stack.target.modelDir, "tokenizer.json"))) {
-    stack.gateway.tokenizerDir = stack.target.modelDir;
-  }
-  return stack;
-}
-
-interface RunningStack {
-  gatewayPorts: { grpcPort: number; httpPort: number };
-  stop(): Promise<void>;
-  /** Resolves when the stack cannot go on (the target or the gateway died), with a reason. */
-  broken: Promise<string>;
-}
-
-const DRAFT_RESTARTS_PER_MINUTE = 5;
-
-/**
- * Starts draft and target (in parallel), then the gateway pointed at them. A draft that dies is restarted
- * (the gateway runs requests in ar meanwhile); a dead target or gateway breaks the stack.
- */
-async function startStack(stack: StackConfig, logger: Logger, quiet: boolean): Promise<RunningStack> {
-  const lineSink = quiet ? () => undefined : undefined;
-  const spawnRole = (role: string, args: string[]): ServiceProcess =>
-    spawnService([role, ...args], { onLine: lineSink, stderr: quiet ? "ignore" : "inherit" });
-  const draftArgs = toArgs(stack.draft, DRAFT_SERVICE_OPTIONS);
-  const children = new Set<ServiceProcess>();
-  let stopping = false;
-  let reportBroken: (reason: string) => void = () => undefined;
-  const broken = new Promise<string>((resolve) => {
-    reportBroken = resolve;
-  });
-
-  const track = (role: string, service: ServiceProcess, onExit?: () => void): ServiceProcess => {
-    children.add(service);
-    void service.exited.then((code) => {
-      children.delete(service);
-      if (stopping) return;
-      logger.error("service exited", { role, code });
-      if (onExit) onExit();
-      else reportBroken(`the ${role} service exited (${code})`);
-    });
-    return service;
-  };
-
-  const draftRestarts: number[] = [];
-  const startDraft = (): ServiceProcess => track("draft", spawnRole("draft", draftArgs), restartDraft);
-  function restartDraft(): void {
-    const now = Date.now();
-    while (draftRestarts.length > 0 && draftRestarts[0]! < now - 60_000) draftRestarts.shift();
-    if (draftRestarts.length >= DRAFT_RESTARTS_PER_MINUTE) {
-      logger.error("the draft service keeps exiting: not restarting it; requests run in ar");
-      return;
-    }
-    draftRestarts.push(now);
-    setTimeout(() => {
-      if (!stopping) startDraft();
-    }, 1000);
-  }
-
-  const stop = async (): Promise<void> => {
-    stopping = true;
-    const exits = [...children].map((child) => child.exited);
-    for (const child of children) child.child.kill("SIGTERM");
-    await Promise.all(exits);
-  };
-
-  try {
-    const draft = startDraft();
-    const target = track("target", spawnRole("target", toArgs(stack.target, TARGET_SERVICE_OPTIONS)));
-    const [draftPorts, targetPorts] = await Promise.all([draft.ready, target.ready]);
-    // A restarted draft must come back on the same port: pin the one it got.
-    draftArgs.push("--port", String(draftPorts.grpcPort));
-    const gatewayConfig: GatewayConfig = {
-      ...stack.gateway,
-      draftAddress: clientAddress(stack.draft.host, draftPorts.grpcPort),
-      targetAddress: clientAddress(stack.target.host, targetPorts.grpcPort),
-    };
-    const gateway = track("gateway", spawnRole("gateway", toArgs(gatewayConfig, GATEWAY_OPTIONS)));
-    const gatewayPorts = await gateway.ready;
-    return { gatewayPorts, stop, broken };
-  } catch (error) {
-    await stop();
-    throw error;
-  }
-}
-
-function readStack(values: Record<string, unknown>): StackConfig {
-  const gateway = readOptions(values, GATEWAY_OPTIONS);
-  const shared = { host: gateway.host, logLevel: gateway.logLevel };
-  return withDefaultModels({
-    draft: { ...readOptions(values, DRAFT_SERVICE_OPTIONS, "draft-"), ...shared },
-    target: { ...readOptions(values, TARGET_SERVICE_OPTIONS, "target-"), ...shared },
-    gateway,
-  });
 }
 
 // ---- generate -----------------------------------------------------------------------------------------
@@ -261,22 +150,11 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     mode: options.mode ? PROTO_MODES[options.mode]! : DecodingMode.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
   };
-  let address = options.gateway;
-  let stack: RunningStack | undefined;
-  if (options.local) {
-    const config = readStack(values);
-    for (const role of ["draft", "target"] as const) {
-      config[role].grpcPort = 0;
-      config[role].httpPort = -1;
-      config[role].profileBatchSizes = [1];
-      config[role].logLevel = "warn";
-    }
-    config.gateway = { ...config.gateway, grpcPort: 0, httpPort: -1, logLevel: "warn" };
-    stack = await startStack(config, createLogger("pearl", "warn"), true);
-    address = clientAddress(config.gateway.host, stack.gatewayPorts.grpcPort);
-  }
+  const stack = options.local
+    ? await startLocalStack(values, createLogger("pearl", "warn"), { metrics: false, profileBatchSizes: [1] })
+    : undefined;
   try {
-    const result = await generateOnce(address, request);
+    const result = await generateOnce(stack?.gatewayAddress ?? options.gateway, request);
     if (options.json) {
       console.log(JSON.stringify(result));
     } else {
@@ -303,12 +181,24 @@ addOptions(serve, GATEWAY_OPTIONS, "", new Set(["draftAddress", "targetAddress"]
 serve.action(async (_options, command: Command) => {
   const logger = createLogger("pearl");
   let stack: RunningStack;
+  let host: string;
   try {
-    stack = await startStack(readStack(command.opts()), logger, false);
+    const config = readStack(command.opts());
+    host = config.gateway.host;
+    stack = await startStack(config, logger, false);
   } catch (error) {
     logger.error("failed to start", { error: errorMessage(error) });
     process.exit(1);
   }
+  const { grpcPort, httpPort } = stack.gatewayPorts;
+  const openaiApi = httpPort >= 0 ? `http://${clientAddress(host, httpPort)}/v1` : null;
+  const grpcAddress = clientAddress(host, grpcPort);
+  logger.info(
+    openaiApi
+      ? `pearl is serving: OpenAI API at ${openaiApi}, gRPC at ${grpcAddress}`
+      : `pearl is serving: gRPC at ${grpcAddress}`,
+    { openaiApi, grpc: grpcAddress },
+  );
   let stopping = false;
   const stop = (code: number): void => {
     if (stopping) return;
@@ -317,6 +207,10 @@ serve.action(async (_options, command: Command) => {
   };
   process.on("SIGINT", () => stop(0));
   process.on("SIGTERM", () => stop(0));
+  if (process.env[SUPERVISED_ENV] === "1") {
+    process.stdin.on("end", () => stop(0));
+    process.stdin.resume();
+  }
   void stack.broken.then((reason) => {
     logger.error("stopping", { reason });
     stop(1);
@@ -348,14 +242,24 @@ const generate = program
   .command("generate")
   .description("generate one completion through a running gateway (or, with --local, a stack of its own)")
   .addOption(new Option("--prompt <text>", "prompt text (needs a tokenizer)"))
-  .addOption(new Option("--prompt-ids <ids>", "prompt token ids, comma- or space-separated").argParser(parseTokenIds))
+  .addOption(
+    new Option("--prompt-ids <ids>", "prompt token ids, comma- or space-separated").argParser(parseTokenIds),
+  )
   .addOption(new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODES))
-  .addOption(new Option("--max-tokens <n>", "most tokens to generate (default: the server's)").argParser(parseNumber))
-  .addOption(new Option("--temperature <t>", "sampling temperature, 0 for greedy (default 1)").argParser(parseNumber))
+  .addOption(
+    new Option("--max-tokens <n>", "most tokens to generate (default: the server's)").argParser(parseNumber),
+  )
+  .addOption(
+    new Option("--temperature <t>", "sampling temperature, 0 for greedy (default 1)").argParser(parseNumber),
+  )
   .addOption(new Option("--top-p <p>", "nucleus sampling mass (default 1)").argParser(parseNumber))
   .addOption(new Option("--top-k <k>", "top-k cut (default none)").argParser(parseNumber))
   .addOption(new Option("--seed <n>", "sampling seed (default random)").argParser(parseNumber))
-  .addOption(new Option("--draft-temperature <t>", "draft sampling temperature (default: the server's)").argParser(parseNumber))
+  .addOption(
+    new Option("--draft-temperature <t>", "draft sampling temperature (default: the server's)").argParser(
+      parseNumber,
+    ),
+  )
   .addOption(
     new Option("--gateway <host:port>", "the gateway to ask")
       .env("PEARL_GATEWAY_ADDRESS")
@@ -379,6 +283,131 @@ generate.action(async (options: GenerateOptions, command: Command) => {
   } catch (error) {
     console.error(`pearl generate: ${errorMessage(error)}`);
     process.exitCode = 1;
+  }
+});
+
+function parseList<T>(parse: (raw: string) => T): (raw: string) => T[] {
+  return (raw) =>
+    raw
+      .split(",")
+      .filter((part) => part.trim() !== "")
+      .map((part) => parse(part.trim()));
+}
+
+function parsePositiveInteger(raw: string): number {
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 1)
+    throw new InvalidArgumentError(`expected a positive integer, got "${raw}"`);
+  return value;
+}
+
+function parseMode(raw: string): ModeName {
+  if (!(DECODING_MODES as readonly string[]).includes(raw)) {
+    throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
+  }
+  return raw as ModeName;
+}
+
+interface BenchCommandOptions {
+  modes: ModeName[];
+  concurrency: number[];
+  requests: number;
+  maxTokens: number;
+  temperature: number;
+  promptTokens: number;
+  gateway: string;
+  local: boolean;
+  json: boolean;
+}
+
+const bench = program
+  .command("bench")
+  .description(
+    "measure tokens/s of each decoding mode through a running gateway (or, with --local, a stack of its own)",
+  )
+  .addOption(
+    new Option("--modes <list>", "modes to measure")
+      .argParser(parseList(parseMode))
+      .default(["ar", "sd", "pearl"], "ar,sd,pearl"),
+  )
+  .addOption(
+    new Option("--concurrency <list>", "requests in flight at once")
+      .argParser(parseList(parsePositiveInteger))
+      .default([1, 8], "1,8"),
+  )
+  .addOption(
+    new Option("--requests <n>", "requests per mode and concurrency")
+      .argParser(parsePositiveInteger)
+      .default(16),
+  )
+  .addOption(
+    new Option("--max-tokens <n>", "tokens per request").argParser(parsePositiveInteger).default(128),
+  )
+  .addOption(
+    new Option(
+      "--temperature <t>",
+      "sampling temperature (0: greedy; outputs are then compared across modes)",
+    )
+      .argParser(parseNumber)
+      .default(0),
+  )
+  .addOption(
+    new Option("--prompt-tokens <n>", "prompt length when the server has no tokenizer (random token ids)")
+      .argParser(parsePositiveInteger)
+      .default(32),
+  )
+  .addOption(
+    new Option("--gateway <host:port>", "the gateway to measure")
+      .env("PEARL_GATEWAY_ADDRESS")
+      .default(`localhost:${DEFAULT_PORTS.gatewayGrpc}`),
+  )
+  .addOption(
+    new Option(
+      "--local",
+      "start draft, target and gateway for the measurement (adds engine step times)",
+    ).default(false),
+  )
+  .addOption(new Option("--json", "print the rows as JSON").default(false));
+addOptions(
+  bench,
+  DRAFT_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
+  "draft-",
+);
+addOptions(
+  bench,
+  TARGET_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
+  "target-",
+);
+bench.action(async (options: BenchCommandOptions, command: Command) => {
+  const stack = options.local
+    ? await startLocalStack(command.opts(), createLogger("pearl", "warn"), {
+        metrics: true,
+        profileBatchSizes: [1, 2, 4, 8],
+      })
+    : undefined;
+  try {
+    const { rows, outputsAgree } = await runBench(
+      stack?.gatewayAddress ?? options.gateway,
+      {
+        modes: options.modes,
+        concurrencies: options.concurrency,
+        requests: options.requests,
+        maxTokens: options.maxTokens,
+        temperature: options.temperature,
+        promptTokens: options.promptTokens,
+      },
+      { draft: stack?.draftPorts.httpPort, target: stack?.targetPorts.httpPort },
+    );
+    console.log(options.json ? JSON.stringify(rows) : formatBench(rows));
+    if (!outputsAgree) {
+      console.error("pearl bench: greedy outputs differ between modes");
+      process.exitCode = 1;
+    }
+  } catch (error) {
+    console.error(`pearl bench: ${errorMessage(error)}`);
+    process.exitCode = 1;
+  } finally {
+    await stack?.stop();
   }
 });
 

@@ -53,7 +53,7 @@ export interface GatewayConfig {
   verifyWindow: number;
   /** Upper bound of the automatic draft length. */
   maxGamma: number;
-  /** The fixed draft length of mode sd. */
+  /** The fixed draft length of mode sd; 0: chosen like pearl's, for sequential drafting. */
   sdGamma: number;
   draftTemperature: number;
   /** Size of a sampled draft's sparse distribution q. */
@@ -78,7 +78,7 @@ export const DEFAULT_PORTS = {
 
 // ---- option specs -------------------------------------------------------------------------------------
 
-interface OptionSpec<Config> {
+export interface OptionSpec<Config> {
   key: keyof Config & string;
   /** The flag without dashes, e.g. "port"; `pearl serve` may prefix it ("draft-port"). */
   flag: string;
@@ -271,7 +271,11 @@ const LOG_LEVEL_SPEC = {
 } as const;
 
 export const DRAFT_SERVICE_OPTIONS: OptionSpec<DraftServiceConfig>[] = [
-  ...(modelServiceSpecs("draft", DEFAULT_PORTS.draftGrpc, DEFAULT_PORTS.draftHttp) as OptionSpec<DraftServiceConfig>[]),
+  ...(modelServiceSpecs(
+    "draft",
+    DEFAULT_PORTS.draftGrpc,
+    DEFAULT_PORTS.draftHttp,
+  ) as OptionSpec<DraftServiceConfig>[]),
   HOST_SPEC,
   LOG_LEVEL_SPEC,
 ];
@@ -369,9 +373,9 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     flag: "sd-gamma",
     valueName: "tokens",
     env: "PEARL_SD_GAMMA",
-    description: "draft length of mode sd (vanilla speculative decoding)",
+    description: "draft length of mode sd, vanilla speculative decoding (0: from measured step times)",
     defaultValue: 4,
-    parse: integerIn(1, 1024),
+    parse: integerIn(0, 1024),
   },
   {
     key: "draftTemperature",
@@ -462,7 +466,13 @@ export function addOptions<Config>(
     const option = new Option(`${long} <${spec.valueName}>`, spec.description)
       .env(spec.env)
       .argParser((raw: string) => spec.parse(raw));
-    option.default(spec.defaultValue, Array.isArray(spec.defaultValue) ? spec.defaultValue.join(",") : undefined);
+    // An empty default means "not set" (readOptions falls back to it); --help need not show it.
+    if (spec.defaultValue !== "") {
+      option.default(
+        spec.defaultValue,
+        Array.isArray(spec.defaultValue) ? spec.defaultValue.join(",") : undefined,
+      );
+    }
     command.addOption(option);
   }
 }

@@ -15,11 +15,31 @@ export function createLogger(service: string, level: LogLevel = "info"): Logger 
   return winston.createLogger({
     level,
     defaultMeta: { service },
-    format: winston.format.combine(winston.format.timestamp(), winston.format.errors(), winston.format.json()),
+    format: winston.format.combine(
+      winston.format.timestamp(),
+      winston.format.errors(),
+      winston.format.json(),
+    ),
     transports: [new winston.transports.Console()],
   });
 }
 
 export function errorMessage(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
+}
+
+/**
+ * The start-up line {"message":"listening",...}: printed whatever the log level, because `pearl serve`
+ * and other supervisors wait for it to learn that a service is ready and which ports it got.
+ */
+export function announceListening(service: string, fields: Record<string, unknown>): void {
+  process.stdout.write(
+    JSON.stringify({
+      level: "info",
+      message: "listening",
+      service,
+      timestamp: new Date().toISOString(),
+      ...fields,
+    }) + "\n",
+  );
 }

@@ -1,10 +1,20 @@
 // What the draft and target services share: loading the engine, measuring step times, reporting the
 // model and its KV cache, and the engine-level metrics.
 import { basename, resolve } from "node:path";
-import type { CacheStats as CacheStatsProto, ModelInfo as ModelInfoProto } from "../proto/gen/pearl/v1/common.js";
+import type {
+  CacheStats as CacheStatsProto,
+  ModelInfo as ModelInfoProto,
+} from "../proto/gen/pearl/v1/common.js";
 import type { ModelServiceConfig } from "./config.js";
 import type { Logger } from "./logging.js";
-import { BATCH_SIZE_BUCKETS, Counter, Gauge, Histogram, LATENCY_BUCKETS_SECONDS, type Registry } from "./metrics.js";
+import {
+  BATCH_SIZE_BUCKETS,
+  Counter,
+  Gauge,
+  Histogram,
+  LATENCY_BUCKETS_SECONDS,
+  type Registry,
+} from "./metrics.js";
 import { type CacheStats, Engine, type ModelInfo } from "./native.js";
 import { StepTimes } from "./step_times.js";
 
@@ -86,14 +96,21 @@ export async function profileStepTimes(
       let results = await engine.step(
         seqIds.map((seqId, row) => ({
           seqId,
-          tokens: Int32Array.from({ length: PROFILE_PROMPT_TOKENS }, (_, i) => (row * 31 + i * 7 + 3) % vocab),
+          tokens: Int32Array.from(
+            { length: PROFILE_PROMPT_TOKENS },
+            (_, i) => (row * 31 + i * 7 + 3) % vocab,
+          ),
           commit: false,
         })),
       );
       for (let step = 0; step < PROFILE_STEPS; step++) {
         const started = performance.now();
         results = await engine.step(
-          results.map((result) => ({ seqId: result.seqId, tokens: Int32Array.of(result.nextToken), commit: false })),
+          results.map((result) => ({
+            seqId: result.seqId,
+            tokens: Int32Array.of(result.nextToken),
+            commit: false,
+          })),
         );
         // The first decode step pays one-time costs (page faults, thread start-up).
         if (step > 0) times.record(batchSize, performance.now() - started);
@@ -201,7 +218,9 @@ export async function prepareModelService(
     if (config.profileBatchSizes.length > 0) {
       logger.info("step times measured", {
         seconds: Number(((performance.now() - started) / 1000).toFixed(3)),
-        stepTimes: stepTimes.toProto().map((t) => ({ batchSize: t.batchSize, ms: Number(t.meanMs.toFixed(3)) })),
+        stepTimes: stepTimes
+          .toProto()
+          .map((t) => ({ batchSize: t.batchSize, ms: Number(t.meanMs.toFixed(3)) })),
       });
     }
   } catch (error) {

@@ -10,5 +10,7 @@ export function packageRoot(): string {
     if (existsSync(join(directory, "package.json")) && existsSync(join(directory, "proto"))) return directory;
     directory = dirname(directory);
   }
-  throw new Error(`the pearl package root (package.json + proto/) was not found above ${fileURLToPath(import.meta.url)}`);
+  throw new Error(
+    `the pearl package root (package.json + proto/) was not found above ${fileURLToPath(import.meta.url)}`,
+  );
 }

@@ -28,6 +28,9 @@ export interface SpawnServiceOptions {
   stderr?: "inherit" | "ignore" | "pipe";
 }
 
+/** Set in the environment of a service started by spawnService. */
+export const SUPERVISED_ENV = "PEARL_SUPERVISED";
+
 /** The command line that runs the pearl CLI: under tsx from source, or the compiled build. */
 export function pearlCommand(): { command: string; args: string[] } {
   const root = packageRoot();
@@ -41,9 +44,11 @@ export function pearlCommand(): { command: string; args: string[] } {
 
 export function spawnService(subcommand: string[], options: SpawnServiceOptions = {}): ServiceProcess {
   const { command, args } = pearlCommand();
+  // The child stops when its stdin closes, which happens however this process ends (even SIGKILL):
+  // no orphaned service keeps its port.
   const child = spawn(command, [...args, ...subcommand], {
-    env: options.env ?? process.env,
-    stdio: ["ignore", "pipe", options.stderr ?? "inherit"],
+    env: { ...(options.env ?? process.env), [SUPERVISED_ENV]: "1" },
+    stdio: ["pipe", "pipe", options.stderr ?? "inherit"],
   });
   const exited = new Promise<number | string>((resolve) => {
     child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown"));
@@ -70,7 +75,10 @@ function listeningPorts(line: string): ServicePorts | undefined {
   try {
     const record = JSON.parse(line) as Record<string, unknown>;
     if (record.message === "listening" && typeof record.grpcPort === "number") {
-      return { grpcPort: record.grpcPort, httpPort: typeof record.httpPort === "number" ? record.httpPort : -1 };
+      return {
+        grpcPort: record.grpcPort,
+        httpPort: typeof record.httpPort === "number" ? record.httpPort : -1,
+      };
     }
   } catch {
     // Not a JSON log line.

@@ -17,8 +17,9 @@ export class TextTokenizer {
     return new TextTokenizer(new Tokenizer(tokenizerJson as object, configJson as object));
   }
 
-  encode(text: string): number[] {
-    return this.tokenizer.encode(text).ids;
+  /** addSpecialTokens false for text that already holds them, such as a rendered chat template. */
+  encode(text: string, { addSpecialTokens = true } = {}): number[] {
+    return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
   }
 
   decode(tokenIds: number[]): string {

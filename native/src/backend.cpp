@@ -4,6 +4,9 @@
 #include <stdexcept>
 
 #include "cpu_backend.h"
+#ifdef PEARL_WITH_CUDA
+#include "cuda_backend.h"
+#endif
 
 namespace pearl {
 
@@ -18,6 +21,11 @@ int default_num_blocks(const ModelConfig& config, int block_size, int64_t bytes_
 
 std::unique_ptr<Backend> create_backend(const ModelConfig& config, const Checkpoint& checkpoint,
                                         const EngineOptions& options) {
+#ifdef PEARL_WITH_CUDA
+  if (options.backend == "cuda" || (options.backend == "auto" && cuda_device_count() > 0)) {
+    return create_cuda_backend(config, checkpoint, options);
+  }
+#endif
   if (options.backend == "cpu" || options.backend == "auto") {
     return std::make_unique<CpuBackend>(config, checkpoint, options);
   }

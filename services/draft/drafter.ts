@@ -10,12 +10,15 @@
 // Only the loop touches the engine. Messages from the gateway change session state and wake the loop;
 // they may arrive while a step is running, which is why every step result is checked against what
 // happened to its session in the meantime.
+//
+// A session the KV cache cannot hold fails; the gateway then finishes its request without the draft.
 import type { DraftOpen, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
-import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+import type { StepReport, TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftServiceConfig } from "../../lib/config.js";
-import { errorMessage, type Logger } from "../../lib/logging.js";
+import { LoopDriver, SessionTable, stepIsolatingFailures } from "../../lib/engine_loop.js";
+import type { Logger } from "../../lib/logging.js";
 import type { EngineMetrics, SequenceIds } from "../../lib/model_service.js";
-import type { Engine, SamplingParams, StepItem, StepResult } from "../../lib/native.js";
+import type { Engine, SamplingParams, StepItem } from "../../lib/native.js";
 import type { StepTimes } from "../../lib/step_times.js";
 
 /** Where a session's events go: the gateway stream that opened it. */
@@ -59,13 +62,10 @@ interface Work {
 }
 
 export class Drafter {
-  private readonly sessions = new Map<DraftEventSink, Map<number, DraftSession>>();
+  private readonly sessions = new SessionTable<DraftEventSink, DraftSession>();
   private readonly eos: Set<number>;
-  private wakeRequested = false;
-  private wakeUp: (() => void) | undefined;
-  private stopping = false;
-  private loopDone: Promise<void> | undefined;
-  private lastStep = { ms: 0, batchSize: 0 };
+  private readonly loop: LoopDriver;
+  private lastStep: StepReport = { step: 0, ms: 0, batchSize: 0, tokens: 0 };
 
   constructor(
     private readonly engine: Engine,
@@ -76,32 +76,36 @@ export class Drafter {
     private readonly logger: Logger,
   ) {
     this.eos = new Set(engine.info.eosTokenIds);
+    this.loop = new LoopDriver(
+      "draft",
+      logger,
+      () => this.iteration(),
+      () => this.drain(),
+    );
   }
 
   start(): void {
-    this.loopDone = this.loop().catch((error: unknown) => {
-      this.logger.error("draft loop stopped", { error: errorMessage(error) });
-    });
+    this.loop.start();
   }
 
   /** Stops the loop after the current step and frees every session. */
-  async stop(): Promise<void> {
-    this.stopping = true;
-    this.wake();
-    await this.loopDone;
+  stop(): Promise<void> {
+    return this.loop.stop();
+  }
+
+  /** Why the engine loop stopped, if it failed. */
+  get failure(): string | undefined {
+    return this.loop.failure;
   }
 
   get activeSessions(): number {
-    let count = 0;
-    for (const streamSessions of this.sessions.values()) count += streamSessions.size;
-    return count;
+    return this.sessions.size;
   }
 
   // ---- messages from the gateway ----------------------------------------------------------------------
 
   open(sink: DraftEventSink, request: DraftOpen): void {
-    const streamSessions = this.streamSessions(sink);
-    if (streamSessions.has(request.sessionId)) {
+    if (this.sessions.get(sink, request.sessionId)) {
       sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
       return;
     }
@@ -111,7 +115,7 @@ export class Drafter {
       return;
     }
     const prompt = request.promptTokenIds;
-    streamSessions.set(request.sessionId, {
+    this.sessions.add(sink, request.sessionId, {
       sink,
       sessionId: request.sessionId,
       seqId: this.ids.allocate(),
@@ -135,20 +139,23 @@ export class Drafter {
       state: "opening",
       inEngine: false,
     });
-    this.wake();
+    this.loop.wake();
   }
 
   advance(sink: DraftEventSink, sessionId: number, verifiedLength: number, lookahead: number): void {
     const session = this.lookup(sink, sessionId);
     if (!session) return;
     if (verifiedLength > session.tokens.length) {
-      this.fail(session, `advance to ${verifiedLength} is past the ${session.tokens.length} tokens the draft holds`);
+      this.fail(
+        session,
+        `advance to ${verifiedLength} is past the ${session.tokens.length} tokens the draft holds`,
+      );
       return;
     }
     session.verifiedLength = Math.max(session.verifiedLength, verifiedLength);
     session.sentLength = Math.max(session.sentLength, session.verifiedLength);
     if (lookahead > 0) session.lookahead = lookahead;
-    this.wake();
+    this.loop.wake();
   }
 
   correct(
@@ -162,12 +169,18 @@ export class Drafter {
     const session = this.lookup(sink, sessionId);
     if (!session) return;
     if (position < 1 || position > session.tokens.length) {
-      this.fail(session, `correction at position ${position}, but the draft holds ${session.tokens.length} tokens`);
+      this.fail(
+        session,
+        `correction at position ${position}, but the draft holds ${session.tokens.length} tokens`,
+      );
       return;
     }
     const badToken = tokens.find((token) => !this.inVocabulary(token));
     if (badToken !== undefined) {
-      this.fail(session, `correction token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`);
+      this.fail(
+        session,
+        `correction token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`,
+      );
       return;
     }
     // Keep whatever the draft already holds that agrees with the correction: when the draft guessed the
@@ -195,66 +208,58 @@ export class Drafter {
     session.sentLength = session.verifiedLength;
     if (lookahead > 0) session.lookahead = lookahead;
     this.flush(session);
-    this.wake();
+    this.loop.wake();
   }
 
   close(sink: DraftEventSink, sessionId: number): void {
     const session = this.lookup(sink, sessionId);
     if (!session) return;
     session.state = "closing";
-    this.wake();
+    this.loop.wake();
   }
 
   /** The stream ended: its sessions end with it. */
   closeStream(sink: DraftEventSink): void {
-    const streamSessions = this.sessions.get(sink);
-    if (!streamSessions) return;
-    for (const session of streamSessions.values()) session.state = "closing";
-    this.wake();
+    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
+    this.loop.wake();
   }
 
   // ---- the loop ---------------------------------------------------------------------------------------
 
-  private async loop(): Promise<void> {
-    while (!this.stopping) {
-      this.wakeRequested = false;
-      await this.settleSessions();
-      const work = this.collectWork();
-      if (work.length === 0) {
-        await this.idle();
-        continue;
-      }
-      await this.runStep(work);
-    }
-    for (const streamSessions of this.sessions.values()) {
-      for (const session of streamSessions.values()) session.state = "closing";
-    }
+  /** One turn of the loop: engine bookkeeping, then one step over every session with work. */
+  private async iteration(): Promise<boolean> {
+    await this.settleSessions();
+    const work = this.collectWork();
+    if (work.length === 0) return false;
+    await this.runStep(work);
+    return true;
+  }
+
+  private async drain(): Promise<void> {
+    for (const session of this.sessions.all()) session.state = "closing";
     await this.settleSessions();
   }
 
   /** Engine bookkeeping between steps: new sessions get a sequence, closed ones free theirs, rolled-back
    * ones lose the KV entries that no longer match. */
   private async settleSessions(): Promise<void> {
-    for (const [sink, streamSessions] of this.sessions) {
-      for (const session of [...streamSessions.values()]) {
-        if (session.state === "closing") {
-          streamSessions.delete(session.sessionId);
-          if (session.inEngine) await this.engine.release(session.seqId);
-          continue;
-        }
-        if (!session.inEngine) {
-          await this.engine.addSequence(session.seqId);
-          session.inEngine = true;
-          session.state = "active";
-        }
-        const valid = Math.min(session.kvLength, session.dirtyFrom);
-        session.dirtyFrom = Infinity;
-        if (valid < session.kvLength) {
-          session.kvLength = valid;
-          await this.engine.truncate(session.seqId, valid);
-        }
+    for (const session of this.sessions.all()) {
+      if (session.state === "closing") {
+        this.sessions.delete(session.sink, session.sessionId);
+        if (session.inEngine) await this.engine.release(session.seqId);
+        continue;
       }
-      if (streamSessions.size === 0) this.sessions.delete(sink);
+      if (!session.inEngine) {
+        await this.engine.addSequence(session.seqId);
+        session.inEngine = true;
+        session.state = "active";
+      }
+      const valid = Math.min(session.kvLength, session.dirtyFrom);
+      session.dirtyFrom = Infinity;
+      if (valid < session.kvLength) {
+        session.kvLength = valid;
+        await this.engine.truncate(session.seqId, valid);
+      }
     }
   }
 
@@ -262,29 +267,27 @@ export class Drafter {
     const work: Work[] = [];
     let prefillBudget = this.config.prefillChunk;
     const contextLimit = this.engine.info.maxPositionEmbeddings;
-    for (const streamSessions of this.sessions.values()) {
-      for (const session of streamSessions.values()) {
-        if (work.length >= this.config.maxBatch) return work;
-        // A rollback that arrived during bookkeeping is settled first.
-        if (session.state !== "active" || session.dirtyFrom < session.kvLength) continue;
-        const unfed = session.tokens.length - session.kvLength;
-        const draftLimit = Math.min(
-          session.verifiedLength + session.lookahead,
-          session.maxPosition,
-          contextLimit,
-        );
-        const lastToken = session.tokens[session.tokens.length - 1]!;
-        const mayDraft = session.tokens.length < draftLimit && !this.eos.has(lastToken);
-        const fedPastVerified = session.kvLength + unfed > session.verifiedLength;
-        if (mayDraft && (unfed === 1 || unfed <= prefillBudget)) {
-          if (unfed > 1) prefillBudget -= unfed;
-          work.push(this.workItem(session, unfed, "sample", !fedPastVerified));
-        } else if (unfed > 1 && prefillBudget > 0) {
-          // Prefill (or a long correction) in chunks; the last token stays unfed for the sampling step.
-          const count = Math.min(prefillBudget, unfed - 1);
-          prefillBudget -= count;
-          work.push(this.workItem(session, count, "none", session.kvLength + count <= session.verifiedLength));
-        }
+    for (const session of this.sessions.all()) {
+      if (work.length >= this.config.maxBatch) return work;
+      // A rollback that arrived during bookkeeping is settled first.
+      if (session.state !== "active" || session.dirtyFrom < session.kvLength) continue;
+      const unfed = session.tokens.length - session.kvLength;
+      const draftLimit = Math.min(
+        session.verifiedLength + session.lookahead,
+        session.maxPosition,
+        contextLimit,
+      );
+      const lastToken = session.tokens[session.tokens.length - 1]!;
+      const mayDraft = session.tokens.length < draftLimit && !this.eos.has(lastToken);
+      const fedPastVerified = session.kvLength + unfed > session.verifiedLength;
+      if (mayDraft && (unfed === 1 || unfed <= prefillBudget)) {
+        if (unfed > 1) prefillBudget -= unfed;
+        work.push(this.workItem(session, unfed, "sample", !fedPastVerified));
+      } else if (unfed > 1 && prefillBudget > 0) {
+        // Prefill (or a long correction) in chunks; the last token stays unfed for the sampling step.
+        const count = Math.min(prefillBudget, unfed - 1);
+        prefillBudget -= count;
+        work.push(this.workItem(session, count, "none", session.kvLength + count <= session.verifiedLength));
       }
     }
     return work;
@@ -308,26 +311,22 @@ export class Drafter {
 
   private async runStep(work: Work[]): Promise<void> {
     const started = performance.now();
-    let results: (StepResult | Error)[];
-    let batched = true;
-    try {
-      results = await this.engine.step(work.map((w) => w.item));
-    } catch (error) {
-      // The engine rejects a whole batch without changing anything; stepping each item alone tells the
-      // sessions at fault from the rest, which go on.
-      batched = false;
-      this.logger.warn("batched draft step failed; retrying items one by one", { error: errorMessage(error) });
-      results = [];
-      for (const w of work) {
-        results.push(await this.engine.step([w.item]).then((r) => r[0]!, (e: unknown) => new Error(errorMessage(e))));
-      }
-    }
+    const { results, batched } = await stepIsolatingFailures(
+      this.engine,
+      work.map((w) => w.item),
+      this.logger,
+    );
     const ms = performance.now() - started;
     if (batched) {
       this.stepTimes.record(work.length, ms);
       this.metrics.observeStep(work.length, ms / 1000);
     }
-    this.lastStep = { ms, batchSize: work.length };
+    this.lastStep = {
+      step: this.lastStep.step + 1,
+      ms,
+      batchSize: work.length,
+      tokens: work.reduce((sum, w) => sum + w.item.tokens.length, 0),
+    };
 
     for (let i = 0; i < work.length; i++) {
       const { session, item, rollbacks } = work[i]!;
@@ -360,8 +359,7 @@ export class Drafter {
       position: from,
       tokenIds: session.tokens.slice(from),
       distributions: distributions.every((d): d is TokenDistribution => d !== undefined) ? distributions : [],
-      stepMs: this.lastStep.ms,
-      batchSize: this.lastStep.batchSize,
+      step: this.lastStep,
     });
     session.sentLength = session.tokens.length;
   }
@@ -387,17 +385,8 @@ export class Drafter {
     return Number.isInteger(token) && token >= 0 && token < this.engine.info.vocabSize;
   }
 
-  private streamSessions(sink: DraftEventSink): Map<number, DraftSession> {
-    let streamSessions = this.sessions.get(sink);
-    if (!streamSessions) {
-      streamSessions = new Map();
-      this.sessions.set(sink, streamSessions);
-    }
-    return streamSessions;
-  }
-
   private lookup(sink: DraftEventSink, sessionId: number): DraftSession | undefined {
-    const session = this.sessions.get(sink)?.get(sessionId);
+    const session = this.sessions.get(sink, sessionId);
     return session && session.state !== "closing" ? session : undefined;
   }
 
@@ -405,20 +394,6 @@ export class Drafter {
     this.logger.warn("draft session failed", { sessionId: session.sessionId, error: message });
     session.state = "closing";
     session.sink.failed(session.sessionId, message);
-    this.wake();
-  }
-
-  private wake(): void {
-    this.wakeRequested = true;
-    const wakeUp = this.wakeUp;
-    this.wakeUp = undefined;
-    wakeUp?.();
-  }
-
-  private async idle(): Promise<void> {
-    if (this.wakeRequested || this.stopping) return;
-    await new Promise<void>((resolve) => {
-      this.wakeUp = resolve;
-    });
+    this.loop.wake();
   }
 }

@@ -3,7 +3,7 @@
 import { GrpcStatus, type ServiceRegistration, startGrpcServer } from "../../lib/grpc.js";
 import { type DraftServiceConfig } from "../../lib/config.js";
 import { startHttpServer } from "../../lib/http.js";
-import { createLogger, errorMessage, type Logger } from "../../lib/logging.js";
+import { announceListening, createLogger, errorMessage, type Logger } from "../../lib/logging.js";
 import { Counter, createRegistry } from "../../lib/metrics.js";
 import {
   cacheStatsProto,
@@ -21,7 +21,10 @@ import {
 } from "../../proto/gen/pearl/v1/draft.js";
 import { type DraftEventSink, Drafter } from "./drafter.js";
 
-export async function startDraftService(config: DraftServiceConfig, logger?: Logger): Promise<RunningService> {
+export async function startDraftService(
+  config: DraftServiceConfig,
+  logger?: Logger,
+): Promise<RunningService> {
   const log = logger ?? createLogger("draft", config.logLevel);
   const registry = createRegistry("draft");
   const { engine, modelId, stepTimes, ids } = await prepareModelService(config, "draft", log, registry);
@@ -90,9 +93,15 @@ export async function startDraftService(config: DraftServiceConfig, logger?: Log
   const grpc = await startGrpcServer(config.host, config.grpcPort, [registration]);
   const http =
     config.httpPort >= 0
-      ? await startHttpServer({ host: config.host, port: config.httpPort, registry, unhealthyReason: () => null })
+      ? await startHttpServer({
+          host: config.host,
+          port: config.httpPort,
+          registry,
+          unhealthyReason: () =>
+            drafter.failure !== undefined ? `engine loop stopped: ${drafter.failure}` : null,
+        })
       : undefined;
-  log.info("listening", { role: "draft", modelId, grpcPort: grpc.port, httpPort: http?.port ?? -1 });
+  announceListening("draft", { modelId, grpcPort: grpc.port, httpPort: http?.port ?? -1 });
 
   return {
     grpcPort: grpc.port,

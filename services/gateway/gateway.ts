@@ -3,15 +3,24 @@
 // hands out the committed tokens as an async stream. The gRPC server (server.ts) and the REST API sit on
 // top of it.
 import { randomInt, randomUUID } from "node:crypto";
+import { connectivityState } from "@grpc/grpc-js";
 import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
 import { DECODING_MODES, type DecodingMode, type GatewayConfig } from "../../lib/config.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
-import { Counter, Gauge, Histogram, LATENCY_BUCKETS_SECONDS, type Registry, TOKENS_BUCKETS } from "../../lib/metrics.js";
+import {
+  Counter,
+  Gauge,
+  Histogram,
+  LATENCY_BUCKETS_SECONDS,
+  type Registry,
+  TOKENS_BUCKETS,
+} from "../../lib/metrics.js";
 import { modelPairDifferences } from "../../lib/model_pair.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
 import { Generation, type GenerationRequest, type GenerationUsage, type LoopMetrics } from "./pearl_loop.js";
+import { StopStringMatcher } from "./stop_strings.js";
 import { Tuner } from "./tuner.js";
 
 /** A request as a client states it; anything unset takes the server's default. */
@@ -27,6 +36,9 @@ export interface GenerateInput {
   seed?: number;
   mode?: DecodingMode;
   draftTemperature?: number;
+  /** The output ends before the first of these strings (needs a tokenizer); the request then finishes
+   * with reason stop. */
+  stop?: string[];
 }
 
 export interface GenerateChunk {
@@ -45,6 +57,7 @@ export class UnavailableError extends Error {}
 export class CancelledError extends Error {}
 
 const DRAFT_PROBE_INTERVAL_MS = 1000;
+const DRAFT_GRACE_MS = 5000;
 
 export class Gateway {
   private readonly target: TargetLink;
@@ -68,7 +81,7 @@ export class Gateway {
     private readonly logger: Logger,
     registry: Registry,
     private readonly targetInfo: ServiceInfo,
-    private readonly tokenizer: TextTokenizer | undefined,
+    readonly tokenizer: TextTokenizer | undefined,
     target: TargetLink,
     draft: DraftLink,
   ) {
@@ -127,7 +140,11 @@ export class Gateway {
       labelNames: ["mode", "finish_reason"],
       registers,
     });
-    this.running = new Gauge({ name: "pearl_requests_running_requests", help: "Requests in progress", registers });
+    this.running = new Gauge({
+      name: "pearl_requests_running_requests",
+      help: "Requests in progress",
+      registers,
+    });
     this.timeToFirstToken = new Histogram({
       name: "pearl_time_to_first_token_seconds",
       help: "From request to first committed token",
@@ -159,7 +176,12 @@ export class Gateway {
       }),
       gamma: new Gauge({
         name: "pearl_draft_length_tokens",
-        help: "gamma = target step time / draft step time at the current batch sizes",
+        help: "The draft length gamma the tuner chose from measured step times and acceptance",
+        registers,
+      }),
+      acceptance: new Gauge({
+        name: "pearl_draft_acceptance_ratio",
+        help: "Recent rate at which the target accepts draft tokens",
         registers,
       }),
     });
@@ -175,17 +197,29 @@ export class Gateway {
     const draft = new DraftLink(config.draftAddress, logger);
     try {
       const deadline = Date.now() + config.connectTimeoutSeconds * 1000;
-      const [targetInfo, draftInfo] = await Promise.all([
-        waitForInfo(() => target.info(), deadline, `target service at ${config.targetAddress}`),
-        waitForInfo(() => draft.info(), deadline, `draft service at ${config.draftAddress}`).catch(
-          (error: unknown) => {
-            logger.warn("draft service unavailable: requests run in ar until it answers", {
-              error: errorMessage(error),
-            });
-            return undefined;
-          },
-        ),
-      ]);
+      // The draft is optional: once the target answers, it gets a short grace, not the whole timeout.
+      let draftDeadline = deadline;
+      const draftAnswer = waitForInfo(
+        () => draft.info(),
+        () => draftDeadline,
+        `draft service at ${config.draftAddress}`,
+      ).catch((error: unknown) => {
+        logger.warn("draft service unavailable: requests run in ar until it answers", {
+          error: errorMessage(error),
+        });
+        return undefined;
+      });
+      const targetInfo = await waitForInfo(
+        () => target.info(),
+        () => deadline,
+        `target service at ${config.targetAddress}`,
+      ).catch(async (error: unknown) => {
+        draftDeadline = 0;
+        await draftAnswer;
+        throw error;
+      });
+      draftDeadline = Math.min(deadline, Date.now() + DRAFT_GRACE_MS);
+      const draftInfo = await draftAnswer;
       if (draftInfo) {
         const differences = modelPairDifferences(draftInfo.model!, targetInfo.model!);
         if (differences.length > 0) {
@@ -227,14 +261,24 @@ export class Gateway {
     return this.draftAvailable;
   }
 
+  /** null while the target service is reachable (without a draft requests still run, in ar). */
+  unhealthyReason(): string | null {
+    const state = this.target.client.getChannel().getConnectivityState(false);
+    return state === connectivityState.TRANSIENT_FAILURE || state === connectivityState.SHUTDOWN
+      ? `the target service at ${this.config.targetAddress} is unreachable`
+      : null;
+  }
+
   /** Runs one request; the stream ends after the chunk that carries the finish reason. Breaking out of
    * the iteration (or aborting the signal) cancels the request on both services. */
   async *generate(input: GenerateInput, signal?: AbortSignal): AsyncGenerator<GenerateChunk> {
     const request = this.resolve(input);
+    const stopMatcher = this.stopMatcher(input.stop);
     if (signal?.aborted) throw new CancelledError("cancelled before it started");
     const queue = new AsyncQueue<GenerateChunk>();
     const decoder = this.tokenizer?.streamDecoder();
     const started = performance.now();
+    let firstTokenAt: number | undefined;
     let lastTokenAt: number | undefined;
     let outcome: { finishReason: FinishReason; usage: GenerationUsage } | undefined;
     let failure: Error | undefined;
@@ -242,16 +286,41 @@ export class Gateway {
     const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
       tokens: (tokenIds) => {
         const now = performance.now();
-        if (lastTokenAt === undefined) this.timeToFirstToken.observe((now - started) / 1000);
-        else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
+        if (lastTokenAt === undefined) {
+          firstTokenAt = now;
+          this.timeToFirstToken.observe((now - started) / 1000);
+        } else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
         lastTokenAt = now;
-        queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
+        if (!stopMatcher || !decoder) {
+          queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
+          return;
+        }
+        // Token by token, so that the output ends with the token that completed the stop string,
+        // however many tokens this step committed.
+        let text = "";
+        for (let i = 0; i < tokenIds.length; i++) {
+          const scan = stopMatcher.push(decoder.push(tokenIds.slice(i, i + 1)));
+          text += scan.text;
+          if (scan.stopped) {
+            queue.push({ tokenIds: tokenIds.slice(0, i + 1), text });
+            generation.finishAtStopString(tokenIds.length - i - 1);
+            return;
+          }
+        }
+        queue.push({ tokenIds, text });
       },
-      finished: (finishReason, usage) => {
+      finished: (reason, usage) => {
+        let text = decoder?.flush() ?? "";
+        let finishReason = reason;
+        if (stopMatcher) {
+          const scan = stopMatcher.push(text);
+          text = scan.text + stopMatcher.flush();
+          if (scan.stopped) finishReason = FinishReason.FINISH_REASON_STOP;
+        }
         outcome = { finishReason, usage };
         queue.push({
           tokenIds: [],
-          text: decoder?.flush() ?? "",
+          text,
           finishReason,
           usage: { ...usage, seed: request.sampling.seed },
         });
@@ -292,6 +361,7 @@ export class Gateway {
         targetSteps: outcome?.usage.targetSteps ?? null,
         meanAcceptedLength: outcome ? Number(outcome.usage.meanAcceptedLength.toFixed(3)) : null,
         draftFallback: outcome?.usage.draftFallback ?? null,
+        ttftSeconds: firstTokenAt === undefined ? null : Number(((firstTokenAt - started) / 1000).toFixed(4)),
         seconds: Number(seconds.toFixed(4)),
         ...(failure ? { error: failure.message } : {}),
       });
@@ -340,7 +410,9 @@ export class Gateway {
     let promptTokenIds: number[];
     if (hasText) {
       if (!this.tokenizer) {
-        throw new InvalidRequestError("this server has no tokenizer: send prompt_token_ids instead of prompt");
+        throw new InvalidRequestError(
+          "this server has no tokenizer: send prompt_token_ids instead of prompt",
+        );
       }
       promptTokenIds = this.tokenizer.encode(input.prompt!);
       if (promptTokenIds.length === 0) throw new InvalidRequestError("the prompt encodes to no tokens");
@@ -359,7 +431,8 @@ export class Gateway {
           "and at least one must be left to generate",
       );
     }
-    const maxTokens = input.maxTokens === undefined || input.maxTokens === 0 ? this.config.defaultMaxTokens : input.maxTokens;
+    const maxTokens =
+      input.maxTokens === undefined || input.maxTokens === 0 ? this.config.defaultMaxTokens : input.maxTokens;
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {
       throw new InvalidRequestError(`max_tokens must be a positive integer, got ${maxTokens}`);
     }
@@ -371,7 +444,7 @@ export class Gateway {
     if (!(topP > 0 && topP <= 1)) throw new InvalidRequestError(`top_p must be in (0, 1], got ${topP}`);
     const topK = input.topK ?? 0;
     if (!Number.isInteger(topK) || topK < 0) throw new InvalidRequestError(`top_k must be >= 0, got ${topK}`);
-    const seed = input.seed ?? randomInt(0, 2 ** 48);
+    const seed = input.seed ?? randomInt(0, 2 ** 48 - 1);
     if (!Number.isSafeInteger(seed) || seed < 0) {
       throw new InvalidRequestError(`seed must be an integer in [0, 2^53), got ${seed}`);
     }
@@ -390,6 +463,13 @@ export class Gateway {
       draftTemperature,
       draftTopK: this.config.draftTopK,
     };
+  }
+
+  private stopMatcher(stop: string[] | undefined): StopStringMatcher | undefined {
+    if (stop === undefined || stop.length === 0) return undefined;
+    if (!this.tokenizer) throw new InvalidRequestError("stop strings need a tokenizer: this server has none");
+    if (stop.some((text) => text === "")) throw new InvalidRequestError("stop strings must not be empty");
+    return new StopStringMatcher(stop);
   }
 
   private loopContext() {
@@ -416,7 +496,9 @@ export class Gateway {
   private draftLost(error: Error): void {
     if (!this.draftAvailable) return;
     this.draftAvailable = false;
-    this.logger.warn("draft service lost: new requests run in ar until it answers again", { error: error.message });
+    this.logger.warn("draft service lost: new requests run in ar until it answers again", {
+      error: error.message,
+    });
     this.scheduleDraftProbe();
   }
 
@@ -446,7 +528,11 @@ export class Gateway {
   }
 }
 
-async function waitForInfo(ask: () => Promise<ServiceInfo>, deadline: number, what: string): Promise<ServiceInfo> {
+async function waitForInfo(
+  ask: () => Promise<ServiceInfo>,
+  deadline: () => number,
+  what: string,
+): Promise<ServiceInfo> {
   let lastError: unknown;
   do {
     try {
@@ -455,7 +541,7 @@ async function waitForInfo(ask: () => Promise<ServiceInfo>, deadline: number, wh
       lastError = error;
       await new Promise((resolve) => setTimeout(resolve, 250));
     }
-  } while (Date.now() < deadline);
+  } while (Date.now() < deadline());
   throw new Error(`the ${what} did not answer: ${errorMessage(lastError)}`);
 }
 

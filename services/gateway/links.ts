@@ -100,7 +100,10 @@ export class TargetLink {
   readonly client: TargetServiceClient;
   private readonly stream: SessionStreamLink<TargetRequest, TargetEvent>;
 
-  constructor(readonly address: string, logger: Logger) {
+  constructor(
+    readonly address: string,
+    logger: Logger,
+  ) {
     this.client = new TargetServiceClient(address, credentials.createInsecure(), CHANNEL_OPTIONS);
     this.stream = new SessionStreamLink(
       "target",
@@ -146,7 +149,10 @@ export class DraftLink {
   readonly client: DraftServiceClient;
   private readonly stream: SessionStreamLink<DraftRequest, DraftEvent>;
 
-  constructor(readonly address: string, logger: Logger) {
+  constructor(
+    readonly address: string,
+    logger: Logger,
+  ) {
     this.client = new DraftServiceClient(address, credentials.createInsecure(), CHANNEL_OPTIONS);
     this.stream = new SessionStreamLink(
       "draft",

@@ -138,24 +138,25 @@ export class Generation {
   // ---- 1. start ---------------------------------------------------------------------------------------
 
   start(): void {
-    const useDraft = this.mode !== "ar";
+    if (this.mode !== "ar" && !this.context.draft) {
+      this.noteFallback("draft_unavailable", "the draft service is unavailable");
+      this.mode = "ar";
+    }
+    // With a single token to generate (or a draft context already full) there is nothing to draft.
+    if (this.mode !== "ar" && this.draftLimit <= this.promptLength) this.mode = "ar";
     this.context.target.open(
       {
         sessionId: this.sessionId,
         promptTokenIds: this.request.promptTokenIds,
         sampling: this.request.sampling,
         maxTokens: this.request.maxTokens,
-        autoregressive: !useDraft,
+        autoregressive: this.mode === "ar",
         verifyWindow: this.plan.verifyWindow,
       },
       { onEvent: (event) => this.onTargetEvent(event), onLinkLost: (error) => this.onTargetLost(error) },
     );
-    if (!useDraft) return;
     const draft = this.context.draft;
-    if (!draft) {
-      this.fallBackToAr("draft_unavailable", "the draft service is unavailable");
-      return;
-    }
+    if (this.mode === "ar" || !draft) return;
     this.draftActive = true;
     draft.open(
       {
@@ -176,6 +177,15 @@ export class Generation {
     );
   }
 
+  /** The gateway found a stop string in the output, `unusedTokens` tokens before the last committed one:
+   * the request finishes (reason stop) without those, and both services drop the session. */
+  finishAtStopString(unusedTokens: number): void {
+    if (this.done) return;
+    this.context.target.close(this.sessionId);
+    this.committed.length -= unusedTokens;
+    this.finish(FinishReason.FINISH_REASON_STOP);
+  }
+
   /** The client went away: close the session on both services, which free its KV. */
   cancel(): void {
     if (this.done) return;
@@ -193,7 +203,7 @@ export class Generation {
   }
 
   private onDraftTokens(event: DraftTokens): void {
-    this.context.tuner.observeDraft(event.stepMs, event.batchSize);
+    this.context.tuner.observeDraftStep(event.step);
     // Drafted before the latest correction: it continues tokens that were not committed.
     if (event.epoch !== this.epoch) {
       this.context.metrics.staleDraftTokens.inc(event.tokenIds.length);
@@ -230,7 +240,9 @@ export class Generation {
       epoch: this.epoch,
       position: this.committed.length + this.forwarded,
       tokenIds: fresh.map((d) => d.token),
-      distributions: fresh.every((d) => d.distribution !== undefined) ? fresh.map((d) => d.distribution!) : [],
+      distributions: fresh.every((d) => d.distribution !== undefined)
+        ? fresh.map((d) => d.distribution!)
+        : [],
     });
     this.forwarded = this.drafts.length;
   }
@@ -252,8 +264,10 @@ export class Generation {
     const emitted = verdict.tokenIds;
     this.committed.push(...emitted);
     this.countStep(verdict);
-    this.context.tuner.observeTarget(verdict.stepMs, verdict.batchSize);
+    this.context.tuner.observeTargetStep(verdict.step);
     if (emitted.length > 0) this.output.tokens(emitted);
+    // The gateway may have ended the request on these tokens (a stop string).
+    if (this.done) return;
 
     if (verdict.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) {
       // The target has already freed its side of the session.
@@ -262,7 +276,11 @@ export class Generation {
       return;
     }
     if (this.draftActive) this.syncDraft(position, emitted);
-    if (this.draftActive && this.committed.length >= this.draftLimit && this.committed.length < this.maxLength - 1) {
+    if (
+      this.draftActive &&
+      this.committed.length >= this.draftLimit &&
+      this.committed.length < this.maxLength - 1
+    ) {
       // The draft's context ends before the target's: the target finishes on its own.
       this.stopDrafting("the draft's context is full");
     }
@@ -274,6 +292,7 @@ export class Generation {
     this.targetSteps += 1;
     metrics.targetSteps.inc();
     if (verdict.proposed === 0) return;
+    this.context.tuner.observeVerification(verdict.proposed, verdict.accepted);
     this.draftTokens += verdict.proposed;
     this.acceptedTokens += verdict.accepted;
     metrics.verifySteps.inc();
@@ -288,7 +307,11 @@ export class Generation {
     const draft = this.context.draft;
     if (!draft) return;
     let agreeing = 0;
-    while (agreeing < emitted.length && agreeing < this.drafts.length && this.drafts[agreeing]!.token === emitted[agreeing]) {
+    while (
+      agreeing < emitted.length &&
+      agreeing < this.drafts.length &&
+      this.drafts[agreeing]!.token === emitted[agreeing]
+    ) {
       agreeing += 1;
     }
     if (agreeing === emitted.length) {
@@ -320,7 +343,11 @@ export class Generation {
     if (!this.draftActive) return;
     const plan = this.context.tuner.plan(this.mode);
     if (plan.verifyWindow !== this.plan.verifyWindow) {
-      this.context.target.update({ sessionId: this.sessionId, autoregressive: false, verifyWindow: plan.verifyWindow });
+      this.context.target.update({
+        sessionId: this.sessionId,
+        autoregressive: false,
+        verifyWindow: plan.verifyWindow,
+      });
     }
     this.plan = plan;
   }
@@ -334,24 +361,33 @@ export class Generation {
   }
 
   private fallBackToAr(reason: string, message: string): void {
+    this.noteFallback(reason, message);
+    this.stopDrafting(message);
+  }
+
+  private noteFallback(reason: string, message: string): void {
     this.context.metrics.fallbacks.inc({ reason });
-    this.context.logger.warn("request continues without the draft", {
+    // The gateway already warned once that the draft service is gone; every request need not repeat it.
+    const level = reason === "draft_unavailable" ? "debug" : "warn";
+    this.context.logger.log(level, "request continues without the draft", {
       requestId: this.request.requestId,
       reason,
       error: message,
     });
     this.draftFallback = true;
-    this.stopDrafting(message);
   }
 
   private stopDrafting(why: string): void {
-    if (this.mode === "ar" && !this.draftActive) return;
     this.closeDraft();
     this.mode = "ar";
     this.drafts = [];
     this.forwarded = 0;
     // Proposals the target already holds are still verified; after them it decodes on its own.
-    this.context.target.update({ sessionId: this.sessionId, autoregressive: true, verifyWindow: this.plan.verifyWindow });
+    this.context.target.update({
+      sessionId: this.sessionId,
+      autoregressive: true,
+      verifyWindow: this.plan.verifyWindow,
+    });
     this.context.logger.debug("drafting stopped", { requestId: this.request.requestId, why });
   }
 

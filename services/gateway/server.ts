@@ -1,5 +1,5 @@
 // The gateway service: the Generate API over gRPC (proto/pearl/v1/gateway.proto), plus /metrics and
-// /health over HTTP (where the REST API will join them).
+// /health over HTTP, where the OpenAI-compatible REST API (openai.ts) joins them.
 import type { ServerWritableStream } from "@grpc/grpc-js";
 import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import {
@@ -12,10 +12,17 @@ import {
 import type { DecodingMode as ModeName, GatewayConfig } from "../../lib/config.js";
 import { GrpcStatus, startGrpcServer } from "../../lib/grpc.js";
 import { startHttpServer } from "../../lib/http.js";
-import { createLogger, errorMessage, type Logger } from "../../lib/logging.js";
+import { announceListening, createLogger, errorMessage, type Logger } from "../../lib/logging.js";
 import { createRegistry } from "../../lib/metrics.js";
 import type { RunningService } from "../../lib/model_service.js";
-import { CancelledError, Gateway, type GenerateChunk, InvalidRequestError, UnavailableError } from "./gateway.js";
+import {
+  CancelledError,
+  Gateway,
+  type GenerateChunk,
+  InvalidRequestError,
+  UnavailableError,
+} from "./gateway.js";
+import { registerOpenAIApi } from "./openai.js";
 
 export interface RunningGateway extends RunningService {
   gateway: Gateway;
@@ -134,18 +141,30 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
   let http;
   try {
     grpc = await startGrpcServer(config.host, config.grpcPort, [
-      { name: "pearl.v1.Gateway", protoFile: "pearl/v1/gateway.proto", definition: GatewayService, implementation },
+      {
+        name: "pearl.v1.Gateway",
+        protoFile: "pearl/v1/gateway.proto",
+        definition: GatewayService,
+        implementation,
+      },
     ]);
     http =
       config.httpPort >= 0
-        ? await startHttpServer({ host: config.host, port: config.httpPort, registry, unhealthyReason: () => null })
+        ? await startHttpServer({
+            host: config.host,
+            port: config.httpPort,
+            registry,
+            unhealthyReason: () => gateway.unhealthyReason(),
+            configure: (app) =>
+              registerOpenAIApi(app, { gateway, logger: log, tokenizerDir: config.tokenizerDir }),
+          })
         : undefined;
   } catch (error) {
     await grpc?.shutdown(0);
     gateway.close();
     throw error;
   }
-  log.info("listening", { role: "gateway", grpcPort: grpc.port, httpPort: http?.port ?? -1 });
+  announceListening("gateway", { grpcPort: grpc.port, httpPort: http?.port ?? -1 });
   const grpcServer = grpc;
   const httpServer = http;
 

@@ -3,7 +3,7 @@
 import type { TargetServiceConfig } from "../../lib/config.js";
 import { GrpcStatus, type ServiceRegistration, startGrpcServer } from "../../lib/grpc.js";
 import { startHttpServer } from "../../lib/http.js";
-import { createLogger, errorMessage, type Logger } from "../../lib/logging.js";
+import { announceListening, createLogger, errorMessage, type Logger } from "../../lib/logging.js";
 import { Counter, createRegistry } from "../../lib/metrics.js";
 import {
   cacheStatsProto,
@@ -21,7 +21,10 @@ import {
 } from "../../proto/gen/pearl/v1/target.js";
 import { type TargetEventSink, Verifier } from "./verifier.js";
 
-export async function startTargetService(config: TargetServiceConfig, logger?: Logger): Promise<RunningService> {
+export async function startTargetService(
+  config: TargetServiceConfig,
+  logger?: Logger,
+): Promise<RunningService> {
   const log = logger ?? createLogger("target", config.logLevel);
   const registry = createRegistry("target");
   const { engine, modelId, stepTimes, ids } = await prepareModelService(config, "target", log, registry);
@@ -83,9 +86,15 @@ export async function startTargetService(config: TargetServiceConfig, logger?: L
   const grpc = await startGrpcServer(config.host, config.grpcPort, [registration]);
   const http =
     config.httpPort >= 0
-      ? await startHttpServer({ host: config.host, port: config.httpPort, registry, unhealthyReason: () => null })
+      ? await startHttpServer({
+          host: config.host,
+          port: config.httpPort,
+          registry,
+          unhealthyReason: () =>
+            verifier.failure !== undefined ? `engine loop stopped: ${verifier.failure}` : null,
+        })
       : undefined;
-  log.info("listening", { role: "target", modelId, grpcPort: grpc.port, httpPort: http?.port ?? -1 });
+  announceListening("target", { modelId, grpcPort: grpc.port, httpPort: http?.port ?? -1 });
 
   return {
     grpcPort: grpc.port,

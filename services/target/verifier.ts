@@ -11,13 +11,19 @@
 //
 // A session's committed tokens are its prompt and everything emitted; the KV holds all of them but the
 // last, which is fed in front of the next proposals ([b, d1..dk], as the engine's verify step expects).
-import { FinishReason, type TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+//
+// KV room: new sessions queue until the cache has room for them; when a step's new blocks do not fit,
+// the most recently admitted session gives its KV back and queues to be recomputed from its committed
+// tokens. Its output does not change: logits do not depend on the batch, and sampling depends only on the
+// seed and the position.
+import { FinishReason, type StepReport, type TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetOpen, TargetPropose, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { TargetServiceConfig } from "../../lib/config.js";
-import { errorMessage, type Logger } from "../../lib/logging.js";
-import { Counter, type Registry } from "../../lib/metrics.js";
+import { LoopDriver, SessionTable, stepIsolatingFailures } from "../../lib/engine_loop.js";
+import type { Logger } from "../../lib/logging.js";
+import { Counter, Gauge, type Registry } from "../../lib/metrics.js";
 import type { EngineMetrics, SequenceIds } from "../../lib/model_service.js";
-import type { DraftDistribution, Engine, SamplingParams, StepItem, StepResult } from "../../lib/native.js";
+import type { DraftDistribution, Engine, SamplingParams, StepItem } from "../../lib/native.js";
 import type { StepTimes } from "../../lib/step_times.js";
 import { decideEmission } from "./emission.js";
 
@@ -51,8 +57,11 @@ interface TargetSession {
   minEpoch: number;
   autoregressive: boolean;
   verifyWindow: number;
-  state: "opening" | "active" | "closing";
+  /** waiting: queued for KV room (new, or preempted); running: holds KV and takes part in steps. */
+  state: "waiting" | "running" | "closing";
   inEngine: boolean;
+  /** Order of admission: the most recently admitted running session is the first to be preempted. */
+  admittedAt: number;
 }
 
 type Work =
@@ -60,12 +69,14 @@ type Work =
   | { kind: "verify"; session: TargetSession; item: StepItem; proposals: Proposal[] };
 
 export class Verifier {
-  private readonly sessions = new Map<TargetEventSink, Map<number, TargetSession>>();
+  private readonly sessions = new SessionTable<TargetEventSink, TargetSession>();
   private readonly eos: Set<number>;
-  private wakeRequested = false;
-  private wakeUp: (() => void) | undefined;
-  private stopping = false;
-  private loopDone: Promise<void> | undefined;
+  private readonly loop: LoopDriver;
+  private steps = 0;
+  /** Sessions queued for KV room, first come first served (preempted ones go back to the front). */
+  private readonly waiting: TargetSession[] = [];
+  private admissions = 0;
+  private readonly preemptions: Counter;
   private readonly proposalsDropped: Counter;
   private readonly proposed: Counter;
   private readonly accepted: Counter;
@@ -81,6 +92,12 @@ export class Verifier {
     private readonly logger: Logger,
   ) {
     this.eos = new Set(engine.info.eosTokenIds);
+    this.loop = new LoopDriver(
+      "target",
+      logger,
+      () => this.iteration(),
+      () => this.drain(),
+    );
     this.proposalsDropped = new Counter({
       name: "pearl_target_proposals_dropped_tokens_total",
       help: "Proposed tokens dropped before verification, by reason",
@@ -97,6 +114,20 @@ export class Verifier {
       help: "Proposed tokens accepted",
       registers: [registry],
     });
+    const waiting = this.waiting;
+    new Gauge({
+      name: "pearl_sessions_waiting_sessions",
+      help: "Sessions queued for KV cache room",
+      registers: [registry],
+      collect() {
+        this.set(waiting.length);
+      },
+    });
+    this.preemptions = new Counter({
+      name: "pearl_target_preemptions_total",
+      help: "Sessions that gave their KV back to make room, to be recomputed later",
+      registers: [registry],
+    });
     this.verifySteps = new Counter({
       name: "pearl_target_verify_steps_total",
       help: "Per-session verifications of at least one proposed token",
@@ -105,28 +136,27 @@ export class Verifier {
   }
 
   start(): void {
-    this.loopDone = this.loop().catch((error: unknown) => {
-      this.logger.error("target loop stopped", { error: errorMessage(error) });
-    });
+    this.loop.start();
   }
 
-  async stop(): Promise<void> {
-    this.stopping = true;
-    this.wake();
-    await this.loopDone;
+  /** Stops the loop after the current step and frees every session. */
+  stop(): Promise<void> {
+    return this.loop.stop();
+  }
+
+  /** Why the engine loop stopped, if it failed. */
+  get failure(): string | undefined {
+    return this.loop.failure;
   }
 
   get activeSessions(): number {
-    let count = 0;
-    for (const streamSessions of this.sessions.values()) count += streamSessions.size;
-    return count;
+    return this.sessions.size;
   }
 
   // ---- messages from the gateway ----------------------------------------------------------------------
 
   open(sink: TargetEventSink, request: TargetOpen): void {
-    const streamSessions = this.streamSessions(sink);
-    if (streamSessions.has(request.sessionId)) {
+    if (this.sessions.get(sink, request.sessionId)) {
       sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
       return;
     }
@@ -137,7 +167,7 @@ export class Verifier {
     }
     const prompt = request.promptTokenIds;
     const contextLength = this.engine.info.maxPositionEmbeddings;
-    streamSessions.set(request.sessionId, {
+    const session: TargetSession = {
       sink,
       sessionId: request.sessionId,
       seqId: this.ids.allocate(),
@@ -155,10 +185,13 @@ export class Verifier {
       minEpoch: 0,
       autoregressive: request.autoregressive,
       verifyWindow: this.windowOf(request.verifyWindow),
-      state: "opening",
+      state: "waiting",
       inEngine: false,
-    });
-    this.wake();
+      admittedAt: 0,
+    };
+    this.sessions.add(sink, request.sessionId, session);
+    this.waiting.push(session);
+    this.loop.wake();
   }
 
   propose(sink: TargetEventSink, request: TargetPropose): void {
@@ -170,12 +203,18 @@ export class Verifier {
       return;
     }
     if (distributions.length !== 0 && distributions.length !== tokenIds.length) {
-      this.fail(session, `${tokenIds.length} proposed tokens came with ${distributions.length} distributions`);
+      this.fail(
+        session,
+        `${tokenIds.length} proposed tokens came with ${distributions.length} distributions`,
+      );
       return;
     }
     const badToken = tokenIds.find((token) => !this.inVocabulary(token));
     if (badToken !== undefined) {
-      this.fail(session, `proposed token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`);
+      this.fail(
+        session,
+        `proposed token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`,
+      );
       return;
     }
     const committed = session.tokens.length;
@@ -213,7 +252,7 @@ export class Verifier {
         distribution: distribution ? nativeDistribution(distribution) : undefined,
       });
     }
-    this.wake();
+    this.loop.wake();
   }
 
   update(sink: TargetEventSink, sessionId: number, autoregressive: boolean, verifyWindow: number): void {
@@ -221,101 +260,173 @@ export class Verifier {
     if (!session) return;
     session.autoregressive = autoregressive;
     session.verifyWindow = this.windowOf(verifyWindow);
-    this.wake();
+    this.loop.wake();
   }
 
   close(sink: TargetEventSink, sessionId: number): void {
     const session = this.lookup(sink, sessionId);
     if (!session) return;
     session.state = "closing";
-    this.wake();
+    this.loop.wake();
   }
 
   closeStream(sink: TargetEventSink): void {
-    const streamSessions = this.sessions.get(sink);
-    if (!streamSessions) return;
-    for (const session of streamSessions.values()) session.state = "closing";
-    this.wake();
+    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
+    this.loop.wake();
   }
 
   // ---- the loop ---------------------------------------------------------------------------------------
 
-  private async loop(): Promise<void> {
-    while (!this.stopping) {
-      this.wakeRequested = false;
-      await this.settleSessions();
-      const work = this.collectWork();
-      if (work.length === 0) {
-        await this.idle();
-        continue;
-      }
-      await this.runStep(work);
-    }
-    for (const streamSessions of this.sessions.values()) {
-      for (const session of streamSessions.values()) session.state = "closing";
-    }
+  /** One turn of the loop: engine bookkeeping and admissions, then one step over every session with work. */
+  private async iteration(): Promise<boolean> {
+    await this.settleSessions();
+    const work = this.collectWork();
+    if (work.length === 0) return false;
+    const fitting = await this.makeRoom(work);
+    if (fitting.length > 0) await this.runStep(fitting);
+    return true;
+  }
+
+  private async drain(): Promise<void> {
+    for (const session of this.sessions.all()) session.state = "closing";
     await this.settleSessions();
   }
 
   private async settleSessions(): Promise<void> {
-    for (const [sink, streamSessions] of this.sessions) {
-      for (const session of [...streamSessions.values()]) {
-        if (session.state === "closing") {
-          streamSessions.delete(session.sessionId);
-          if (session.inEngine) await this.engine.release(session.seqId);
-        } else if (!session.inEngine) {
-          await this.engine.addSequence(session.seqId);
-          session.inEngine = true;
-          session.state = "active";
-        }
+    for (const session of this.sessions.all()) {
+      if (session.state === "closing") {
+        this.sessions.delete(session.sink, session.sessionId);
+        const queued = this.waiting.indexOf(session);
+        if (queued >= 0) this.waiting.splice(queued, 1);
+        if (session.inEngine) await this.engine.release(session.seqId);
+      } else if (session.state === "running" && session.kvLength > this.prefillEnd(session)) {
+        // A step that emitted no token of the target's own left the last committed token in the KV;
+        // it is fed again in front of the next proposals.
+        session.kvLength = this.prefillEnd(session);
+        await this.engine.truncate(session.seqId, session.kvLength);
       }
-      if (streamSessions.size === 0) this.sessions.delete(sink);
     }
+    await this.admitWaiting();
+  }
+
+  /** Admits queued sessions while the KV cache has room for what they hold plus a verify window. */
+  private async admitWaiting(): Promise<void> {
+    if (this.waiting.length === 0) return;
+    const stats = await this.engine.cacheStats();
+    let free = stats.blocksFree;
+    while (this.waiting.length > 0) {
+      const session = this.waiting[0]!;
+      if (session.state !== "waiting") {
+        this.waiting.shift();
+        continue;
+      }
+      const need = this.blocksFor(session.tokens.length + session.verifyWindow + 1);
+      if (need > stats.blocksTotal) {
+        this.waiting.shift();
+        this.fail(session, `the session needs ${need} KV blocks; the cache holds ${stats.blocksTotal}`);
+        continue;
+      }
+      if (need > free && this.runningSessions().length > 0) return;
+      this.waiting.shift();
+      await this.engine.addSequence(session.seqId);
+      session.inEngine = true;
+      session.state = "running";
+      session.admittedAt = ++this.admissions;
+      free -= need;
+    }
+  }
+
+  /** Before a step: while its new KV blocks do not fit, the most recently admitted session gives its
+   * KV back and queues to be recomputed (its output does not change: sampling depends on the seed and
+   * the position only). */
+  private async makeRoom(work: Work[]): Promise<Work[]> {
+    for (;;) {
+      const stats = await this.engine.cacheStats();
+      const need = work.reduce((sum, w) => sum + this.newBlocks(w), 0);
+      const running = this.runningSessions();
+      if (need <= stats.blocksFree || running.length <= 1) return work;
+      const victim = running.reduce((a, b) => (a.admittedAt > b.admittedAt ? a : b));
+      this.preemptions.inc();
+      this.logger.debug("session preempted", {
+        sessionId: victim.sessionId,
+        blocksNeeded: need,
+        free: stats.blocksFree,
+      });
+      victim.state = "waiting";
+      victim.inEngine = false;
+      victim.kvLength = 0;
+      this.waiting.unshift(victim);
+      await this.engine.release(victim.seqId);
+      work = work.filter((w) => w.session !== victim);
+    }
+  }
+
+  private newBlocks(w: Work): number {
+    const before = w.session.kvLength;
+    return this.blocksFor(before + w.item.tokens.length) - this.blocksFor(before);
+  }
+
+  private blocksFor(tokens: number): number {
+    return Math.ceil(tokens / this.config.blockSize);
+  }
+
+  /** The KV a running session must hold before it can verify: its prompt when new (the prefill's last
+   * chunk yields the first token), every committed token but the last once it has emitted some. */
+  private prefillEnd(session: TargetSession): number {
+    return session.tokens.length > session.promptLength ? session.tokens.length - 1 : session.promptLength;
+  }
+
+  private runningSessions(): TargetSession[] {
+    return this.sessions.all().filter((session) => session.state === "running");
   }
 
   private collectWork(): Work[] {
     const work: Work[] = [];
     let prefillBudget = this.config.prefillChunk;
-    for (const streamSessions of this.sessions.values()) {
-      for (const session of streamSessions.values()) {
-        if (work.length >= this.config.maxBatch) return work;
-        if (session.state !== "active") continue;
-        if (session.kvLength < session.promptLength) {
-          if (prefillBudget === 0) continue;
-          const count = Math.min(prefillBudget, session.promptLength - session.kvLength);
-          prefillBudget -= count;
-          const last = session.kvLength + count === session.promptLength;
-          work.push({
-            kind: "prefill",
-            session,
-            last,
-            item: {
-              seqId: session.seqId,
-              tokens: Int32Array.from(session.tokens.slice(session.kvLength, session.kvLength + count)),
-              output: last ? "sample" : "none",
-              sampling: session.sampling,
-            },
-          });
-          continue;
-        }
-        const proposals = this.window(session);
-        const remaining = session.maxLength - session.tokens.length;
-        if (proposals.length === 0 && !session.autoregressive && remaining > 1) continue;
-        const withDistributions = proposals.length > 0 && proposals[0]!.distribution !== undefined;
+    for (const session of this.sessions.all()) {
+      if (work.length >= this.config.maxBatch) return work;
+      if (session.state !== "running") continue;
+      const prefillEnd = this.prefillEnd(session);
+      if (session.kvLength < prefillEnd) {
+        if (prefillBudget === 0) continue;
+        const count = Math.min(prefillBudget, prefillEnd - session.kvLength);
+        prefillBudget -= count;
+        // Only a new session's prompt ends in a sample (its first token); a recomputed one has it already.
+        const last =
+          session.kvLength + count === prefillEnd && session.tokens.length === session.promptLength;
         work.push({
-          kind: "verify",
+          kind: "prefill",
           session,
-          proposals,
+          last,
           item: {
             seqId: session.seqId,
-            tokens: Int32Array.from([session.tokens[session.tokens.length - 1]!, ...proposals.map((p) => p.token)]),
-            numDraft: proposals.length,
-            draftDists: withDistributions ? proposals.map((p) => p.distribution!) : undefined,
-            output: "sample",
+            tokens: Int32Array.from(session.tokens.slice(session.kvLength, session.kvLength + count)),
+            output: last ? "sample" : "none",
             sampling: session.sampling,
           },
         });
+        continue;
       }
+      const proposals = this.window(session);
+      const remaining = session.maxLength - session.tokens.length;
+      if (proposals.length === 0 && !session.autoregressive && remaining > 1) continue;
+      const withDistributions = proposals.length > 0 && proposals[0]!.distribution !== undefined;
+      work.push({
+        kind: "verify",
+        session,
+        proposals,
+        item: {
+          seqId: session.seqId,
+          tokens: Int32Array.from([
+            session.tokens[session.tokens.length - 1]!,
+            ...proposals.map((p) => p.token),
+          ]),
+          numDraft: proposals.length,
+          draftDists: withDistributions ? proposals.map((p) => p.distribution!) : undefined,
+          output: "sample",
+          sampling: session.sampling,
+        },
+      });
     }
     return work;
   }
@@ -333,21 +444,19 @@ export class Verifier {
 
   private async runStep(work: Work[]): Promise<void> {
     const started = performance.now();
-    let results: (StepResult | Error)[];
-    let batched = true;
-    try {
-      results = await this.engine.step(work.map((w) => w.item));
-    } catch (error) {
-      // The engine rejects a whole batch without changing anything; stepping each item alone tells the
-      // sessions at fault from the rest, which go on.
-      batched = false;
-      this.logger.warn("batched target step failed; retrying items one by one", { error: errorMessage(error) });
-      results = [];
-      for (const w of work) {
-        results.push(await this.engine.step([w.item]).then((r) => r[0]!, (e: unknown) => new Error(errorMessage(e))));
-      }
-    }
+    const { results, batched } = await stepIsolatingFailures(
+      this.engine,
+      work.map((w) => w.item),
+      this.logger,
+    );
     const ms = performance.now() - started;
+    this.steps += 1;
+    const step: StepReport = {
+      step: this.steps,
+      ms,
+      batchSize: work.length,
+      tokens: work.reduce((sum, w) => sum + w.item.tokens.length, 0),
+    };
     if (batched) {
       this.stepTimes.record(work.length, ms);
       this.metrics.observeStep(work.length, ms / 1000);
@@ -365,7 +474,7 @@ export class Verifier {
       session.kvLength = result.length;
       if (w.kind === "prefill") {
         this.metrics.stepTokens.inc({ kind: "prefill" }, w.item.tokens.length);
-        if (w.last) this.emit(session, [result.nextToken], 0, 0, ms, work.length);
+        if (w.last) this.emit(session, [result.nextToken], 0, 0, step);
         continue;
       }
       const proposed = w.proposals.length;
@@ -375,8 +484,13 @@ export class Verifier {
         this.proposed.inc(proposed);
         this.accepted.inc(result.accepted);
       }
-      const candidates = [...w.proposals.slice(0, result.accepted).map((p) => p.token), result.nextToken];
-      this.emit(session, candidates, proposed, result.accepted, ms, work.length);
+      const candidates = w.proposals.slice(0, result.accepted).map((p) => p.token);
+      // With a sampled draft, a bonus token would be a plain sample where a verification would have
+      // decided had the window been one longer, and window lengths depend on timing: emitting it would
+      // make seeded requests irreproducible. The next step verifies the draft's token there instead.
+      const sampledDraft = w.item.draftDists !== undefined;
+      if (!(sampledDraft && result.accepted === proposed)) candidates.push(result.nextToken);
+      this.emit(session, candidates, proposed, result.accepted, step);
     }
   }
 
@@ -386,8 +500,7 @@ export class Verifier {
     candidates: number[],
     proposed: number,
     accepted: number,
-    stepMs: number,
-    batchSize: number,
+    step: StepReport,
   ): void {
     const position = session.tokens.length;
     const emission = decideEmission(candidates, accepted, this.eos, session.maxLength - position);
@@ -400,12 +513,11 @@ export class Verifier {
       proposed,
       accepted: emission.accepted,
       finishReason: emission.finishReason,
-      stepMs,
-      batchSize,
+      step,
     });
     if (emission.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) {
       session.state = "closing";
-      this.wake();
+      this.loop.wake();
     }
   }
 
@@ -459,17 +571,8 @@ export class Verifier {
     return Number.isInteger(token) && token >= 0 && token < this.engine.info.vocabSize;
   }
 
-  private streamSessions(sink: TargetEventSink): Map<number, TargetSession> {
-    let streamSessions = this.sessions.get(sink);
-    if (!streamSessions) {
-      streamSessions = new Map();
-      this.sessions.set(sink, streamSessions);
-    }
-    return streamSessions;
-  }
-
   private lookup(sink: TargetEventSink, sessionId: number): TargetSession | undefined {
-    const session = this.sessions.get(sink)?.get(sessionId);
+    const session = this.sessions.get(sink, sessionId);
     return session && session.state !== "closing" ? session : undefined;
   }
 
@@ -477,21 +580,7 @@ export class Verifier {
     this.logger.warn("target session failed", { sessionId: session.sessionId, error: message });
     session.state = "closing";
     session.sink.failed(session.sessionId, message);
-    this.wake();
-  }
-
-  private wake(): void {
-    this.wakeRequested = true;
-    const wakeUp = this.wakeUp;
-    this.wakeUp = undefined;
-    wakeUp?.();
-  }
-
-  private async idle(): Promise<void> {
-    if (this.wakeRequested || this.stopping) return;
-    await new Promise<void>((resolve) => {
-      this.wakeUp = resolve;
-    });
+    this.loop.wake();
   }
 }
 

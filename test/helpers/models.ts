@@ -1,7 +1,15 @@
 // Model folders for the PEARL tests, made from the tiny random fixtures (test/fixtures, vocab 512).
 // Two unrelated random models almost never agree, which would leave the acceptance path untested; a
 // draft made by adding noise to the target's own weights agrees with it often but not always.
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -46,7 +54,8 @@ function normals(seed: number): () => number {
 export function perturbedModel(source: string, scale: number, seed: number): string {
   const dir = makeDir("perturbed");
   for (const file of readdirSync(source)) {
-    if (file.endsWith(".json") && file !== "reference.json") copyFileSync(join(source, file), join(dir, file));
+    if (file.endsWith(".json") && file !== "reference.json")
+      copyFileSync(join(source, file), join(dir, file));
   }
   const bytes = readFileSync(join(source, "model.safetensors"));
   const headerLength = Number(bytes.readBigUInt64LE(0));
@@ -58,7 +67,8 @@ export function perturbedModel(source: string, scale: number, seed: number): str
   const noise = normals(seed);
   for (const [name, tensor] of Object.entries(header)) {
     if (name === "__metadata__") continue;
-    if (tensor.dtype !== "F32") throw new Error(`${source}: ${name} is ${tensor.dtype}; only F32 fixtures can be perturbed`);
+    if (tensor.dtype !== "F32")
+      throw new Error(`${source}: ${name} is ${tensor.dtype}; only F32 fixtures can be perturbed`);
     const [begin, end] = tensor.data_offsets;
     const count = (end - begin) / 4;
     let sum = 0;

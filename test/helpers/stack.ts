@@ -2,6 +2,7 @@
 // loopback ports, and a gRPC client of the gateway.
 import { credentials, type ClientReadableStream } from "@grpc/grpc-js";
 import { CHANNEL_OPTIONS } from "../../lib/grpc.js";
+import { sampleValue } from "../../lib/metrics.js";
 import { type ServiceProcess, spawnService } from "../../lib/service_process.js";
 import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
 import { DraftServiceClient } from "../../proto/gen/pearl/v1/draft.js";
@@ -22,7 +23,18 @@ export interface RunningChild {
 }
 
 /** Two cores: each engine gets one thread, and only the batch sizes the tests use are profiled. */
-const MODEL_SERVICE_ARGS = ["--port", "0", "--http-port", "0", "--threads", "1", "--profile", "1,8", "--log-level", "warn"];
+const MODEL_SERVICE_ARGS = [
+  "--port",
+  "0",
+  "--http-port",
+  "0",
+  "--threads",
+  "1",
+  "--profile",
+  "1,8",
+  "--log-level",
+  "warn",
+];
 
 export interface StackOptions {
   draftModel: string;
@@ -45,8 +57,20 @@ export class Stack {
     const stack = new Stack(options);
     try {
       [stack.draft, stack.target] = await Promise.all([
-        stack.startChild(["draft", "--model", options.draftModel, ...MODEL_SERVICE_ARGS, ...(options.draftArgs ?? [])]),
-        stack.startChild(["target", "--model", options.targetModel, ...MODEL_SERVICE_ARGS, ...(options.targetArgs ?? [])]),
+        stack.startChild([
+          "draft",
+          "--model",
+          options.draftModel,
+          ...MODEL_SERVICE_ARGS,
+          ...(options.draftArgs ?? []),
+        ]),
+        stack.startChild([
+          "target",
+          "--model",
+          options.targetModel,
+          ...MODEL_SERVICE_ARGS,
+          ...(options.targetArgs ?? []),
+        ]),
       ]);
       stack.gateway = await stack.startChild([
         "gateway",
@@ -58,7 +82,9 @@ export class Stack {
       return stack;
     } catch (error) {
       await stack.stop();
-      throw new Error(`${(error as Error).message}\n--- service logs ---\n${stack.logs.slice(-40).join("\n")}`);
+      throw new Error(
+        `${(error as Error).message}\n--- service logs ---\n${stack.logs.slice(-40).join("\n")}`,
+      );
     }
   }
 
@@ -173,13 +199,17 @@ export function collect(call: ClientReadableStream<GenerateResponse>): Promise<G
 }
 
 /** Runs tasks with at most `limit` in flight, keeping results in order. */
-export async function inParallel<T, R>(items: T[], limit: number, run: (item: T) => Promise<R>): Promise<R[]> {
+export async function inParallel<T, R>(
+  items: T[],
+  limit: number,
+  run: (item: T, index: number) => Promise<R>,
+): Promise<R[]> {
   const results: R[] = new Array<R>(items.length);
   let next = 0;
   const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
     while (next < items.length) {
       const index = next++;
-      results[index] = await run(items[index]!);
+      results[index] = await run(items[index]!, index);
     }
   });
   await Promise.all(workers);
@@ -199,17 +229,5 @@ export function randomPrompts(count: number, minLength: number, maxLength: numbe
   });
 }
 
-/** The value of a Prometheus sample (sum over label sets matching `labels`, if given). */
-export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
-  let total = 0;
-  for (const line of text.split("\n")) {
-    if (line.startsWith("#")) continue;
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
-    if (!match || match[1] !== name) continue;
-    const labelText = match[2] ?? "";
-    if (Object.entries(labels).every(([key, value]) => labelText.includes(`${key}="${value}"`))) {
-      total += Number(match[3]);
-    }
-  }
-  return total;
-}
+/** The value of a Prometheus sample (summed over the label sets that include `labels`). */
+export const metricValue = sampleValue;

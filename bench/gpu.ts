@@ -1,0 +1,253 @@
+// CUDA backend benchmark (`npm run bench:gpu -- --models DIR[,DIR...]`), through the same Engine API the
+// services use, so every figure includes the host side of a step (metadata upload, logits copy-back and
+// sampling on the host). Per model: checkpoint load time; per-token decode latency at several batch
+// sizes; the cost of verify windows of 2, 4, 8 and 16 tokens relative to one decode step; prefill
+// tokens/s; and each decode figure as a fraction of the bandwidth floor (bytes read per step over the
+// card's measured read bandwidth, taken from tools/make_shapes.py's --baseline-json when given).
+//
+//   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
+//     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
+//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic]
+import { readFileSync, writeFileSync } from "node:fs";
+import { basename, join } from "node:path";
+import { parseArgs } from "node:util";
+
+import { Engine, type ModelInfo } from "../lib/native.js";
+
+function positiveIntegers(name: string, value: string): number[] {
+  const numbers = value.split(",").map(Number);
+  if (numbers.some((n) => !Number.isInteger(n) || n < 1)) {
+    throw new Error(`--${name} must be a comma list of positive integers, got ${value}`);
+  }
+  return numbers;
+}
+
+const { values: args } = parseArgs({
+  options: {
+    models: { type: "string" },
+    baseline: { type: "string" },
+    json: { type: "string" },
+    batch: { type: "string", default: "1,4,16,64" },
+    windows: { type: "string", default: "2,4,8,16" },
+    steps: { type: "string", default: "32" },
+    "prompt-length": { type: "string", default: "128" },
+    "prefill-length": { type: "string", default: "2048" },
+    variants: { type: "string", default: "default" },
+  },
+});
+if (!args.models)
+  throw new Error("--models DIR[,DIR...] is required (checkpoints from tools/make_shapes.py)");
+const modelDirs = args.models.split(",").filter((dir) => dir.length > 0);
+const batchSizes = positiveIntegers("batch", args.batch);
+const windowSizes = positiveIntegers("windows", args.windows);
+const [steps] = positiveIntegers("steps", args.steps);
+const [promptLength] = positiveIntegers("prompt-length", args["prompt-length"]);
+const [prefillLength] = positiveIntegers("prefill-length", args["prefill-length"]);
+const VARIANTS = {
+  default: {},
+  "no-graphs": { PEARL_CUDA_GRAPHS: "0" },
+  deterministic: { PEARL_CUDA_DETERMINISTIC: "1" },
+} as const;
+type Variant = keyof typeof VARIANTS;
+const variants = args.variants.split(",").map((name) => {
+  if (!(name in VARIANTS))
+    throw new Error(`--variants: unknown ${name} (known: ${Object.keys(VARIANTS).join(", ")})`);
+  return name as Variant;
+});
+
+interface Baseline {
+  device?: string;
+  bandwidth?: { read_bytes_per_s: number; copy_bytes_per_s: number };
+  shapes?: Record<string, { hf_eager_ms_per_token?: Record<string, number> }>;
+}
+const baseline: Baseline = args.baseline ? (JSON.parse(readFileSync(args.baseline, "utf8")) as Baseline) : {};
+const readBandwidth = baseline.bandwidth?.read_bytes_per_s;
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+}
+
+function tokens(count: number, seed: number, vocab: number): Int32Array {
+  return Int32Array.from({ length: count }, (_, i) => (seed * 7919 + i * 104729 + 13) % vocab);
+}
+
+async function timed<T>(body: () => Promise<T>): Promise<[T, number]> {
+  const start = process.hrtime.bigint();
+  const value = await body();
+  return [value, Number(process.hrtime.bigint() - start) / 1e6];
+}
+
+/** Bytes a decode step must read: every weight once (the lm_head included, the embedding table only when
+ * it is the lm_head) plus the KV of every row's context. */
+function bytesPerStep(dir: string, info: ModelInfo, batch: number, context: number): number {
+  const config = JSON.parse(readFileSync(join(dir, "config.json"), "utf8")) as {
+    tie_word_embeddings?: boolean;
+  };
+  const embedding = info.vocabSize * info.hiddenSize;
+  const readParameters = info.numParameters - (config.tie_word_embeddings ? 0 : embedding);
+  const kvPerToken = 2 * info.numLayers * info.numKvHeads * info.headDim * 2;
+  return readParameters * 2 + batch * context * kvPerToken;
+}
+
+interface DecodeResult {
+  batch: number;
+  msPerStep: number;
+  tokensPerS: number;
+  floorMs?: number;
+  fractionOfFloor?: number;
+}
+
+async function decode(engine: Engine, dir: string, batch: number): Promise<DecodeResult> {
+  const vocab = engine.info.vocabSize;
+  const ids = Array.from({ length: batch }, (_, i) => 10_000 + i);
+  for (const seqId of ids) await engine.addSequence(seqId);
+  const prefill = await engine.step(
+    ids.map((seqId) => ({ seqId, tokens: tokens(promptLength!, seqId, vocab) })),
+  );
+  let next = prefill.map((result) => result.nextToken);
+  const times: number[] = [];
+  for (let s = 0; s < steps! + 2; s++) {
+    const [results, ms] = await timed(() =>
+      engine.step(ids.map((seqId, i) => ({ seqId, tokens: Int32Array.of(next[i]!) }))),
+    );
+    next = results.map((result) => result.nextToken);
+    if (s >= 2) times.push(ms); // the first steps of a bucket capture its graph
+  }
+  for (const seqId of ids) await engine.release(seqId);
+  const msPerStep = median(times);
+  const result: DecodeResult = { batch, msPerStep, tokensPerS: (batch * 1000) / msPerStep };
+  if (readBandwidth) {
+    result.floorMs =
+      (bytesPerStep(dir, engine.info, batch, promptLength! + steps! / 2) / readBandwidth) * 1000;
+    result.fractionOfFloor = result.floorMs / msPerStep;
+  }
+  return result;
+}
+
+/** Median time of one verify step of `window` tokens (window - 1 drafts) on one sequence. */
+async function verify(engine: Engine, window: number): Promise<number> {
+  const vocab = engine.info.vocabSize;
+  const seqId = 20_000 + window;
+  await engine.addSequence(seqId);
+  const [prefill] = await engine.step([{ seqId, tokens: tokens(promptLength!, seqId, vocab) }]);
+  let last = prefill!.nextToken;
+  const times: number[] = [];
+  for (let s = 0; s < steps! + 2; s++) {
+    const window_tokens = Int32Array.from([last, ...tokens(window - 1, seqId + s, vocab)]);
+    const [results, ms] = await timed(() =>
+      engine.step([{ seqId, tokens: window_tokens, numDraft: window - 1 }]),
+    );
+    last = results[0]!.nextToken;
+    if (s >= 2) times.push(ms);
+  }
+  await engine.release(seqId);
+  return median(times);
+}
+
+async function prefill(engine: Engine): Promise<number> {
+  const vocab = engine.info.vocabSize;
+  const times: number[] = [];
+  for (let r = 0; r < 3; r++) {
+    const seqId = 30_000 + r;
+    await engine.addSequence(seqId);
+    const [, ms] = await timed(() =>
+      engine.step([{ seqId, tokens: tokens(prefillLength!, seqId, vocab), commit: false }]),
+    );
+    await engine.release(seqId);
+    times.push(ms);
+  }
+  return (prefillLength! * 1000) / median(times.slice(1));
+}
+
+interface ModelReport {
+  model: string;
+  variant: Variant;
+  loadS: number;
+  parameters: number;
+  decode: DecodeResult[];
+  verify: { window: number; ms: number; vsDecode: number }[];
+  prefillTokensPerS: number;
+  hfEagerMsPerToken?: Record<string, number>;
+}
+
+async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
+  const saved = new Map<string, string | undefined>();
+  for (const [key, value] of Object.entries(VARIANTS[variant])) {
+    saved.set(key, process.env[key]);
+    process.env[key] = value;
+  }
+  try {
+    const [engine, loadMs] = await timed(() => Engine.load({ modelDir: dir, backend: "cuda" }));
+    try {
+      const decodeResults: DecodeResult[] = [];
+      for (const batch of batchSizes) decodeResults.push(await decode(engine, dir, batch));
+      const oneRow = decodeResults.find((result) => result.batch === 1)?.msPerStep;
+      const verifyResults = [];
+      for (const window of windowSizes) {
+        const ms = await verify(engine, window);
+        verifyResults.push({ window, ms, vsDecode: oneRow ? ms / oneRow : Number.NaN });
+      }
+      return {
+        model: basename(dir),
+        variant,
+        loadS: loadMs / 1000,
+        parameters: engine.info.numParameters,
+        decode: decodeResults,
+        verify: verifyResults,
+        prefillTokensPerS: await prefill(engine),
+        hfEagerMsPerToken: baseline.shapes?.[basename(dir)]?.hf_eager_ms_per_token,
+      };
+    } finally {
+      await engine.close();
+    }
+  } finally {
+    for (const [key, value] of saved) {
+      if (value === undefined) delete process.env[key];
+      else process.env[key] = value;
+    }
+  }
+}
+
+function table(reports: ModelReport[]): string {
+  const lines = [
+    `card: ${baseline.device ?? "unknown"}; read bandwidth ${readBandwidth ? (readBandwidth / 1e12).toFixed(2) + " TB/s" : "not measured"}; prompt ${promptLength} tokens, ${steps} timed steps (median)`,
+    "",
+    "| model | variant | batch | ms/step | tok/s | floor ms | % of floor | HF eager ms/token |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ];
+  for (const report of reports) {
+    for (const result of report.decode) {
+      const hf = report.hfEagerMsPerToken?.[String(result.batch)];
+      lines.push(
+        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${result.fractionOfFloor ? (100 * result.fractionOfFloor).toFixed(0) + "%" : "-"} | ${hf?.toFixed(2) ?? "-"} |`,
+      );
+    }
+  }
+  lines.push(
+    "",
+    "| model | variant | load s | prefill tok/s | verify window: ms (x decode) |",
+    "| --- | --- | --- | --- | --- |",
+  );
+  for (const report of reports) {
+    const windows = report.verify
+      .map((v) => `${v.window}: ${v.ms.toFixed(3)} (${v.vsDecode.toFixed(2)}x)`)
+      .join("; ");
+    lines.push(
+      `| ${report.model} | ${report.variant} | ${report.loadS.toFixed(1)} | ${report.prefillTokensPerS.toFixed(0)} | ${windows} |`,
+    );
+  }
+  return lines.join("\n");
+}
+
+const reports: ModelReport[] = [];
+for (const dir of modelDirs) {
+  for (const variant of variants) {
+    const report = await benchModel(dir, variant);
+    reports.push(report);
+    console.log(JSON.stringify(report));
+  }
+}
+if (args.json) writeFileSync(args.json, JSON.stringify({ baseline, reports }, null, 1));
+console.log(table(reports));

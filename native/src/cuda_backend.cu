@@ -1,0 +1,648 @@
+#include "cuda_backend.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/check.h"
+#include "cuda/cublaslt.h"
+#include "ops/cuda_ops.cuh"
+#include "ops/ops.h"
+#include "weights.h"
+
+namespace pearl {
+
+namespace {
+
+using gpu::bf16;
+
+constexpr int kChunkRows = 256;    // rows per pass through the layers; bounds the activation scratch
+constexpr int kLogitRows = 64;     // rows per lm_head product; bounds the logits buffer
+constexpr int kGraphMaxRows = 64;  // steps of up to this many rows replay a captured CUDA graph
+constexpr std::array<int, 7> kGraphBuckets = {1, 2, 4, 8, 16, 32, 64};
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+constexpr double kDefaultCacheFraction = 0.45;  // of the memory left free after weights and scratch
+constexpr int64_t kDefaultCacheSequences = 64;  // full-context sequences the default cache is sized for
+
+bool env_flag(const char* name, bool fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  return std::strcmp(value, "0") != 0 && std::strcmp(value, "false") != 0;
+}
+
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  explicit DeviceMemory(size_t bytes) {
+    if (bytes > 0) PEARL_CUDA_CHECK(cudaMalloc(&pointer_, bytes));
+  }
+  ~DeviceMemory() { release(); }
+  DeviceMemory(DeviceMemory&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
+  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
+    if (this != &other) {
+      release();
+      pointer_ = other.pointer_;
+      other.pointer_ = nullptr;
+    }
+    return *this;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(pointer_);
+  }
+
+ private:
+  void release() {
+    if (pointer_ != nullptr) cudaFree(pointer_);
+    pointer_ = nullptr;
+  }
+  void* pointer_ = nullptr;
+};
+
+class PinnedMemory {
+ public:
+  PinnedMemory() = default;
+  explicit PinnedMemory(size_t bytes) {
+    if (bytes > 0) PEARL_CUDA_CHECK(cudaMallocHost(&pointer_, bytes));
+  }
+  ~PinnedMemory() { release(); }
+  PinnedMemory(PinnedMemory&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
+  PinnedMemory& operator=(PinnedMemory&& other) noexcept {
+    if (this != &other) {
+      release();
+      pointer_ = other.pointer_;
+      other.pointer_ = nullptr;
+    }
+    return *this;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(pointer_);
+  }
+
+ private:
+  void release() {
+    if (pointer_ != nullptr) cudaFreeHost(pointer_);
+    pointer_ = nullptr;
+  }
+  void* pointer_ = nullptr;
+};
+
+// Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN.
+uint16_t float_to_bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+std::string layer_prefix(int layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+struct DeviceLinear {
+  const bf16* weight = nullptr;
+  const float* bias = nullptr;  // null: no bias
+  int in = 0;
+  int out = 0;
+};
+
+struct DeviceLayer {
+  const float* input_norm = nullptr;
+  const float* post_attention_norm = nullptr;
+  const float* q_norm = nullptr;  // qk_norm models only
+  const float* k_norm = nullptr;
+  DeviceLinear qkv;  // q, k, v rows stacked, as on the CPU
+  DeviceLinear o;
+  DeviceLinear gate_up;
+  DeviceLinear down;
+};
+
+// Copies checkpoint tensors to the GPU: matrices as bf16 (bf16 checkpoints straight from the mapping),
+// norms and biases as float32.
+class WeightUploader {
+ public:
+  WeightUploader(const Checkpoint& checkpoint, std::vector<DeviceMemory>& owned)
+      : checkpoint_(checkpoint), owned_(owned) {}
+
+  const float* floats(const std::string& name) {
+    const std::vector<float> values = load_f32(tensor(name));
+    float* device = allocate<float>(values.size());
+    PEARL_CUDA_CHECK(cudaMemcpy(device, values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice));
+    return device;
+  }
+
+  const bf16* matrix(const std::string& name) {
+    const TensorInfo& info = tensor(name);
+    bf16* device = allocate<bf16>(static_cast<size_t>(info.num_elements));
+    upload_bf16(info, device);
+    return device;
+  }
+
+  // Several [rows_i, in] matrices stacked in order, with their biases when present.
+  DeviceLinear stacked(const std::vector<std::string>& parts, bool with_bias) {
+    DeviceLinear linear;
+    for (const std::string& part : parts) {
+      const TensorInfo& weight = tensor(part + ".weight");
+      linear.in = static_cast<int>(weight.shape[1]);
+      linear.out += static_cast<int>(weight.shape[0]);
+    }
+    bf16* weights = allocate<bf16>(static_cast<size_t>(linear.out) * static_cast<size_t>(linear.in));
+    float* biases = with_bias ? allocate<float>(static_cast<size_t>(linear.out)) : nullptr;
+    size_t row = 0;
+    for (const std::string& part : parts) {
+      const TensorInfo& weight = tensor(part + ".weight");
+      upload_bf16(weight, weights + row * static_cast<size_t>(linear.in));
+      if (with_bias) {
+        const std::vector<float> bias = load_f32(tensor(part + ".bias"));
+        PEARL_CUDA_CHECK(
+            cudaMemcpy(biases + row, bias.data(), bias.size() * sizeof(float), cudaMemcpyHostToDevice));
+      }
+      row += static_cast<size_t>(weight.shape[0]);
+    }
+    linear.weight = weights;
+    linear.bias = biases;
+    return linear;
+  }
+
+ private:
+  const TensorInfo& tensor(const std::string& name) const {
+    const TensorInfo* info = checkpoint_.find(name);
+    if (info == nullptr) throw std::runtime_error("missing tensor " + name);  // validate_checkpoint ran first
+    return *info;
+  }
+
+  template <typename T>
+  T* allocate(size_t count) {
+    owned_.emplace_back(count * sizeof(T));
+    return owned_.back().as<T>();
+  }
+
+  static void upload_bf16(const TensorInfo& info, bf16* device) {
+    if (info.dtype == DType::BF16) {
+      PEARL_CUDA_CHECK(cudaMemcpy(device, info.data, info.num_bytes, cudaMemcpyHostToDevice));
+      return;
+    }
+    const std::vector<float> values = load_f32(info);
+    std::vector<uint16_t> rounded(values.size());
+    for (size_t i = 0; i < values.size(); ++i) rounded[i] = float_to_bf16_bits(values[i]);
+    PEARL_CUDA_CHECK(cudaMemcpy(device, rounded.data(), rounded.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  }
+
+  const Checkpoint& checkpoint_;
+  std::vector<DeviceMemory>& owned_;
+};
+
+int select_device(const EngineOptions& options) {
+  if (options.devices.size() > 1) {
+    throw std::runtime_error("backend \"cuda\" runs on one GPU; tensor parallelism over " +
+                             std::to_string(options.devices.size()) + " devices is not implemented");
+  }
+  const int device = options.devices.empty() ? 0 : options.devices[0];
+  const int count = cuda_device_count();
+  if (device < 0 || device >= count) {
+    throw std::runtime_error("backend \"cuda\": device " + std::to_string(device) + " does not exist (" +
+                             std::to_string(count) + " CUDA devices visible)");
+  }
+  return device;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const ModelConfig& config, const Checkpoint& checkpoint, const EngineOptions& options)
+      : config_(config),
+        device_(select_device(options)),
+        block_size_(options.block_size),
+        deterministic_(env_flag("PEARL_CUDA_DETERMINISTIC", false)),
+        graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)) {
+    check_supported();
+    PEARL_CUDA_CHECK(cudaSetDevice(device_));
+    PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    load_weights(checkpoint);
+    allocate_scratch();
+    allocate_cache(options);
+  }
+
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    clear_graphs();
+    cublas_.reset();
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  const char* name() const override { return "cuda"; }
+  int num_blocks() const override { return num_blocks_; }
+
+  void copy_block(int32_t source, int32_t destination) override {
+    PEARL_CUDA_CHECK(cudaSetDevice(device_));
+    const size_t block_elements = static_cast<size_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      const gpu::DeviceKvLayer kv = kv_layer(layer);
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.k + destination * block_elements, kv.k + source * block_elements,
+                                       block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.v + destination * block_elements, kv.v + source * block_elements,
+                                       block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
+    }
+  }
+
+  void forward(const ForwardBatch& batch, float* logits) override {
+    const int rows = static_cast<int>(batch.tokens.size());
+    if (rows == 0) return;
+    PEARL_CUDA_CHECK(cudaSetDevice(device_));
+    const int bucket = graph_bucket(rows);
+    const int padded_rows = bucket > 0 ? bucket : rows;
+    stage_rows(batch, padded_rows);
+    if (bucket > 0) {
+      forward_graph(batch, bucket, logits);
+    } else {
+      forward_eager(batch, logits);
+    }
+    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+ private:
+  void check_supported() const {
+    const auto fail = [this](const std::string& what) {
+      throw std::runtime_error("backend \"cuda\" cannot run " + config_.architecture + ": " + what);
+    };
+    if (config_.num_kv_heads <= 0 || config_.num_heads % config_.num_kv_heads != 0) {
+      fail("num_attention_heads must be a multiple of num_key_value_heads");
+    }
+    if (!gpu::attention_supports(config_.head_dim, config_.num_heads / config_.num_kv_heads)) {
+      fail("head_dim " + std::to_string(config_.head_dim) + " with " +
+           std::to_string(config_.num_heads / config_.num_kv_heads) +
+           " query heads per KV head is not supported (head_dim 16, 32, 64, 128 or 256; at most 8 per KV head)");
+    }
+    for (const auto& [field, value] : {std::pair<const char*, int>{"hidden_size", config_.hidden_size},
+                                       {"intermediate_size", config_.intermediate_size},
+                                       {"num_attention_heads * head_dim", config_.num_heads * config_.head_dim}}) {
+      if (value % 8 != 0) fail(std::string(field) + " = " + std::to_string(value) + " is not a multiple of 8");
+    }
+    if (block_size_ <= 0) fail("block_size must be positive");
+  }
+
+  void load_weights(const Checkpoint& checkpoint) {
+    validate_checkpoint(config_, checkpoint);
+    WeightUploader upload(checkpoint, weights_);
+    embed_ = upload.matrix("model.embed_tokens.weight");
+    layers_.resize(static_cast<size_t>(config_.num_layers));
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      const std::string p = layer_prefix(layer);
+      DeviceLayer& w = layers_[static_cast<size_t>(layer)];
+      w.input_norm = upload.floats(p + "input_layernorm.weight");
+      w.post_attention_norm = upload.floats(p + "post_attention_layernorm.weight");
+      if (config_.qk_norm) {
+        w.q_norm = upload.floats(p + "self_attn.q_norm.weight");
+        w.k_norm = upload.floats(p + "self_attn.k_norm.weight");
+      }
+      w.qkv = upload.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"},
+                             config_.qkv_bias);
+      w.o = upload.stacked({p + "self_attn.o_proj"}, config_.o_bias);
+      w.gate_up = upload.stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, config_.mlp_bias);
+      w.down = upload.stacked({p + "mlp.down_proj"}, config_.mlp_bias);
+    }
+    final_norm_ = upload.floats("model.norm.weight");
+    lm_head_.in = config_.hidden_size;
+    lm_head_.out = config_.vocab_size;
+    lm_head_.weight = config_.tie_word_embeddings ? embed_ : upload.matrix("lm_head.weight");
+
+    const std::vector<float> inv_freq = ops::rope_inv_freq(config_.rope, config_.head_dim);
+    weights_.emplace_back(inv_freq.size() * sizeof(float));
+    inv_freq_ = weights_.back().as<float>();
+    PEARL_CUDA_CHECK(
+        cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  void allocate_scratch() {
+    const size_t rows = static_cast<size_t>(std::max(kChunkRows, kGraphMaxRows));
+    const size_t hidden = static_cast<size_t>(config_.hidden_size);
+    const size_t inter = static_cast<size_t>(config_.intermediate_size);
+    x_ = DeviceMemory(rows * hidden * sizeof(float));
+    normed_ = DeviceMemory(rows * hidden * sizeof(bf16));
+    qkv_ = DeviceMemory(rows * static_cast<size_t>(qkv_width()) * sizeof(float));
+    attended_ = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(bf16));
+    gate_up_ = DeviceMemory(rows * 2 * inter * sizeof(float));
+    activated_ = DeviceMemory(rows * inter * sizeof(bf16));
+    attention_scratch_ = DeviceMemory(
+        gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
+    device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
+    cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
+  }
+
+  void allocate_cache(const EngineOptions& options) {
+    const int64_t layer_block_elements =
+        static_cast<int64_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
+    const int64_t bytes_per_block = 2 * config_.num_layers * layer_block_elements * static_cast<int64_t>(sizeof(bf16));
+    if (options.num_blocks > 0) {
+      num_blocks_ = options.num_blocks;
+    } else {
+      size_t free_bytes = 0;
+      size_t total_bytes = 0;
+      PEARL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+      const int64_t affordable =
+          static_cast<int64_t>(static_cast<double>(free_bytes) * kDefaultCacheFraction) / bytes_per_block;
+      const int64_t wanted =
+          kDefaultCacheSequences * ((config_.max_position_embeddings + block_size_ - 1) / block_size_);
+      num_blocks_ = static_cast<int>(std::max<int64_t>(1, std::min(wanted, affordable)));
+    }
+    layer_elements_ = static_cast<size_t>(num_blocks_) * static_cast<size_t>(layer_block_elements);
+    const size_t bytes = 2 * static_cast<size_t>(config_.num_layers) * layer_elements_ * sizeof(bf16);
+    try {
+      kv_cache_ = DeviceMemory(bytes);
+    } catch (const std::exception& error) {
+      throw std::runtime_error("backend \"cuda\": a KV cache of " + std::to_string(num_blocks_) + " blocks (" +
+                               std::to_string(bytes >> 20) + " MiB) does not fit on device " +
+                               std::to_string(device_) + ": " + error.what());
+    }
+  }
+
+  int q_dim() const { return config_.num_heads * config_.head_dim; }
+  int kv_dim() const { return config_.num_kv_heads * config_.head_dim; }
+  int qkv_width() const { return q_dim() + 2 * kv_dim(); }
+
+  gpu::DeviceKvLayer kv_layer(int layer) const {
+    gpu::DeviceKvLayer kv;
+    kv.k = kv_cache_.as<bf16>() + (2 * static_cast<size_t>(layer)) * layer_elements_;
+    kv.v = kv.k + layer_elements_;
+    kv.block_size = block_size_;
+    kv.num_kv_heads = config_.num_kv_heads;
+    kv.head_dim = config_.head_dim;
+    return kv;
+  }
+
+  // 0 when the step runs eagerly, else the graph bucket (row count it is padded to).
+  int graph_bucket(int rows) const {
+    if (!graphs_enabled_ || rows > kGraphMaxRows) return 0;
+    for (int bucket : kGraphBuckets) {
+      if (rows <= bucket) return bucket;
+    }
+    return 0;
+  }
+
+  // Step metadata, one int32 array in device memory (and its pinned staging copy):
+  // [tokens | positions | slots | row_table | logit_index] (row_capacity_ each), table stride, block tables.
+  int32_t* meta_tokens() const { return meta_.as<int32_t>(); }
+  int32_t* meta_positions() const { return meta_tokens() + row_capacity_; }
+  int32_t* meta_slots() const { return meta_tokens() + 2 * row_capacity_; }
+  int32_t* meta_row_table() const { return meta_tokens() + 3 * row_capacity_; }
+  int32_t* meta_logit_index() const { return meta_tokens() + 4 * row_capacity_; }
+  int32_t* meta_stride() const { return meta_tokens() + 5 * row_capacity_; }
+  int32_t* meta_tables() const { return meta_stride() + 1; }
+
+  gpu::DeviceRows device_rows(int first_row) const {
+    gpu::DeviceRows rows;
+    rows.tokens = meta_tokens() + first_row;
+    rows.positions = meta_positions() + first_row;
+    rows.slots = meta_slots() + first_row;
+    rows.row_table = meta_row_table() + first_row;
+    rows.block_tables = meta_tables();
+    rows.table_stride = meta_stride();
+    return rows;
+  }
+
+  // Grows the metadata arrays; graphs captured with the old addresses are dropped.
+  void reserve_meta(int rows, int64_t table_ints) {
+    if (rows <= row_capacity_ && table_ints <= table_capacity_) return;
+    row_capacity_ = std::max({rows, kGraphMaxRows, 2 * row_capacity_});
+    table_capacity_ = std::max<int64_t>({table_ints, int64_t{1024}, 2 * table_capacity_});
+    const size_t bytes = (5 * static_cast<size_t>(row_capacity_) + 1 + static_cast<size_t>(table_capacity_)) *
+                         sizeof(int32_t);
+    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    clear_graphs();
+    meta_ = DeviceMemory(bytes);
+    staging_ = PinnedMemory(bytes);
+  }
+
+  // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
+  void stage_rows(const ForwardBatch& batch, int padded_rows) {
+    const int rows = static_cast<int>(batch.tokens.size());
+    size_t stride = 1;
+    for (const auto& table : batch.block_tables) stride = std::max(stride, table.size());
+    const int64_t table_ints = static_cast<int64_t>(batch.block_tables.size()) * static_cast<int64_t>(stride);
+    reserve_meta(padded_rows, table_ints);
+
+    int32_t* host = staging_.as<int32_t>();
+    const auto offset = [this](int32_t* device_pointer) { return device_pointer - meta_tokens(); };
+    for (int r = 0; r < padded_rows; ++r) {
+      const bool real = r < rows;
+      host[offset(meta_tokens()) + r] = real ? batch.tokens[static_cast<size_t>(r)] : 0;
+      host[offset(meta_positions()) + r] = real ? batch.positions[static_cast<size_t>(r)] : -1;
+      host[offset(meta_slots()) + r] = real ? batch.slots[static_cast<size_t>(r)] : -1;
+      host[offset(meta_row_table()) + r] = real ? batch.row_table[static_cast<size_t>(r)] : 0;
+    }
+    // Eager steps gather their logit rows chunk by chunk: the chunk-local row of every logit output,
+    // grouped by chunk in output order.
+    logit_groups_.assign((static_cast<size_t>(rows) + kChunkRows - 1) / kChunkRows, {});
+    for (size_t i = 0; i < batch.logit_rows.size(); ++i) {
+      logit_groups_[static_cast<size_t>(batch.logit_rows[i] / kChunkRows)].push_back(static_cast<int32_t>(i));
+    }
+    int32_t* logit_index = host + offset(meta_logit_index());
+    for (const auto& group : logit_groups_) {
+      for (int32_t output : group) *logit_index++ = batch.logit_rows[static_cast<size_t>(output)] % kChunkRows;
+    }
+    host[offset(meta_stride())] = static_cast<int32_t>(stride);
+    int32_t* tables = host + offset(meta_tables());
+    for (const auto& table : batch.block_tables) {
+      std::copy(table.begin(), table.end(), tables);
+      std::fill(tables + table.size(), tables + stride, 0);
+      tables += stride;
+    }
+    const size_t ints = static_cast<size_t>(offset(meta_tables()) + table_ints);
+    PEARL_CUDA_CHECK(cudaMemcpyAsync(meta_tokens(), host, ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  }
+
+  // y (+)= x W^T (+ b). Up to 16 rows, and always in deterministic mode, the batch-invariant kernel (16 rows
+  // at a time); otherwise cuBLASLt.
+  void matmul(const bf16* x, int rows, const DeviceLinear& linear, float* y, bool accumulate) {
+    if (rows <= gpu::kSkinnyMaxRows || deterministic_) {
+      for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
+        const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
+        gpu::skinny_matmul(x + static_cast<size_t>(first) * linear.in, count, linear.in, linear.weight, linear.bias,
+                           linear.out, y + static_cast<size_t>(first) * linear.out, accumulate, stream_);
+      }
+      return;
+    }
+    cublas_->matmul(x, rows, linear.in, linear.weight, linear.out, y, accumulate, stream_);
+    if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
+  }
+
+  // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
+  void run_layers(const gpu::DeviceRows& rows, int count) {
+    const int hidden = config_.hidden_size;
+    const float eps = static_cast<float>(config_.rms_norm_eps);
+    float* x = x_.as<float>();
+    bf16* normed = normed_.as<bf16>();
+    float* qkv = qkv_.as<float>();
+    gpu::embedding(embed_, hidden, rows.tokens, count, x, stream_);
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      const DeviceLayer& w = layers_[static_cast<size_t>(layer)];
+      gpu::rmsnorm(x, nullptr, count, hidden, w.input_norm, eps, normed, stream_);
+      matmul(normed, count, w.qkv, qkv, false);
+      gpu::rope(qkv, qkv_width(), count, config_.num_heads, config_.num_kv_heads, config_.head_dim, rows.positions,
+                inv_freq_, w.q_norm, w.k_norm, eps, stream_);
+      const gpu::DeviceKvLayer kv = kv_layer(layer);
+      gpu::kv_store(qkv + q_dim(), qkv + q_dim() + kv_dim(), qkv_width(), count, rows.slots, kv, stream_);
+      gpu::attention(qkv, qkv_width(), count, config_.num_heads, kv, rows, config_.sliding_window,
+                     attention_scratch_.as<float>(), attended_.as<bf16>(), stream_);
+      matmul(attended_.as<bf16>(), count, w.o, x, true);
+      gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, stream_);
+      matmul(normed, count, w.gate_up, gate_up_.as<float>(), false);
+      gpu::silu_mul(gate_up_.as<float>(), count, config_.intermediate_size, activated_.as<bf16>(), stream_);
+      matmul(activated_.as<bf16>(), count, w.down, x, true);
+    }
+  }
+
+  // Final norm of x_ rows (row_index, or the first `count` rows when null) and lm_head into device_logits_.
+  void compute_logits(const int32_t* row_index, int count) {
+    gpu::rmsnorm(x_.as<float>(), row_index, count, config_.hidden_size, final_norm_,
+                 static_cast<float>(config_.rms_norm_eps), normed_.as<bf16>(), stream_);
+    matmul(normed_.as<bf16>(), count, lm_head_, device_logits_.as<float>(), false);
+  }
+
+  // Copies device_logits_ row source_rows[i] to host row outputs[i], merging consecutive runs.
+  void copy_logits(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits) {
+    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+    size_t i = 0;
+    while (i < outputs.size()) {
+      size_t run = 1;
+      while (i + run < outputs.size() && source_rows[i + run] == source_rows[i] + static_cast<int32_t>(run) &&
+             outputs[i + run] == outputs[i] + static_cast<int32_t>(run)) {
+        ++run;
+      }
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(logits + static_cast<size_t>(outputs[i]) * vocab,
+                                       device_logits_.as<float>() + static_cast<size_t>(source_rows[i]) * vocab,
+                                       run * vocab * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      i += run;
+    }
+  }
+
+  void forward_eager(const ForwardBatch& batch, float* logits) {
+    const int rows = static_cast<int>(batch.tokens.size());
+    int32_t logit_offset = 0;
+    for (int first = 0; first < rows; first += kChunkRows) {
+      const int count = std::min(kChunkRows, rows - first);
+      run_layers(device_rows(first), count);
+      const std::vector<int32_t>& group = logit_groups_[static_cast<size_t>(first / kChunkRows)];
+      for (size_t begin = 0; begin < group.size(); begin += kLogitRows) {
+        const int n = static_cast<int>(std::min<size_t>(kLogitRows, group.size() - begin));
+        compute_logits(meta_logit_index() + logit_offset + begin, n);
+        std::vector<int32_t> source_rows(static_cast<size_t>(n));
+        for (int i = 0; i < n; ++i) source_rows[static_cast<size_t>(i)] = i;
+        copy_logits(source_rows,
+                    std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
+                                         group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
+                    logits);
+      }
+      logit_offset += static_cast<int32_t>(group.size());
+    }
+  }
+
+  // The whole step over `bucket` rows, logits of every row included (the row count is fixed per graph).
+  void enqueue_bucket(int bucket) {
+    run_layers(device_rows(0), bucket);
+    compute_logits(nullptr, bucket);
+  }
+
+  void forward_graph(const ForwardBatch& batch, int bucket, float* logits) {
+    const size_t index = static_cast<size_t>(
+        std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
+    if (graphs_[index] == nullptr) {
+      // The first step of a bucket runs eagerly (cuBLASLt plans and lazy module loads happen outside any
+      // capture), then the same work is captured for later steps.
+      enqueue_bucket(bucket);
+      capture(bucket, index);
+    } else {
+      PEARL_CUDA_CHECK(cudaGraphLaunch(graphs_[index], stream_));
+    }
+    std::vector<int32_t> outputs(batch.logit_rows.size());
+    for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
+    copy_logits(batch.logit_rows, outputs, logits);
+  }
+
+  void capture(int bucket, size_t index) {
+    cudaGraph_t graph = nullptr;
+    PEARL_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      enqueue_bucket(bucket);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      throw;
+    }
+    PEARL_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    const cudaError_t instantiated = cudaGraphInstantiate(&graphs_[index], graph, 0);
+    cudaGraphDestroy(graph);
+    PEARL_CUDA_CHECK(instantiated);
+  }
+
+  void clear_graphs() {
+    for (cudaGraphExec_t& graph : graphs_) {
+      if (graph != nullptr) cudaGraphExecDestroy(graph);
+      graph = nullptr;
+    }
+  }
+
+  ModelConfig config_;
+  int device_;
+  int block_size_;
+  bool deterministic_;
+  bool graphs_enabled_;
+  cudaStream_t stream_ = nullptr;
+
+  std::vector<DeviceMemory> weights_;
+  const bf16* embed_ = nullptr;
+  std::vector<DeviceLayer> layers_;
+  const float* final_norm_ = nullptr;
+  DeviceLinear lm_head_;
+  float* inv_freq_ = nullptr;
+
+  DeviceMemory x_;
+  DeviceMemory normed_;
+  DeviceMemory qkv_;
+  DeviceMemory attended_;
+  DeviceMemory gate_up_;
+  DeviceMemory activated_;
+  DeviceMemory attention_scratch_;
+  DeviceMemory device_logits_;
+  std::unique_ptr<gpu::CublasLtGemm> cublas_;
+
+  int num_blocks_ = 0;
+  size_t layer_elements_ = 0;
+  DeviceMemory kv_cache_;  // per layer: K then V, each [num_blocks, block_size, kv_heads, head_dim]
+
+  int row_capacity_ = 0;
+  int64_t table_capacity_ = 0;
+  DeviceMemory meta_;
+  PinnedMemory staging_;
+  std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
+
+  std::array<cudaGraphExec_t, kGraphBuckets.size()> graphs_{};
+};
+
+}  // namespace
+
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: not an error for "auto"
+    return 0;
+  }
+  return count;
+}
+
+std::unique_ptr<Backend> create_cuda_backend(const ModelConfig& config, const Checkpoint& checkpoint,
+                                             const EngineOptions& options) {
+  return std::make_unique<CudaBackend>(config, checkpoint, options);
+}
+
+}  // namespace pearl

@@ -1,0 +1,286 @@
+#include <cmath>
+
+#include "cuda_ops.cuh"
+
+namespace pearl::gpu {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGroup = 8;  // query heads per KV head
+constexpr int kVec = 8;       // bf16 values per 16-byte load
+
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&out)[kVec]) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __bfloat1622float2(pairs[i]);
+    out[2 * i] = pair.x;
+    out[2 * i + 1] = pair.y;
+  }
+}
+
+__device__ __forceinline__ int64_t kv_slot(const int32_t* table, int block_size, int position) {
+  return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+}
+
+// One CTA per (row, KV head, slot): all query heads of the KV head share each K/V load (GQA packing).
+// The CTA runs an online softmax over the splits slot, slot + kAttentionSlots, ... of the row's context
+// (in that order) and leaves an unnormalized partial state (acc, max, sum) in base-2 exponent units.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* __restrict__ q, int64_t q_stride,
+                                                                  int num_heads, DeviceKvLayer kv, DeviceRows batch,
+                                                                  int sliding_window, float scale_log2,
+                                                                  float* __restrict__ partial_acc,
+                                                                  float* __restrict__ partial_state) {
+  constexpr int kLanesPerKey = kHeadDim / kVec;  // lanes that share one key row in the score phase
+  constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+  constexpr int kKeyGroups = kThreads / kLanesPerKey;  // key interleave of the value phase
+  __shared__ float scores[kMaxGroup][kAttentionSplit];
+  __shared__ float alpha[kMaxGroup];
+  __shared__ float running_max[kMaxGroup];
+  __shared__ float running_sum[kMaxGroup];
+  __shared__ float reduce[kKeyGroups][kMaxGroup][kHeadDim];
+
+  const int row = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int slot = blockIdx.z;
+  const int group = num_heads / kv.num_kv_heads;
+  const int first_head = kv_head * group;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int position = batch.positions[row];
+  const int start = position >= 0 && sliding_window > 0 ? max(0, position - sliding_window + 1) : 0;
+  const int count = position >= 0 ? position - start + 1 : 0;
+  const int num_splits = (count + kAttentionSplit - 1) / kAttentionSplit;
+  const int64_t state_row = static_cast<int64_t>(row) * num_heads + first_head;
+
+  if (slot >= num_splits) {
+    if (threadIdx.x < group) {
+      float* state = partial_state + ((state_row + threadIdx.x) * kAttentionSlots + slot) * 2;
+      state[0] = -INFINITY;
+      state[1] = 0.0f;
+    }
+    return;
+  }
+  if (threadIdx.x < kMaxGroup) {
+    running_max[threadIdx.x] = -INFINITY;
+    running_sum[threadIdx.x] = 0.0f;
+  }
+
+  const int key_in_warp = lane / kLanesPerKey;
+  const int score_chunk = lane % kLanesPerKey;
+  float q_regs[kMaxGroup][kVec];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    const float* q_head = q + row * q_stride + static_cast<int64_t>(first_head + h) * kHeadDim + score_chunk * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) q_regs[h][j] = h < group ? q_head[j] * scale_log2 : 0.0f;
+  }
+
+  const int value_chunk = threadIdx.x % kLanesPerKey;
+  const int key_group = threadIdx.x / kLanesPerKey;
+  float acc[kMaxGroup][kVec];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc[h][j] = 0.0f;
+  }
+
+  const int32_t* table = batch.block_tables + static_cast<int64_t>(batch.row_table[row]) * *batch.table_stride;
+  const int64_t kv_row_width = static_cast<int64_t>(kv.num_kv_heads) * kHeadDim;
+  const bf16* k_base = kv.k + kv_head * kHeadDim;
+  const bf16* v_base = kv.v + kv_head * kHeadDim;
+  __syncthreads();
+
+  for (int split = slot; split < num_splits; split += kAttentionSlots) {
+    const int first = start + split * kAttentionSplit;
+    const int keys = min(kAttentionSplit, start + count - first);
+
+    // Scores: kLanesPerKey lanes per key, each a 16-byte slice of K, combined by shuffles.
+    for (int base = warp * kKeysPerWarp; base < keys; base += kWarps * kKeysPerWarp) {
+      const int key = base + key_in_warp;
+      float s[kMaxGroup];
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
+      if (key < keys) {
+        const int64_t kv_index = kv_slot(table, kv.block_size, first + key);
+        float k_values[kVec];
+        unpack_bf16x8(*reinterpret_cast<const uint4*>(k_base + kv_index * kv_row_width + score_chunk * kVec), k_values);
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) s[h] += q_regs[h][j] * k_values[j];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
+          s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
+        }
+      }
+      if (score_chunk == 0 && key < keys) {
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h) {
+          if (h < group) scores[h][key] = s[h];
+        }
+      }
+    }
+    __syncthreads();
+
+    // Softmax update, one warp per head: new running max, probabilities, rescale factor.
+    for (int h = warp; h < group; h += kWarps) {
+      float split_max = -INFINITY;
+      for (int key = lane; key < keys; key += 32) split_max = fmaxf(split_max, scores[h][key]);
+      split_max = warp_max(split_max);
+      const float old_max = running_max[h];
+      const float new_max = fmaxf(old_max, split_max);
+      float sum = 0.0f;
+      for (int key = lane; key < keys; key += 32) {
+        const float p = exp2f(scores[h][key] - new_max);
+        scores[h][key] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float rescale = exp2f(old_max - new_max);
+        alpha[h] = rescale;
+        running_sum[h] = running_sum[h] * rescale + sum;
+        running_max[h] = new_max;
+      }
+    }
+    __syncthreads();
+
+    // Values: each thread owns one 16-byte slice of the head for the keys of its key group.
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h < group) {
+        const float rescale = alpha[h];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[h][j] *= rescale;
+      }
+    }
+    for (int key = key_group; key < keys; key += kKeyGroups) {
+      const int64_t kv_index = kv_slot(table, kv.block_size, first + key);
+      float v_values[kVec];
+      unpack_bf16x8(*reinterpret_cast<const uint4*>(v_base + kv_index * kv_row_width + value_chunk * kVec), v_values);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h < group) {
+          const float p = scores[h][key];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) acc[h][j] += p * v_values[j];
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h < group) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) reduce[key_group][h][value_chunk * kVec + j] = acc[h][j];
+    }
+  }
+  __syncthreads();
+  for (int index = threadIdx.x; index < group * kHeadDim; index += kThreads) {
+    const int h = index / kHeadDim;
+    const int d = index % kHeadDim;
+    float sum = 0.0f;
+    for (int kg = 0; kg < kKeyGroups; ++kg) sum += reduce[kg][h][d];
+    partial_acc[((state_row + h) * kAttentionSlots + slot) * kHeadDim + d] = sum;
+  }
+  if (threadIdx.x < group) {
+    float* state = partial_state + ((state_row + threadIdx.x) * kAttentionSlots + slot) * 2;
+    state[0] = running_max[threadIdx.x];
+    state[1] = running_sum[threadIdx.x];
+  }
+}
+
+// Log-sum-exp merge of a (row, head)'s slots in slot order; a padding row (no keys) gets zeros.
+__global__ void attention_merge_kernel(const float* __restrict__ partial_acc, const float* __restrict__ partial_state,
+                                       int num_heads, int head_dim, bf16* __restrict__ out) {
+  const int row = blockIdx.x;
+  const int head = blockIdx.y;
+  const int d = threadIdx.x;
+  const int64_t base = (static_cast<int64_t>(row) * num_heads + head) * kAttentionSlots;
+  float max_all = -INFINITY;
+  for (int s = 0; s < kAttentionSlots; ++s) max_all = fmaxf(max_all, partial_state[(base + s) * 2]);
+  float value = 0.0f;
+  if (max_all != -INFINITY) {
+    float sum = 0.0f;
+    float weighted = 0.0f;
+    for (int s = 0; s < kAttentionSlots; ++s) {
+      const float slot_max = partial_state[(base + s) * 2];
+      if (slot_max == -INFINITY) continue;
+      const float weight = exp2f(slot_max - max_all);
+      sum += partial_state[(base + s) * 2 + 1] * weight;
+      weighted += partial_acc[(base + s) * head_dim + d] * weight;
+    }
+    value = weighted / sum;
+  }
+  out[(static_cast<int64_t>(row) * num_heads + head) * head_dim + d] = __float2bfloat16(value);
+}
+
+template <int kHeadDim>
+void launch_split(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
+                  const DeviceRows& batch, int sliding_window, float scale_log2, float* partial_acc,
+                  float* partial_state, cudaStream_t stream) {
+  const dim3 grid(rows, kv.num_kv_heads, kAttentionSlots);
+  attention_split_kernel<kHeadDim><<<grid, kThreads, 0, stream>>>(q, q_stride, num_heads, kv, batch, sliding_window,
+                                                                 scale_log2, partial_acc, partial_state);
+}
+
+}  // namespace
+
+bool attention_supports(int head_dim, int group) {
+  const bool known_head_dim = head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return known_head_dim && group >= 1 && group <= kMaxGroup;
+}
+
+size_t attention_scratch_floats(int rows, int num_heads, int head_dim) {
+  return static_cast<size_t>(rows) * num_heads * kAttentionSlots * (head_dim + 2);
+}
+
+void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
+               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  const int head_dim = kv.head_dim;
+  if (!attention_supports(head_dim, num_heads / kv.num_kv_heads)) {
+    throw std::logic_error("attention: unsupported head_dim " + std::to_string(head_dim) + " or grouping");
+  }
+  float* partial_acc = scratch;
+  float* partial_state = scratch + static_cast<size_t>(rows) * num_heads * kAttentionSlots * head_dim;
+  const float scale_log2 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)) * 1.4426950408889634);
+  switch (head_dim) {
+    case 16:
+      launch_split<16>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
+                       stream);
+      break;
+    case 32:
+      launch_split<32>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
+                       stream);
+      break;
+    case 64:
+      launch_split<64>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
+                       stream);
+      break;
+    case 128:
+      launch_split<128>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
+                        partial_state, stream);
+      break;
+    default:
+      launch_split<256>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
+                        partial_state, stream);
+      break;
+  }
+  check_launch("attention_split");
+  attention_merge_kernel<<<dim3(rows, num_heads), head_dim, 0, stream>>>(partial_acc, partial_state, num_heads,
+                                                                         head_dim, out);
+  check_launch("attention_merge");
+}
+
+}  // namespace pearl::gpu

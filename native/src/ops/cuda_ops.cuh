@@ -1,0 +1,109 @@
+// CUDA kernels of the forward pass, one per file beside its CPU twin (ops/<op>.cu next to ops/<op>.cpp).
+// Activations that feed a matrix product are bf16, the residual stream and every reduction are float32.
+//
+// Batch invariance (DESIGN §5) is kept the same way as on the CPU: a row's result is computed by the same
+// instructions in the same order whatever the number of rows in the launch. Every kernel here keeps that
+// rule; only the cuBLASLt path for more than 16 rows (cuda/cublaslt.cu) does not, which is why the
+// deterministic mode avoids it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace pearl::gpu {
+
+using bf16 = __nv_bfloat16;
+
+// One step's rows as the kernels see them, all arrays in device memory. Row r holds token tokens[r] at
+// position positions[r] (-1 marks a padding row of a CUDA-graph bucket: it writes no KV and attends to
+// nothing) of the sequence whose block table is block_tables[row_table[r] * *table_stride ...]; its K/V
+// go to slot slots[r] (skipped when negative). The stride lives in device memory so a captured graph
+// replays with tables of any length.
+struct DeviceRows {
+  const int32_t* tokens = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* slots = nullptr;
+  const int32_t* row_table = nullptr;
+  const int32_t* block_tables = nullptr;
+  const int32_t* table_stride = nullptr;
+};
+
+// Paged KV storage of one layer, bf16: [num_blocks, block_size, num_kv_heads, head_dim] for K and V.
+struct DeviceKvLayer {
+  bf16* k = nullptr;
+  bf16* v = nullptr;
+  int block_size = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+};
+
+// out[r, :] = float(table[tokens[r], :]).
+void embedding(const bf16* table, int dim, const int32_t* tokens, int rows, float* out, cudaStream_t stream);
+
+// out[i, :] = bf16(weight * (x[j] * rsqrt(mean(x[j]^2) + eps))) with j = row_index[i] (or i when row_index
+// is null); x rows are `dim` floats apart.
+void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
+             cudaStream_t stream);
+
+// Qwen3's per-head RMSNorm of q and k (when q_norm is not null) followed by the rotary embedding
+// ("rotate_half" pairing) of the first num_heads + num_kv_heads heads of each qkv row, in place.
+void rope(float* qkv, int64_t stride, int rows, int num_heads, int num_kv_heads, int head_dim,
+          const int32_t* positions, const float* inv_freq, const float* q_norm, const float* k_norm, float eps,
+          cudaStream_t stream);
+
+// Writes each row's K and V (float32, `stride` apart) as bf16 into its slot.
+void kv_store(const float* k, const float* v, int64_t stride, int rows, const int32_t* slots,
+              const DeviceKvLayer& kv, cudaStream_t stream);
+
+// Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states.
+constexpr int kAttentionSlots = 16;
+constexpr int kAttentionSplit = 64;  // keys per split; fixed, so a row's reduction order depends on its context only
+size_t attention_scratch_floats(int rows, int num_heads, int head_dim);
+
+// Causal grouped-query attention over the paged cache (decode rows, verify windows and prefill alike):
+// q rows are `q_stride` floats apart, out is bf16 [rows, num_heads * head_dim]. Split-KV: the context is cut
+// into kAttentionSplit-key splits spread over kAttentionSlots CTAs per (row, KV head), whose partial
+// softmax states are merged by log-sum-exp. The grid depends on the row count only (graph safe).
+void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
+               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, cudaStream_t stream);
+
+// Whether attention supports this head size and grouping (the kernels are instantiated per head size).
+bool attention_supports(int head_dim, int group);
+
+// out[r, i] = bf16(silu(gate_up[r, i]) * gate_up[r, inter + i]).
+void silu_mul(const float* gate_up, int rows, int inter, bf16* out, cudaStream_t stream);
+
+// y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
+// Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order
+// that depends on (n, k) only, so a row's result does not depend on the other rows.
+constexpr int kSkinnyMaxRows = 16;
+void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
+                   bool accumulate, cudaStream_t stream);
+
+// y[rows, n] += bias (the cuBLASLt path adds biases separately).
+void add_bias(float* y, int rows, int n, const float* bias, cudaStream_t stream);
+
+// Sum over the 32 lanes of a warp in a fixed butterfly order (every lane gets the result).
+__device__ __forceinline__ float warp_sum(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// Throws std::runtime_error naming `what` when the last launch failed.
+inline void check_launch(const char* what) {
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) {
+    throw std::runtime_error(std::string("CUDA kernel ") + what + " failed to launch: " + cudaGetErrorString(error));
+  }
+}
+
+}  // namespace pearl::gpu

@@ -1,0 +1,514 @@
+// The OpenAI-compatible REST API on the gateway's HTTP server: POST /v1/completions, POST
+// /v1/chat/completions (both with `stream` as server-sent events) and GET /v1/models. Requests become
+// Gateway.generate() calls; every usage object adds pearl's speculative-decoding counters. Errors use
+// OpenAI's body {error: {message, type, param, code}} so that OpenAI clients report them as such.
+import { randomUUID } from "node:crypto";
+import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
+import { ChatTemplate, ChatTemplateError } from "../../lib/chat_template.js";
+import { errorMessage, type Logger } from "../../lib/logging.js";
+import type { TextTokenizer } from "../../lib/tokenizer.js";
+import {
+  CancelledError,
+  type Gateway,
+  type GenerateChunk,
+  type GenerateInput,
+  InvalidRequestError,
+  UnavailableError,
+} from "./gateway.js";
+import {
+  type GenerationFields,
+  invalidRequest,
+  OpenAIError,
+  parseChatCompletionRequest,
+  parseCompletionRequest,
+} from "./openai_schema.js";
+
+export interface OpenAIApiOptions {
+  gateway: Gateway;
+  logger: Logger;
+  /** The folder with tokenizer_config.json (the chat template); "" when the gateway has no tokenizer. */
+  tokenizerDir: string;
+}
+
+/** Larger than any prompt that fits a long-context model's window as JSON text, small enough to refuse
+ * abuse before parsing it. */
+export const REQUEST_BODY_LIMIT_BYTES = 4 * 1024 * 1024;
+
+const REQUEST_ID_HEADER = "x-request-id";
+const REQUEST_ID_PATTERN = /^[\x21-\x7e]{1,128}$/;
+
+interface ServedModel {
+  id: string;
+  contextLength: number;
+  vocabSize: number;
+  /** Unix seconds: when this gateway started serving it. */
+  created: number;
+}
+
+interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  draft_tokens: number;
+  accepted_tokens: number;
+  target_steps: number;
+  mean_accepted_length: number;
+}
+
+type OpenAIFinishReason = "stop" | "length";
+
+/** What differs between the two generation endpoints' responses. */
+interface ResponseShape {
+  idPrefix: string;
+  object: string;
+  chunkObject: string;
+  choice(text: string, finishReason: OpenAIFinishReason): Record<string, unknown>;
+  /** The first streamed choice (chat announces the role), or undefined when none is due. */
+  openingChunkChoice(): Record<string, unknown> | undefined;
+  textChunkChoice(text: string): Record<string, unknown>;
+  finishChunkChoice(finishReason: OpenAIFinishReason): Record<string, unknown>;
+}
+
+const COMPLETION_SHAPE: ResponseShape = {
+  idPrefix: "cmpl-",
+  object: "text_completion",
+  chunkObject: "text_completion",
+  choice: (text, finishReason) => ({ index: 0, text, logprobs: null, finish_reason: finishReason }),
+  openingChunkChoice: () => undefined,
+  textChunkChoice: (text) => ({ index: 0, text, logprobs: null, finish_reason: null }),
+  finishChunkChoice: (finishReason) => ({ index: 0, text: "", logprobs: null, finish_reason: finishReason }),
+};
+
+const CHAT_SHAPE: ResponseShape = {
+  idPrefix: "chatcmpl-",
+  object: "chat.completion",
+  chunkObject: "chat.completion.chunk",
+  choice: (text, finishReason) => ({
+    index: 0,
+    message: { role: "assistant", content: text },
+    logprobs: null,
+    finish_reason: finishReason,
+  }),
+  openingChunkChoice: () => ({
+    index: 0,
+    delta: { role: "assistant", content: "" },
+    logprobs: null,
+    finish_reason: null,
+  }),
+  textChunkChoice: (text) => ({ index: 0, delta: { content: text }, logprobs: null, finish_reason: null }),
+  finishChunkChoice: (finishReason) => ({ index: 0, delta: {}, logprobs: null, finish_reason: finishReason }),
+};
+
+export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApiOptions): Promise<void> {
+  const api = await OpenAIApi.create(options);
+  await app.register(
+    async (scope) => {
+      scope.addHook("onRequest", async (request, reply) => api.assignRequestId(request, reply));
+      scope.setErrorHandler((error, request, reply) => api.sendError(request, reply, error));
+      scope.setNotFoundHandler((request, reply) =>
+        api.sendError(
+          request,
+          reply,
+          new OpenAIError(404, `unknown endpoint: ${request.method} ${request.url}`, "invalid_request_error"),
+        ),
+      );
+      scope.get("/models", async () => api.modelList());
+      scope.get<{ Params: { model: string } }>("/models/:model", async (request) =>
+        api.modelObject(request.params.model),
+      );
+      scope.post("/completions", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, (request, reply) =>
+        api.completions(request, reply),
+      );
+      scope.post("/chat/completions", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, (request, reply) =>
+        api.chatCompletions(request, reply),
+      );
+    },
+    { prefix: "/v1" },
+  );
+}
+
+class OpenAIApi {
+  private readonly requestIds = new WeakMap<FastifyRequest, string>();
+
+  private constructor(
+    private readonly gateway: Gateway,
+    private readonly logger: Logger,
+    private readonly model: ServedModel,
+    private readonly chatTemplate: ChatTemplate | undefined,
+  ) {}
+
+  static async create(options: OpenAIApiOptions): Promise<OpenAIApi> {
+    const target = (await options.gateway.info()).target.model;
+    if (!target) throw new Error("the target service did not describe its model");
+    const chatTemplate = options.tokenizerDir !== "" ? ChatTemplate.load(options.tokenizerDir) : undefined;
+    if (chatTemplate && !chatTemplate.available) {
+      options.logger.warn("chat completions unavailable", { reason: chatTemplate.unavailableReason });
+    }
+    return new OpenAIApi(
+      options.gateway,
+      options.logger,
+      {
+        id: target.modelId,
+        contextLength: target.maxPositionEmbeddings,
+        vocabSize: target.vocabSize,
+        created: Math.floor(Date.now() / 1000),
+      },
+      chatTemplate,
+    );
+  }
+
+  // ---- request ids and errors -------------------------------------------------------------------------
+
+  assignRequestId(request: FastifyRequest, reply: FastifyReply): void {
+    const given = request.headers[REQUEST_ID_HEADER];
+    const requestId = typeof given === "string" && REQUEST_ID_PATTERN.test(given) ? given : randomUUID();
+    this.requestIds.set(request, requestId);
+    void reply.header(REQUEST_ID_HEADER, requestId);
+    if (given !== undefined && given !== requestId) {
+      throw invalidRequest(
+        `the ${REQUEST_ID_HEADER} header must be 1 to 128 visible ASCII characters`,
+        REQUEST_ID_HEADER,
+      );
+    }
+  }
+
+  private requestId(request: FastifyRequest): string {
+    return this.requestIds.get(request) ?? randomUUID();
+  }
+
+  sendError(request: FastifyRequest, reply: FastifyReply, error: unknown): FastifyReply {
+    const openAIError = toOpenAIError(error);
+    const fields = {
+      requestId: this.requestId(request),
+      method: request.method,
+      url: request.url,
+      status: openAIError.status,
+      error: openAIError.message,
+    };
+    if (openAIError.status >= 500) this.logger.error("request failed", fields);
+    else this.logger.info("request rejected", fields);
+    reply.code(openAIError.status);
+    if (openAIError.code === "request_too_large") return sendAfterDraining(request, reply, openAIError.body());
+    return reply.send(openAIError.body());
+  }
+
+  // ---- models -------------------------------------------------------------------------------------------
+
+  modelList(): { object: "list"; data: Record<string, unknown>[] } {
+    return { object: "list", data: [this.modelEntry()] };
+  }
+
+  modelObject(id: string): Record<string, unknown> {
+    this.checkModel(id);
+    return this.modelEntry();
+  }
+
+  private modelEntry(): Record<string, unknown> {
+    return {
+      id: this.model.id,
+      object: "model",
+      created: this.model.created,
+      owned_by: "pearl",
+      max_model_len: this.model.contextLength,
+    };
+  }
+
+  private checkModel(id: string): void {
+    if (id !== this.model.id) {
+      throw new OpenAIError(
+        404,
+        `the model \`${id}\` does not exist: this server serves \`${this.model.id}\``,
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+      );
+    }
+  }
+
+  // ---- generation endpoints -----------------------------------------------------------------------------
+
+  async completions(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const body = parseCompletionRequest(jsonBody(request.body));
+    this.checkModel(body.model);
+    const tokenizer = this.requireTokenizer();
+    const promptTokenIds = typeof body.prompt === "string" ? tokenizer.encode(body.prompt) : body.prompt;
+    this.checkPrompt(promptTokenIds, body, "prompt");
+    await this.respond(request, reply, body, promptTokenIds, COMPLETION_SHAPE);
+  }
+
+  async chatCompletions(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const body = parseChatCompletionRequest(jsonBody(request.body));
+    this.checkModel(body.model);
+    const tokenizer = this.requireTokenizer();
+    if (!this.chatTemplate)
+      throw invalidRequest("this server has no tokenizer, so no chat template", "messages");
+    const prompt = this.chatTemplate.render(body.messages);
+    // The template already wrote the special tokens (a BOS, say) where the model expects them.
+    const promptTokenIds = tokenizer.encode(prompt, { addSpecialTokens: false });
+    this.checkPrompt(promptTokenIds, body, "messages");
+    await this.respond(request, reply, body, promptTokenIds, CHAT_SHAPE);
+  }
+
+  private requireTokenizer(): TextTokenizer {
+    const tokenizer = this.gateway.tokenizer;
+    if (!tokenizer) {
+      throw invalidRequest(
+        "this gateway runs without a tokenizer (--tokenizer), and the OpenAI API speaks text: " +
+          "use the gRPC Generate API with token ids",
+      );
+    }
+    return tokenizer;
+  }
+
+  private checkPrompt(
+    promptTokenIds: number[],
+    body: GenerationFields,
+    promptParam: "prompt" | "messages",
+  ): void {
+    const bad = promptTokenIds.findIndex((id) => id >= this.model.vocabSize);
+    if (bad >= 0) {
+      throw invalidRequest(
+        `prompt[${bad}] = ${promptTokenIds[bad]} is not a token id: the vocabulary has ${this.model.vocabSize}`,
+        "prompt",
+      );
+    }
+    if (promptTokenIds.length === 0)
+      throw invalidRequest(`the ${promptParam} encode to no tokens`, promptParam);
+    const context = this.model.contextLength;
+    if (promptTokenIds.length >= context) {
+      throw invalidRequest(
+        `this model's maximum context length is ${context} tokens, and the ${promptParam} take ` +
+          `${promptTokenIds.length}: shorten them to leave room for at least one generated token`,
+        promptParam,
+        "context_length_exceeded",
+      );
+    }
+    if (body.maxTokens !== undefined && promptTokenIds.length + body.maxTokens > context) {
+      throw invalidRequest(
+        `this model's maximum context length is ${context} tokens; you requested ` +
+          `${promptTokenIds.length + body.maxTokens} (${promptTokenIds.length} in the ${promptParam}, ` +
+          `${body.maxTokens} in the completion): lower max_tokens to at most ` +
+          `${context - promptTokenIds.length}`,
+        "max_tokens",
+        "context_length_exceeded",
+      );
+    }
+  }
+
+  private async respond(
+    request: FastifyRequest,
+    reply: FastifyReply,
+    body: GenerationFields,
+    promptTokenIds: number[],
+    shape: ResponseShape,
+  ): Promise<void> {
+    const requestId = this.requestId(request);
+    const input: GenerateInput = {
+      requestId,
+      promptTokenIds,
+      maxTokens: body.maxTokens,
+      temperature: body.temperature,
+      topP: body.topP,
+      topK: body.topK,
+      seed: body.seed,
+      mode: body.mode,
+      stop: body.stop,
+    };
+    const disconnect = abortOnDisconnect(reply);
+    const chunks = this.gateway.generate(input, disconnect.signal);
+    const header = {
+      id: `${shape.idPrefix}${requestId}`,
+      created: Math.floor(Date.now() / 1000),
+      model: this.model.id,
+    };
+    try {
+      if (body.stream) await this.stream(reply, chunks, shape, header, body.includeUsage, requestId);
+      else await this.complete(reply, chunks, shape, header);
+    } catch (error) {
+      // The client went away: there is no one to answer.
+      if (error instanceof CancelledError) {
+        if (!reply.sent) reply.hijack();
+        return;
+      }
+      throw error;
+    }
+  }
+
+  private async complete(
+    reply: FastifyReply,
+    chunks: AsyncGenerator<GenerateChunk>,
+    shape: ResponseShape,
+    header: { id: string; created: number; model: string },
+  ): Promise<void> {
+    let text = "";
+    let last: GenerateChunk | undefined;
+    for await (const chunk of chunks) {
+      text += chunk.text;
+      last = chunk;
+    }
+    const finish = finishOf(last);
+    reply.send({
+      ...header,
+      object: shape.object,
+      choices: [shape.choice(text, finish.reason)],
+      usage: finish.usage,
+    });
+  }
+
+  /**
+   * Server-sent events. The response starts only once the first tokens are there, so that a request the
+   * gateway refuses or cannot run still gets an ordinary error status.
+   */
+  private async stream(
+    reply: FastifyReply,
+    chunks: AsyncGenerator<GenerateChunk>,
+    shape: ResponseShape,
+    header: { id: string; created: number; model: string },
+    includeUsage: boolean,
+    requestId: string,
+  ): Promise<void> {
+    const iterator = chunks[Symbol.asyncIterator]();
+    let next = await iterator.next();
+    reply.hijack();
+    const raw = reply.raw;
+    raw.writeHead(200, {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-cache",
+      connection: "keep-alive",
+      [REQUEST_ID_HEADER]: requestId,
+    });
+    const send = (choices: Record<string, unknown>[], usage?: Usage): void => {
+      const event = {
+        ...header,
+        object: shape.chunkObject,
+        choices,
+        ...(includeUsage ? { usage: usage ?? null } : {}),
+      };
+      raw.write(`data: ${JSON.stringify(event)}\n\n`);
+    };
+    try {
+      const opening = shape.openingChunkChoice();
+      if (opening) send([opening]);
+      for (; !next.done; next = await iterator.next()) {
+        const chunk = next.value;
+        if (chunk.text !== "") send([shape.textChunkChoice(chunk.text)]);
+        if (chunk.finishReason === undefined) continue;
+        const finish = finishOf(chunk);
+        send([shape.finishChunkChoice(finish.reason)]);
+        if (includeUsage) send([], finish.usage);
+      }
+    } catch (error) {
+      if (error instanceof CancelledError) throw error;
+      const openAIError = toOpenAIError(error);
+      this.logger.error("stream failed", { requestId, error: openAIError.message });
+      raw.write(`data: ${JSON.stringify(openAIError.body())}\n\n`);
+    } finally {
+      if (!raw.destroyed) raw.end("data: [DONE]\n\n");
+    }
+  }
+}
+
+/** Aborts when the client closes the connection before the response is complete. */
+function abortOnDisconnect(reply: FastifyReply): AbortController {
+  const controller = new AbortController();
+  reply.raw.on("close", () => {
+    if (!reply.raw.writableFinished) controller.abort();
+  });
+  return controller;
+}
+
+/** A client still uploading a body we refused would see the connection reset (EPIPE) instead of the
+ * answer if we replied and closed at once: read the rest (and drop it) up to a bound, then reply. */
+const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+function sendAfterDraining(request: FastifyRequest, reply: FastifyReply, body: unknown): FastifyReply {
+  const upload = request.raw;
+  if (upload.readableEnded || upload.destroyed) return reply.send(body);
+  let drained = 0;
+  const send = (): void => {
+    upload.removeListener("data", onData);
+    if (!reply.sent) reply.send(body);
+  };
+  const onData = (chunk: Buffer): void => {
+    drained += chunk.length;
+    if (drained > DRAIN_LIMIT_BYTES) {
+      send();
+      upload.destroy();
+    }
+  };
+  upload.on("data", onData);
+  upload.once("end", send);
+  upload.once("error", send);
+  upload.resume();
+  return reply;
+}
+
+/** Fastify parses a body sent as text/plain into a string: say which content type JSON needs. */
+function jsonBody(body: unknown): unknown {
+  if (typeof body === "string") {
+    throw invalidRequest("the request body must be JSON sent with Content-Type: application/json");
+  }
+  return body;
+}
+
+function finishOf(chunk: GenerateChunk | undefined): { reason: OpenAIFinishReason; usage: Usage } {
+  if (!chunk?.usage || chunk.finishReason === undefined) {
+    throw new Error("the generation ended without a finish reason");
+  }
+  const usage = chunk.usage;
+  return {
+    reason: chunk.finishReason === FinishReason.FINISH_REASON_LENGTH ? "length" : "stop",
+    usage: {
+      prompt_tokens: usage.promptTokens,
+      completion_tokens: usage.completionTokens,
+      total_tokens: usage.promptTokens + usage.completionTokens,
+      draft_tokens: usage.draftTokens,
+      accepted_tokens: usage.acceptedTokens,
+      target_steps: usage.targetSteps,
+      mean_accepted_length: usage.meanAcceptedLength,
+    },
+  };
+}
+
+interface FastifyLikeError {
+  statusCode?: number;
+  code?: string;
+}
+
+export function toOpenAIError(error: unknown): OpenAIError {
+  if (error instanceof OpenAIError) return error;
+  if (error instanceof ChatTemplateError) return invalidRequest(error.message, "messages");
+  if (error instanceof InvalidRequestError) return invalidRequest(error.message);
+  if (error instanceof UnavailableError) {
+    return new OpenAIError(503, error.message, "server_error", null, "service_unavailable");
+  }
+  const { statusCode, code } = error as FastifyLikeError;
+  switch (code) {
+    case "FST_ERR_CTP_BODY_TOO_LARGE":
+      return new OpenAIError(
+        413,
+        `the request body is larger than the limit of ${REQUEST_BODY_LIMIT_BYTES} bytes`,
+        "invalid_request_error",
+        null,
+        "request_too_large",
+      );
+    case "FST_ERR_CTP_INVALID_JSON_BODY":
+    case "FST_ERR_CTP_EMPTY_JSON_BODY":
+      return invalidRequest(
+        `the request body is not valid JSON: ${errorMessage(error)}`,
+        null,
+        "invalid_json",
+      );
+    case "FST_ERR_CTP_INVALID_MEDIA_TYPE":
+      return new OpenAIError(
+        415,
+        "the request body must be JSON sent with Content-Type: application/json",
+        "invalid_request_error",
+      );
+  }
+  if (statusCode !== undefined && statusCode >= 400 && statusCode < 500) {
+    return new OpenAIError(statusCode, errorMessage(error), "invalid_request_error");
+  }
+  return new OpenAIError(500, `internal error: ${errorMessage(error)}`, "server_error");
+}

@@ -1,0 +1,321 @@
+// The OpenAI request bodies pearl accepts, checked field by field so that every mistake is answered with
+// a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
+// are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
+// not implement (n > 1, logprobs, tools, penalties...) are refused rather than silently dropped.
+import { DECODING_MODES, type DecodingMode } from "../../lib/config.js";
+import type { ChatMessage } from "../../lib/chat_template.js";
+
+export class OpenAIError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly type: string,
+    readonly param: string | null = null,
+    readonly code: string | null = null,
+  ) {
+    super(message);
+  }
+
+  body(): { error: { message: string; type: string; param: string | null; code: string | null } } {
+    return { error: { message: this.message, type: this.type, param: this.param, code: this.code } };
+  }
+}
+
+export function invalidRequest(message: string, param: string | null = null, code: string | null = null) {
+  return new OpenAIError(400, message, "invalid_request_error", param, code);
+}
+
+/** What both endpoints share. */
+export interface GenerationFields {
+  model: string;
+  /** undefined: the server's default (bounded by the context). */
+  maxTokens: number | undefined;
+  temperature: number | undefined;
+  topP: number | undefined;
+  topK: number | undefined;
+  seed: number | undefined;
+  stop: string[];
+  mode: DecodingMode | undefined;
+  stream: boolean;
+  includeUsage: boolean;
+}
+
+export interface CompletionRequest extends GenerationFields {
+  /** Text, or token ids. */
+  prompt: string | number[];
+}
+
+export interface ChatCompletionRequest extends GenerationFields {
+  messages: ChatMessage[];
+}
+
+export const MAX_STOP_STRINGS = 4;
+
+type Body = Record<string, unknown>;
+
+function describe(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  return typeof value === "object" ? "an object" : `${typeof value} ${JSON.stringify(value)}`;
+}
+
+export function requestObject(body: unknown): Body {
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw invalidRequest(`the request body must be a JSON object, got ${describe(body)}`);
+  }
+  return body as Body;
+}
+
+/** null and absent mean the same (clients send `"seed": null` for "not set"). */
+function present(body: Body, name: string): unknown {
+  const value = body[name];
+  return value === null ? undefined : value;
+}
+
+function requiredString(body: Body, name: string): string {
+  const value = present(body, name);
+  if (value === undefined) throw invalidRequest(`missing required field: ${name}`, name);
+  if (typeof value !== "string")
+    throw invalidRequest(`${name} must be a string, got ${describe(value)}`, name);
+  return value;
+}
+
+function optionalBoolean(body: Body, name: string, param = name): boolean | undefined {
+  const value = present(body, name);
+  if (value === undefined || typeof value === "boolean") return value;
+  throw invalidRequest(`${param} must be a boolean, got ${describe(value)}`, param);
+}
+
+interface NumberRule {
+  integer?: boolean;
+  min?: number;
+  max?: number;
+  /** The minimum itself is not allowed. */
+  exclusiveMin?: boolean;
+}
+
+function optionalNumber(body: Body, name: string, rule: NumberRule): number | undefined {
+  const value = present(body, name);
+  if (value === undefined) return undefined;
+  if (typeof value !== "number" || !Number.isFinite(value)) {
+    throw invalidRequest(`${name} must be a number, got ${describe(value)}`, name);
+  }
+  if (rule.integer && !Number.isSafeInteger(value)) {
+    throw invalidRequest(`${name} must be an integer, got ${value}`, name);
+  }
+  const { min, max } = rule;
+  const belowMin = min !== undefined && (rule.exclusiveMin ? value <= min : value < min);
+  if (belowMin || (max !== undefined && value > max)) {
+    const low = min === undefined ? "" : rule.exclusiveMin ? `> ${min}` : `>= ${min}`;
+    const high = max === undefined ? "" : `<= ${max}`;
+    throw invalidRequest(`${name} must be ${[low, high].filter(Boolean).join(" and ")}, got ${value}`, name);
+  }
+  return value;
+}
+
+/** Fields pearl does not implement are accepted only with the value that means "off". */
+function refuseUnless(body: Body, name: string, isOff: (value: unknown) => boolean, what: string): void {
+  const value = present(body, name);
+  if (value !== undefined && !isOff(value)) {
+    throw invalidRequest(`${name} is not supported: ${what}`, name, "unsupported_parameter");
+  }
+}
+
+const isFalse = (value: unknown): boolean => value === false;
+const isZero = (value: unknown): boolean => value === 0;
+const isOne = (value: unknown): boolean => value === 1;
+const isEmpty = (value: unknown): boolean =>
+  value === "" ||
+  (Array.isArray(value) && value.length === 0) ||
+  (typeof value === "object" && value !== null && Object.keys(value).length === 0);
+
+function refuseUnsupported(body: Body): void {
+  refuseUnless(body, "n", isOne, "pearl returns one choice per request (n must be 1)");
+  refuseUnless(body, "best_of", isOne, "pearl returns one choice per request (best_of must be 1)");
+  refuseUnless(body, "echo", isFalse, "the prompt is not echoed");
+  refuseUnless(body, "suffix", isEmpty, "insertion (suffix) is not supported");
+  refuseUnless(body, "logprobs", isFalse, "log probabilities are not returned");
+  refuseUnless(body, "top_logprobs", isZero, "log probabilities are not returned");
+  refuseUnless(body, "presence_penalty", isZero, "penalties would change the target's distribution");
+  refuseUnless(body, "frequency_penalty", isZero, "penalties would change the target's distribution");
+  refuseUnless(body, "logit_bias", isEmpty, "logit bias would change the target's distribution");
+  refuseUnless(body, "tools", isEmpty, "tool calling is not supported");
+  refuseUnless(body, "functions", isEmpty, "function calling is not supported");
+  refuseUnless(body, "tool_choice", (value) => value === "none", "tool calling is not supported");
+  refuseUnless(
+    body,
+    "response_format",
+    (value) => typeof value === "object" && value !== null && (value as { type?: unknown }).type === "text",
+    'only {"type": "text"} is supported',
+  );
+}
+
+function stopStrings(body: Body): string[] {
+  const value = present(body, "stop");
+  if (value === undefined) return [];
+  const list = typeof value === "string" ? [value] : value;
+  if (!Array.isArray(list) || list.some((item) => typeof item !== "string")) {
+    throw invalidRequest(`stop must be a string or a list of strings, got ${describe(value)}`, "stop");
+  }
+  const strings = list as string[];
+  if (strings.length > MAX_STOP_STRINGS) {
+    throw invalidRequest(`stop takes at most ${MAX_STOP_STRINGS} strings, got ${strings.length}`, "stop");
+  }
+  if (strings.some((item) => item === "")) throw invalidRequest("stop strings must not be empty", "stop");
+  return strings;
+}
+
+function decodingMode(body: Body): DecodingMode | undefined {
+  const value = present(body, "decoding");
+  if (value === undefined) return undefined;
+  if (typeof value !== "string" || !(DECODING_MODES as readonly string[]).includes(value)) {
+    throw invalidRequest(
+      `decoding must be one of ${DECODING_MODES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
+      "decoding",
+    );
+  }
+  return value as DecodingMode;
+}
+
+function includeUsage(body: Body, stream: boolean): boolean {
+  const options = present(body, "stream_options");
+  if (options === undefined) return false;
+  if (typeof options !== "object" || Array.isArray(options)) {
+    throw invalidRequest(`stream_options must be an object, got ${describe(options)}`, "stream_options");
+  }
+  if (!stream) throw invalidRequest("stream_options is only allowed with stream: true", "stream_options");
+  return optionalBoolean(options as Body, "include_usage", "stream_options.include_usage") ?? false;
+}
+
+function generationFields(body: Body, maxTokens: number | undefined): GenerationFields {
+  refuseUnsupported(body);
+  const stream = optionalBoolean(body, "stream") ?? false;
+  return {
+    model: requiredString(body, "model"),
+    maxTokens,
+    temperature: optionalNumber(body, "temperature", { min: 0, max: 2 }),
+    topP: optionalNumber(body, "top_p", { min: 0, exclusiveMin: true, max: 1 }),
+    // vLLM's convention: -1 (like 0) turns top-k off.
+    topK: normalizeTopK(optionalNumber(body, "top_k", { integer: true, min: -1 })),
+    seed: optionalNumber(body, "seed", { integer: true, min: 0 }),
+    stop: stopStrings(body),
+    mode: decodingMode(body),
+    stream,
+    includeUsage: includeUsage(body, stream),
+  };
+}
+
+function normalizeTopK(topK: number | undefined): number | undefined {
+  return topK === -1 ? 0 : topK;
+}
+
+const maxTokensRule: NumberRule = { integer: true, min: 1 };
+
+export function parseCompletionRequest(raw: unknown): CompletionRequest {
+  const body = requestObject(raw);
+  const fields = generationFields(body, optionalNumber(body, "max_tokens", maxTokensRule));
+  return { ...fields, prompt: completionPrompt(body) };
+}
+
+/** A string, token ids, or a list holding exactly one of those (pearl answers one prompt per request). */
+function completionPrompt(body: Body): string | number[] {
+  let prompt = present(body, "prompt");
+  if (prompt === undefined) throw invalidRequest("missing required field: prompt", "prompt");
+  if (
+    Array.isArray(prompt) &&
+    prompt.length === 1 &&
+    (typeof prompt[0] === "string" || Array.isArray(prompt[0]))
+  ) {
+    prompt = prompt[0];
+  }
+  if (typeof prompt === "string") {
+    if (prompt === "") throw invalidRequest("prompt must not be empty", "prompt");
+    return prompt;
+  }
+  if (
+    Array.isArray(prompt) &&
+    prompt.length > 0 &&
+    prompt.every((id) => Number.isSafeInteger(id) && id >= 0)
+  ) {
+    return prompt as number[];
+  }
+  if (Array.isArray(prompt) && prompt.length > 1 && prompt.every((item) => typeof item === "string")) {
+    throw invalidRequest("pearl takes one prompt per request, got a list of several", "prompt");
+  }
+  throw invalidRequest(
+    `prompt must be a non-empty string or a non-empty list of token ids, got ${describe(prompt)}`,
+    "prompt",
+  );
+}
+
+const CHAT_ROLES = new Set(["system", "developer", "user", "assistant"]);
+
+export function parseChatCompletionRequest(raw: unknown): ChatCompletionRequest {
+  const body = requestObject(raw);
+  // max_completion_tokens replaces max_tokens in the chat API; either is accepted.
+  const maxTokens =
+    optionalNumber(body, "max_completion_tokens", maxTokensRule) ??
+    optionalNumber(body, "max_tokens", maxTokensRule);
+  const fields = generationFields(body, maxTokens);
+  return { ...fields, messages: chatMessages(body) };
+}
+
+function chatMessages(body: Body): ChatMessage[] {
+  const value = present(body, "messages");
+  if (value === undefined) throw invalidRequest("missing required field: messages", "messages");
+  if (!Array.isArray(value))
+    throw invalidRequest(`messages must be a list, got ${describe(value)}`, "messages");
+  if (value.length === 0) throw invalidRequest("messages must not be empty", "messages");
+  return value.map((item: unknown, index) => chatMessage(item, `messages[${index}]`));
+}
+
+function chatMessage(item: unknown, param: string): ChatMessage {
+  if (typeof item !== "object" || item === null || Array.isArray(item)) {
+    throw invalidRequest(`${param} must be an object with role and content, got ${describe(item)}`, param);
+  }
+  const message = item as Body;
+  const role = message.role;
+  if (typeof role !== "string" || !CHAT_ROLES.has(role)) {
+    throw invalidRequest(
+      `${param}.role must be one of ${[...CHAT_ROLES].join(", ")}, got ${describe(role)}`,
+      `${param}.role`,
+    );
+  }
+  const name = present(message, "name");
+  if (name !== undefined && typeof name !== "string") {
+    throw invalidRequest(`${param}.name must be a string, got ${describe(name)}`, `${param}.name`);
+  }
+  return {
+    // Templates know "system"; "developer" is OpenAI's newer name for it.
+    role: role === "developer" ? "system" : role,
+    content: messageContent(message.content, `${param}.content`),
+    ...(name !== undefined ? { name: name as string } : {}),
+  };
+}
+
+/** A string, or a list of text parts [{type: "text", text}] joined in order. */
+function messageContent(content: unknown, param: string): string {
+  if (typeof content === "string") return content;
+  if (!Array.isArray(content)) {
+    throw invalidRequest(
+      `${param} must be a string or a list of text parts, got ${describe(content)}`,
+      param,
+    );
+  }
+  return content
+    .map((part: unknown, index) => {
+      const partParam = `${param}[${index}]`;
+      if (typeof part !== "object" || part === null || (part as Body).type !== "text") {
+        throw invalidRequest(`${partParam} must be a text part {"type": "text", "text": ...}`, partParam);
+      }
+      const text = (part as Body).text;
+      if (typeof text !== "string") {
+        throw invalidRequest(
+          `${partParam}.text must be a string, got ${describe(text)}`,
+          `${partParam}.text`,
+        );
+      }
+      return text;
+    })
+    .join("");
+}

@@ -1,0 +1,150 @@
+// The pearl command as a user runs it: `pearl serve` with the embedded model pair (text in, text out),
+// `pearl generate --local`, and a clear error when a model is missing.
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { credentials } from "@grpc/grpc-js";
+import { CHANNEL_OPTIONS } from "../lib/grpc.js";
+import { packageRoot } from "../lib/paths.js";
+import { pearlCommand, spawnService } from "../lib/service_process.js";
+import { GatewayClient } from "../proto/gen/pearl/v1/gateway.js";
+import { fixtureDir } from "./helpers/models.js";
+import { collect, generateRequest, MODES } from "./helpers/stack.js";
+
+function runPearl(args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const { command, args: base } = pearlCommand();
+  const result = spawnSync(command, [...base, ...args], { encoding: "utf8", timeout: 60_000 });
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+const EMBEDDED = join(packageRoot(), "models");
+
+describe("pearl command", () => {
+  test(
+    "pearl serve runs the embedded pair: text in, the same text out in every mode; SIGTERM stops it all",
+    { skip: !existsSync(join(EMBEDDED, "target", "tokenizer.json")) },
+    async () => {
+      const lines: string[] = [];
+      let gatewayReady: (ports: { grpcPort: number; httpPort: number }) => void = () => undefined;
+      const gatewayPorts = new Promise<{ grpcPort: number; httpPort: number }>(
+        (resolve) => (gatewayReady = resolve),
+      );
+      const serve = spawnService(
+        [
+          "serve",
+          ...["--port", "0", "--http-port", "0", "--log-level", "warn"],
+          ...["--draft-port", "0", "--draft-http-port", "0", "--draft-threads", "1", "--draft-profile", "1"],
+          ...[
+            "--target-port",
+            "0",
+            "--target-http-port",
+            "0",
+            "--target-threads",
+            "1",
+            "--target-profile",
+            "1",
+          ],
+        ],
+        {
+          stderr: "pipe",
+          onLine: (line) => {
+            lines.push(line);
+            if (line.includes('"listening"') && line.includes('"service":"gateway"')) {
+              gatewayReady(JSON.parse(line) as { grpcPort: number; httpPort: number });
+            }
+          },
+        },
+      );
+      try {
+        const ports = await Promise.race([
+          gatewayPorts,
+          serve.exited.then((code) => {
+            throw new Error(`pearl serve exited (${code}):\n${lines.join("\n")}`);
+          }),
+        ]);
+        const client = new GatewayClient(
+          `127.0.0.1:${ports.grpcPort}`,
+          credentials.createInsecure(),
+          CHANNEL_OPTIONS,
+        );
+        try {
+          const prompt = "def add(a, b):\n";
+          const request = { prompt, maxTokens: 24, temperature: 0 };
+          const ar = await collect(client.generate(generateRequest({ ...request, mode: MODES.ar })));
+          const texts: Record<string, string> = {};
+          for (const mode of ["ar", "pearl", "sd"] as const) {
+            const call = client.generate(generateRequest({ ...request, mode: MODES[mode] }));
+            let text = "";
+            call.on("data", (response: { text: string }) => (text += response.text));
+            const result = await collect(call);
+            assert.deepEqual(result.tokenIds, ar.tokenIds, mode);
+            texts[mode] = text;
+          }
+          assert.ok(texts.ar!.length > 0);
+          assert.equal(texts.pearl, texts.ar);
+          assert.equal(texts.sd, texts.ar);
+          const health = await fetch(`http://127.0.0.1:${ports.httpPort}/health`);
+          assert.equal(health.status, 200);
+        } finally {
+          client.close();
+        }
+        serve.child.kill("SIGTERM");
+        assert.equal(await serve.exited, 0);
+      } finally {
+        serve.child.kill("SIGKILL");
+      }
+    },
+  );
+
+  test("pearl generate --local prints a completion", () => {
+    const result = runPearl([
+      "generate",
+      "--local",
+      ...["--draft-model", fixtureDir("llama-gqa-f32"), "--target-model", fixtureDir("llama-gqa-f32")],
+      ...["--draft-threads", "1", "--target-threads", "1"],
+      ...["--prompt-ids", "5,6,7", "--max-tokens", "5", "--temperature", "0", "--mode", "pearl", "--json"],
+    ]);
+    assert.equal(result.status, 0, result.stderr);
+    const output = JSON.parse(result.stdout) as {
+      tokenIds: number[];
+      finishReason: string;
+      usage: { mode: number };
+    };
+    assert.equal(output.tokenIds.length, 5);
+    assert.equal(output.finishReason, "length");
+    assert.equal(output.usage.mode, MODES.pearl);
+  });
+
+  test("pearl bench --local measures every mode, with the same greedy output in each", () => {
+    const result = runPearl([
+      "bench",
+      "--local",
+      ...["--draft-model", fixtureDir("llama-gqa-f32"), "--target-model", fixtureDir("llama-gqa-f32")],
+      ...["--draft-threads", "1", "--target-threads", "1"],
+      ...["--concurrency", "1,3", "--requests", "3", "--max-tokens", "12", "--json"],
+    ]);
+    assert.equal(result.status, 0, result.stderr);
+    const rows = JSON.parse(result.stdout) as {
+      mode: string;
+      concurrency: number;
+      tokens: number;
+      targetStepMs: number;
+    }[];
+    assert.deepEqual(
+      rows.map((row) => `${row.concurrency}:${row.mode}`),
+      ["1:ar", "1:sd", "1:pearl", "3:ar", "3:sd", "3:pearl"],
+    );
+    for (const row of rows) {
+      assert.equal(row.tokens, 3 * 12);
+      assert.ok(row.targetStepMs > 0);
+    }
+  });
+
+  test("a service without a model says which flag to pass", () => {
+    const result = runPearl(["target", "--port", "0", "--http-port", "off"]);
+    assert.equal(result.status, 1);
+    assert.match(result.stdout, /no target model: pass --model <dir> \(or set PEARL_TARGET_MODEL\)/);
+  });
+});

@@ -1,0 +1,212 @@
+// The pieces of the PEARL services that are plain functions: exact finish, incremental detokenization,
+// configuration from flags and environment, and the draft-length tuner.
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { Command } from "commander";
+import winston from "winston";
+import {
+  addOptions,
+  DRAFT_SERVICE_OPTIONS,
+  GATEWAY_OPTIONS,
+  gatewayDefaults,
+  type OptionSpec,
+  readOptions,
+  TARGET_SERVICE_OPTIONS,
+  targetServiceDefaults,
+  toArgs,
+} from "../lib/config.js";
+import { Gauge, Registry } from "../lib/metrics.js";
+import { packageRoot } from "../lib/paths.js";
+import { TextTokenizer } from "../lib/tokenizer.js";
+import { FinishReason } from "../proto/gen/pearl/v1/common.js";
+import { decideEmission } from "../services/target/emission.js";
+import { Tuner } from "../services/gateway/tuner.js";
+
+describe("exact finish", () => {
+  const eos = new Set([2]);
+  const {
+    FINISH_REASON_STOP: STOP,
+    FINISH_REASON_LENGTH: LENGTH,
+    FINISH_REASON_UNSPECIFIED: GOING,
+  } = FinishReason;
+
+  test("emits accepted proposals and the target's token while nothing ends the sequence", () => {
+    assert.deepEqual(decideEmission([5, 6, 7], 2, eos, 10), {
+      tokens: [5, 6, 7],
+      accepted: 2,
+      finishReason: GOING,
+    });
+  });
+
+  test("an accepted EOS is the last token: nothing after it, even the target's own token", () => {
+    assert.deepEqual(decideEmission([5, 2, 7, 8], 3, eos, 10), {
+      tokens: [5, 2],
+      accepted: 2,
+      finishReason: STOP,
+    });
+  });
+
+  test("never more than max_tokens (or the context) allows", () => {
+    assert.deepEqual(decideEmission([5, 6, 7, 8], 3, eos, 2), {
+      tokens: [5, 6],
+      accepted: 2,
+      finishReason: LENGTH,
+    });
+    assert.deepEqual(decideEmission([5, 6, 7], 2, eos, 3), {
+      tokens: [5, 6, 7],
+      accepted: 2,
+      finishReason: LENGTH,
+    });
+  });
+
+  test("an EOS that is also the last allowed token is a stop", () => {
+    assert.deepEqual(decideEmission([5, 2], 1, eos, 2), { tokens: [5, 2], accepted: 1, finishReason: STOP });
+  });
+});
+
+describe("incremental detokenization", () => {
+  const tokenizerDir = join(packageRoot(), "models", "target");
+
+  test(
+    "streamed text equals the decoded whole, and never shows half a character",
+    { skip: !existsSync(join(tokenizerDir, "tokenizer.json")) },
+    () => {
+      const tokenizer = TextTokenizer.load(tokenizerDir)!;
+      const text = "def naïve(x):\n    return '日本語 — ünïcödé 🙂' * x  # ✓\n";
+      const ids = tokenizer.encode(text);
+      assert.equal(tokenizer.decode(ids), text);
+      const decoder = tokenizer.streamDecoder();
+      const pieces = ids.map((id) => decoder.push([id]));
+      pieces.push(decoder.flush());
+      assert.equal(pieces.join(""), text);
+      for (const piece of pieces)
+        assert.ok(!piece.includes("\uFFFD"), `a broken character in ${JSON.stringify(piece)}`);
+      // Several multi-byte characters span more than one token: some pushes must have held text back.
+      assert.ok(pieces.some((piece) => piece === ""));
+    },
+  );
+});
+
+describe("configuration", () => {
+  function parse<Config>(
+    specs: OptionSpec<Config>[],
+    argv: string[],
+    env: Record<string, string>,
+  ): Record<string, unknown> {
+    const saved = { ...process.env };
+    Object.assign(process.env, env);
+    try {
+      const command = new Command("t").exitOverride().configureOutput({ writeErr: () => undefined });
+      addOptions(command, specs);
+      command.parse(argv, { from: "user" });
+      return command.opts();
+    } finally {
+      for (const key of Object.keys(env)) delete process.env[key];
+      Object.assign(process.env, saved);
+    }
+  }
+
+  test("every flag has a PEARL_* environment variable, and the flag wins over it", () => {
+    for (const spec of [...DRAFT_SERVICE_OPTIONS, ...TARGET_SERVICE_OPTIONS, ...GATEWAY_OPTIONS]) {
+      assert.match(spec.env, /^PEARL_[A-Z_]+$/);
+    }
+    const values = parse(TARGET_SERVICE_OPTIONS, ["--threads", "3"], {
+      PEARL_TARGET_PORT: "1234",
+      PEARL_TARGET_THREADS: "1",
+      PEARL_TARGET_PROFILE: "off",
+    });
+    const config = readOptions(values, TARGET_SERVICE_OPTIONS);
+    assert.equal(config.grpcPort, 1234);
+    assert.equal(config.numThreads, 3);
+    assert.deepEqual(config.profileBatchSizes, []);
+    assert.equal(config.maxVerifyWindow, targetServiceDefaults().maxVerifyWindow);
+  });
+
+  test("a bad value is refused with a message saying what was expected", () => {
+    assert.throws(
+      () => parse(GATEWAY_OPTIONS, ["--mode", "fast"], {}),
+      /expected one of pearl, sd, ar, got "fast"/,
+    );
+    assert.throws(
+      () => parse(GATEWAY_OPTIONS, [], { PEARL_GATEWAY_PORT: "http" }),
+      /expected an integer in \[0, 65535\]/,
+    );
+  });
+
+  test("a config survives the trip through flags to a child process", () => {
+    const config = {
+      ...gatewayDefaults(),
+      grpcPort: 0,
+      httpPort: -1,
+      defaultMode: "sd" as const,
+      tokenizerDir: "/m",
+    };
+    assert.deepEqual(
+      readOptions(parse(GATEWAY_OPTIONS, toArgs(config, GATEWAY_OPTIONS), {}), GATEWAY_OPTIONS),
+      config,
+    );
+  });
+});
+
+describe("draft-length tuner", () => {
+  function tuner(): Tuner {
+    const registry = new Registry();
+    const gauge = (name: string) => new Gauge({ name, help: name, registers: [registry] });
+    const logger = winston.createLogger({ silent: true });
+    return new Tuner({ ...gatewayDefaults(), maxGamma: 16 }, logger, {
+      lookahead: gauge("l"),
+      verifyWindow: gauge("w"),
+      gamma: gauge("g"),
+      acceptance: gauge("a"),
+    });
+  }
+
+  function feed(t: Tuner, verifyMs: (tokens: number) => number, draftMs: number, acceptance: number): void {
+    for (let step = 1; step <= 400; step++) {
+      const tokens = 1 + (step % 12);
+      t.observeDraftStep({ step, ms: draftMs, batchSize: 1, tokens: 1 });
+      // Verdicts of 10 drafts whose first rejection comes after about acceptance/(1 - acceptance).
+      const accepted = Math.min(10, Math.round(acceptance / (1 - acceptance)));
+      t.observeVerification(10, accepted);
+      t.observeTargetStep({ step, ms: verifyMs(tokens), batchSize: 1, tokens });
+    }
+  }
+
+  test("a verify step as slow whatever its window gives PEARL's gamma = t_target / t_draft", () => {
+    const t = tuner();
+    feed(t, () => 8, 1, 0.99);
+    assert.equal(t.plan("pearl").verifyWindow, 8);
+    assert.equal(t.plan("pearl").lookahead, 16);
+  });
+
+  test("when verification costs grow with the window, the window stays short", () => {
+    const t = tuner();
+    feed(t, (tokens) => 0.2 + 1 * tokens, 0.25, 0.6);
+    assert.ok(t.plan("pearl").verifyWindow <= 2, `window ${t.plan("pearl").verifyWindow}`);
+  });
+
+  test("sd keeps its fixed gamma; pins win over measurements", () => {
+    const t = tuner();
+    feed(t, () => 8, 1, 0.99);
+    assert.deepEqual(t.plan("sd"), {
+      lookahead: gatewayDefaults().sdGamma,
+      verifyWindow: gatewayDefaults().sdGamma,
+    });
+    const registry = new Registry();
+    const gauge = (name: string) => new Gauge({ name, help: name, registers: [registry] });
+    const pinned = new Tuner(
+      { ...gatewayDefaults(), lookahead: 5, verifyWindow: 3 },
+      winston.createLogger({ silent: true }),
+      {
+        lookahead: gauge("l"),
+        verifyWindow: gauge("w"),
+        gamma: gauge("g"),
+        acceptance: gauge("a"),
+      },
+    );
+    feed(pinned, () => 8, 1, 0.99);
+    assert.deepEqual(pinned.plan("pearl"), { lookahead: 5, verifyWindow: 3 });
+  });
+});
