@@ -189,7 +189,8 @@ class OpenAIApi {
     if (openAIError.status >= 500) this.logger.error("request failed", fields);
     else this.logger.info("request rejected", fields);
     reply.code(openAIError.status);
-    if (openAIError.code === "request_too_large") return sendAfterDraining(request, reply, openAIError.body());
+    if (openAIError.code === "request_too_large")
+      return sendAfterDraining(request, reply, openAIError.body());
     return reply.send(openAIError.body());
   }
 
