@@ -1,7 +1,12 @@
 // What the draft and target services' engine loops share: the sessions of every gateway stream, a loop
-// that sleeps until a message wakes it, and a batched step that tells failing sessions from the rest.
+// that sleeps until a message wakes it, a batched step that tells failing sessions from the rest, and
+// SessionLoop, the part of a service's engine loop that does not depend on what its sessions do.
+import type { SamplingParams as SamplingParamsProto, StepReport } from "../proto/gen/pearl/v1/common.js";
 import { errorMessage, type Logger } from "./logging.js";
-import type { Engine, StepItem, StepResult } from "./native.js";
+import type { Registry } from "./metrics.js";
+import type { EngineMetrics, SequenceIds } from "./model_service.js";
+import type { Engine, SamplingParams, StepItem, StepResult } from "./native.js";
+import type { StepTimes } from "./step_times.js";
 
 /** Sessions by the stream that opened them and by the id the gateway gave them (ids are per stream). */
 export class SessionTable<Sink, Session> {
@@ -128,5 +133,259 @@ export async function stepIsolatingFailures(
       );
     }
     return { results, batched: false };
+  }
+}
+
+/** What the gRPC side of a model service asks of its engine loop. */
+export interface SessionCore<Sink, Open> {
+  readonly activeSessions: number;
+  /** Why the engine loop stopped, if it failed: the service is then unhealthy. */
+  readonly failure: string | undefined;
+  start(): void;
+  /** Stops the loop after the current step and frees every session. */
+  stop(): Promise<void>;
+  open(sink: Sink, request: Open): void;
+  close(sink: Sink, sessionId: number): void;
+  /** The stream ended: its sessions end with it. */
+  closeStream(sink: Sink): void;
+}
+
+/** Where a session's events go: the gateway stream that opened it. */
+export interface SessionSink {
+  failed(sessionId: number, message: string): void;
+}
+
+/** What every engine-loop session holds, whatever its service. */
+export interface LoopSession<Sink> {
+  readonly sink: Sink;
+  readonly sessionId: number;
+  readonly seqId: number;
+  /** "closing": the next bookkeeping frees the session; the other states are the service's own. */
+  state: string;
+  /** Whether the engine holds a sequence for it. */
+  inEngine: boolean;
+}
+
+/** What an engine loop works with: the service's engine and its instruments. */
+export interface EngineLoopParts {
+  engine: Engine;
+  ids: SequenceIds;
+  stepTimes: StepTimes;
+  metrics: EngineMetrics;
+  registry: Registry;
+  logger: Logger;
+}
+
+/** A request's sampling parameters for the engine; those not given are greedy, with no top-k or top-p cut. */
+export function samplingParamsOf(sampling: SamplingParamsProto | undefined): SamplingParams {
+  return {
+    temperature: sampling?.temperature ?? 0,
+    topK: sampling?.topK ?? 0,
+    topP: sampling?.topP || 1,
+    seed: sampling?.seed ?? 0,
+  };
+}
+
+/** One session's part of a batched step. */
+export interface SessionWork<Session> {
+  session: Session;
+  item: StepItem;
+}
+
+/**
+ * The engine loop of a model service, but for what its sessions hold and what their steps do: sessions
+ * opened and closed by gateway streams, a session's failure, and the turn of the loop (bookkeeping, then
+ * one timed batched step over every session with work).
+ */
+export abstract class SessionLoop<
+  Sink extends SessionSink,
+  Session extends LoopSession<Sink>,
+  Open extends { sessionId: number },
+  Work extends SessionWork<Session>,
+> implements SessionCore<Sink, Open> {
+  protected readonly sessions = new SessionTable<Sink, Session>();
+  protected readonly engine: Engine;
+  protected readonly ids: SequenceIds;
+  protected readonly metrics: EngineMetrics;
+  protected readonly logger: Logger;
+  protected readonly eos: Set<number>;
+  protected readonly loop: LoopDriver;
+  private readonly stepTimes: StepTimes;
+  private steps = 0;
+
+  constructor(
+    private readonly role: "draft" | "target",
+    parts: EngineLoopParts,
+  ) {
+    this.engine = parts.engine;
+    this.ids = parts.ids;
+    this.metrics = parts.metrics;
+    this.logger = parts.logger;
+    this.stepTimes = parts.stepTimes;
+    this.eos = new Set(parts.engine.info.eosTokenIds);
+    this.loop = new LoopDriver(
+      role,
+      parts.logger,
+      () => this.iteration(),
+      () => this.drain(),
+    );
+  }
+
+  start(): void {
+    this.loop.start();
+  }
+
+  stop(): Promise<void> {
+    return this.loop.stop();
+  }
+
+  get failure(): string | undefined {
+    return this.loop.failure;
+  }
+
+  get activeSessions(): number {
+    return this.sessions.size;
+  }
+
+  // ---- messages from the gateway ----------------------------------------------------------------------
+
+  /** Opens a session, unless the stream already has one by that id or the request is bad. */
+  open(sink: Sink, request: Open): Session | undefined {
+    if (this.sessions.get(sink, request.sessionId)) {
+      sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
+      return undefined;
+    }
+    const problem = this.checkOpen(request);
+    if (problem) {
+      sink.failed(request.sessionId, problem);
+      return undefined;
+    }
+    const session = this.createSession(sink, request);
+    this.sessions.add(sink, request.sessionId, session);
+    this.loop.wake();
+    return session;
+  }
+
+  close(sink: Sink, sessionId: number): void {
+    const session = this.lookup(sink, sessionId);
+    if (!session) return;
+    session.state = "closing";
+    this.loop.wake();
+  }
+
+  closeStream(sink: Sink): void {
+    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
+    this.loop.wake();
+  }
+
+  // ---- what each service does its own way -------------------------------------------------------------
+
+  /** Why the request cannot open a session, if it cannot. */
+  protected abstract checkOpen(request: Open): string | undefined;
+
+  protected abstract createSession(sink: Sink, request: Open): Session;
+
+  /** Engine bookkeeping between steps, freeing the closing sessions (remove) among it. */
+  protected abstract settleSessions(): Promise<void>;
+
+  /** What the next step does: the sessions with work, each with its step item. */
+  protected abstract collectWork(): Work[];
+
+  /** Runs one step over the work (step), then acts on its results (succeeded). */
+  protected abstract runStep(work: Work[]): Promise<void>;
+
+  // ---- the loop ---------------------------------------------------------------------------------------
+
+  /** One turn of the loop; false when it found nothing to do. */
+  private async iteration(): Promise<boolean> {
+    await this.settleSessions();
+    const work = this.collectWork();
+    if (work.length === 0) return false;
+    await this.runStep(work);
+    return true;
+  }
+
+  private async drain(): Promise<void> {
+    for (const session of this.sessions.all()) session.state = "closing";
+    await this.settleSessions();
+  }
+
+  /** Forgets a closing session and frees its engine sequence. */
+  protected async remove(session: Session): Promise<void> {
+    this.sessions.delete(session.sink, session.sessionId);
+    if (session.inEngine) await this.engine.release(session.seqId);
+  }
+
+  /** One batched step, timed: a real batched step feeds the step-time figures and the metrics. */
+  protected async step(work: Work[]): Promise<{ results: (StepResult | Error)[]; report: StepReport }> {
+    const items = work.map((w) => w.item);
+    const started = performance.now();
+    const { results, batched } = await stepIsolatingFailures(this.engine, items, this.logger);
+    const ms = performance.now() - started;
+    if (batched) {
+      this.stepTimes.record(items.length, ms);
+      this.metrics.observeStep(items.length, ms / 1000);
+    }
+    this.steps += 1;
+    const report: StepReport = {
+      step: this.steps,
+      ms,
+      batchSize: items.length,
+      tokens: items.reduce((sum, item) => sum + item.tokens.length, 0),
+    };
+    return { results, report };
+  }
+
+  /**
+   * A step's results, in the order of its work, for the sessions that are still open; a session whose
+   * item failed gets the error instead, and is left out.
+   */
+  protected *succeeded(work: Work[], results: (StepResult | Error)[]): Generator<[Work, StepResult]> {
+    for (let i = 0; i < work.length; i++) {
+      const w = work[i]!;
+      const result = results[i]!;
+      if (w.session.state === "closing") continue;
+      if (result instanceof Error) {
+        this.fail(w.session, result.message);
+        continue;
+      }
+      yield [w, result];
+    }
+  }
+
+  // ---- helpers ----------------------------------------------------------------------------------------
+
+  /** Why the prompt cannot open a session, if it cannot. */
+  protected checkPrompt(prompt: number[]): string | undefined {
+    const contextLength = this.engine.info.maxPositionEmbeddings;
+    if (prompt.length === 0) return "empty prompt";
+    const vocabularyProblem = this.checkVocabulary(prompt, "prompt token");
+    if (vocabularyProblem) return vocabularyProblem;
+    if (prompt.length >= contextLength) {
+      return `prompt of ${prompt.length} tokens leaves no room in the ${this.role}'s context of ${contextLength}`;
+    }
+    return undefined;
+  }
+
+  /** Names the first token outside the model's vocabulary (`what`: which tokens), if there is one. */
+  protected checkVocabulary(tokens: number[], what: string): string | undefined {
+    const vocabSize = this.engine.info.vocabSize;
+    const badToken = tokens.find((token) => !(Number.isInteger(token) && token >= 0 && token < vocabSize));
+    return badToken === undefined
+      ? undefined
+      : `${what} ${badToken} is outside the vocabulary of ${vocabSize}`;
+  }
+
+  /** The open session by that id on the stream; undefined once it is closing. */
+  protected lookup(sink: Sink, sessionId: number): Session | undefined {
+    const session = this.sessions.get(sink, sessionId);
+    return session && session.state !== "closing" ? session : undefined;
+  }
+
+  protected fail(session: Session, message: string): void {
+    this.logger.warn(`${this.role} session failed`, { sessionId: session.sessionId, error: message });
+    session.state = "closing";
+    session.sink.failed(session.sessionId, message);
+    this.loop.wake();
   }
 }

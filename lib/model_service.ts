@@ -1,21 +1,29 @@
 // What the draft and target services share: loading the engine, measuring step times, reporting the
-// model and its KV cache, and the engine-level metrics.
+// model and its KV cache, the engine-level metrics, and starting the service (gRPC, HTTP, shutdown).
 import { basename, resolve } from "node:path";
+import type { handleBidiStreamingCall, handleUnaryCall, MethodDefinition } from "@grpc/grpc-js";
 import type {
   CacheStats as CacheStatsProto,
+  InfoRequest,
   ModelInfo as ModelInfoProto,
+  ServiceInfo,
 } from "../proto/gen/pearl/v1/common.js";
 import type { ModelServiceConfig } from "./config.js";
-import type { Logger } from "./logging.js";
+import type { EngineLoopParts, SessionCore } from "./engine_loop.js";
+import { GrpcStatus, type ServiceRegistration, startGrpcServer } from "./grpc.js";
+import { startHttpServer } from "./http.js";
+import { announceListening, createLogger, errorMessage, type Logger } from "./logging.js";
 import {
   BATCH_SIZE_BUCKETS,
   Counter,
+  createRegistry,
   Gauge,
   Histogram,
   LATENCY_BUCKETS_SECONDS,
   type Registry,
 } from "./metrics.js";
 import { type CacheStats, Engine, type ModelInfo } from "./native.js";
+import { serveSessionStream } from "./service_streams.js";
 import { StepTimes } from "./step_times.js";
 
 export async function loadEngine(config: ModelServiceConfig, role: string, logger: Logger): Promise<Engine> {
@@ -228,4 +236,128 @@ export async function prepareModelService(
     throw error;
   }
   return { engine, modelId: modelIdOf(config), stepTimes, ids, registry, logger };
+}
+
+/** The requests every model service's session stream carries; each service adds its own. */
+export interface SessionRequest<Open> {
+  open?: Open | undefined;
+  close?: { sessionId: number } | undefined;
+}
+
+/** A model service's gRPC service, as generated from its proto: a Session stream and Info. */
+export type ModelServiceDefinition<Request, Event> = ServiceRegistration["definition"] & {
+  session: MethodDefinition<Request, Event>;
+  info: MethodDefinition<InfoRequest, ServiceInfo>;
+};
+
+/** What makes a model service the draft or the target service. */
+export interface ModelServiceRole<
+  Core extends SessionCore<Sink, Open>,
+  Sink,
+  Open,
+  Request extends SessionRequest<Open>,
+  Event,
+> {
+  role: "draft" | "target";
+  grpc: Omit<ServiceRegistration, "definition" | "implementation"> & {
+    definition: ModelServiceDefinition<Request, Event>;
+  };
+  /** The engine loop that serves the sessions (typed so that Sink and Open are read off its class). */
+  createCore(parts: EngineLoopParts): Core & SessionCore<Sink, Open>;
+  /** Where the core sends one stream's events: into that stream. */
+  sink(send: (event: Event) => void): Sink;
+  /**
+   * Called once, before the service takes requests: returns what handles a stream's requests other than
+   * open and close, which every model service handles alike.
+   */
+  requestHandler(core: Core, registry: Registry): (sink: Sink, request: Request) => void;
+}
+
+/**
+ * Starts a draft or target service: loads the model, measures its step times, starts the engine loop,
+ * then serves gRPC (Session and Info) and, unless it is off, HTTP (/metrics, /health).
+ */
+export async function startModelService<
+  Core extends SessionCore<Sink, Open>,
+  Sink,
+  Open,
+  Request extends SessionRequest<Open>,
+  Event,
+>(
+  config: ModelServiceConfig,
+  service: ModelServiceRole<Core, Sink, Open, Request, Event>,
+  logger?: Logger,
+): Promise<RunningService> {
+  const { role } = service;
+  const log = logger ?? createLogger(role, config.logLevel);
+  const registry = createRegistry(role);
+  const parts = await prepareModelService(config, role, log, registry);
+  const { engine, modelId, stepTimes } = parts;
+
+  // Scraped only after start-up, when the core exists.
+  const metrics = new EngineMetrics(registry, engine, (): number => core.activeSessions);
+  const core = service.createCore({ ...parts, metrics });
+  const sessionsOpened = new Counter({
+    name: `pearl_${role}_sessions_opened_total`,
+    help: `${role === "draft" ? "Draft" : "Target"} sessions opened`,
+    registers: [registry],
+  });
+  const handleRequest = service.requestHandler(core, registry);
+
+  const session: handleBidiStreamingCall<Request, Event> = (call) =>
+    serveSessionStream(call, log, (send) => {
+      const sink = service.sink(send);
+      return {
+        onRequest(request) {
+          if (request.open) {
+            sessionsOpened.inc();
+            core.open(sink, request.open);
+          } else if (request.close) {
+            core.close(sink, request.close.sessionId);
+          } else {
+            handleRequest(sink, request);
+          }
+        },
+        onClosed: () => core.closeStream(sink),
+      };
+    });
+  const info: handleUnaryCall<InfoRequest, ServiceInfo> = (_call, callback) => {
+    engine.cacheStats().then(
+      (stats) =>
+        callback(null, {
+          model: modelInfoProto(engine.info, modelId),
+          stepTimes: stepTimes.toProto(),
+          cache: cacheStatsProto(stats),
+          activeSessions: core.activeSessions,
+        }),
+      (error: unknown) => callback({ code: GrpcStatus.INTERNAL, details: errorMessage(error) }),
+    );
+  };
+
+  core.start();
+  const grpc = await startGrpcServer(config.host, config.grpcPort, [
+    { ...service.grpc, implementation: { session, info } },
+  ]);
+  const http =
+    config.httpPort >= 0
+      ? await startHttpServer({
+          host: config.host,
+          port: config.httpPort,
+          registry,
+          unhealthyReason: () => (core.failure !== undefined ? `engine loop stopped: ${core.failure}` : null),
+        })
+      : undefined;
+  announceListening(role, { modelId, grpcPort: grpc.port, httpPort: http?.port ?? -1 });
+
+  return {
+    grpcPort: grpc.port,
+    httpPort: http?.port ?? -1,
+    async close() {
+      await grpc.shutdown();
+      await http?.close();
+      await core.stop();
+      await engine.close();
+      log.info("stopped", { role });
+    },
+  };
 }

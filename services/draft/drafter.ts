@@ -15,22 +15,21 @@
 import type { DraftOpen, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
 import type { StepReport, TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftServiceConfig } from "../../lib/config.js";
-import { LoopDriver, SessionTable, stepIsolatingFailures } from "../../lib/engine_loop.js";
-import type { Logger } from "../../lib/logging.js";
-import type { EngineMetrics, SequenceIds } from "../../lib/model_service.js";
-import type { Engine, SamplingParams, StepItem } from "../../lib/native.js";
-import type { StepTimes } from "../../lib/step_times.js";
+import {
+  type EngineLoopParts,
+  type LoopSession,
+  samplingParamsOf,
+  SessionLoop,
+  type SessionSink,
+} from "../../lib/engine_loop.js";
+import type { SamplingParams, StepItem } from "../../lib/native.js";
 
 /** Where a session's events go: the gateway stream that opened it. */
-export interface DraftEventSink {
+export interface DraftEventSink extends SessionSink {
   tokens(event: DraftTokens): void;
-  failed(sessionId: number, message: string): void;
 }
 
-interface DraftSession {
-  readonly sink: DraftEventSink;
-  readonly sessionId: number;
-  readonly seqId: number;
+interface DraftSession extends LoopSession<DraftEventSink> {
   /** Committed tokens, then drafted ones. */
   tokens: number[];
   /** The sparse q each drafted token was sampled from (sampled drafts only), aligned with tokens. */
@@ -52,7 +51,6 @@ interface DraftSession {
   sampling: SamplingParams;
   distributionTopK: number;
   state: "opening" | "active" | "closing";
-  inEngine: boolean;
 }
 
 interface Work {
@@ -61,61 +59,29 @@ interface Work {
   rollbacks: number;
 }
 
-export class Drafter {
-  private readonly sessions = new SessionTable<DraftEventSink, DraftSession>();
-  private readonly eos: Set<number>;
-  private readonly loop: LoopDriver;
+export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen, Work> {
   private lastStep: StepReport = { step: 0, ms: 0, batchSize: 0, tokens: 0 };
 
   constructor(
-    private readonly engine: Engine,
+    parts: EngineLoopParts,
     private readonly config: DraftServiceConfig,
-    private readonly ids: SequenceIds,
-    private readonly stepTimes: StepTimes,
-    private readonly metrics: EngineMetrics,
-    private readonly logger: Logger,
   ) {
-    this.eos = new Set(engine.info.eosTokenIds);
-    this.loop = new LoopDriver(
-      "draft",
-      logger,
-      () => this.iteration(),
-      () => this.drain(),
-    );
-  }
-
-  start(): void {
-    this.loop.start();
-  }
-
-  /** Stops the loop after the current step and frees every session. */
-  stop(): Promise<void> {
-    return this.loop.stop();
-  }
-
-  /** Why the engine loop stopped, if it failed. */
-  get failure(): string | undefined {
-    return this.loop.failure;
-  }
-
-  get activeSessions(): number {
-    return this.sessions.size;
+    super("draft", parts);
   }
 
   // ---- messages from the gateway ----------------------------------------------------------------------
 
-  open(sink: DraftEventSink, request: DraftOpen): void {
-    if (this.sessions.get(sink, request.sessionId)) {
-      sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
-      return;
-    }
-    const problem = this.checkOpen(request);
-    if (problem) {
-      sink.failed(request.sessionId, problem);
-      return;
-    }
+  protected override checkOpen(request: DraftOpen): string | undefined {
+    const promptProblem = this.checkPrompt(request.promptTokenIds);
+    if (promptProblem) return promptProblem;
+    const temperature = request.sampling?.temperature ?? 0;
+    if (!(temperature >= 0) || !Number.isFinite(temperature)) return `bad draft temperature ${temperature}`;
+    return undefined;
+  }
+
+  protected override createSession(sink: DraftEventSink, request: DraftOpen): DraftSession {
     const prompt = request.promptTokenIds;
-    this.sessions.add(sink, request.sessionId, {
+    return {
       sink,
       sessionId: request.sessionId,
       seqId: this.ids.allocate(),
@@ -129,17 +95,11 @@ export class Drafter {
       epoch: 0,
       lookahead: Math.max(1, request.lookahead),
       maxPosition: request.maxPosition > 0 ? request.maxPosition : this.engine.info.maxPositionEmbeddings,
-      sampling: {
-        temperature: request.sampling?.temperature ?? 0,
-        topK: request.sampling?.topK ?? 0,
-        topP: request.sampling?.topP || 1,
-        seed: request.sampling?.seed ?? 0,
-      },
+      sampling: samplingParamsOf(request.sampling),
       distributionTopK: Math.max(1, request.distributionTopK || 16),
       state: "opening",
       inEngine: false,
-    });
-    this.loop.wake();
+    };
   }
 
   advance(sink: DraftEventSink, sessionId: number, verifiedLength: number, lookahead: number): void {
@@ -175,12 +135,9 @@ export class Drafter {
       );
       return;
     }
-    const badToken = tokens.find((token) => !this.inVocabulary(token));
-    if (badToken !== undefined) {
-      this.fail(
-        session,
-        `correction token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`,
-      );
+    const vocabularyProblem = this.checkVocabulary(tokens, "correction token");
+    if (vocabularyProblem) {
+      this.fail(session, vocabularyProblem);
       return;
     }
     // Keep whatever the draft already holds that agrees with the correction: when the draft guessed the
@@ -211,42 +168,14 @@ export class Drafter {
     this.loop.wake();
   }
 
-  close(sink: DraftEventSink, sessionId: number): void {
-    const session = this.lookup(sink, sessionId);
-    if (!session) return;
-    session.state = "closing";
-    this.loop.wake();
-  }
-
-  /** The stream ended: its sessions end with it. */
-  closeStream(sink: DraftEventSink): void {
-    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
-    this.loop.wake();
-  }
-
   // ---- the loop ---------------------------------------------------------------------------------------
-
-  /** One turn of the loop: engine bookkeeping, then one step over every session with work. */
-  private async iteration(): Promise<boolean> {
-    await this.settleSessions();
-    const work = this.collectWork();
-    if (work.length === 0) return false;
-    await this.runStep(work);
-    return true;
-  }
-
-  private async drain(): Promise<void> {
-    for (const session of this.sessions.all()) session.state = "closing";
-    await this.settleSessions();
-  }
 
   /** Engine bookkeeping between steps: new sessions get a sequence, closed ones free theirs, rolled-back
    * ones lose the KV entries that no longer match. */
-  private async settleSessions(): Promise<void> {
+  protected override async settleSessions(): Promise<void> {
     for (const session of this.sessions.all()) {
       if (session.state === "closing") {
-        this.sessions.delete(session.sink, session.sessionId);
-        if (session.inEngine) await this.engine.release(session.seqId);
+        await this.remove(session);
         continue;
       }
       if (!session.inEngine) {
@@ -263,7 +192,7 @@ export class Drafter {
     }
   }
 
-  private collectWork(): Work[] {
+  protected override collectWork(): Work[] {
     const work: Work[] = [];
     let prefillBudget = this.config.prefillChunk;
     const contextLimit = this.engine.info.maxPositionEmbeddings;
@@ -309,33 +238,10 @@ export class Drafter {
     };
   }
 
-  private async runStep(work: Work[]): Promise<void> {
-    const started = performance.now();
-    const { results, batched } = await stepIsolatingFailures(
-      this.engine,
-      work.map((w) => w.item),
-      this.logger,
-    );
-    const ms = performance.now() - started;
-    if (batched) {
-      this.stepTimes.record(work.length, ms);
-      this.metrics.observeStep(work.length, ms / 1000);
-    }
-    this.lastStep = {
-      step: this.lastStep.step + 1,
-      ms,
-      batchSize: work.length,
-      tokens: work.reduce((sum, w) => sum + w.item.tokens.length, 0),
-    };
-
-    for (let i = 0; i < work.length; i++) {
-      const { session, item, rollbacks } = work[i]!;
-      const result = results[i]!;
-      if (session.state === "closing") continue;
-      if (result instanceof Error) {
-        this.fail(session, result.message);
-        continue;
-      }
+  protected override async runStep(work: Work[]): Promise<void> {
+    const { results, report } = await this.step(work);
+    this.lastStep = report;
+    for (const [{ session, item, rollbacks }, result] of this.succeeded(work, results)) {
       this.metrics.stepTokens.inc({ kind: item.output === "none" ? "prefill" : "draft" }, item.tokens.length);
       session.kvLength = result.length;
       // Rolled back while the step ran: the sampled token continues a sequence that no longer exists.
@@ -362,38 +268,5 @@ export class Drafter {
       step: this.lastStep,
     });
     session.sentLength = session.tokens.length;
-  }
-
-  // ---- helpers ----------------------------------------------------------------------------------------
-
-  private checkOpen(request: DraftOpen): string | undefined {
-    const prompt = request.promptTokenIds;
-    if (prompt.length === 0) return "empty prompt";
-    const badToken = prompt.find((token) => !this.inVocabulary(token));
-    if (badToken !== undefined) {
-      return `prompt token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`;
-    }
-    if (prompt.length >= this.engine.info.maxPositionEmbeddings) {
-      return `prompt of ${prompt.length} tokens leaves no room in the draft's context of ${this.engine.info.maxPositionEmbeddings}`;
-    }
-    const temperature = request.sampling?.temperature ?? 0;
-    if (!(temperature >= 0) || !Number.isFinite(temperature)) return `bad draft temperature ${temperature}`;
-    return undefined;
-  }
-
-  private inVocabulary(token: number): boolean {
-    return Number.isInteger(token) && token >= 0 && token < this.engine.info.vocabSize;
-  }
-
-  private lookup(sink: DraftEventSink, sessionId: number): DraftSession | undefined {
-    const session = this.sessions.get(sink, sessionId);
-    return session && session.state !== "closing" ? session : undefined;
-  }
-
-  private fail(session: DraftSession, message: string): void {
-    this.logger.warn("draft session failed", { sessionId: session.sessionId, error: message });
-    session.state = "closing";
-    session.sink.failed(session.sessionId, message);
-    this.loop.wake();
   }
 }

@@ -19,17 +19,19 @@
 import { FinishReason, type StepReport, type TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetOpen, TargetPropose, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { TargetServiceConfig } from "../../lib/config.js";
-import { LoopDriver, SessionTable, stepIsolatingFailures } from "../../lib/engine_loop.js";
-import type { Logger } from "../../lib/logging.js";
-import { Counter, Gauge, type Registry } from "../../lib/metrics.js";
-import type { EngineMetrics, SequenceIds } from "../../lib/model_service.js";
-import type { DraftDistribution, Engine, SamplingParams, StepItem } from "../../lib/native.js";
-import type { StepTimes } from "../../lib/step_times.js";
+import {
+  type EngineLoopParts,
+  type LoopSession,
+  samplingParamsOf,
+  SessionLoop,
+  type SessionSink,
+} from "../../lib/engine_loop.js";
+import { Counter, Gauge } from "../../lib/metrics.js";
+import type { DraftDistribution, SamplingParams, StepItem } from "../../lib/native.js";
 import { decideEmission } from "./emission.js";
 
-export interface TargetEventSink {
+export interface TargetEventSink extends SessionSink {
   verdict(verdict: Verdict): void;
-  failed(sessionId: number, message: string): void;
 }
 
 interface Proposal {
@@ -39,10 +41,7 @@ interface Proposal {
   distribution?: DraftDistribution;
 }
 
-interface TargetSession {
-  readonly sink: TargetEventSink;
-  readonly sessionId: number;
-  readonly seqId: number;
+interface TargetSession extends LoopSession<TargetEventSink> {
   /** The prompt, then every emitted token. */
   readonly tokens: number[];
   readonly promptLength: number;
@@ -59,7 +58,6 @@ interface TargetSession {
   verifyWindow: number;
   /** waiting: queued for KV room (new, or preempted); running: holds KV and takes part in steps. */
   state: "waiting" | "running" | "closing";
-  inEngine: boolean;
   /** Order of admission: the most recently admitted running session is the first to be preempted. */
   admittedAt: number;
 }
@@ -68,11 +66,7 @@ type Work =
   | { kind: "prefill"; session: TargetSession; item: StepItem; last: boolean }
   | { kind: "verify"; session: TargetSession; item: StepItem; proposals: Proposal[] };
 
-export class Verifier {
-  private readonly sessions = new SessionTable<TargetEventSink, TargetSession>();
-  private readonly eos: Set<number>;
-  private readonly loop: LoopDriver;
-  private steps = 0;
+export class Verifier extends SessionLoop<TargetEventSink, TargetSession, TargetOpen, Work> {
   /** Sessions queued for KV room, first come first served (preempted ones go back to the front). */
   private readonly waiting: TargetSession[] = [];
   private admissions = 0;
@@ -83,21 +77,11 @@ export class Verifier {
   private readonly verifySteps: Counter;
 
   constructor(
-    private readonly engine: Engine,
+    parts: EngineLoopParts,
     private readonly config: TargetServiceConfig,
-    private readonly ids: SequenceIds,
-    private readonly stepTimes: StepTimes,
-    private readonly metrics: EngineMetrics,
-    registry: Registry,
-    private readonly logger: Logger,
   ) {
-    this.eos = new Set(engine.info.eosTokenIds);
-    this.loop = new LoopDriver(
-      "target",
-      logger,
-      () => this.iteration(),
-      () => this.drain(),
-    );
+    super("target", parts);
+    const registry = parts.registry;
     this.proposalsDropped = new Counter({
       name: "pearl_target_proposals_dropped_tokens_total",
       help: "Proposed tokens dropped before verification, by reason",
@@ -135,51 +119,43 @@ export class Verifier {
     });
   }
 
-  start(): void {
-    this.loop.start();
-  }
-
-  /** Stops the loop after the current step and frees every session. */
-  stop(): Promise<void> {
-    return this.loop.stop();
-  }
-
-  /** Why the engine loop stopped, if it failed. */
-  get failure(): string | undefined {
-    return this.loop.failure;
-  }
-
-  get activeSessions(): number {
-    return this.sessions.size;
-  }
-
   // ---- messages from the gateway ----------------------------------------------------------------------
 
-  open(sink: TargetEventSink, request: TargetOpen): void {
-    if (this.sessions.get(sink, request.sessionId)) {
-      sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
-      return;
+  /** A new session queues for KV room behind those already waiting. */
+  override open(sink: TargetEventSink, request: TargetOpen): TargetSession | undefined {
+    const session = super.open(sink, request);
+    if (session) this.waiting.push(session);
+    return session;
+  }
+
+  protected override checkOpen(request: TargetOpen): string | undefined {
+    const promptProblem = this.checkPrompt(request.promptTokenIds);
+    if (promptProblem) return promptProblem;
+    if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
+      return `max_tokens must be at least 1, got ${request.maxTokens}`;
     }
-    const problem = this.checkOpen(request);
-    if (problem) {
-      sink.failed(request.sessionId, problem);
-      return;
+    const sampling = request.sampling;
+    if (sampling) {
+      if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
+        return `temperature must be >= 0, got ${sampling.temperature}`;
+      }
+      if (!(sampling.topP >= 0 && sampling.topP <= 1)) return `top_p must be in (0, 1], got ${sampling.topP}`;
+      if (sampling.topK < 0) return `top_k must be >= 0, got ${sampling.topK}`;
     }
+    return undefined;
+  }
+
+  protected override createSession(sink: TargetEventSink, request: TargetOpen): TargetSession {
     const prompt = request.promptTokenIds;
     const contextLength = this.engine.info.maxPositionEmbeddings;
-    const session: TargetSession = {
+    return {
       sink,
       sessionId: request.sessionId,
       seqId: this.ids.allocate(),
       tokens: [...prompt],
       promptLength: prompt.length,
       maxLength: Math.min(prompt.length + request.maxTokens, contextLength),
-      sampling: {
-        temperature: request.sampling?.temperature ?? 0,
-        topK: request.sampling?.topK ?? 0,
-        topP: request.sampling?.topP || 1,
-        seed: request.sampling?.seed ?? 0,
-      },
+      sampling: samplingParamsOf(request.sampling),
       kvLength: 0,
       pending: [],
       minEpoch: 0,
@@ -189,9 +165,6 @@ export class Verifier {
       inEngine: false,
       admittedAt: 0,
     };
-    this.sessions.add(sink, request.sessionId, session);
-    this.waiting.push(session);
-    this.loop.wake();
   }
 
   propose(sink: TargetEventSink, request: TargetPropose): void {
@@ -209,12 +182,9 @@ export class Verifier {
       );
       return;
     }
-    const badToken = tokenIds.find((token) => !this.inVocabulary(token));
-    if (badToken !== undefined) {
-      this.fail(
-        session,
-        `proposed token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`,
-      );
+    const vocabularyProblem = this.checkVocabulary(tokenIds, "proposed token");
+    if (vocabularyProblem) {
+      this.fail(session, vocabularyProblem);
       return;
     }
     const committed = session.tokens.length;
@@ -263,42 +233,14 @@ export class Verifier {
     this.loop.wake();
   }
 
-  close(sink: TargetEventSink, sessionId: number): void {
-    const session = this.lookup(sink, sessionId);
-    if (!session) return;
-    session.state = "closing";
-    this.loop.wake();
-  }
-
-  closeStream(sink: TargetEventSink): void {
-    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
-    this.loop.wake();
-  }
-
   // ---- the loop ---------------------------------------------------------------------------------------
 
-  /** One turn of the loop: engine bookkeeping and admissions, then one step over every session with work. */
-  private async iteration(): Promise<boolean> {
-    await this.settleSessions();
-    const work = this.collectWork();
-    if (work.length === 0) return false;
-    const fitting = await this.makeRoom(work);
-    if (fitting.length > 0) await this.runStep(fitting);
-    return true;
-  }
-
-  private async drain(): Promise<void> {
-    for (const session of this.sessions.all()) session.state = "closing";
-    await this.settleSessions();
-  }
-
-  private async settleSessions(): Promise<void> {
+  protected override async settleSessions(): Promise<void> {
     for (const session of this.sessions.all()) {
       if (session.state === "closing") {
-        this.sessions.delete(session.sink, session.sessionId);
         const queued = this.waiting.indexOf(session);
         if (queued >= 0) this.waiting.splice(queued, 1);
-        if (session.inEngine) await this.engine.release(session.seqId);
+        await this.remove(session);
       } else if (session.state === "running" && session.kvLength > this.prefillEnd(session)) {
         // A step that emitted no token of the target's own left the last committed token in the KV;
         // it is fed again in front of the next proposals.
@@ -380,7 +322,7 @@ export class Verifier {
     return this.sessions.all().filter((session) => session.state === "running");
   }
 
-  private collectWork(): Work[] {
+  protected override collectWork(): Work[] {
     const work: Work[] = [];
     let prefillBudget = this.config.prefillChunk;
     for (const session of this.sessions.all()) {
@@ -442,35 +384,13 @@ export class Verifier {
     return sameKind < 0 ? proposals : proposals.slice(0, sameKind);
   }
 
-  private async runStep(work: Work[]): Promise<void> {
-    const started = performance.now();
-    const { results, batched } = await stepIsolatingFailures(
-      this.engine,
-      work.map((w) => w.item),
-      this.logger,
-    );
-    const ms = performance.now() - started;
-    this.steps += 1;
-    const step: StepReport = {
-      step: this.steps,
-      ms,
-      batchSize: work.length,
-      tokens: work.reduce((sum, w) => sum + w.item.tokens.length, 0),
-    };
-    if (batched) {
-      this.stepTimes.record(work.length, ms);
-      this.metrics.observeStep(work.length, ms / 1000);
-    }
-
-    for (let i = 0; i < work.length; i++) {
-      const w = work[i]!;
-      const result = results[i]!;
+  /** Steps the work that fits the KV cache (makeRoom). */
+  protected override async runStep(work: Work[]): Promise<void> {
+    const fitting = await this.makeRoom(work);
+    if (fitting.length === 0) return;
+    const { results, report: step } = await this.step(fitting);
+    for (const [w, result] of this.succeeded(fitting, results)) {
       const session = w.session;
-      if (session.state === "closing") continue;
-      if (result instanceof Error) {
-        this.fail(session, result.message);
-        continue;
-      }
       session.kvLength = result.length;
       if (w.kind === "prefill") {
         this.metrics.stepTokens.inc({ kind: "prefill" }, w.item.tokens.length);
@@ -538,49 +458,8 @@ export class Verifier {
 
   // ---- helpers ----------------------------------------------------------------------------------------
 
-  private checkOpen(request: TargetOpen): string | undefined {
-    const prompt = request.promptTokenIds;
-    const contextLength = this.engine.info.maxPositionEmbeddings;
-    if (prompt.length === 0) return "empty prompt";
-    const badToken = prompt.find((token) => !this.inVocabulary(token));
-    if (badToken !== undefined) {
-      return `prompt token ${badToken} is outside the vocabulary of ${this.engine.info.vocabSize}`;
-    }
-    if (prompt.length >= contextLength) {
-      return `prompt of ${prompt.length} tokens leaves no room in the target's context of ${contextLength}`;
-    }
-    if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
-      return `max_tokens must be at least 1, got ${request.maxTokens}`;
-    }
-    const sampling = request.sampling;
-    if (sampling) {
-      if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
-        return `temperature must be >= 0, got ${sampling.temperature}`;
-      }
-      if (!(sampling.topP >= 0 && sampling.topP <= 1)) return `top_p must be in (0, 1], got ${sampling.topP}`;
-      if (sampling.topK < 0) return `top_k must be >= 0, got ${sampling.topK}`;
-    }
-    return undefined;
-  }
-
   private windowOf(requested: number): number {
     return requested > 0 ? Math.min(requested, this.config.maxVerifyWindow) : this.config.maxVerifyWindow;
-  }
-
-  private inVocabulary(token: number): boolean {
-    return Number.isInteger(token) && token >= 0 && token < this.engine.info.vocabSize;
-  }
-
-  private lookup(sink: TargetEventSink, sessionId: number): TargetSession | undefined {
-    const session = this.sessions.get(sink, sessionId);
-    return session && session.state !== "closing" ? session : undefined;
-  }
-
-  private fail(session: TargetSession, message: string): void {
-    this.logger.warn("target session failed", { sessionId: session.sessionId, error: message });
-    session.state = "closing";
-    session.sink.failed(session.sessionId, message);
-    this.loop.wake();
   }
 }
 
