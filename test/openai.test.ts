@@ -352,6 +352,7 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
       name: string;
       path?: string;
       body: string;
+      headers?: Record<string, string>;
       status?: number;
       param: string | null;
       message: RegExp;
@@ -464,6 +465,28 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
         message: /"pearl", "sd", "ar"/,
       },
       {
+        name: "JSON sent as text/plain",
+        body: JSON.stringify(valid),
+        headers: { "content-type": "text/plain" },
+        param: null,
+        message: /Content-Type: application\/json/,
+      },
+      {
+        name: "a form instead of JSON",
+        body: "model=target&prompt=x",
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        status: 415,
+        param: null,
+        message: /Content-Type: application\/json/,
+      },
+      {
+        name: "a malformed x-request-id",
+        body: JSON.stringify(valid),
+        headers: { "x-request-id": "has spaces in it" },
+        param: "x-request-id",
+        message: /visible ASCII/,
+      },
+      {
         name: "a body over the size limit",
         body: JSON.stringify({ ...valid, prompt: "x".repeat(5 * 1024 * 1024) }),
         status: 413,
@@ -473,7 +496,11 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
     ];
     for (const testCase of cases) {
       test(testCase.name, async () => {
-        const { status, body } = await postJson(testCase.path ?? "/completions", testCase.body);
+        const { status, body } = await postJson(
+          testCase.path ?? "/completions",
+          testCase.body,
+          testCase.headers,
+        );
         assert.equal(status, testCase.status ?? 400);
         const error = (body as { error: { message: string; type: string; param: string | null } }).error;
         assert.equal(error.type, "invalid_request_error");

@@ -377,6 +377,8 @@ class OpenAIApi {
       "content-type": "text/event-stream; charset=utf-8",
       "cache-control": "no-cache",
       connection: "keep-alive",
+      // Reverse proxies (nginx) would otherwise buffer the events.
+      "x-accel-buffering": "no",
       [REQUEST_ID_HEADER]: requestId,
     });
     const send = (choices: Record<string, unknown>[], usage?: Usage): void => {
