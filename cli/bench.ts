@@ -148,6 +148,7 @@ export async function runBench(
     const promptSet = prompts(info, options.promptTokens);
     const requestFor = (index: number, mode: DecodingMode, maxTokens: number): GenerateRequest => ({
       requestId: "",
+      stop: [],
       ...promptSet[index % promptSet.length]!,
       maxTokens,
       temperature: options.temperature,

@@ -103,6 +103,7 @@ interface GenerateOptions {
   topK?: number;
   seed?: number;
   draftTemperature?: number;
+  stop: string[];
   gateway: string;
   local: boolean;
   json: boolean;
@@ -149,6 +150,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     seed: options.seed,
     mode: options.mode ? PROTO_MODES[options.mode]! : DecodingMode.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
+    stop: options.stop,
   };
   const stack = options.local
     ? await startLocalStack(values, createLogger("pearl", "warn"), { metrics: false, profileBatchSizes: [1] })
@@ -259,6 +261,11 @@ const generate = program
     new Option("--draft-temperature <t>", "draft sampling temperature (default: the server's)").argParser(
       parseNumber,
     ),
+  )
+  .addOption(
+    new Option("--stop <text>", "end the output just before this text (repeatable; needs a tokenizer)")
+      .argParser((raw: string, previous: string[]) => [...previous, raw])
+      .default([]),
   )
   .addOption(
     new Option("--gateway <host:port>", "the gateway to ask")

@@ -23,9 +23,15 @@ export interface StackConfig {
   gateway: GatewayConfig;
 }
 
+/** The OpenAI API's name of the embedded target model (its folder is just "target"). */
+export const EMBEDDED_SERVED_MODEL_NAME = "pearl-code";
+
 /** The embedded model pair is the default; without it the user must name the models. */
 export function withDefaultModels(stack: StackConfig): StackConfig {
   const embedded = join(packageRoot(), "models");
+  if (stack.target.modelDir === "" && stack.gateway.servedModelName === "") {
+    stack.gateway.servedModelName = EMBEDDED_SERVED_MODEL_NAME;
+  }
   for (const role of ["draft", "target"] as const) {
     if (stack[role].modelDir !== "") continue;
     const fallback = join(embedded, role);

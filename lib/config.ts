@@ -61,6 +61,8 @@ export interface GatewayConfig {
   defaultMaxTokens: number;
   /** A folder with tokenizer.json (and tokenizer_config.json); "": token ids only. */
   tokenizerDir: string;
+  /** The model name of the OpenAI API; "": the target's model id (its folder name unless configured). */
+  servedModelName: string;
   /** How long to wait for the target (and draft) service at start-up. */
   connectTimeoutSeconds: number;
   logLevel: LogLevel;
@@ -410,6 +412,17 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     valueName: "dir",
     env: "PEARL_TOKENIZER",
     description: "folder with tokenizer.json for text prompts (default: none, token ids only)",
+    defaultValue: "",
+    parse: text,
+  },
+  {
+    key: "servedModelName",
+    flag: "served-model-name",
+    valueName: "name",
+    env: "PEARL_SERVED_MODEL_NAME",
+    description:
+      "model name of the OpenAI API, which requests must give as `model` (default: the target's model id, " +
+      "its folder name; pearl serve on the embedded pair: pearl-code)",
     defaultValue: "",
     parse: text,
   },

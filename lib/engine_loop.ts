@@ -155,13 +155,23 @@ export interface SessionSink {
   failed(sessionId: number, message: string): void;
 }
 
+/** Why a session ended, as its log line says. */
+export type SessionEnd = "finished" | "closed" | "stream ended" | "failed" | "shutdown";
+
 /** What every engine-loop session holds, whatever its service. */
 export interface LoopSession<Sink> {
   readonly sink: Sink;
   readonly sessionId: number;
+  /** The gateway's request id: session ids are per stream and reused, this one names the request in
+   * the logs of all three services. */
+  readonly requestId: string;
   readonly seqId: number;
+  /** performance.now() when it opened. */
+  readonly openedAt: number;
   /** "closing": the next bookkeeping frees the session; the other states are the service's own. */
   state: string;
+  /** Set with the closing state. */
+  endReason?: SessionEnd;
   /** Whether the engine holds a sequence for it. */
   inEngine: boolean;
 }
@@ -200,7 +210,7 @@ export interface SessionWork<Session> {
 export abstract class SessionLoop<
   Sink extends SessionSink,
   Session extends LoopSession<Sink>,
-  Open extends { sessionId: number },
+  Open extends { sessionId: number; requestId: string },
   Work extends SessionWork<Session>,
 > implements SessionCore<Sink, Open> {
   protected readonly sessions = new SessionTable<Sink, Session>();
@@ -251,12 +261,15 @@ export abstract class SessionLoop<
 
   /** Opens a session, unless the stream already has one by that id or the request is bad. */
   open(sink: Sink, request: Open): Session | undefined {
-    if (this.sessions.get(sink, request.sessionId)) {
-      sink.failed(request.sessionId, `session ${request.sessionId} is already open on this stream`);
-      return undefined;
-    }
-    const problem = this.checkOpen(request);
+    const problem = this.sessions.get(sink, request.sessionId)
+      ? `session ${request.sessionId} is already open on this stream`
+      : this.checkOpen(request);
     if (problem) {
+      this.logger.warn(`${this.role} session refused`, {
+        requestId: request.requestId,
+        sessionId: request.sessionId,
+        error: problem,
+      });
       sink.failed(request.sessionId, problem);
       return undefined;
     }
@@ -268,14 +281,11 @@ export abstract class SessionLoop<
 
   close(sink: Sink, sessionId: number): void {
     const session = this.lookup(sink, sessionId);
-    if (!session) return;
-    session.state = "closing";
-    this.loop.wake();
+    if (session) this.end(session, "closed");
   }
 
   closeStream(sink: Sink): void {
-    for (const session of this.sessions.ofStream(sink)) session.state = "closing";
-    this.loop.wake();
+    for (const session of this.sessions.ofStream(sink)) this.end(session, "stream ended");
   }
 
   // ---- what each service does its own way -------------------------------------------------------------
@@ -294,6 +304,9 @@ export abstract class SessionLoop<
   /** Runs one step over the work (step), then acts on its results (succeeded). */
   protected abstract runStep(work: Work[]): Promise<void>;
 
+  /** What the session's log line reports besides its ids, end and duration. */
+  protected abstract summary(session: Session): Record<string, unknown>;
+
   // ---- the loop ---------------------------------------------------------------------------------------
 
   /** One turn of the loop; false when it found nothing to do. */
@@ -306,14 +319,29 @@ export abstract class SessionLoop<
   }
 
   private async drain(): Promise<void> {
-    for (const session of this.sessions.all()) session.state = "closing";
+    for (const session of this.sessions.all()) this.end(session, "shutdown");
     await this.settleSessions();
   }
 
-  /** Forgets a closing session and frees its engine sequence. */
+  /** Marks the session for the next bookkeeping to free; the first reason given is the one logged. */
+  protected end(session: Session, reason: SessionEnd): void {
+    if (session.state === "closing") return;
+    session.state = "closing";
+    session.endReason = reason;
+    this.loop.wake();
+  }
+
+  /** Forgets a closing session, frees its engine sequence and logs its one line. */
   protected async remove(session: Session): Promise<void> {
     this.sessions.delete(session.sink, session.sessionId);
     if (session.inEngine) await this.engine.release(session.seqId);
+    this.logger.info("session", {
+      requestId: session.requestId,
+      sessionId: session.sessionId,
+      end: session.endReason ?? "closed",
+      ...this.summary(session),
+      seconds: Number(((performance.now() - session.openedAt) / 1000).toFixed(4)),
+    });
   }
 
   /** One batched step, timed: a real batched step feeds the step-time figures and the metrics. */
@@ -383,9 +411,12 @@ export abstract class SessionLoop<
   }
 
   protected fail(session: Session, message: string): void {
-    this.logger.warn(`${this.role} session failed`, { sessionId: session.sessionId, error: message });
-    session.state = "closing";
+    this.logger.warn(`${this.role} session failed`, {
+      requestId: session.requestId,
+      sessionId: session.sessionId,
+      error: message,
+    });
+    this.end(session, "failed");
     session.sink.failed(session.sessionId, message);
-    this.loop.wake();
   }
 }

@@ -11,7 +11,8 @@ import { TextTokenizer } from "../lib/tokenizer.js";
 import { metricValue, Stack } from "./helpers/stack.js";
 import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
 
-const MODEL = "target";
+/** What `pearl serve` calls the embedded target in the OpenAI API. */
+const MODEL = "pearl-code";
 const CODE_PROMPT = "def add(a, b):\n";
 /** The embedded models write CJK (and, sampled, the odd invalid byte) after a prompt like this one. */
 const MULTIBYTE_PROMPT = "# 你好，世界 😀 日本語のテキスト\n# 中文注释：";
@@ -113,7 +114,7 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
     return { status: response.status, headers: response.headers, body: (await response.json()) as unknown };
   }
 
-  test("GET /v1/models lists the target model", async () => {
+  test("GET /v1/models lists the target model under its served name", async () => {
     const models = [];
     for await (const model of client.models.list()) models.push(model);
     assert.deepEqual(
@@ -121,6 +122,10 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
       [[MODEL, "model", "pearl"]],
     );
     assert.equal((await client.models.retrieve(MODEL)).id, MODEL);
+    const missing = await fetch(`${baseUrl}/models/target`);
+    assert.equal(missing.status, 404, "the folder name is not the served name");
+    const { error } = (await missing.json()) as { error: { code: string; param: string } };
+    assert.equal(error.code, "model_not_found");
   });
 
   test("completions: greedy text, finish reasons and usage; every mode gives the same text", async () => {
@@ -281,7 +286,7 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
     }
   });
 
-  test("x-request-id is returned and names the request in the gateway's log line", async () => {
+  test("x-request-id is returned and names the request in the log lines of all three services", async () => {
     const { status, headers } = await postJson(
       "/completions",
       JSON.stringify({ model: MODEL, prompt: CODE_PROMPT, max_tokens: 8, temperature: 0, decoding: "pearl" }),
@@ -305,6 +310,18 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
     assert.equal(record.completionTokens, 8);
     for (const key of ["promptTokens", "draftTokens", "acceptedTokens", "meanAcceptedLength", "seconds"]) {
       assert.equal(typeof record[key], "number", key);
+    }
+    // The draft and target log each session they served, named by the request's id.
+    for (const service of ["draft", "target"]) {
+      let session: Record<string, unknown> | undefined;
+      while (!session && Date.now() < deadline) {
+        session = serve
+          .logRecords("session")
+          .find((line) => line.service === service && line.requestId === "openai-test-42");
+        if (!session) await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      assert.ok(session, `the ${service} logged the session`);
+      assert.equal(typeof session.seconds, "number");
     }
   });
 
@@ -355,6 +372,7 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
       headers?: Record<string, string>;
       status?: number;
       param: string | null;
+      code?: string;
       message: RegExp;
     }[] = [
       {
@@ -427,9 +445,9 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
       {
         name: "unknown model",
         body: JSON.stringify({ ...valid, model: "gpt-4" }),
-        status: 404,
         param: "model",
-        message: /does not exist/,
+        code: "model_not_found",
+        message: /does not exist: this server serves `pearl-code`/,
       },
       {
         name: "negative temperature",
@@ -502,10 +520,13 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
           testCase.headers,
         );
         assert.equal(status, testCase.status ?? 400);
-        const error = (body as { error: { message: string; type: string; param: string | null } }).error;
+        const error = (
+          body as { error: { message: string; type: string; param: string | null; code: string | null } }
+        ).error;
         assert.equal(error.type, "invalid_request_error");
         assert.equal(error.param, testCase.param);
         assert.match(error.message, testCase.message);
+        if (testCase.code !== undefined) assert.equal(error.code, testCase.code);
       });
     }
 
@@ -525,15 +546,16 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
   });
 });
 
-describe("OpenAI REST API without a chat template, and without a target", () => {
-  test("chat answers 400 without a template; with the target gone, requests get 503 and the gateway lives", async () => {
+describe("OpenAI REST API with a served model name, without a chat template, and without a target", () => {
+  test("--served-model-name names the model; chat answers 400 without a template; with the target gone, requests get 503 and the gateway lives", async () => {
     // The gateway gets the tokenizer from a folder with no chat template in it.
+    const servedName = "my-coder";
     const tokenizerDir = mkdtempSync(join(tmpdir(), "pearl-no-template-"));
     copyFileSync(join(EMBEDDED_MODELS, "target", "tokenizer.json"), join(tokenizerDir, "tokenizer.json"));
     const stack = await Stack.start({
       draftModel: join(EMBEDDED_MODELS, "draft"),
       targetModel: join(EMBEDDED_MODELS, "target"),
-      gatewayArgs: ["--tokenizer", tokenizerDir],
+      gatewayArgs: ["--tokenizer", tokenizerDir, "--served-model-name", servedName],
     });
     try {
       const client = new OpenAI({
@@ -541,8 +563,22 @@ describe("OpenAI REST API without a chat template, and without a target", () => 
         apiKey: "unused",
         maxRetries: 0,
       });
+      assert.deepEqual(
+        (await client.models.list()).data.map((model) => model.id),
+        [servedName],
+      );
+      // The target's folder name is not the served name.
       await assert.rejects(
-        client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "x" }] }),
+        client.completions.create({ model: "target", prompt: CODE_PROMPT, max_tokens: 3 }),
+        (error: unknown) => {
+          assert.ok(error instanceof OpenAI.BadRequestError);
+          assert.equal(error.code, "model_not_found");
+          assert.equal(error.param, "model");
+          return true;
+        },
+      );
+      await assert.rejects(
+        client.chat.completions.create({ model: servedName, messages: [{ role: "user", content: "x" }] }),
         (error: unknown) => {
           assert.ok(error instanceof OpenAI.BadRequestError);
           assert.match(error.message, /no chat template/);
@@ -550,16 +586,17 @@ describe("OpenAI REST API without a chat template, and without a target", () => 
         },
       );
       const completion = await client.completions.create({
-        model: MODEL,
+        model: servedName,
         prompt: CODE_PROMPT,
         max_tokens: 3,
       });
       assert.equal(completion.usage!.completion_tokens, 3);
+      assert.equal(completion.model, servedName);
 
       stack.target.process.child.kill("SIGKILL");
       await stack.target.process.exited;
       await assert.rejects(
-        client.completions.create({ model: MODEL, prompt: CODE_PROMPT, max_tokens: 3 }),
+        client.completions.create({ model: servedName, prompt: CODE_PROMPT, max_tokens: 3 }),
         (error: unknown) => {
           assert.ok(error instanceof OpenAI.APIError);
           assert.equal(error.status, 503);
@@ -569,7 +606,7 @@ describe("OpenAI REST API without a chat template, and without a target", () => 
       const health = await fetch(`http://127.0.0.1:${stack.gateway.httpPort}/health`);
       assert.equal(health.status, 503);
       const models = await client.models.list();
-      assert.equal(models.data[0]!.id, MODEL, "the gateway still answers");
+      assert.equal(models.data[0]!.id, servedName, "the gateway still answers");
     } finally {
       await stack.stop();
       rmSync(tokenizerDir, { recursive: true, force: true });

@@ -168,7 +168,7 @@ describe("metrics with a real Prometheus (pearl serve)", { skip: needs("promethe
         method: "POST",
         headers: { "content-type": "application/json" },
         body: JSON.stringify({
-          model: "target",
+          model: "pearl-code",
           prompt: `def function_${i}(values):\n`,
           max_tokens: 48,
           temperature: 0,

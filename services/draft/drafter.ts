@@ -30,6 +30,7 @@ export interface DraftEventSink extends SessionSink {
 }
 
 interface DraftSession extends LoopSession<DraftEventSink> {
+  readonly promptLength: number;
   /** Committed tokens, then drafted ones. */
   tokens: number[];
   /** The sparse q each drafted token was sampled from (sampled drafts only), aligned with tokens. */
@@ -40,6 +41,8 @@ interface DraftSession extends LoopSession<DraftEventSink> {
   dirtyFrom: number;
   /** Counts rollbacks: a step result is used only if its session was not rolled back meanwhile. */
   rollbacks: number;
+  /** Tokens drafted over the session's life, those later rolled back included. */
+  drafted: number;
   /** tokens[0, verifiedLength) are committed. */
   verifiedLength: number;
   /** tokens[0, sentLength) are known to the gateway in the current epoch. */
@@ -84,12 +87,16 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
     return {
       sink,
       sessionId: request.sessionId,
+      requestId: request.requestId,
       seqId: this.ids.allocate(),
+      openedAt: performance.now(),
+      promptLength: prompt.length,
       tokens: [...prompt],
       distributions: prompt.map(() => undefined),
       kvLength: 0,
       dirtyFrom: Infinity,
       rollbacks: 0,
+      drafted: 0,
       verifiedLength: prompt.length,
       sentLength: prompt.length,
       epoch: 0,
@@ -247,11 +254,20 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
       // Rolled back while the step ran: the sampled token continues a sequence that no longer exists.
       if (session.rollbacks !== rollbacks || item.output === "none") continue;
       session.tokens.push(result.nextToken);
+      session.drafted += 1;
       session.distributions.push(
         result.q ? { tokenIds: Array.from(result.q.tokens), probs: Array.from(result.q.probs) } : undefined,
       );
       this.flush(session);
     }
+  }
+
+  protected override summary(session: DraftSession): Record<string, unknown> {
+    return {
+      promptTokens: session.promptLength,
+      draftedTokens: session.drafted,
+      rollbacks: session.rollbacks,
+    };
   }
 
   /** Sends the tokens the gateway has not seen in the current epoch. */

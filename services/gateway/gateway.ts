@@ -25,6 +25,7 @@ import { Tuner } from "./tuner.js";
 
 /** A request as a client states it; anything unset takes the server's default. */
 export interface GenerateInput {
+  /** Names the request in the logs of all three services; one is made up when unset or empty. */
   requestId?: string;
   /** Exactly one of prompt (needs a tokenizer) and promptTokenIds. */
   prompt?: string;
@@ -56,6 +57,16 @@ export class InvalidRequestError extends Error {}
 export class UnavailableError extends Error {}
 export class CancelledError extends Error {}
 
+/** The HTTP header (REST) and metadata key (gRPC) that carries a request's id. */
+export const REQUEST_ID_HEADER = "x-request-id";
+const REQUEST_ID_PATTERN = /^[\x21-\x7e]{1,128}$/;
+
+/** Whether a client's request id can go into logs and headers as it is: 1 to 128 visible ASCII
+ * characters. */
+export function isValidRequestId(id: string): boolean {
+  return REQUEST_ID_PATTERN.test(id);
+}
+
 const DRAFT_PROBE_INTERVAL_MS = 1000;
 const DRAFT_GRACE_MS = 5000;
 
@@ -81,6 +92,8 @@ export class Gateway {
     private readonly logger: Logger,
     registry: Registry,
     private readonly targetInfo: ServiceInfo,
+    /** The model name clients of the OpenAI API give and get back. */
+    readonly servedModelName: string,
     readonly tokenizer: TextTokenizer | undefined,
     target: TargetLink,
     draft: DraftLink,
@@ -233,13 +246,25 @@ export class Gateway {
       if (config.tokenizerDir !== "" && !tokenizer) {
         throw new Error(`no tokenizer.json in ${config.tokenizerDir} (--tokenizer)`);
       }
-      const gateway = new Gateway(config, logger, registry, targetInfo, tokenizer, target, draft);
+      const servedModelName =
+        config.servedModelName !== "" ? config.servedModelName : targetInfo.model!.modelId;
+      const gateway = new Gateway(
+        config,
+        logger,
+        registry,
+        targetInfo,
+        servedModelName,
+        tokenizer,
+        target,
+        draft,
+      );
       if (draftInfo) gateway.useDraft(draftInfo);
       else gateway.scheduleDraftProbe();
       gateway.tuner.seed(draftInfo, targetInfo);
       logger.info("connected", {
         target: config.targetAddress,
         targetModel: targetInfo.model?.modelId,
+        servedModelName,
         draft: config.draftAddress,
         draftModel: draftInfo?.model?.modelId ?? null,
         defaultMode: config.defaultMode,
@@ -402,6 +427,9 @@ export class Gateway {
 
   private resolve(input: GenerateInput): GenerationRequest {
     const model = this.targetInfo.model!;
+    if (input.requestId && !isValidRequestId(input.requestId)) {
+      throw new InvalidRequestError("a request id must be 1 to 128 visible ASCII characters");
+    }
     const hasText = input.prompt !== undefined && input.prompt !== "";
     const hasIds = input.promptTokenIds !== undefined && input.promptTokenIds.length > 0;
     if (hasText === hasIds) {

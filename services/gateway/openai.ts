@@ -14,6 +14,8 @@ import {
   type GenerateChunk,
   type GenerateInput,
   InvalidRequestError,
+  isValidRequestId,
+  REQUEST_ID_HEADER,
   UnavailableError,
 } from "./gateway.js";
 import {
@@ -34,9 +36,6 @@ export interface OpenAIApiOptions {
 /** Larger than any prompt that fits a long-context model's window as JSON text, small enough to refuse
  * abuse before parsing it. */
 export const REQUEST_BODY_LIMIT_BYTES = 4 * 1024 * 1024;
-
-const REQUEST_ID_HEADER = "x-request-id";
-const REQUEST_ID_PATTERN = /^[\x21-\x7e]{1,128}$/;
 
 interface ServedModel {
   id: string;
@@ -149,7 +148,7 @@ class OpenAIApi {
       options.gateway,
       options.logger,
       {
-        id: target.modelId,
+        id: options.gateway.servedModelName,
         contextLength: target.maxPositionEmbeddings,
         vocabSize: target.vocabSize,
         created: Math.floor(Date.now() / 1000),
@@ -162,7 +161,7 @@ class OpenAIApi {
 
   assignRequestId(request: FastifyRequest, reply: FastifyReply): void {
     const given = request.headers[REQUEST_ID_HEADER];
-    const requestId = typeof given === "string" && REQUEST_ID_PATTERN.test(given) ? given : randomUUID();
+    const requestId = typeof given === "string" && isValidRequestId(given) ? given : randomUUID();
     this.requestIds.set(request, requestId);
     void reply.header(REQUEST_ID_HEADER, requestId);
     if (given !== undefined && given !== requestId) {
@@ -201,7 +200,15 @@ class OpenAIApi {
   }
 
   modelObject(id: string): Record<string, unknown> {
-    this.checkModel(id);
+    if (id !== this.model.id) {
+      throw new OpenAIError(
+        404,
+        `the model \`${id}\` does not exist: this server serves \`${this.model.id}\``,
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+      );
+    }
     return this.modelEntry();
   }
 
@@ -215,12 +222,11 @@ class OpenAIApi {
     };
   }
 
+  /** A generation request naming another model is a bad request (the endpoint exists), hence 400. */
   private checkModel(id: string): void {
     if (id !== this.model.id) {
-      throw new OpenAIError(
-        404,
+      throw invalidRequest(
         `the model \`${id}\` does not exist: this server serves \`${this.model.id}\``,
-        "invalid_request_error",
         "model",
         "model_not_found",
       );

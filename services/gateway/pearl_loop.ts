@@ -147,6 +147,7 @@ export class Generation {
     this.context.target.open(
       {
         sessionId: this.sessionId,
+        requestId: this.request.requestId,
         promptTokenIds: this.request.promptTokenIds,
         sampling: this.request.sampling,
         maxTokens: this.request.maxTokens,
@@ -161,6 +162,7 @@ export class Generation {
     draft.open(
       {
         sessionId: this.sessionId,
+        requestId: this.request.requestId,
         promptTokenIds: this.request.promptTokenIds,
         sampling: {
           temperature: this.request.draftTemperature,

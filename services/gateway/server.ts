@@ -1,6 +1,7 @@
 // The gateway service: the Generate API over gRPC (proto/pearl/v1/gateway.proto), plus /metrics and
 // /health over HTTP, where the OpenAI-compatible REST API (openai.ts) joins them.
-import type { ServerWritableStream } from "@grpc/grpc-js";
+import { randomUUID } from "node:crypto";
+import { Metadata, type ServerWritableStream } from "@grpc/grpc-js";
 import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import {
   DecodingMode,
@@ -20,6 +21,8 @@ import {
   Gateway,
   type GenerateChunk,
   InvalidRequestError,
+  isValidRequestId,
+  REQUEST_ID_HEADER,
   UnavailableError,
 } from "./gateway.js";
 import { registerOpenAIApi } from "./openai.js";
@@ -64,6 +67,21 @@ function toResponse(chunk: GenerateChunk): GenerateResponse {
   };
 }
 
+/** The request's id: the request_id field, else the x-request-id metadata entry, else a new one. */
+function requestIdOf(call: ServerWritableStream<GenerateRequest, GenerateResponse>): string {
+  const [fromMetadata] = call.metadata.get(REQUEST_ID_HEADER);
+  const given = call.request.requestId || (typeof fromMetadata === "string" ? fromMetadata : "");
+  if (given === "") return randomUUID();
+  if (!isValidRequestId(given)) {
+    throw new InvalidRequestError(
+      `the request id (request_id or ${REQUEST_ID_HEADER} metadata) must be 1 to 128 visible ASCII characters`,
+    );
+  }
+  return given;
+}
+
+/** Streams one request's tokens. A client that cancels, or whose deadline passes (grpc-js then ends the
+ * call with DEADLINE_EXCEEDED and reports it cancelled), cancels the generation on both services. */
 async function serveGenerate(
   gateway: Gateway,
   call: ServerWritableStream<GenerateRequest, GenerateResponse>,
@@ -77,12 +95,16 @@ async function serveGenerate(
     if (!finished) abort.abort();
   });
   try {
+    const requestId = requestIdOf(call);
+    const metadata = new Metadata();
+    metadata.set(REQUEST_ID_HEADER, requestId);
+    call.sendMetadata(metadata);
     if (request.mode !== DecodingMode.DECODING_MODE_UNSPECIFIED && MODE_NAMES[request.mode] === undefined) {
       throw new InvalidRequestError(`unknown mode ${request.mode}`);
     }
     const chunks = gateway.generate(
       {
-        requestId: request.requestId,
+        requestId,
         prompt: request.prompt,
         promptTokenIds: request.promptTokenIds,
         maxTokens: request.maxTokens,
@@ -92,6 +114,7 @@ async function serveGenerate(
         seed: request.seed,
         mode: MODE_NAMES[request.mode],
         draftTemperature: request.draftTemperature,
+        stop: request.stop,
       },
       abort.signal,
     );
@@ -131,6 +154,7 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
             lookahead: info.lookahead,
             verifyWindow: info.verifyWindow,
             sdGamma: info.sdGamma,
+            servedModelName: gateway.servedModelName,
           }),
         (error: unknown) => callback({ code: GrpcStatus.UNAVAILABLE, details: errorMessage(error) }),
       );

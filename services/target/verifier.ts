@@ -60,6 +60,10 @@ interface TargetSession extends LoopSession<TargetEventSink> {
   state: "waiting" | "running" | "closing";
   /** Order of admission: the most recently admitted running session is the first to be preempted. */
   admittedAt: number;
+  /** Proposals this session had verified, and of those the ones accepted (as its verdicts said). */
+  proposedTokens: number;
+  acceptedTokens: number;
+  preemptions: number;
 }
 
 type Work =
@@ -151,7 +155,9 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     return {
       sink,
       sessionId: request.sessionId,
+      requestId: request.requestId,
       seqId: this.ids.allocate(),
+      openedAt: performance.now(),
       tokens: [...prompt],
       promptLength: prompt.length,
       maxLength: Math.min(prompt.length + request.maxTokens, contextLength),
@@ -164,6 +170,9 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       state: "waiting",
       inEngine: false,
       admittedAt: 0,
+      proposedTokens: 0,
+      acceptedTokens: 0,
+      preemptions: 0,
     };
   }
 
@@ -289,7 +298,9 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       if (need <= stats.blocksFree || running.length <= 1) return work;
       const victim = running.reduce((a, b) => (a.admittedAt > b.admittedAt ? a : b));
       this.preemptions.inc();
+      victim.preemptions += 1;
       this.logger.debug("session preempted", {
+        requestId: victim.requestId,
         sessionId: victim.sessionId,
         blocksNeeded: need,
         free: stats.blocksFree,
@@ -425,6 +436,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     const position = session.tokens.length;
     const emission = decideEmission(candidates, accepted, this.eos, session.maxLength - position);
     session.tokens.push(...emission.tokens);
+    session.proposedTokens += proposed;
+    session.acceptedTokens += emission.accepted;
     this.consumePending(session, emission.tokens);
     session.sink.verdict({
       sessionId: session.sessionId,
@@ -435,10 +448,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       finishReason: emission.finishReason,
       step,
     });
-    if (emission.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) {
-      session.state = "closing";
-      this.loop.wake();
-    }
+    if (emission.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) this.end(session, "finished");
   }
 
   /** Pending proposals for the positions just emitted are used up when they equal what was emitted; the
@@ -454,6 +464,16 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       }
     }
     session.pending = session.pending.slice(emitted.length);
+  }
+
+  protected override summary(session: TargetSession): Record<string, unknown> {
+    return {
+      promptTokens: session.promptLength,
+      outputTokens: session.tokens.length - session.promptLength,
+      proposedTokens: session.proposedTokens,
+      acceptedTokens: session.acceptedTokens,
+      preemptions: session.preemptions,
+    };
   }
 
   // ---- helpers ----------------------------------------------------------------------------------------

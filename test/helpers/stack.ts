@@ -172,6 +172,7 @@ export function generateRequest(request: Partial<GenerateRequest>): GenerateRequ
     promptTokenIds: [],
     maxTokens: 0,
     mode: DecodingMode.DECODING_MODE_UNSPECIFIED,
+    stop: [],
     ...request,
   };
 }
