@@ -589,6 +589,7 @@ describe("OpenAI REST API with a served model name, without a chat template, and
         model: servedName,
         prompt: CODE_PROMPT,
         max_tokens: 3,
+        temperature: 0,
       });
       assert.equal(completion.usage!.completion_tokens, 3);
       assert.equal(completion.model, servedName);
