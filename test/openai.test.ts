@@ -8,6 +8,7 @@ import { after, before, describe, test } from "node:test";
 import OpenAI from "openai";
 import { ChatTemplate } from "../lib/chat_template.js";
 import { TextTokenizer } from "../lib/tokenizer.js";
+import type { Usage } from "../services/gateway/openai.js";
 import { metricValue, Stack } from "./helpers/stack.js";
 import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
 
@@ -17,20 +18,10 @@ const CODE_PROMPT = "def add(a, b):\n";
 /** The embedded models write CJK (and, sampled, the odd invalid byte) after a prompt like this one. */
 const MULTIBYTE_PROMPT = "# 你好，世界 😀 日本語のテキスト\n# 中文注释：";
 
-interface PearlUsage {
-  prompt_tokens: number;
-  completion_tokens: number;
-  total_tokens: number;
-  draft_tokens: number;
-  accepted_tokens: number;
-  target_steps: number;
-  mean_accepted_length: number;
-}
-
 type Decoding = "pearl" | "sd" | "ar";
 
-function assertUsage(usage: unknown, expected: { promptTokens?: number; maxTokens?: number }): PearlUsage {
-  const value = usage as PearlUsage;
+function assertUsage(usage: unknown, expected: { promptTokens?: number; maxTokens?: number }): Usage {
+  const value = usage as Usage;
   for (const key of [
     "prompt_tokens",
     "completion_tokens",

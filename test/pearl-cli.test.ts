@@ -7,10 +7,10 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import { credentials } from "@grpc/grpc-js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
-import { packageRoot } from "../lib/paths.js";
-import { pearlCommand, spawnService } from "../lib/service_process.js";
+import { pearlCommand } from "../lib/service_process.js";
 import { GatewayClient } from "../proto/gen/pearl/v1/gateway.js";
 import { fixtureDir } from "./helpers/models.js";
+import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
 import { collect, generateRequest, MODES } from "./helpers/stack.js";
 
 function runPearl(args: string[]): { status: number | null; stdout: string; stderr: string } {
@@ -19,53 +19,15 @@ function runPearl(args: string[]): { status: number | null; stdout: string; stde
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
-const EMBEDDED = join(packageRoot(), "models");
-
 describe("pearl command", () => {
   test(
     "pearl serve runs the embedded pair: text in, the same text out in every mode; SIGTERM stops it all",
-    { skip: !existsSync(join(EMBEDDED, "target", "tokenizer.json")) },
+    { skip: !existsSync(join(EMBEDDED_MODELS, "target", "tokenizer.json")) },
     async () => {
-      const lines: string[] = [];
-      let gatewayReady: (ports: { grpcPort: number; httpPort: number }) => void = () => undefined;
-      const gatewayPorts = new Promise<{ grpcPort: number; httpPort: number }>(
-        (resolve) => (gatewayReady = resolve),
-      );
-      const serve = spawnService(
-        [
-          "serve",
-          ...["--port", "0", "--http-port", "0", "--log-level", "warn"],
-          ...["--draft-port", "0", "--draft-http-port", "0", "--draft-threads", "1", "--draft-profile", "1"],
-          ...[
-            "--target-port",
-            "0",
-            "--target-http-port",
-            "0",
-            "--target-threads",
-            "1",
-            "--target-profile",
-            "1",
-          ],
-        ],
-        {
-          stderr: "pipe",
-          onLine: (line) => {
-            lines.push(line);
-            if (line.includes('"listening"') && line.includes('"service":"gateway"')) {
-              gatewayReady(JSON.parse(line) as { grpcPort: number; httpPort: number });
-            }
-          },
-        },
-      );
+      const serve = await PearlServe.start(["--log-level", "warn"]);
       try {
-        const ports = await Promise.race([
-          gatewayPorts,
-          serve.exited.then((code) => {
-            throw new Error(`pearl serve exited (${code}):\n${lines.join("\n")}`);
-          }),
-        ]);
         const client = new GatewayClient(
-          `127.0.0.1:${ports.grpcPort}`,
+          serve.grpcAddress("gateway"),
           credentials.createInsecure(),
           CHANNEL_OPTIONS,
         );
@@ -85,15 +47,14 @@ describe("pearl command", () => {
           assert.ok(texts.ar!.length > 0);
           assert.equal(texts.pearl, texts.ar);
           assert.equal(texts.sd, texts.ar);
-          const health = await fetch(`http://127.0.0.1:${ports.httpPort}/health`);
+          const health = await fetch(`${serve.httpUrl("gateway")}/health`);
           assert.equal(health.status, 200);
         } finally {
           client.close();
         }
-        serve.child.kill("SIGTERM");
-        assert.equal(await serve.exited, 0);
+        assert.equal(await serve.stop(), 0);
       } finally {
-        serve.child.kill("SIGKILL");
+        serve.process.child.kill("SIGKILL");
       }
     },
   );

@@ -5,18 +5,17 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { Engine, type StepItem } from "../lib/native.js";
-import { bitDifference, logitsRow, stepLogits } from "./reference/drive.js";
+import {
+  addPrefilled,
+  assertSameBits,
+  logitsRow,
+  neighbourItems,
+  prefillNeighbours,
+  rowsAlone,
+  stepLogits,
+  tokenRange,
+} from "./reference/drive.js";
 import { loadFixture } from "./reference/fixtures.js";
-
-function tokenRange(start: number, count: number, vocab: number): number[] {
-  return Array.from({ length: count }, (_, i) => (start + 7 * i) % vocab);
-}
-
-function assertSameBits(actual: Float32Array | undefined, expected: Float32Array, what: string): void {
-  assert.ok(actual, `${what}: no logits`);
-  const difference = bitDifference(actual, expected);
-  assert.equal(difference, undefined, `${what}: ${difference}`);
-}
 
 for (const name of ["llama-gqa-f32", "qwen3-qknorm-f32"]) {
   describe(`batch invariance: ${name}`, () => {
@@ -35,26 +34,16 @@ for (const name of ["llama-gqa-f32", "qwen3-qknorm-f32"]) {
       vocab = engine.info.vocabSize;
       prompt = tokenRange(3, 21, vocab);
       continuation = tokenRange(11, 4, vocab);
-      const seqId = nextSeqId++;
-      await engine.addSequence(seqId);
-      promptAlone = await stepLogits(engine, seqId, prompt);
-      decodeAlone = [];
-      for (const token of continuation) decodeAlone.push(await stepLogits(engine, seqId, [token]));
-      await engine.release(seqId);
+      const alone = await rowsAlone(engine, nextSeqId++, prompt, continuation);
+      promptAlone = alone.prompt;
+      decodeAlone = alone.decode;
     });
     after(async () => engine?.close());
 
     /** Seven other sequences, each with a different prompt length, already holding their prompts. */
     async function otherSequences(): Promise<number[]> {
-      const ids: number[] = [];
-      for (let k = 0; k < 7; k++) {
-        const seqId = nextSeqId++;
-        await engine.addSequence(seqId);
-        await engine.step([
-          { seqId, tokens: Int32Array.from(tokenRange(100 + k, 2 + 5 * k, vocab)), output: "none" },
-        ]);
-        ids.push(seqId);
-      }
+      const ids = Array.from({ length: 7 }, () => nextSeqId++);
+      await prefillNeighbours(engine, ids, (k) => 2 + 5 * k);
       return ids;
     }
 
@@ -84,15 +73,9 @@ for (const name of ["llama-gqa-f32", "qwen3-qknorm-f32"]) {
     test("decode steps batched with 7 other sequences", async () => {
       const others = await otherSequences();
       const seqId = nextSeqId++;
-      await engine.addSequence(seqId);
-      await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+      await addPrefilled(engine, seqId, prompt);
       for (const [t, token] of continuation.entries()) {
-        // The others append 1 to 4 tokens each, a mix of decodes and verify windows.
-        const items: StepItem[] = others.map((other, k) => ({
-          seqId: other,
-          tokens: Int32Array.from(tokenRange(300 + k + t, 1 + ((k + t) % 4), vocab)),
-          output: "logits",
-        }));
+        const items = neighbourItems(others, t, 4, vocab);
         items.push({ seqId, tokens: Int32Array.of(token), output: "logits" });
         const results = await engine.step(items);
         assertSameBits(results.at(-1)!.logits, decodeAlone[t]!, `decode step ${t}`);
@@ -102,8 +85,7 @@ for (const name of ["llama-gqa-f32", "qwen3-qknorm-f32"]) {
 
     test("rows of a verify window equal one-token decode steps", async () => {
       const seqId = nextSeqId++;
-      await engine.addSequence(seqId);
-      await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+      await addPrefilled(engine, seqId, prompt);
       const [result] = await engine.step([
         {
           seqId,

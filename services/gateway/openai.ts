@@ -45,7 +45,7 @@ interface ServedModel {
   created: number;
 }
 
-interface Usage {
+export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;

@@ -5,9 +5,21 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { Engine, type StepItem } from "../../lib/native.js";
-import { bitDifference, greedyDecode, logitsRow, only, stepLogits } from "../reference/drive.js";
+import {
+  addPrefilled,
+  assertSameBits,
+  greedyDecode,
+  logitsRow,
+  neighbourItems,
+  only,
+  prefillNeighbours,
+  rowsAlone,
+  stepLogits,
+  tokenRange,
+} from "../reference/drive.js";
 import { FIXTURE_NAMES, type Fixture, loadFixture, relativeError } from "../reference/fixtures.js";
-import { Bf16Oracle } from "./bf16_oracle.js";
+import type { LlamaF64 } from "../reference/llama_f64.js";
+import { loadBf16Oracle } from "./bf16_oracle.js";
 import { speculativeGreedy, withDeterministicMode } from "./speculate.js";
 
 // bf16 weights, activations and KV cache against float32 references: the ideal bf16 engine (bf16_oracle.ts)
@@ -17,16 +29,6 @@ const VS_ORACLE = 3e-3;
 const VS_ORACLE_ROW = 1e-2;
 const VS_FLOAT32 = 2e-2;
 const CONTINUATION = 6;
-
-function tokenRange(start: number, count: number, vocab: number): number[] {
-  return Array.from({ length: count }, (_, i) => (start + 7 * i) % vocab);
-}
-
-function assertSameBits(actual: Float32Array | undefined, expected: Float32Array, what: string): void {
-  assert.ok(actual, `${what}: no logits`);
-  const difference = bitDifference(actual, expected);
-  assert.equal(difference, undefined, `${what}: ${difference}`);
-}
 
 function assertFinite(values: Float32Array, what: string): void {
   const bad = values.findIndex((value) => !Number.isFinite(value));
@@ -38,13 +40,13 @@ for (const name of FIXTURE_NAMES) {
     let fixture: Fixture;
     let cuda: Engine;
     let cpu: Engine;
-    let oracle: Bf16Oracle;
+    let oracle: LlamaF64;
 
     before(async () => {
       fixture = loadFixture(name);
       cuda = await Engine.load({ modelDir: fixture.dir, backend: "cuda" });
       cpu = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
-      oracle = Bf16Oracle.load(fixture.dir);
+      oracle = loadBf16Oracle(fixture.dir);
     });
     after(async () => {
       await cuda?.close();
@@ -126,34 +128,17 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
     vocab = engine.info.vocabSize;
     prompt = tokenRange(3, 21, vocab);
     continuation = tokenRange(11, 5, vocab);
-    const seqId = nextSeqId++;
-    await engine.addSequence(seqId);
-    await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
-    decodeAlone = [];
-    for (const token of continuation) decodeAlone.push(await stepLogits(engine, seqId, [token]));
-    await engine.release(seqId);
+    decodeAlone = (await rowsAlone(engine, nextSeqId++, prompt, continuation)).decode;
   });
   after(async () => engine?.close());
 
   test("decode rows batched with 5 other sequences are bit-identical to decoding alone", async () => {
-    const others: number[] = [];
-    for (let k = 0; k < 5; k++) {
-      const seqId = nextSeqId++;
-      await engine.addSequence(seqId);
-      await engine.step([
-        { seqId, tokens: Int32Array.from(tokenRange(100 + k, 3 + 37 * k, vocab)), output: "none" },
-      ]);
-      others.push(seqId);
-    }
+    const others = Array.from({ length: 5 }, () => nextSeqId++);
+    await prefillNeighbours(engine, others, (k) => 3 + 37 * k);
     const seqId = nextSeqId++;
-    await engine.addSequence(seqId);
-    await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+    await addPrefilled(engine, seqId, prompt);
     for (const [t, token] of continuation.entries()) {
-      const items: StepItem[] = others.map((other, k) => ({
-        seqId: other,
-        tokens: Int32Array.from(tokenRange(300 + k + t, 1 + ((k + t) % 3), vocab)),
-        output: "logits",
-      }));
+      const items = neighbourItems(others, t, 3, vocab);
       items.splice(t % items.length, 0, { seqId, tokens: Int32Array.of(token), output: "logits" });
       const results = await engine.step(items);
       const mine = results.find((result) => result.seqId === seqId);
@@ -164,8 +149,7 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
 
   test("rows of a verify window are bit-identical to one-token decode steps", async () => {
     const seqId = nextSeqId++;
-    await engine.addSequence(seqId);
-    await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+    await addPrefilled(engine, seqId, prompt);
     const result = only(
       await engine.step([
         { seqId, tokens: Int32Array.from(continuation), numDraft: continuation.length - 1, output: "logits" },
@@ -179,8 +163,7 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
 
   test("truncate rolls back: re-decoding the same tokens gives the same bits", async () => {
     const seqId = nextSeqId++;
-    await engine.addSequence(seqId);
-    await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+    await addPrefilled(engine, seqId, prompt);
     await stepLogits(engine, seqId, tokenRange(400, 4, vocab));
     await engine.truncate(seqId, prompt.length);
     for (const [t, token] of continuation.entries()) {

@@ -75,9 +75,17 @@ export class PearlServe {
   }
 
   httpUrl(service: "draft" | "target" | "gateway"): string {
+    return `http://127.0.0.1:${this.announcedPorts(service).httpPort}`;
+  }
+
+  grpcAddress(service: "draft" | "target" | "gateway"): string {
+    return `127.0.0.1:${this.announcedPorts(service).grpcPort}`;
+  }
+
+  private announcedPorts(service: "draft" | "target" | "gateway"): ServicePorts {
     const ports = this.ports[service];
     if (!ports) throw new Error(`the ${service} service has not announced its ports`);
-    return `http://127.0.0.1:${ports.httpPort}`;
+    return ports;
   }
 
   /** The JSON log lines of one kind ("message" field). */

@@ -1,5 +1,7 @@
 // Small drivers over the Engine API shared by the runtime tests and the CPU benchmark.
-import type { Engine, SamplingParams, StepResult } from "../../lib/native.js";
+import assert from "node:assert/strict";
+
+import type { Engine, SamplingParams, StepItem, StepResult } from "../../lib/native.js";
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 
@@ -61,4 +63,66 @@ export function bitDifference(actual: Float32Array, expected: Float32Array): str
   }
   if (count === 0) return undefined;
   return `${count} of ${a.length} values differ (first at ${first}: ${actual[first]} vs ${expected[first]}; max |diff| ${maxAbs})`;
+}
+
+/** Asserts that two logits blocks are bitwise equal; on mismatch the message says where and by how much. */
+export function assertSameBits(actual: Float32Array | undefined, expected: Float32Array, what: string): void {
+  assert.ok(actual, `${what}: no logits`);
+  const difference = bitDifference(actual, expected);
+  assert.equal(difference, undefined, `${what}: ${difference}`);
+}
+
+/** `count` token ids from `start` in strides of 7, wrapping at `vocab`: a prompt that is not a real text. */
+export function tokenRange(start: number, count: number, vocab: number): number[] {
+  return Array.from({ length: count }, (_, i) => (start + 7 * i) % vocab);
+}
+
+/**
+ * A sequence's rows when it steps alone: the prompt's logits, then each continuation token decoded in a
+ * step of its own. The rows a batched, windowed or chunked run must reproduce bit for bit.
+ */
+export async function rowsAlone(
+  engine: Engine,
+  seqId: number,
+  prompt: readonly number[],
+  continuation: readonly number[],
+): Promise<{ prompt: Float32Array; decode: Float32Array[] }> {
+  await engine.addSequence(seqId);
+  const promptRows = await stepLogits(engine, seqId, prompt);
+  const decode: Float32Array[] = [];
+  for (const token of continuation) decode.push(await stepLogits(engine, seqId, [token]));
+  await engine.release(seqId);
+  return { prompt: promptRows, decode };
+}
+
+/** Adds the sequences `ids`, each holding a prompt of its own length (promptLength(index)): batch neighbours. */
+export async function prefillNeighbours(
+  engine: Engine,
+  ids: readonly number[],
+  promptLength: (index: number) => number,
+): Promise<void> {
+  const vocab = engine.info.vocabSize;
+  for (const [k, seqId] of ids.entries()) {
+    await addPrefilled(engine, seqId, tokenRange(100 + k, promptLength(k), vocab));
+  }
+}
+
+/** Adds a sequence holding `prompt` (no logits computed). */
+export async function addPrefilled(engine: Engine, seqId: number, prompt: readonly number[]): Promise<void> {
+  await engine.addSequence(seqId);
+  await engine.step([{ seqId, tokens: Int32Array.from(prompt), output: "none" }]);
+}
+
+/** The neighbours' items in batched step `step`: each appends 1 to `maxTokens` tokens (decodes and windows). */
+export function neighbourItems(
+  ids: readonly number[],
+  step: number,
+  maxTokens: number,
+  vocab: number,
+): StepItem[] {
+  return ids.map((seqId, k) => ({
+    seqId,
+    tokens: Int32Array.from(tokenRange(300 + k + step, 1 + ((k + step) % maxTokens), vocab)),
+    output: "logits",
+  }));
 }

@@ -1,7 +1,8 @@
 // An independent float64 forward pass of the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3), in
 // plain TypeScript, written from the Hugging Face modeling code's math. It shares nothing with the native
 // runtime: its own safetensors reader, its own config handling, no KV cache (the whole prompt at once).
-// Slow and simple by design; only for tiny test models.
+// Slow and simple by design; only for tiny test models. A rounding hook turns it into the ideal engine of a
+// lower storage precision (test/gpu/bf16_oracle.ts).
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -30,6 +31,18 @@ interface Config {
   /** transformers 5 writes rope_theta and the scaling rule together here. */
   rope_parameters?: RopeScaling | null;
   tie_word_embeddings?: boolean;
+  /** Mistral: each position attends to at most this many positions (itself included). */
+  sliding_window?: number | null;
+}
+
+export interface LlamaF64Options {
+  /**
+   * Rounds values to the precision an engine stores them in, applied where it stores them: weight
+   * matrices and the embedding table (not the 1-D norm weights and biases), every RMSNorm output of the
+   * residual stream, K after RoPE and V as they enter the cache, the attention output and the SiLU-gated
+   * product. q, the residual stream and every reduction stay float64. Default: nothing is rounded.
+   */
+  round?: (values: Float64Array) => Float64Array;
 }
 
 /** y[rows, out] = x[rows, in] * W^T (+ bias), W stored [out, in] as in torch.nn.Linear. */
@@ -115,21 +128,27 @@ export class LlamaF64 {
   private readonly numKvHeads: number;
   private readonly headDim: number;
   private readonly inv: Float64Array;
+  private readonly round: (values: Float64Array) => Float64Array;
 
   private constructor(
     private readonly config: Config,
     checkpoint: Checkpoint,
+    options: LlamaF64Options,
   ) {
+    this.round = options.round ?? ((values) => values);
     this.numHeads = config.num_attention_heads;
     this.numKvHeads = config.num_key_value_heads ?? config.num_attention_heads;
     this.headDim = config.head_dim ?? config.hidden_size / config.num_attention_heads;
     this.inv = inverseFrequencies(config, this.headDim);
-    for (const name of checkpoint.tensors.keys()) this.weights.set(name, checkpoint.read(name).data);
+    for (const name of checkpoint.tensors.keys()) {
+      const tensor = checkpoint.read(name);
+      this.weights.set(name, tensor.shape.length === 2 ? this.round(tensor.data) : tensor.data);
+    }
   }
 
-  static load(modelDir: string): LlamaF64 {
+  static load(modelDir: string, options: LlamaF64Options = {}): LlamaF64 {
     const config = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8")) as Config;
-    return new LlamaF64(config, Checkpoint.open(modelDir));
+    return new LlamaF64(config, Checkpoint.open(modelDir), options);
   }
 
   private weight(name: string): Float64Array {
@@ -152,18 +171,18 @@ export class LlamaF64 {
 
     for (let layer = 0; layer < this.config.num_hidden_layers; layer++) {
       const p = `model.layers.${layer}`;
-      const normed = rmsNorm(x, this.weight(`${p}.input_layernorm.weight`), eps);
+      const normed = this.round(rmsNorm(x, this.weight(`${p}.input_layernorm.weight`), eps));
       const attention = this.attention(normed, rows, `${p}.self_attn`);
       x = x.map((value, i) => value + attention[i]!);
-      const normed2 = rmsNorm(x, this.weight(`${p}.post_attention_layernorm.weight`), eps);
+      const normed2 = this.round(rmsNorm(x, this.weight(`${p}.post_attention_layernorm.weight`), eps));
       const gate = this.project(normed2, rows, `${p}.mlp.gate_proj`);
       const up = this.project(normed2, rows, `${p}.mlp.up_proj`);
-      const activated = gate.map((g, i) => (g / (1 + Math.exp(-g))) * up[i]!);
+      const activated = this.round(gate.map((g, i) => (g / (1 + Math.exp(-g))) * up[i]!));
       const down = this.project(activated, rows, `${p}.mlp.down_proj`);
       x = x.map((value, i) => value + down[i]!);
     }
 
-    const final = rmsNorm(x, this.weight("model.norm.weight"), eps);
+    const final = this.round(rmsNorm(x, this.weight("model.norm.weight"), eps));
     // PretrainedConfig defaults tie_word_embeddings to true, and save_pretrained omits default values.
     const tied = this.config.tie_word_embeddings ?? true;
     const head = this.weight(tied ? "model.embed_tokens.weight" : "lm_head.weight");
@@ -177,7 +196,7 @@ export class LlamaF64 {
     const { numHeads, numKvHeads, headDim } = this;
     let q = this.project(x, rows, `${prefix}.q_proj`);
     let k = this.project(x, rows, `${prefix}.k_proj`);
-    const v = this.project(x, rows, `${prefix}.v_proj`);
+    const v = this.round(this.project(x, rows, `${prefix}.v_proj`));
     // Qwen3: RMSNorm over each head's q and k before the rotation.
     const qNorm = this.weights.get(`${prefix}.q_norm.weight`);
     const kNorm = this.weights.get(`${prefix}.k_norm.weight`);
@@ -185,17 +204,20 @@ export class LlamaF64 {
     if (kNorm) k = rmsNorm(k, kNorm, this.config.rms_norm_eps);
     applyRope(q, rows, numHeads, headDim, this.inv);
     applyRope(k, rows, numKvHeads, headDim, this.inv);
+    k = this.round(k);
 
     const groupSize = numHeads / numKvHeads;
+    const window = this.config.sliding_window ?? 0;
     const scale = 1 / Math.sqrt(headDim);
     const out = new Float64Array(rows * numHeads * headDim);
     const scores = new Float64Array(rows);
     for (let h = 0; h < numHeads; h++) {
       const kvHead = Math.floor(h / groupSize);
       for (let i = 0; i < rows; i++) {
+        const first = window > 0 ? Math.max(0, i - window + 1) : 0;
         const qBase = (i * numHeads + h) * headDim;
         let max = -Infinity;
-        for (let j = 0; j <= i; j++) {
+        for (let j = first; j <= i; j++) {
           const kBase = (j * numKvHeads + kvHead) * headDim;
           let dot = 0;
           for (let d = 0; d < headDim; d++) dot += q[qBase + d]! * k[kBase + d]!;
@@ -203,17 +225,17 @@ export class LlamaF64 {
           max = Math.max(max, scores[j]!);
         }
         let total = 0;
-        for (let j = 0; j <= i; j++) {
+        for (let j = first; j <= i; j++) {
           scores[j] = Math.exp(scores[j]! - max);
           total += scores[j]!;
         }
-        for (let j = 0; j <= i; j++) {
+        for (let j = first; j <= i; j++) {
           const weight = scores[j]! / total;
           const vBase = (j * numKvHeads + kvHead) * headDim;
           for (let d = 0; d < headDim; d++) out[qBase + d] = out[qBase + d]! + weight * v[vBase + d]!;
         }
       }
     }
-    return this.project(out, rows, `${prefix}.o_proj`);
+    return this.project(this.round(out), rows, `${prefix}.o_proj`);
   }
 }
