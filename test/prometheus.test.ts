@@ -24,14 +24,14 @@ const PROMTOOL = findBinary("promtool");
 const DOCKER_COMPOSE = findBinary("docker-compose");
 
 /** A skip message when the binary is missing outside CI; in CI a missing binary fails the test. */
-function needs(binary: string, path: string | undefined): string | false {
+function needs(binary: string, path: string | undefined, debianPackage = "prometheus"): string | false {
   if (path !== undefined || IN_CI) return false;
-  return `${binary} is not installed (apt-get install prometheus); CI installs it`;
+  return `${binary} is not installed (apt-get install ${debianPackage}); CI installs it`;
 }
 
-function requireBinary(binary: string, path: string | undefined): string {
+function requireBinary(binary: string, path: string | undefined, debianPackage = "prometheus"): string {
   if (path === undefined)
-    throw new Error(`${binary} is not installed: .ci/run must install it (apt-get install prometheus)`);
+    throw new Error(`${binary} is not installed: .ci/run must install it (apt-get install ${debianPackage})`);
   return path;
 }
 
@@ -217,11 +217,12 @@ describe("deploy files", () => {
 
   test(
     "docker-compose.yml validates",
-    { skip: DOCKER_COMPOSE ? false : "docker-compose is not installed" },
+    { skip: needs("docker-compose", DOCKER_COMPOSE, "docker-compose") },
     () => {
+      const dockerCompose = requireBinary("docker-compose", DOCKER_COMPOSE, "docker-compose");
       for (const profile of ["cpu", "cuda"]) {
         const result = spawnSync(
-          DOCKER_COMPOSE!,
+          dockerCompose,
           ["-f", join(deploy, "docker-compose.yml"), "--profile", profile, "config", "-q"],
           { encoding: "utf8" },
         );
