@@ -53,6 +53,9 @@ export interface GatewayConfig {
   verifyWindow: number;
   /** Upper bound of the automatic draft length. */
   maxGamma: number;
+  /** Lower bound of the automatic draft length; 0 lets pearl requests run on the target alone while
+   * drafting does not pay. */
+  minGamma: number;
   /** The fixed draft length of mode sd; 0: chosen like pearl's, for sequential drafting. */
   sdGamma: number;
   draftTemperature: number;
@@ -369,6 +372,17 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     description: "upper bound of the automatic draft length",
     defaultValue: 16,
     parse: integerIn(1, 1024),
+  },
+  {
+    key: "minGamma",
+    flag: "min-gamma",
+    valueName: "tokens",
+    env: "PEARL_MIN_GAMMA",
+    description:
+      "lower bound of the automatic draft length (0: pearl requests run on the target alone while the " +
+      "measured step times and acceptance say drafting does not pay; 1: always draft)",
+    defaultValue: 0,
+    parse: integerIn(0, 1024),
   },
   {
     key: "sdGamma",

@@ -1,11 +1,10 @@
 // The pieces of the PEARL services that are plain functions: exact finish, incremental detokenization,
-// configuration from flags and environment, and the draft-length tuner.
+// and configuration from flags and environment (the draft-length tuner: pearl-tuner.test.ts).
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { Command } from "commander";
-import winston from "winston";
 import {
   addOptions,
   DRAFT_SERVICE_OPTIONS,
@@ -17,12 +16,10 @@ import {
   targetServiceDefaults,
   toArgs,
 } from "../lib/config.js";
-import { Gauge, Registry } from "../lib/metrics.js";
 import { packageRoot } from "../lib/paths.js";
 import { TextTokenizer } from "../lib/tokenizer.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { decideEmission } from "../services/target/emission.js";
-import { Tuner } from "../services/gateway/tuner.js";
 
 describe("exact finish", () => {
   const eos = new Set([2]);
@@ -147,66 +144,5 @@ describe("configuration", () => {
       readOptions(parse(GATEWAY_OPTIONS, toArgs(config, GATEWAY_OPTIONS), {}), GATEWAY_OPTIONS),
       config,
     );
-  });
-});
-
-describe("draft-length tuner", () => {
-  function tuner(): Tuner {
-    const registry = new Registry();
-    const gauge = (name: string) => new Gauge({ name, help: name, registers: [registry] });
-    const logger = winston.createLogger({ silent: true });
-    return new Tuner({ ...gatewayDefaults(), maxGamma: 16 }, logger, {
-      lookahead: gauge("l"),
-      verifyWindow: gauge("w"),
-      gamma: gauge("g"),
-      acceptance: gauge("a"),
-    });
-  }
-
-  function feed(t: Tuner, verifyMs: (tokens: number) => number, draftMs: number, acceptance: number): void {
-    for (let step = 1; step <= 400; step++) {
-      const tokens = 1 + (step % 12);
-      t.observeDraftStep({ step, ms: draftMs, batchSize: 1, tokens: 1 });
-      // Verdicts of 10 drafts whose first rejection comes after about acceptance/(1 - acceptance).
-      const accepted = Math.min(10, Math.round(acceptance / (1 - acceptance)));
-      t.observeVerification(10, accepted);
-      t.observeTargetStep({ step, ms: verifyMs(tokens), batchSize: 1, tokens });
-    }
-  }
-
-  test("a verify step as slow whatever its window gives PEARL's gamma = t_target / t_draft", () => {
-    const t = tuner();
-    feed(t, () => 8, 1, 0.99);
-    assert.equal(t.plan("pearl").verifyWindow, 8);
-    assert.equal(t.plan("pearl").lookahead, 16);
-  });
-
-  test("when verification costs grow with the window, the window stays short", () => {
-    const t = tuner();
-    feed(t, (tokens) => 0.2 + 1 * tokens, 0.25, 0.6);
-    assert.ok(t.plan("pearl").verifyWindow <= 2, `window ${t.plan("pearl").verifyWindow}`);
-  });
-
-  test("sd keeps its fixed gamma; pins win over measurements", () => {
-    const t = tuner();
-    feed(t, () => 8, 1, 0.99);
-    assert.deepEqual(t.plan("sd"), {
-      lookahead: gatewayDefaults().sdGamma,
-      verifyWindow: gatewayDefaults().sdGamma,
-    });
-    const registry = new Registry();
-    const gauge = (name: string) => new Gauge({ name, help: name, registers: [registry] });
-    const pinned = new Tuner(
-      { ...gatewayDefaults(), lookahead: 5, verifyWindow: 3 },
-      winston.createLogger({ silent: true }),
-      {
-        lookahead: gauge("l"),
-        verifyWindow: gauge("w"),
-        gamma: gauge("g"),
-        acceptance: gauge("a"),
-      },
-    );
-    feed(pinned, () => 8, 1, 0.99);
-    assert.deepEqual(pinned.plan("pearl"), { lookahead: 5, verifyWindow: 3 });
   });
 });

@@ -179,22 +179,24 @@ export class Gateway {
     this.tuner = new Tuner(config, logger, {
       lookahead: new Gauge({
         name: "pearl_lookahead_tokens",
-        help: "Draft tokens allowed past the last verified position (mode pearl)",
+        help: "Draft tokens allowed past the last verified position (mode pearl; 0 while it does not draft)",
         registers,
       }),
       verifyWindow: new Gauge({
         name: "pearl_verify_window_tokens",
-        help: "Most draft tokens verified per target step (mode pearl)",
+        help: "Most draft tokens verified per target step (mode pearl; 0 while it does not draft)",
         registers,
       }),
       gamma: new Gauge({
         name: "pearl_draft_length_tokens",
-        help: "The draft length gamma the tuner chose from measured step times and acceptance",
+        help:
+          "The draft length gamma the tuner chose from measured step times and acceptance " +
+          "(0: drafting does not pay now, pearl requests run on the target alone)",
         registers,
       }),
       acceptance: new Gauge({
         name: "pearl_draft_acceptance_ratio",
-        help: "Recent rate at which the target accepts draft tokens",
+        help: "Recent rate at which the target accepts draft tokens (kept while nobody drafts)",
         registers,
       }),
     });
@@ -386,6 +388,7 @@ export class Gateway {
         targetSteps: outcome?.usage.targetSteps ?? null,
         meanAcceptedLength: outcome ? Number(outcome.usage.meanAcceptedLength.toFixed(3)) : null,
         draftFallback: outcome?.usage.draftFallback ?? null,
+        speculationOff: outcome?.usage.speculationOff ?? null,
         ttftSeconds: firstTokenAt === undefined ? null : Number(((firstTokenAt - started) / 1000).toFixed(4)),
         seconds: Number(seconds.toFixed(4)),
         ...(failure ? { error: failure.message } : {}),

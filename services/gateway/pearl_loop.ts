@@ -21,7 +21,10 @@
 //
 // Mode ar opens the target alone and lets it decode on its own every step. If the draft service fails or
 // disappears mid-request, the request continues exactly that way ("falls back to ar"): the target's
-// output does not depend on the draft, only its speed does, so the output is the same.
+// output does not depend on the draft, only its speed does, so the output is the same. A pearl request
+// also runs that way when the tuner finds that drafting does not pay at the present load (tuner.ts):
+// from its start, or from the verdict after the tuner changed its mind (it does not start drafting again
+// mid-request; requests that start later do).
 //
 // Why the output equals ar's: the target emits, at every position, its own token, and the engine's
 // acceptance rule (DESIGN §5) makes "accepted draft token" and "the target's own token" the same
@@ -57,7 +60,10 @@ export interface GenerationUsage {
   meanAcceptedLength: number;
   /** The mode the request finished in. */
   mode: DecodingMode;
+  /** The draft failed or was unavailable: the request went on in ar. */
   draftFallback: boolean;
+  /** The tuner found that drafting does not pay at the present load: the request went on in ar. */
+  speculationOff: boolean;
 }
 
 /** Where the loop reports to (the gateway turns it into a response stream). */
@@ -110,6 +116,7 @@ export class Generation {
   private plan: DecodingPlan;
   private draftActive = false;
   private draftFallback = false;
+  private speculationOff = false;
   /** Counts corrections; the draft tags every token with the epoch it was drafted in. */
   private epoch = 0;
   /** The current epoch's drafted tokens, for positions committed.length, committed.length + 1, ... */
@@ -117,6 +124,9 @@ export class Generation {
   /** How many of `drafts` the target has already been sent. */
   private forwarded = 0;
   private done = false;
+  /** The tuner counts this session among the open ones (and among the drafting ones while draftActive). */
+  private counted = false;
+  private lastVerdictAt: number | undefined;
   private draftTokens = 0;
   private acceptedTokens = 0;
   private targetSteps = 0;
@@ -144,6 +154,13 @@ export class Generation {
     }
     // With a single token to generate (or a draft context already full) there is nothing to draft.
     if (this.mode !== "ar" && this.draftLimit <= this.promptLength) this.mode = "ar";
+    if (this.mode !== "ar" && !this.plan.speculate) {
+      this.speculationOff = true;
+      this.mode = "ar";
+      this.context.logger.debug("request runs on the target alone: drafting does not pay at this load", {
+        requestId: this.request.requestId,
+      });
+    }
     this.context.target.open(
       {
         sessionId: this.sessionId,
@@ -157,6 +174,8 @@ export class Generation {
       { onEvent: (event) => this.onTargetEvent(event), onLinkLost: (error) => this.onTargetLost(error) },
     );
     const draft = this.context.draft;
+    this.counted = true;
+    this.context.tuner.sessionOpened(this.mode !== "ar" && draft !== undefined);
     if (this.mode === "ar" || !draft) return;
     this.draftActive = true;
     draft.open(
@@ -193,7 +212,7 @@ export class Generation {
     if (this.done) return;
     this.done = true;
     this.context.target.close(this.sessionId);
-    this.closeDraft();
+    this.release();
   }
 
   // ---- 2. draft: tokens arrive from the draft service -------------------------------------------------
@@ -266,6 +285,13 @@ export class Generation {
     const emitted = verdict.tokenIds;
     this.committed.push(...emitted);
     this.countStep(verdict);
+    const now = performance.now();
+    // What this session got since its previous verdict (the first one also waited for the prefill); sd's
+    // sequential cycles say nothing about pearl's.
+    if (this.lastVerdictAt !== undefined && this.mode !== "sd") {
+      this.context.tuner.observeCycle(this.draftActive, emitted.length, now - this.lastVerdictAt);
+    }
+    this.lastVerdictAt = now;
     this.context.tuner.observeTargetStep(verdict.step);
     if (emitted.length > 0) this.output.tokens(emitted);
     // The gateway may have ended the request on these tokens (a stop string).
@@ -340,10 +366,15 @@ export class Generation {
   }
 
   /** Follows the measured step times: a new verify window goes to the target, a new lookahead rides on
-   * the next advance or correction. */
+   * the next advance or correction; when drafting stops paying, the request goes on without it. */
   private retune(): void {
     if (!this.draftActive) return;
     const plan = this.context.tuner.plan(this.mode);
+    if (!plan.speculate) {
+      this.speculationOff = true;
+      this.stopDrafting("drafting does not pay at this load");
+      return;
+    }
     if (plan.verifyWindow !== this.plan.verifyWindow) {
       this.context.target.update({
         sessionId: this.sessionId,
@@ -402,7 +433,7 @@ export class Generation {
 
   private finish(finishReason: FinishReason): void {
     this.done = true;
-    this.closeDraft();
+    this.release();
     const completionTokens = this.committed.length - this.promptLength;
     const meanAcceptedLength = this.targetSteps > 0 ? completionTokens / this.targetSteps : 0;
     if (this.targetSteps > 0) this.context.metrics.meanAcceptedLength.observe(meanAcceptedLength);
@@ -415,6 +446,7 @@ export class Generation {
       meanAcceptedLength,
       mode: this.mode,
       draftFallback: this.draftFallback,
+      speculationOff: this.speculationOff,
     });
   }
 
@@ -422,13 +454,22 @@ export class Generation {
     this.done = true;
     if (closeTarget) this.context.target.close(this.sessionId);
     else this.context.target.forget(this.sessionId);
-    this.closeDraft();
+    this.release();
     this.output.failed(error);
+  }
+
+  /** The session is over on both services. */
+  private release(): void {
+    this.closeDraft();
+    if (!this.counted) return;
+    this.counted = false;
+    this.context.tuner.sessionClosed();
   }
 
   private closeDraft(): void {
     if (!this.draftActive) return;
     this.draftActive = false;
+    this.context.tuner.draftingStopped();
     this.context.draft?.close(this.sessionId);
   }
 

@@ -112,3 +112,79 @@ export function modelWithConfig(source: string, changes: Record<string, unknown>
   patch("generation_config.json", ["eos_token_id", "bos_token_id"]);
   return dir;
 }
+
+export interface ModelSize {
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKeyValueHeads: number;
+}
+
+/**
+ * A Llama model of the given size with random weights and the vocabulary and special tokens of a fixture
+ * (its config.json otherwise): a draft the gateway accepts for that fixture, as slow as its size makes it.
+ */
+export function randomLlama(like: string, size: ModelSize, seed: number): string {
+  const dir = makeDir("random");
+  const config = JSON.parse(readFileSync(join(like, "config.json"), "utf8")) as Record<string, unknown>;
+  const headDim = size.hiddenSize / size.numHeads;
+  Object.assign(config, {
+    hidden_size: size.hiddenSize,
+    intermediate_size: size.intermediateSize,
+    num_hidden_layers: size.numLayers,
+    num_attention_heads: size.numHeads,
+    num_key_value_heads: size.numKeyValueHeads,
+    head_dim: headDim,
+    tie_word_embeddings: false,
+  });
+  writeFileSync(join(dir, "config.json"), JSON.stringify(config, null, 2));
+  if (existsSync(join(like, "generation_config.json")))
+    copyFileSync(join(like, "generation_config.json"), join(dir, "generation_config.json"));
+
+  const vocab = config.vocab_size as number;
+  const hidden = size.hiddenSize;
+  const kv = size.numKeyValueHeads * headDim;
+  const shapes: [string, number[]][] = [
+    ["model.embed_tokens.weight", [vocab, hidden]],
+    ["lm_head.weight", [vocab, hidden]],
+    ["model.norm.weight", [hidden]],
+  ];
+  for (let layer = 0; layer < size.numLayers; layer++) {
+    const prefix = `model.layers.${layer}.`;
+    shapes.push(
+      [`${prefix}input_layernorm.weight`, [hidden]],
+      [`${prefix}post_attention_layernorm.weight`, [hidden]],
+      [`${prefix}self_attn.q_proj.weight`, [hidden, hidden]],
+      [`${prefix}self_attn.k_proj.weight`, [kv, hidden]],
+      [`${prefix}self_attn.v_proj.weight`, [kv, hidden]],
+      [`${prefix}self_attn.o_proj.weight`, [hidden, hidden]],
+      [`${prefix}mlp.gate_proj.weight`, [size.intermediateSize, hidden]],
+      [`${prefix}mlp.up_proj.weight`, [size.intermediateSize, hidden]],
+      [`${prefix}mlp.down_proj.weight`, [hidden, size.intermediateSize]],
+    );
+  }
+  const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
+  let offset = 0;
+  for (const [name, shape] of shapes) {
+    const bytes = 4 * shape.reduce((product, dimension) => product * dimension, 1);
+    header[name] = { dtype: "F32", shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  // The tensors start 8-byte aligned: the header is padded with spaces, as safetensors writers do.
+  let headerText = JSON.stringify(header);
+  headerText += " ".repeat((8 - (headerText.length % 8)) % 8);
+  const file = Buffer.alloc(8 + headerText.length + offset);
+  file.writeBigUInt64LE(BigInt(headerText.length), 0);
+  file.write(headerText, 8, "ascii");
+  const weights = new Float32Array(file.buffer, file.byteOffset + 8 + headerText.length, offset / 4);
+  const noise = normals(seed);
+  for (const [name, shape] of shapes) {
+    const [begin, end] = (header[name] as { data_offsets: [number, number] }).data_offsets;
+    const fanIn = shape[shape.length - 1]!;
+    const isNorm = shape.length === 1;
+    for (let i = begin / 4; i < end / 4; i++) weights[i] = isNorm ? 1 : noise() / Math.sqrt(fanIn);
+  }
+  writeFileSync(join(dir, "model.safetensors"), file);
+  return dir;
+}

@@ -3,6 +3,7 @@
 import { join } from "node:path";
 import { packageRoot } from "../../lib/paths.js";
 import { type ServiceProcess, spawnService } from "../../lib/service_process.js";
+import { ALWAYS_DRAFT } from "./stack.js";
 
 export const EMBEDDED_MODELS = join(packageRoot(), "models");
 
@@ -18,7 +19,8 @@ export class PearlServe {
 
   private constructor(readonly process: ServiceProcess) {}
 
-  /** Starts the stack and resolves once the gateway listens. Two cores: one engine thread each. */
+  /** Starts the stack and resolves once the gateway listens. Two cores: one engine thread each; pearl
+   * requests always draft (see ALWAYS_DRAFT). */
   static async start(extraArgs: string[] = [], timeoutMs = 60_000): Promise<PearlServe> {
     let gatewayListening: () => void = () => undefined;
     const listening = new Promise<void>((resolve) => (gatewayListening = resolve));
@@ -38,6 +40,7 @@ export class PearlServe {
             "--target-profile",
             "1",
           ],
+          ...ALWAYS_DRAFT,
           ...extraArgs,
         ],
         { stderr: "pipe", onLine: (line) => serve.onLine(line, gatewayListening) },

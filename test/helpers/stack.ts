@@ -36,6 +36,11 @@ const MODEL_SERVICE_ARGS = [
   "warn",
 ];
 
+/** Pearl requests always draft: what the tests of speculation check must not hang on whether the tuner
+ * finds, on this machine at this moment, that drafting pays. A test of that decision passes
+ * `--min-gamma 0` after these (the last flag wins). */
+export const ALWAYS_DRAFT = ["--min-gamma", "1"];
+
 export interface StackOptions {
   draftModel: string;
   targetModel: string;
@@ -76,6 +81,7 @@ export class Stack {
         "gateway",
         ...["--port", "0", "--http-port", "0", "--log-level", "warn", "--connect-timeout", "20"],
         ...["--draft", stack.draft.address, "--target", stack.target.address],
+        ...ALWAYS_DRAFT,
         ...(options.gatewayArgs ?? []),
       ]);
       stack.client = new GatewayClient(stack.gateway.address, credentials.createInsecure(), CHANNEL_OPTIONS);

@@ -1,0 +1,213 @@
+// Pearl requests when the tuner finds that drafting does not pay: they run on the target alone and output
+// exactly what ar outputs; a running request stops drafting when the decision changes, and ends with ar's
+// output too. The draft is a random model some 200 times the size of its tiny target, so that no drafting
+// can pay whatever this machine's timings: a draft step costs many target steps, and its guesses are
+// random.
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import winston from "winston";
+import { gatewayDefaults } from "../lib/config.js";
+import { Counter, Gauge, Histogram, Registry } from "../lib/metrics.js";
+import { FinishReason, type ServiceInfo } from "../proto/gen/pearl/v1/common.js";
+import { DraftLink, TargetLink } from "../services/gateway/links.js";
+import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
+import { Tuner } from "../services/gateway/tuner.js";
+import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
+import { inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+
+const TARGET = fixtureDir("llama-gqa-f32");
+const PROMPTS = randomPrompts(6, 4, 24, 17);
+
+describe("drafting does not pay: pearl requests run on the target alone", () => {
+  let stack: Stack;
+
+  before(async () => {
+    const draftModel = randomLlama(
+      TARGET,
+      { hiddenSize: 512, intermediateSize: 1024, numLayers: 4, numHeads: 8, numKeyValueHeads: 4 },
+      5,
+    );
+    stack = await Stack.start({
+      draftModel,
+      targetModel: TARGET,
+      gatewayArgs: ["--min-gamma", "0", "--log-level", "info"],
+    });
+  });
+
+  after(async () => {
+    await stack?.stop();
+    removeMadeModels();
+  });
+
+  function gatewayRecords(message: string): Record<string, unknown>[] {
+    return stack.logs
+      .filter((line) => line.startsWith("{"))
+      .map((line) => JSON.parse(line) as Record<string, unknown>)
+      .filter((record) => record.service === "gateway" && record.message === message);
+  }
+
+  test("the decision is logged and in the gauges", async () => {
+    const tuned = gatewayRecords("draft length tuned").at(-1);
+    assert.ok(tuned, "the start-up decision was logged");
+    assert.equal(tuned.gamma, 0);
+    assert.equal(tuned.speculate, false);
+    const metrics = await stack.metrics("gateway");
+    assert.equal(metricValue(metrics, "pearl_draft_length_tokens"), 0);
+    assert.equal(metricValue(metrics, "pearl_lookahead_tokens"), 0);
+    assert.equal(metricValue(metrics, "pearl_verify_window_tokens"), 0);
+  });
+
+  test("greedy and seeded sampling: pearl outputs ar's tokens, reports ar, and never calls the draft", async () => {
+    const draftTokensBefore = metricValue(await stack.metrics("draft"), "pearl_engine_step_tokens_total");
+    for (const sampling of [{ temperature: 0 }, { temperature: 1, seed: 3 }]) {
+      const results = await inParallel(PROMPTS, 3, async (prompt, i) => {
+        const request = {
+          promptTokenIds: prompt,
+          maxTokens: 40,
+          requestId: `off-${sampling.temperature}-${i}`,
+        };
+        return {
+          ar: await stack.generate({ ...request, ...sampling, requestId: "", mode: MODES.ar }),
+          pearl: await stack.generate({ ...request, ...sampling, mode: MODES.pearl }),
+        };
+      });
+      results.forEach(({ ar, pearl }, i) => {
+        assert.deepEqual(pearl.tokenIds, ar.tokenIds, `prompt ${i}, ${JSON.stringify(sampling)}`);
+        assert.equal(pearl.finishReason, ar.finishReason);
+        assert.equal(pearl.usage.mode, MODES.ar, "finished in ar");
+        assert.equal(pearl.usage.draftFallback, false, "not a failure of the draft");
+        assert.equal(pearl.usage.draftTokens, 0);
+        assert.equal(pearl.usage.targetSteps, pearl.tokenIds.length);
+      });
+    }
+    assert.equal(
+      metricValue(await stack.metrics("draft"), "pearl_engine_step_tokens_total"),
+      draftTokensBefore,
+      "the draft ran no step",
+    );
+    const logged = gatewayRecords("request").filter((record) => String(record.requestId).startsWith("off-"));
+    assert.equal(logged.length, 2 * PROMPTS.length);
+    for (const record of logged) {
+      assert.equal(record.mode, "pearl");
+      assert.equal(record.finishedIn, "ar");
+      assert.equal(record.speculationOff, true);
+      assert.equal(record.draftFallback, false);
+    }
+  });
+
+  test("mode sd still drafts on the same pair: the decision, not the draft, kept pearl from it", async () => {
+    const prompt = PROMPTS[0]!;
+    const ar = await stack.generate({
+      promptTokenIds: prompt,
+      maxTokens: 40,
+      temperature: 0,
+      mode: MODES.ar,
+    });
+    const sd = await stack.generate({
+      promptTokenIds: prompt,
+      maxTokens: 40,
+      temperature: 0,
+      mode: MODES.sd,
+    });
+    assert.deepEqual(sd.tokenIds, ar.tokenIds);
+    assert.equal(sd.usage.mode, MODES.sd);
+    assert.ok(sd.usage.draftTokens > 0);
+  });
+
+  test("a running pearl request stops drafting when the tuner stops it, and ends with ar's output", async () => {
+    const [targetInfo, draftInfo] = await Promise.all([stack.targetInfo(), stack.draftInfo()]);
+    const registry = new Registry();
+    const registers = [registry];
+    const gauge = (name: string) => new Gauge({ name, help: name, registers });
+    const counter = (name: string, labelNames: string[] = []) =>
+      new Counter({ name, help: name, labelNames, registers });
+    const logger = winston.createLogger({ silent: true });
+    const tuner = new Tuner({ ...gatewayDefaults(), minGamma: 0 }, logger, {
+      lookahead: gauge("lookahead"),
+      verifyWindow: gauge("verify_window"),
+      gamma: gauge("gamma"),
+      acceptance: gauge("acceptance"),
+    });
+    // A start-up profile in which drafting pays, so that the request starts drafting.
+    const profile = (ms: (batch: number) => number): ServiceInfo => ({
+      model: undefined,
+      cache: undefined,
+      activeSessions: 0,
+      stepTimes: [1, 2, 4, 8].map((batchSize) => ({ batchSize, meanMs: ms(batchSize), samples: 5 })),
+    });
+    tuner.seed(
+      profile(() => 0.1),
+      profile((batch) => 2 + 0.01 * batch),
+    );
+    assert.equal(tuner.plan("pearl").speculate, true);
+
+    const target = new TargetLink(stack.target.address, logger);
+    const draft = new DraftLink(stack.draft.address, logger);
+    const prompt = PROMPTS[1]!;
+    const maxTokens = 120;
+    try {
+      const ar = await stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: MODES.ar });
+      const tokens: number[] = [];
+      const usage = await new Promise<GenerationUsage>((resolve, reject) => {
+        const generation = new Generation(
+          1,
+          {
+            requestId: "stops-drafting",
+            promptTokenIds: prompt,
+            maxTokens,
+            sampling: { temperature: 0, topK: 0, topP: 1, seed: 1 },
+            mode: "pearl",
+            draftTemperature: 0,
+            draftTopK: 16,
+          },
+          {
+            target,
+            draft,
+            targetContextLength: targetInfo.model!.maxPositionEmbeddings,
+            draftContextLength: draftInfo.model!.maxPositionEmbeddings,
+            eosTokenIds: new Set(targetInfo.model!.eosTokenIds),
+            tuner,
+            metrics: {
+              draftTokens: counter("draft_tokens"),
+              acceptedTokens: counter("accepted_tokens"),
+              acceptedPerPosition: counter("accepted_per_position", ["position"]),
+              verifySteps: counter("verify_steps"),
+              targetSteps: counter("target_steps"),
+              staleDraftTokens: counter("stale_draft_tokens"),
+              fallbacks: counter("fallbacks", ["reason"]),
+              meanAcceptedLength: new Histogram({ name: "mean_accepted_length", help: "h", registers }),
+            },
+            logger,
+            draftLost: reject,
+          },
+          {
+            tokens: (ids) => {
+              tokens.push(...ids);
+              if (tokens.length >= 20 && tokens.length - ids.length < 20) {
+                // What drafting sessions got turned out dismal: a second per token.
+                for (let i = 0; i < 50; i++) tuner.observeCycle(true, 1, 1000);
+              }
+            },
+            finished: (reason, result) => {
+              assert.notEqual(reason, FinishReason.FINISH_REASON_UNSPECIFIED);
+              resolve(result);
+            },
+            failed: reject,
+          },
+        );
+        generation.start();
+      });
+      assert.deepEqual(tokens, ar.tokenIds);
+      assert.equal(tuner.plan("pearl").speculate, false);
+      assert.ok(usage.draftTokens > 0, "it drafted before the decision");
+      assert.equal(usage.mode, "ar", "and finished on the target alone");
+      assert.equal(usage.speculationOff, true);
+      assert.equal(usage.draftFallback, false);
+      const drafts = await stack.draftInfo();
+      assert.equal(drafts.activeSessions, 0, "the draft's session was closed");
+    } finally {
+      target.shutdown();
+      draft.shutdown();
+    }
+  });
+});
