@@ -37,15 +37,20 @@ bool env_flag(const char* name, bool fallback) {
   return std::strcmp(value, "0") != 0 && std::strcmp(value, "false") != 0;
 }
 
-class DeviceMemory {
+cudaError_t allocate_device(void** pointer, size_t bytes) { return cudaMalloc(pointer, bytes); }
+cudaError_t allocate_pinned(void** pointer, size_t bytes) { return cudaMallocHost(pointer, bytes); }
+
+// Owns one CUDA allocation; Allocate/Free pick device memory or pinned host memory.
+template <cudaError_t (*Allocate)(void**, size_t), cudaError_t (*Free)(void*)>
+class CudaAllocation {
  public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(size_t bytes) {
-    if (bytes > 0) PEARL_CUDA_CHECK(cudaMalloc(&pointer_, bytes));
+  CudaAllocation() = default;
+  explicit CudaAllocation(size_t bytes) {
+    if (bytes > 0) PEARL_CUDA_CHECK(Allocate(&pointer_, bytes));
   }
-  ~DeviceMemory() { release(); }
-  DeviceMemory(DeviceMemory&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
-  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
+  ~CudaAllocation() { release(); }
+  CudaAllocation(CudaAllocation&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
+  CudaAllocation& operator=(CudaAllocation&& other) noexcept {
     if (this != &other) {
       release();
       pointer_ = other.pointer_;
@@ -60,40 +65,14 @@ class DeviceMemory {
 
  private:
   void release() {
-    if (pointer_ != nullptr) cudaFree(pointer_);
+    if (pointer_ != nullptr) Free(pointer_);
     pointer_ = nullptr;
   }
   void* pointer_ = nullptr;
 };
 
-class PinnedMemory {
- public:
-  PinnedMemory() = default;
-  explicit PinnedMemory(size_t bytes) {
-    if (bytes > 0) PEARL_CUDA_CHECK(cudaMallocHost(&pointer_, bytes));
-  }
-  ~PinnedMemory() { release(); }
-  PinnedMemory(PinnedMemory&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
-  PinnedMemory& operator=(PinnedMemory&& other) noexcept {
-    if (this != &other) {
-      release();
-      pointer_ = other.pointer_;
-      other.pointer_ = nullptr;
-    }
-    return *this;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(pointer_);
-  }
-
- private:
-  void release() {
-    if (pointer_ != nullptr) cudaFreeHost(pointer_);
-    pointer_ = nullptr;
-  }
-  void* pointer_ = nullptr;
-};
+using DeviceMemory = CudaAllocation<allocate_device, cudaFree>;
+using PinnedMemory = CudaAllocation<allocate_pinned, cudaFreeHost>;
 
 // Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN.
 uint16_t float_to_bf16_bits(float value) {
