@@ -43,11 +43,16 @@ const windowSizes = positiveIntegers("windows", args.windows);
 const [steps] = positiveIntegers("steps", args.steps);
 const [promptLength] = positiveIntegers("prompt-length", args["prompt-length"]);
 const [prefillLength] = positiveIntegers("prefill-length", args["prefill-length"]);
+/** What a variant changes: the engine's deterministic option and the environment the engine loads in. */
+interface VariantSetup {
+  deterministic: boolean;
+  env: Record<string, string>;
+}
 const VARIANTS = {
-  default: {},
-  "no-graphs": { PEARL_CUDA_GRAPHS: "0" },
-  deterministic: { PEARL_CUDA_DETERMINISTIC: "1" },
-} as const;
+  default: { deterministic: false, env: {} },
+  "no-graphs": { deterministic: false, env: { PEARL_CUDA_GRAPHS: "0" } },
+  deterministic: { deterministic: true, env: {} },
+} satisfies Record<string, VariantSetup>;
 type Variant = keyof typeof VARIANTS;
 const variants = args.variants.split(",").map((name) => {
   if (!(name in VARIANTS))
@@ -174,12 +179,15 @@ interface ModelReport {
 
 async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
   const saved = new Map<string, string | undefined>();
-  for (const [key, value] of Object.entries(VARIANTS[variant])) {
+  const { deterministic, env }: VariantSetup = VARIANTS[variant];
+  for (const [key, value] of Object.entries(env)) {
     saved.set(key, process.env[key]);
     process.env[key] = value;
   }
   try {
-    const [engine, loadMs] = await timed(() => Engine.load({ modelDir: dir, backend: "cuda" }));
+    const [engine, loadMs] = await timed(() =>
+      Engine.load({ modelDir: dir, backend: "cuda", deterministic }),
+    );
     try {
       const decodeResults: DecodeResult[] = [];
       for (const batch of batchSizes) decodeResults.push(await decode(engine, dir, batch));

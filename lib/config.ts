@@ -19,6 +19,9 @@ export interface ModelServiceConfig {
   /** KV cache capacity in blocks; 0: the engine's default. */
   numBlocks: number;
   blockSize: number;
+  /** Batch-invariant numerics on the cuda backend (greedy pearl/sd equals ar whatever shares a step);
+   * the cpu backend always is. */
+  deterministic: boolean;
   host: string;
   /** 0 picks a free port (logged at start-up). */
   grpcPort: number;
@@ -87,8 +90,10 @@ export interface OptionSpec<Config> {
   key: keyof Config & string;
   /** The flag without dashes, e.g. "port"; `pearl serve` may prefix it ("draft-port"). */
   flag: string;
-  /** Placeholder of the value in --help; absent for a boolean switch. */
+  /** Placeholder of the value in --help. */
   valueName: string;
+  /** A switch: the flag alone means true; a value (as the environment variable gives) may follow it. */
+  valueOptional?: boolean;
   env: string;
   description: string;
   defaultValue: unknown;
@@ -131,6 +136,18 @@ function text(raw: string): string {
 function logLevel(raw: string): LogLevel {
   if (!isLogLevel(raw)) throw new InvalidArgumentError(`expected error, warn, info or debug, got "${raw}"`);
   return raw;
+}
+
+const TRUE_WORDS = ["true", "1", "on", "yes"];
+const FALSE_WORDS = ["false", "0", "off", "no"];
+
+function parseBoolean(raw: string): boolean {
+  const word = raw.trim().toLowerCase();
+  if (TRUE_WORDS.includes(word)) return true;
+  if (FALSE_WORDS.includes(word)) return false;
+  throw new InvalidArgumentError(
+    `expected ${TRUE_WORDS.join(", ")} or ${FALSE_WORDS.join(", ")}, got "${raw}"`,
+  );
 }
 
 const parsePort = integerIn(0, 65535);
@@ -206,6 +223,18 @@ function modelServiceSpecs(
       description: "tokens per KV block",
       defaultValue: 16,
       parse: integerIn(1, 1024),
+    },
+    {
+      key: "deterministic",
+      flag: "deterministic",
+      valueName: "bool",
+      valueOptional: true,
+      env: `${env}DETERMINISTIC`,
+      description:
+        "batch-invariant numerics, so that greedy pearl/sd output equals ar whatever shares a step (the cpu " +
+        "backend always is; on cuda it slows steps of more than 16 rows)",
+      defaultValue: false,
+      parse: parseBoolean,
     },
     {
       key: "grpcPort",
@@ -490,7 +519,8 @@ export function addOptions<Config>(
     if (skip.has(spec.key)) continue;
     const long = `--${prefix}${spec.flag}`;
     if (existing.has(long)) continue;
-    const option = new Option(`${long} <${spec.valueName}>`, spec.description)
+    const value = spec.valueOptional ? `[${spec.valueName}]` : `<${spec.valueName}>`;
+    const option = new Option(`${long} ${value}`, spec.description)
       .env(spec.env)
       .argParser((raw: string) => spec.parse(raw));
     // An empty default means "not set" (readOptions falls back to it); --help need not show it.

@@ -22,7 +22,7 @@ import {
   LATENCY_BUCKETS_SECONDS,
   type Registry,
 } from "./metrics.js";
-import { type CacheStats, Engine, type ModelInfo } from "./native.js";
+import { type CacheStats, Engine, type EngineOptions, type ModelInfo } from "./native.js";
 import { serveSessionStream } from "./service_streams.js";
 import { StepTimes } from "./step_times.js";
 
@@ -31,17 +31,20 @@ export async function loadEngine(config: ModelServiceConfig, role: string, logge
     throw new Error(`no ${role} model: pass --model <dir> (or set PEARL_${role.toUpperCase()}_MODEL)`);
   }
   const started = performance.now();
-  const engine = await Engine.load({
+  const options: EngineOptions = {
     modelDir: resolve(config.modelDir),
     backend: config.backend,
     blockSize: config.blockSize,
     numBlocks: config.numBlocks,
     numThreads: config.numThreads,
-  });
+    deterministic: config.deterministic,
+  };
+  const engine = await Engine.load(options);
   logger.info("model loaded", {
     modelDir: config.modelDir,
     architecture: engine.info.architecture,
     backend: engine.info.backend,
+    deterministic: options.deterministic,
     dtype: engine.info.dtype,
     parameters: engine.info.numParameters,
     loadSeconds: Number(((performance.now() - started) / 1000).toFixed(3)),

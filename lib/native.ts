@@ -90,6 +90,10 @@ export interface EngineOptions {
   numBlocks?: number;
   numThreads?: number;
   devices?: number[];
+  /** Batch-invariant numerics, so greedy pearl/sd output equals ar whatever shares a step. The cpu backend
+   * always is; on cuda every matrix product then takes the batch-invariant kernel (slower on steps of
+   * more than 16 rows). Default false. */
+  deterministic?: boolean;
 }
 
 interface NativeEngine {

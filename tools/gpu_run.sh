@@ -107,7 +107,9 @@ for stage in "${stages[@]}"; do
       run_stage 420 "$OUT/build.log" node node_modules/cmake-js/bin/cmake-js compile -d native --CDPEARL_CUDA=ON || { fail "build"; break; }
       ;;
     test)
-      run_stage 180 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
+      # test/gpu/*.test.ts includes serve.test.ts: `pearl serve` on cuda (PEARL_TEST_BACKEND, default cuda)
+      # answering REST requests, two stacks started.
+      run_stage 300 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;

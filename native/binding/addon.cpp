@@ -205,6 +205,11 @@ pearl::EngineOptions ToEngineOptions(Napi::Env env, const Napi::Value& value) {
   if (Has(object, "numThreads")) {
     options.num_threads = ToInt(env, object.Get("numThreads"), "options.numThreads");
   }
+  if (Has(object, "deterministic")) {
+    const Napi::Value deterministic = object.Get("deterministic");
+    if (!deterministic.IsBoolean()) ThrowType(env, "options.deterministic must be a boolean");
+    options.deterministic = deterministic.As<Napi::Boolean>().Value();
+  }
   if (Has(object, "devices")) {
     const Napi::Array devices = ToArray(env, object.Get("devices"), "options.devices");
     for (uint32_t i = 0; i < devices.Length(); ++i) {

@@ -198,7 +198,7 @@ class CudaBackend final : public Backend {
       : config_(config),
         device_(select_device(options)),
         block_size_(options.block_size),
-        deterministic_(env_flag("PEARL_CUDA_DETERMINISTIC", false)),
+        deterministic_(options.deterministic),
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));

@@ -2,8 +2,8 @@
 // accumulation, own kernels for rows <= 16 (decode, verify windows), cuBLASLt for larger row counts, and
 // CUDA graphs for steps of up to 64 rows. Declared without CUDA types so the C++ core can include it.
 //
-// Environment: PEARL_CUDA_DETERMINISTIC=1 makes every matrix product use the batch-invariant kernel (a row's
-// logits then never depend on what shares its step, so greedy pearl/sd equals ar bit for bit);
+// EngineOptions::deterministic makes every matrix product use the batch-invariant kernel (a row's logits
+// then never depend on what shares its step, so greedy pearl/sd equals ar bit for bit). Environment:
 // PEARL_CUDA_GRAPHS=0 turns graph replay off.
 #pragma once
 

@@ -73,6 +73,11 @@ struct EngineOptions {
   int num_blocks = 0;           // 0: derive from memory_fraction / a default capacity
   int num_threads = 0;          // cpu backend; 0: all cores
   std::vector<int> devices;     // cuda backend
+  // Batch-invariant numerics: a row's logits never depend on what else shares its step, so greedy
+  // pearl/sd output equals ar token for token whatever the batch composition. The cpu backend is always
+  // batch-invariant; this only changes the cuda backend (every matrix product takes the batch-invariant
+  // kernel, which costs throughput on steps of more than 16 rows).
+  bool deterministic = false;
 };
 
 struct ModelInfo {

@@ -20,7 +20,7 @@ import {
 import { FIXTURE_NAMES, type Fixture, loadFixture, relativeError } from "../reference/fixtures.js";
 import type { LlamaF64 } from "../reference/llama_f64.js";
 import { loadBf16Oracle } from "./bf16_oracle.js";
-import { speculativeGreedy, withDeterministicMode } from "./speculate.js";
+import { speculativeGreedy } from "./speculate.js";
 
 // bf16 weights, activations and KV cache against float32 references: the ideal bf16 engine (bf16_oracle.ts)
 // itself lands 0.6e-2 to 1.3e-2 from transformers' float32 logits on these fixtures, so the CUDA backend is
@@ -196,50 +196,56 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
   });
 });
 
-describe("cuda deterministic mode (PEARL_CUDA_DETERMINISTIC=1)", () => {
+describe("cuda deterministic mode (EngineOptions.deterministic)", () => {
   test("a prompt of 40 rows batched with 7 others is bit-identical to the prompt alone", async () => {
-    await withDeterministicMode(async () => {
-      const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
-      try {
-        const vocab = engine.info.vocabSize;
-        const prompt = tokenRange(9, 40, vocab);
-        await engine.addSequence(0);
-        const alone = await stepLogits(engine, 0, prompt);
-        const items: StepItem[] = [];
-        for (let k = 1; k <= 7; k++) {
-          await engine.addSequence(k);
-          items.push({
-            seqId: k,
-            tokens: Int32Array.from(tokenRange(50 + k, 5 + 9 * k, vocab)),
-            output: "logits",
-          });
-        }
-        await engine.addSequence(99);
-        items.splice(4, 0, { seqId: 99, tokens: Int32Array.from(prompt), output: "logits" });
-        const results = await engine.step(items);
-        assertSameBits(
-          results.find((result) => result.seqId === 99)?.logits,
-          alone,
-          "prompt rows in a batch",
-        );
-      } finally {
-        await engine.close();
-      }
+    const engine = await Engine.load({
+      modelDir: loadFixture("llama-gqa-f32").dir,
+      backend: "cuda",
+      deterministic: true,
     });
+    try {
+      const vocab = engine.info.vocabSize;
+      const prompt = tokenRange(9, 40, vocab);
+      await engine.addSequence(0);
+      const alone = await stepLogits(engine, 0, prompt);
+      const items: StepItem[] = [];
+      for (let k = 1; k <= 7; k++) {
+        await engine.addSequence(k);
+        items.push({
+          seqId: k,
+          tokens: Int32Array.from(tokenRange(50 + k, 5 + 9 * k, vocab)),
+          output: "logits",
+        });
+      }
+      await engine.addSequence(99);
+      items.splice(4, 0, { seqId: 99, tokens: Int32Array.from(prompt), output: "logits" });
+      const results = await engine.step(items);
+      assertSameBits(results.find((result) => result.seqId === 99)?.logits, alone, "prompt rows in a batch");
+    } finally {
+      await engine.close();
+    }
   });
 
   test("greedy speculative decoding of 4 concurrent sequences equals target-only decoding", async () => {
-    await withDeterministicMode(async () => {
-      const outcome = await speculativeGreedy({ sessions: 4, draftLength: 5, newTokens: 48 });
-      assert.deepEqual(outcome.speculative, outcome.targetOnly);
-      assert.ok(outcome.acceptedTokens > 0, "the embedded draft agrees with its target at least sometimes");
+    const outcome = await speculativeGreedy({
+      sessions: 4,
+      draftLength: 5,
+      newTokens: 48,
+      deterministic: true,
     });
+    assert.deepEqual(outcome.speculative, outcome.targetOnly);
+    assert.ok(outcome.acceptedTokens > 0, "the embedded draft agrees with its target at least sometimes");
   });
 });
 
 describe("cuda default mode, steps of at most 16 rows", () => {
   test("greedy speculative decoding of 3 concurrent sequences equals target-only decoding", async () => {
-    const outcome = await speculativeGreedy({ sessions: 3, draftLength: 4, newTokens: 48 });
+    const outcome = await speculativeGreedy({
+      sessions: 3,
+      draftLength: 4,
+      newTokens: 48,
+      deterministic: false,
+    });
     assert.deepEqual(outcome.speculative, outcome.targetOnly);
   });
 });

@@ -22,18 +22,6 @@ export function referencePrompts(count: number): number[][] {
   });
 }
 
-/** Runs `body` with the CUDA backend's deterministic mode on for every engine it loads. */
-export async function withDeterministicMode<T>(body: () => Promise<T>): Promise<T> {
-  const previous = process.env.PEARL_CUDA_DETERMINISTIC;
-  process.env.PEARL_CUDA_DETERMINISTIC = "1";
-  try {
-    return await body();
-  } finally {
-    if (previous === undefined) delete process.env.PEARL_CUDA_DETERMINISTIC;
-    else process.env.PEARL_CUDA_DETERMINISTIC = previous;
-  }
-}
-
 interface Session {
   seqId: number;
   committed: number[];
@@ -53,9 +41,12 @@ export async function speculativeGreedy(options: {
   sessions: number;
   draftLength: number;
   newTokens: number;
+  /** The cuda backend's deterministic mode, for both engines. */
+  deterministic: boolean;
 }): Promise<SpeculativeOutcome> {
-  const target = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda" });
-  const draft = await Engine.load({ modelDir: join(MODELS, "draft"), backend: "cuda" });
+  const { deterministic } = options;
+  const target = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda", deterministic });
+  const draft = await Engine.load({ modelDir: join(MODELS, "draft"), backend: "cuda", deterministic });
   try {
     const prompts = referencePrompts(options.sessions);
     const targetOnly: number[][] = [];
