@@ -170,6 +170,27 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
 
 // ---- the command line -----------------------------------------------------------------------------------
 
+/** The settings of the stack that `generate --local` and `bench --local` start for themselves. */
+const LOCAL_SERVICE_KEYS = ["modelDir", "backend", "numThreads", "deterministic"];
+const LOCAL_GATEWAY_KEYS = ["lookahead", "verifyWindow", "minGamma", "maxGamma", "sdGamma"];
+
+function addLocalStackOptions(command: Command): void {
+  addOptions(
+    command,
+    DRAFT_SERVICE_OPTIONS.filter((spec) => LOCAL_SERVICE_KEYS.includes(spec.key)),
+    "draft-",
+  );
+  addOptions(
+    command,
+    TARGET_SERVICE_OPTIONS.filter((spec) => LOCAL_SERVICE_KEYS.includes(spec.key)),
+    "target-",
+  );
+  addOptions(
+    command,
+    GATEWAY_OPTIONS.filter((spec) => LOCAL_GATEWAY_KEYS.includes(spec.key)),
+  );
+}
+
 const program = new Command("pearl")
   .description("Parallel speculative decoding (PEARL) served as draft, target and gateway gRPC services")
   .version(version());
@@ -274,16 +295,7 @@ const generate = program
   )
   .addOption(new Option("--local", "start draft, target and gateway for this one request").default(false))
   .addOption(new Option("--json", "print tokens, text, finish reason and usage as JSON").default(false));
-addOptions(
-  generate,
-  DRAFT_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
-  "draft-",
-);
-addOptions(
-  generate,
-  TARGET_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
-  "target-",
-);
+addLocalStackOptions(generate);
 generate.action(async (options: GenerateOptions, command: Command) => {
   try {
     await runGenerate(options, command.opts());
@@ -375,16 +387,7 @@ const bench = program
     ).default(false),
   )
   .addOption(new Option("--json", "print the rows as JSON").default(false));
-addOptions(
-  bench,
-  DRAFT_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
-  "draft-",
-);
-addOptions(
-  bench,
-  TARGET_SERVICE_OPTIONS.filter((spec) => ["modelDir", "backend", "numThreads"].includes(spec.key)),
-  "target-",
-);
+addLocalStackOptions(bench);
 bench.action(async (options: BenchCommandOptions, command: Command) => {
   const stack = options.local
     ? await startLocalStack(command.opts(), createLogger("pearl", "warn"), {

@@ -60,24 +60,24 @@ describe("pearl command", () => {
   );
 
   test("pearl generate --local prints a completion", () => {
-    // Mode sd always drafts; whether pearl drafts is the tuner's call on this machine, and generate
-    // --local takes no gateway flag to pin it.
+    // --min-gamma 1 keeps pearl drafting whatever the tuner measures on this machine.
     const result = runPearl([
       "generate",
       "--local",
       ...["--draft-model", fixtureDir("llama-gqa-f32"), "--target-model", fixtureDir("llama-gqa-f32")],
-      ...["--draft-threads", "1", "--target-threads", "1"],
-      ...["--prompt-ids", "5,6,7", "--max-tokens", "5", "--temperature", "0", "--mode", "sd", "--json"],
+      ...["--draft-threads", "1", "--target-threads", "1", "--min-gamma", "1"],
+      ...["--prompt-ids", "5,6,7", "--max-tokens", "5", "--temperature", "0", "--mode", "pearl", "--json"],
     ]);
     assert.equal(result.status, 0, result.stderr);
     const output = JSON.parse(result.stdout) as {
       tokenIds: number[];
       finishReason: string;
-      usage: { mode: number };
+      usage: { mode: number; draftTokens: number };
     };
     assert.equal(output.tokenIds.length, 5);
     assert.equal(output.finishReason, "length");
-    assert.equal(output.usage.mode, MODES.sd);
+    assert.equal(output.usage.mode, MODES.pearl);
+    assert.ok(output.usage.draftTokens > 0, "pearl drafted");
   });
 
   test("pearl bench --local measures every mode, with the same greedy output in each", () => {
