@@ -6,14 +6,13 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import winston from "winston";
-import { gatewayDefaults } from "../lib/config.js";
-import { Counter, Gauge, Histogram, Registry } from "../lib/metrics.js";
-import { FinishReason, type ServiceInfo } from "../proto/gen/pearl/v1/common.js";
+import { Counter, Histogram, Registry } from "../lib/metrics.js";
+import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
 import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
-import { Tuner } from "../services/gateway/tuner.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
 import { inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import { makeTuner, startupProfile } from "./helpers/tuner.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
 const PROMPTS = randomPrompts(6, 4, 24, 17);
@@ -118,26 +117,14 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
     const [targetInfo, draftInfo] = await Promise.all([stack.targetInfo(), stack.draftInfo()]);
     const registry = new Registry();
     const registers = [registry];
-    const gauge = (name: string) => new Gauge({ name, help: name, registers });
     const counter = (name: string, labelNames: string[] = []) =>
       new Counter({ name, help: name, labelNames, registers });
     const logger = winston.createLogger({ silent: true });
-    const tuner = new Tuner({ ...gatewayDefaults(), minGamma: 0 }, logger, {
-      lookahead: gauge("lookahead"),
-      verifyWindow: gauge("verify_window"),
-      gamma: gauge("gamma"),
-      acceptance: gauge("acceptance"),
-    });
+    const tuner = makeTuner({ minGamma: 0 }, logger, registry);
     // A start-up profile in which drafting pays, so that the request starts drafting.
-    const profile = (ms: (batch: number) => number): ServiceInfo => ({
-      model: undefined,
-      cache: undefined,
-      activeSessions: 0,
-      stepTimes: [1, 2, 4, 8].map((batchSize) => ({ batchSize, meanMs: ms(batchSize), samples: 5 })),
-    });
     tuner.seed(
-      profile(() => 0.1),
-      profile((batch) => 2 + 0.01 * batch),
+      startupProfile(() => 0.1),
+      startupProfile((batch) => 2 + 0.01 * batch),
     );
     assert.equal(tuner.plan("pearl").speculate, true);
 

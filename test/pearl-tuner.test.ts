@@ -6,9 +6,9 @@ import { Writable } from "node:stream";
 import { describe, test } from "node:test";
 import winston from "winston";
 import { type GatewayConfig, gatewayDefaults } from "../lib/config.js";
-import { Gauge, Registry } from "../lib/metrics.js";
-import type { ServiceInfo } from "../proto/gen/pearl/v1/common.js";
-import { Tuner } from "../services/gateway/tuner.js";
+import { Registry } from "../lib/metrics.js";
+import type { Tuner } from "../services/gateway/tuner.js";
+import { makeTuner, startupProfile } from "./helpers/tuner.js";
 
 interface Machine {
   /** Target step ms for a step carrying `tokens` over all its sequences. */
@@ -53,7 +53,6 @@ class Simulation {
     private readonly machine: Machine,
     config: Partial<GatewayConfig> = {},
   ) {
-    const gauge = (name: string) => new Gauge({ name, help: name, registers: [this.registry] });
     const logs = this.logs;
     const logger = winston.createLogger({
       format: winston.format.json(),
@@ -68,23 +67,8 @@ class Simulation {
         }),
       ],
     });
-    this.tuner = new Tuner({ ...gatewayDefaults(), ...config }, logger, {
-      lookahead: gauge("lookahead"),
-      verifyWindow: gauge("verify_window"),
-      gamma: gauge("gamma"),
-      acceptance: gauge("acceptance"),
-    });
-    // The services' start-up profile: decode steps at batch 1, 2, 4, 8.
-    const profile = (ms: (batch: number) => number): ServiceInfo => ({
-      model: undefined,
-      cache: undefined,
-      activeSessions: 0,
-      stepTimes: [1, 2, 4, 8].map((batchSize) => ({ batchSize, meanMs: ms(batchSize), samples: 5 })),
-    });
-    this.tuner.seed(
-      profile(machine.draftMs),
-      profile((batch) => machine.targetMs(batch)),
-    );
+    this.tuner = makeTuner(config, logger, this.registry);
+    this.tuner.seed(startupProfile(machine.draftMs), startupProfile(machine.targetMs));
   }
 
   async gauge(name: string): Promise<number> {
