@@ -6,7 +6,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
-import { Checkpoint } from "../../lib/safetensors.js";
+import { Checkpoint } from "./safetensors.js";
 
 interface RopeScaling {
   rope_theta?: number;
