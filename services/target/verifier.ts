@@ -292,8 +292,10 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
    * the position only). */
   private async makeRoom(work: Work[]): Promise<Work[]> {
     for (;;) {
-      const stats = await this.engine.cacheStats();
       const need = work.reduce((sum, w) => sum + this.newBlocks(w), 0);
+      // Most decode and verify steps stay inside their sessions' last blocks: no need to ask the engine.
+      if (need === 0) return work;
+      const stats = await this.engine.cacheStats();
       const running = this.runningSessions();
       if (need <= stats.blocksFree || running.length <= 1) return work;
       const victim = running.reduce((a, b) => (a.admittedAt > b.admittedAt ? a : b));
