@@ -14,7 +14,7 @@ import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
 
 /** What `pearl serve` calls the embedded target in the OpenAI API. */
 const MODEL = "pearl-code";
-const CODE_PROMPT = "def add(a, b):\n";
+const CODE_PROMPT = "def add(a, b):\n    return";
 /** The embedded models write CJK (and, sampled, the odd invalid byte) after a prompt like this one. */
 const MULTIBYTE_PROMPT = "# 你好，世界 😀 日本語のテキスト\n# 中文注释：";
 

@@ -11,7 +11,7 @@ import type { GenerateRequest, GenerateResponse } from "../proto/gen/pearl/v1/ga
 import { EMBEDDED_MODELS } from "./helpers/pearl_serve.js";
 import { generateRequest, metricValue, MODES, Stack } from "./helpers/stack.js";
 
-const PROMPT = "def add(a, b):\n";
+const PROMPT = "def add(a, b):\n    return";
 const INFO_LOGS = ["--log-level", "info"];
 
 interface Outcome {
