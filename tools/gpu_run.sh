@@ -19,6 +19,7 @@ export NCCL_NVLS_ENABLE=0
 export PATH=/usr/local/cuda/bin:$PATH
 export CUDACXX=${CUDACXX:-/usr/local/cuda/bin/nvcc}
 export PYTHONUNBUFFERED=1
+export PEARL_CUDA_LOG_TUNING=1  # each engine prints its skinny-GEMM timings per weight shape (bench.log)
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test bench-1b bench-8b bench-qwen profile-8b)
@@ -113,8 +114,8 @@ for stage in "${stages[@]}"; do
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
-    bench-1b) bench_shape llama-3.2-1b default,no-graphs,deterministic ;;
-    bench-8b) bench_shape llama-3.1-8b default,no-graphs,deterministic ;;
+    bench-1b) bench_shape llama-3.2-1b default,tiles4,deterministic ;;
+    bench-8b) bench_shape llama-3.1-8b default,tiles4,deterministic ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 582 355 ;;
     *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b)" ;;

@@ -24,7 +24,8 @@ struct ForwardBatch {
   std::vector<int32_t> slots;
   std::vector<int32_t> row_table;
   std::vector<std::vector<int32_t>> block_tables;
-  std::vector<int32_t> logit_rows;  // rows whose logits the caller needs, in output order
+  std::vector<int32_t> logit_rows;   // rows with an output, in output order
+  std::vector<uint8_t> full_logits;  // per output: 1 when the caller needs its logits, 0 for its argmax alone
 };
 
 class Backend {
@@ -34,9 +35,11 @@ class Backend {
   virtual const char* name() const = 0;
   // KV blocks the storage holds (fixed at creation).
   virtual int num_blocks() const = 0;
-  // Runs every row through the model and writes the logits of batch.logit_rows to
-  // logits[logit_rows.size() * vocab_size]. A row's results must not depend on the other rows.
-  virtual void forward(const ForwardBatch& batch, float* logits) = 0;
+  // Runs every row through the model. For output i (row logit_rows[i]) writes its argmax (ops::argmax's
+  // rule) to argmax[i] and, when full_logits[i], its logits to the next row of `logits`, which holds one
+  // row of vocab_size floats per such output, in output order. Greedy outputs thus never leave the device
+  // as logits. A row's results must not depend on the other rows.
+  virtual void forward(const ForwardBatch& batch, float* logits, int32_t* argmax) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
 };

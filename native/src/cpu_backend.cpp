@@ -1,5 +1,6 @@
 #include "cpu_backend.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "ops/ops.h"
@@ -38,7 +39,7 @@ void CpuBackend::copy_block(int32_t source, int32_t destination) {
   }
 }
 
-void CpuBackend::forward(const ForwardBatch& batch, float* logits) {
+void CpuBackend::forward(const ForwardBatch& batch, float* logits, int32_t* argmax) {
   const int rows = static_cast<int>(batch.tokens.size());
   if (rows == 0) return;
   const int hidden = config_.hidden_size;
@@ -104,16 +105,24 @@ void CpuBackend::forward(const ForwardBatch& batch, float* logits) {
     ops::residual_add(x.data(), projected.data(), static_cast<int64_t>(rows) * hidden);
   }
 
-  const int logit_rows = static_cast<int>(batch.logit_rows.size());
-  if (logit_rows == 0) return;
-  std::vector<float> final_hidden(static_cast<size_t>(logit_rows) * hidden);
-  for (int i = 0; i < logit_rows; ++i) {
+  const int outputs = static_cast<int>(batch.logit_rows.size());
+  if (outputs == 0) return;
+  std::vector<float> final_hidden(static_cast<size_t>(outputs) * hidden);
+  for (int i = 0; i < outputs; ++i) {
     const float* source = x.data() + static_cast<int64_t>(batch.logit_rows[static_cast<size_t>(i)]) * hidden;
     ops::rmsnorm(source, hidden, 1, hidden, weights_.final_norm.data(), eps,
                  final_hidden.data() + static_cast<int64_t>(i) * hidden, hidden);
   }
-  ops::matmul(final_hidden.data(), logit_rows, hidden, weights_.lm_head_weight(), nullptr, config_.vocab_size, logits,
-              pool_);
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  std::vector<float> all_logits(static_cast<size_t>(outputs) * vocab);
+  ops::matmul(final_hidden.data(), outputs, hidden, weights_.lm_head_weight(), nullptr, config_.vocab_size,
+              all_logits.data(), pool_);
+  float* next_full = logits;
+  for (size_t i = 0; i < static_cast<size_t>(outputs); ++i) {
+    const float* row = all_logits.data() + i * vocab;
+    argmax[i] = ops::argmax(row, config_.vocab_size);
+    if (batch.full_logits[i]) next_full = std::copy(row, row + vocab, next_full);
+  }
 }
 
 }  // namespace pearl

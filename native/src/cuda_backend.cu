@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -90,6 +92,7 @@ struct DeviceLinear {
   const float* bias = nullptr;  // null: no bias
   int in = 0;
   int out = 0;
+  int skinny_variant = 0;  // the skinny GEMM launch shape measured fastest for [out, in]
 };
 
 struct DeviceLayer {
@@ -199,11 +202,13 @@ class CudaBackend final : public Backend {
         device_(select_device(options)),
         block_size_(options.block_size),
         deterministic_(options.deterministic),
-        graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)) {
+        graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
+        log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     load_weights(checkpoint);
+    tune_matmuls();
     allocate_scratch();
     allocate_cache(options);
   }
@@ -234,7 +239,7 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void forward(const ForwardBatch& batch, float* logits) override {
+  void forward(const ForwardBatch& batch, float* logits, int32_t* argmax) override {
     const int rows = static_cast<int>(batch.tokens.size());
     if (rows == 0) return;
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
@@ -242,9 +247,9 @@ class CudaBackend final : public Backend {
     const int padded_rows = bucket > 0 ? bucket : rows;
     stage_rows(batch, padded_rows);
     if (bucket > 0) {
-      forward_graph(batch, bucket, logits);
+      forward_graph(batch, bucket, logits, argmax);
     } else {
-      forward_eager(batch, logits);
+      forward_eager(batch, logits, argmax);
     }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -302,6 +307,39 @@ class CudaBackend final : public Backend {
         cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
 
+  // Every weight shape gets the skinny GEMM variant that streams it fastest on this card (they all give
+  // bit-identical results, so the choice cannot change an output).
+  void tune_matmuls() {
+    std::vector<DeviceLinear*> linears;
+    for (DeviceLayer& layer : layers_) {
+      for (DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) linears.push_back(linear);
+    }
+    linears.push_back(&lm_head_);
+    // PEARL_CUDA_SKINNY_VARIANT pins one variant everywhere (tests compare them; benchmarks isolate one).
+    const char* pinned = std::getenv("PEARL_CUDA_SKINNY_VARIANT");
+    if (pinned != nullptr && *pinned != '\0') {
+      const int variant = gpu::skinny_variant_index(pinned);
+      for (DeviceLinear* linear : linears) linear->skinny_variant = variant;
+      return;
+    }
+    std::map<std::pair<int, int>, std::vector<DeviceLinear*>> by_shape;
+    for (DeviceLinear* linear : linears) by_shape[{linear->in, linear->out}].push_back(linear);
+    for (const auto& [shape, group] : by_shape) {
+      std::vector<const bf16*> weights;
+      for (const DeviceLinear* linear : group) weights.push_back(linear->weight);
+      const gpu::SkinnyTuning tuning = gpu::tune_skinny_matmul(weights, shape.first, shape.second, stream_);
+      for (DeviceLinear* linear : group) linear->skinny_variant = tuning.variant;
+      if (log_tuning_) {
+        std::string line = "pearl cuda: skinny GEMM [" + std::to_string(shape.second) + " x " +
+                           std::to_string(shape.first) + "], one row, median us:";
+        for (size_t v = 0; v < tuning.names.size(); ++v) {
+          line += " " + tuning.names[v] + " " + std::to_string(tuning.microseconds[v]).substr(0, 6);
+        }
+        std::fprintf(stderr, "%s -> %s\n", line.c_str(), tuning.names[static_cast<size_t>(tuning.variant)].c_str());
+      }
+    }
+  }
+
   void allocate_scratch() {
     const size_t rows = static_cast<size_t>(std::max(kChunkRows, kGraphMaxRows));
     const size_t hidden = static_cast<size_t>(config_.hidden_size);
@@ -315,6 +353,8 @@ class CudaBackend final : public Backend {
     attention_scratch_ = DeviceMemory(
         gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
     device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
+    device_argmax_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(int32_t));
+    argmax_scratch_ = DeviceMemory(gpu::argmax_scratch_floats(kLogitRows, config_.vocab_size) * sizeof(float));
     cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
   }
 
@@ -429,6 +469,11 @@ class CudaBackend final : public Backend {
     for (const auto& group : logit_groups_) {
       for (int32_t output : group) *logit_index++ = batch.logit_rows[static_cast<size_t>(output)] % kChunkRows;
     }
+    full_logits_row_.assign(batch.logit_rows.size(), -1);
+    int32_t full_rows = 0;
+    for (size_t i = 0; i < batch.logit_rows.size(); ++i) {
+      if (batch.full_logits[i]) full_logits_row_[i] = full_rows++;
+    }
     host[offset(meta_stride())] = static_cast<int32_t>(stride);
     int32_t* tables = host + offset(meta_tables());
     for (const auto& table : batch.block_tables) {
@@ -447,7 +492,8 @@ class CudaBackend final : public Backend {
       for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
         const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
         gpu::skinny_matmul(x + static_cast<size_t>(first) * linear.in, count, linear.in, linear.weight, linear.bias,
-                           linear.out, y + static_cast<size_t>(first) * linear.out, accumulate, stream_);
+                           linear.out, y + static_cast<size_t>(first) * linear.out, accumulate, linear.skinny_variant,
+                           stream_);
       }
       return;
     }
@@ -481,31 +527,52 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Final norm of x_ rows (row_index, or the first `count` rows when null) and lm_head into device_logits_.
+  // Final norm of x_ rows (row_index, or the first `count` rows when null), lm_head into device_logits_,
+  // and the argmax of each of those rows into device_argmax_.
   void compute_logits(const int32_t* row_index, int count) {
     gpu::rmsnorm(x_.as<float>(), row_index, count, config_.hidden_size, final_norm_,
                  static_cast<float>(config_.rms_norm_eps), normed_.as<bf16>(), stream_);
     matmul(normed_.as<bf16>(), count, lm_head_, device_logits_.as<float>(), false);
+    gpu::argmax(device_logits_.as<float>(), count, config_.vocab_size, argmax_scratch_.as<float>(),
+                device_argmax_.as<int32_t>(), stream_);
   }
 
-  // Copies device_logits_ row source_rows[i] to host row outputs[i], merging consecutive runs.
-  void copy_logits(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits) {
-    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  // Copies device rows source_rows[i] (`width` elements each) to host rows destinations[i], merging runs.
+  template <typename T>
+  void copy_rows(const T* device, size_t width, const std::vector<int32_t>& source_rows,
+                 const std::vector<int32_t>& destinations, T* host) {
     size_t i = 0;
-    while (i < outputs.size()) {
+    while (i < destinations.size()) {
       size_t run = 1;
-      while (i + run < outputs.size() && source_rows[i + run] == source_rows[i] + static_cast<int32_t>(run) &&
-             outputs[i + run] == outputs[i] + static_cast<int32_t>(run)) {
+      while (i + run < destinations.size() && source_rows[i + run] == source_rows[i] + static_cast<int32_t>(run) &&
+             destinations[i + run] == destinations[i] + static_cast<int32_t>(run)) {
         ++run;
       }
-      PEARL_CUDA_CHECK(cudaMemcpyAsync(logits + static_cast<size_t>(outputs[i]) * vocab,
-                                       device_logits_.as<float>() + static_cast<size_t>(source_rows[i]) * vocab,
-                                       run * vocab * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(host + static_cast<size_t>(destinations[i]) * width,
+                                       device + static_cast<size_t>(source_rows[i]) * width,
+                                       run * width * sizeof(T), cudaMemcpyDeviceToHost, stream_));
       i += run;
     }
   }
 
-  void forward_eager(const ForwardBatch& batch, float* logits) {
+  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_argmax_: every argmax comes back,
+  // logits only for the outputs that asked for them.
+  void copy_outputs(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits,
+                    int32_t* argmax) {
+    copy_rows(device_argmax_.as<int32_t>(), 1, source_rows, outputs, argmax);
+    std::vector<int32_t> full_sources;
+    std::vector<int32_t> full_destinations;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const int32_t full_row = full_logits_row_[static_cast<size_t>(outputs[i])];
+      if (full_row < 0) continue;
+      full_sources.push_back(source_rows[i]);
+      full_destinations.push_back(full_row);
+    }
+    copy_rows(device_logits_.as<float>(), static_cast<size_t>(config_.vocab_size), full_sources, full_destinations,
+              logits);
+  }
+
+  void forward_eager(const ForwardBatch& batch, float* logits, int32_t* argmax) {
     const int rows = static_cast<int>(batch.tokens.size());
     int32_t logit_offset = 0;
     for (int first = 0; first < rows; first += kChunkRows) {
@@ -517,10 +584,10 @@ class CudaBackend final : public Backend {
         compute_logits(meta_logit_index() + logit_offset + begin, n);
         std::vector<int32_t> source_rows(static_cast<size_t>(n));
         for (int i = 0; i < n; ++i) source_rows[static_cast<size_t>(i)] = i;
-        copy_logits(source_rows,
-                    std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
-                                         group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
-                    logits);
+        copy_outputs(source_rows,
+                     std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
+                                          group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
+                     logits, argmax);
       }
       logit_offset += static_cast<int32_t>(group.size());
     }
@@ -532,7 +599,7 @@ class CudaBackend final : public Backend {
     compute_logits(nullptr, bucket);
   }
 
-  void forward_graph(const ForwardBatch& batch, int bucket, float* logits) {
+  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, int32_t* argmax) {
     const size_t index = static_cast<size_t>(
         std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
     if (graphs_[index] == nullptr) {
@@ -545,7 +612,7 @@ class CudaBackend final : public Backend {
     }
     std::vector<int32_t> outputs(batch.logit_rows.size());
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
-    copy_logits(batch.logit_rows, outputs, logits);
+    copy_outputs(batch.logit_rows, outputs, logits, argmax);
   }
 
   void capture(int bucket, size_t index) {
@@ -576,6 +643,7 @@ class CudaBackend final : public Backend {
   int block_size_;
   bool deterministic_;
   bool graphs_enabled_;
+  bool log_tuning_;
   cudaStream_t stream_ = nullptr;
 
   std::vector<DeviceMemory> weights_;
@@ -593,6 +661,8 @@ class CudaBackend final : public Backend {
   DeviceMemory activated_;
   DeviceMemory attention_scratch_;
   DeviceMemory device_logits_;
+  DeviceMemory device_argmax_;
+  DeviceMemory argmax_scratch_;
   std::unique_ptr<gpu::CublasLtGemm> cublas_;
 
   int num_blocks_ = 0;
@@ -604,6 +674,7 @@ class CudaBackend final : public Backend {
   DeviceMemory meta_;
   PinnedMemory staging_;
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
+  std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
 
   std::array<cudaGraphExec_t, kGraphBuckets.size()> graphs_{};
 };

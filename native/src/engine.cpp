@@ -172,7 +172,9 @@ class EngineImpl : public Engine {
 
     ForwardBatch batch;
     std::vector<int32_t> slots;
-    std::vector<size_t> first_logit_row(items.size(), 0);
+    std::vector<size_t> first_output(items.size(), 0);
+    std::vector<size_t> first_logit_row(items.size(), 0);  // in the host logits, which hold full outputs only
+    size_t full_outputs = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       const StepItem& item = items[i];
       const int64_t count = static_cast<int64_t>(item.tokens.size());
@@ -186,18 +188,24 @@ class EngineImpl : public Engine {
         batch.slots.push_back(slots[static_cast<size_t>(t - matched[i])]);
         batch.row_table.push_back(static_cast<int32_t>(i));
       }
-      first_logit_row[i] = batch.logit_rows.size();
+      first_output[i] = batch.logit_rows.size();
+      first_logit_row[i] = full_outputs;
       const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : count - item.num_draft - 1;
       if (item.output != StepOutput::None) {
+        // Greedy verification and sampling need the argmax alone, which the backend finds on its side.
+        const bool full = item.output == StepOutput::Logits || item.sampling.temperature > 0.0f;
         for (int64_t t = logit_from; t < count; ++t) {
           batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
+          batch.full_logits.push_back(full ? 1 : 0);
+          if (full) ++full_outputs;
         }
       }
     }
 
     const size_t vocab = static_cast<size_t>(config_.vocab_size);
-    std::vector<float> logits(batch.logit_rows.size() * vocab);
-    backend_->forward(batch, logits.data());
+    std::vector<float> logits(full_outputs * vocab);
+    std::vector<int32_t> argmax(batch.logit_rows.size());
+    backend_->forward(batch, logits.data(), argmax.data());
 
     std::vector<StepResult> results;
     results.reserve(items.size());
@@ -215,7 +223,9 @@ class EngineImpl : public Engine {
           window = item_logits + static_cast<size_t>(count - item.num_draft - 1) * vocab;
         }
         const int64_t first_position = old_lengths[i] + count - item.num_draft;
+        const bool full = batch.full_logits[first_output[i]] != 0;
         const auto target = [&](int row) {
+          if (!full) return greedy_distribution(argmax[first_output[i] + static_cast<size_t>(row)]);
           return process_logits(window + static_cast<size_t>(row) * vocab, config_.vocab_size, item.sampling);
         };
         if (item.return_top_k > 0 && item.sampling.temperature > 0.0f) {

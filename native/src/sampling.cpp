@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "counter_rng.h"
+#include "ops/ops.h"
 
 namespace pearl {
 
@@ -28,16 +29,6 @@ struct ByProbability {
     return wa != wb ? wa > wb : a < b;
   }
 };
-
-int32_t argmax_lowest_id(const float* logits, int vocab_size) {
-  int32_t best = -1;
-  for (int32_t i = 0; i < vocab_size; ++i) {
-    if (std::isnan(logits[i])) continue;
-    if (best < 0 || logits[i] > logits[best]) best = i;
-  }
-  if (best < 0) throw std::runtime_error("all logits are NaN");
-  return best;
-}
 
 Distribution one_hot(int32_t token) {
   Distribution p;
@@ -98,8 +89,13 @@ int32_t sample_residual(const Distribution& p, const DraftDistribution& q, uint6
 
 }  // namespace
 
+Distribution greedy_distribution(int32_t argmax) {
+  if (argmax < 0) throw std::runtime_error("all logits are NaN");
+  return one_hot(argmax);
+}
+
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params) {
-  if (params.temperature <= 0.0f) return one_hot(argmax_lowest_id(logits, vocab_size));
+  if (params.temperature <= 0.0f) return greedy_distribution(ops::argmax(logits, vocab_size));
 
   const double inv_temperature = 1.0 / static_cast<double>(params.temperature);
   double max_logit = -std::numeric_limits<double>::infinity();

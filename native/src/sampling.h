@@ -25,6 +25,10 @@ struct Distribution {
 // Greedy (temperature 0) gives the one-hot argmax, ties to the lowest id.
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params);
 
+// The greedy distribution from an argmax the backend computed (ops::argmax's rule); throws for -1 (every
+// logit NaN), as process_logits does.
+Distribution greedy_distribution(int32_t argmax);
+
 // Gumbel-max draw at `position`: argmax over the support of log p(x) + G(seed, position, x).
 int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position);
 

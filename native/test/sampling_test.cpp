@@ -4,6 +4,7 @@
 #include <map>
 
 #include "check.h"
+#include "ops/ops.h"
 
 using pearl::DraftDistribution;
 using pearl::Distribution;
@@ -47,6 +48,19 @@ TEST(greedy_picks_the_lowest_id_among_ties) {
   CHECK_EQ(pearl::sample_token(p, 123, 9), 1);
   const std::vector<float> with_nan = {NAN, 0.5f, 0.5f};
   CHECK_EQ(pearl::process_logits(with_nan.data(), 3, params(0.0f)).tokens[0], 1);
+}
+
+// The rule every backend's argmax follows (the CUDA kernel is held to it in test:gpu).
+TEST(argmax_skips_nan_and_breaks_ties_towards_the_lowest_id) {
+  const std::vector<float> signed_zeros = {-1.0f, -0.0f, 0.0f, NAN};
+  CHECK_EQ(pearl::ops::argmax(signed_zeros.data(), 4), 1);
+  const std::vector<float> infinities = {NAN, -INFINITY, -INFINITY, NAN};
+  CHECK_EQ(pearl::ops::argmax(infinities.data(), 4), 1);
+  const std::vector<float> all_nan = {NAN, NAN};
+  CHECK_EQ(pearl::ops::argmax(all_nan.data(), 2), -1);
+  CHECK_THROWS(pearl::process_logits(all_nan.data(), 2, params(0.0f)), "all logits are NaN");
+  CHECK_THROWS(pearl::greedy_distribution(-1), "all logits are NaN");
+  CHECK(pearl::greedy_distribution(7).tokens == (std::vector<int32_t>{7}));
 }
 
 TEST(temperature_top_k_and_top_p_supports) {

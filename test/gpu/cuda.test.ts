@@ -196,6 +196,77 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
   });
 });
 
+/** ops::argmax's rule: the largest logit, the lowest index among equals, NaN never wins. */
+function argmaxLowestId(row: Float32Array): number {
+  let best = -1;
+  for (const [i, value] of row.entries()) {
+    if (Number.isNaN(value)) continue;
+    if (best < 0 || value > row[best]!) best = i;
+  }
+  return best;
+}
+
+describe("cuda greedy tokens come from the device argmax", () => {
+  test("decode and verify-window tokens equal the argmax of the same rows' logits", async () => {
+    const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
+    try {
+      const vocab = engine.info.vocabSize;
+      const prompt = tokenRange(7, 13, vocab);
+      const withLogits = 0;
+      const greedy = 1;
+      await addPrefilled(engine, withLogits, prompt);
+      await addPrefilled(engine, greedy, prompt);
+      // Drafts: a few tokens, the second deliberately unlike the first's argmax so the window rejects there.
+      const drafts = tokenRange(100, 4, vocab);
+      const logits = await stepLogits(engine, withLogits, drafts);
+      const expectedFirst = argmaxLowestId(logitsRow(logits, vocab, 0));
+      const window = [drafts[0]!, expectedFirst, ...drafts.slice(2)];
+      const verdict = only(
+        await engine.step([{ seqId: greedy, tokens: Int32Array.from(window), numDraft: window.length - 1 }]),
+      );
+      // Row 0 predicts the first draft's successor; it is accepted, so row 1 decides the next token.
+      await engine.truncate(withLogits, prompt.length);
+      const windowLogits = await stepLogits(engine, withLogits, window);
+      const expectedTokens = window.map((_, row) => argmaxLowestId(logitsRow(windowLogits, vocab, row)));
+      let accepted = 0;
+      while (accepted < window.length - 1 && window[accepted + 1] === expectedTokens[accepted]) accepted++;
+      assert.equal(verdict.accepted, accepted);
+      assert.equal(verdict.nextToken, expectedTokens[accepted]);
+      assert.ok(accepted >= 1, "the first draft was the argmax and must be accepted");
+    } finally {
+      await engine.close();
+    }
+  });
+});
+
+describe("cuda skinny GEMM variants (PEARL_CUDA_SKINNY_VARIANT)", () => {
+  const VARIANTS = ["tiles1", "tiles2", "tiles4", "tiles1-prefetch", "tiles2-prefetch"];
+
+  test("every variant gives bit-identical logits, and an unknown name is refused", async () => {
+    const fixture = loadFixture("qwen2-bias-f32");
+    const dir = fixture.dir;
+    const prompt = tokenRange(3, 11, fixture.vocabSize);
+    const byVariant: Float32Array[] = [];
+    try {
+      for (const variant of VARIANTS) {
+        process.env.PEARL_CUDA_SKINNY_VARIANT = variant;
+        const engine = await Engine.load({ modelDir: dir, backend: "cuda" });
+        await engine.addSequence(0);
+        byVariant.push(await stepLogits(engine, 0, prompt));
+        await engine.close();
+      }
+      process.env.PEARL_CUDA_SKINNY_VARIANT = "tiles3";
+      await assert.rejects(
+        Engine.load({ modelDir: dir, backend: "cuda" }),
+        /unknown skinny GEMM variant "tiles3"/,
+      );
+    } finally {
+      delete process.env.PEARL_CUDA_SKINNY_VARIANT;
+    }
+    for (const [i, logits] of byVariant.entries()) assertSameBits(logits, byVariant[0]!, VARIANTS[i]!);
+  });
+});
+
 describe("cuda deterministic mode (EngineOptions.deterministic)", () => {
   test("a prompt of 40 rows batched with 7 others is bit-identical to the prompt alone", async () => {
     const engine = await Engine.load({

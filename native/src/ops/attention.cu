@@ -10,6 +10,8 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGroup = 8;  // query heads per KV head
 constexpr int kVec = 8;       // bf16 values per 16-byte load
+constexpr int kMaxPrefetch = 8;  // 16-byte K or V loads a thread keeps in flight (registers bound it)
+static_assert(kAttentionSplit <= kThreads, "one thread looks up each key of a split");
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&out)[kVec]) {
   const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -25,9 +27,25 @@ __device__ __forceinline__ int64_t kv_slot(const int32_t* table, int block_size,
   return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
 }
 
+// Issues the 16-byte loads of keys first_key, first_key + kStride, ... (kCount of them) before any is used,
+// so their latencies overlap; keys at or past `keys` load nothing.
+template <int kCount, int kStride>
+__device__ __forceinline__ void load_key_slices(const bf16* base, const int64_t* key_offsets, int first_key, int keys,
+                                                uint4 (&raw)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) {
+    const int key = first_key + i * kStride;
+    raw[i] = key < keys ? *reinterpret_cast<const uint4*>(base + key_offsets[key]) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // One CTA per (row, KV head, slot): all query heads of the KV head share each K/V load (GQA packing).
 // The CTA runs an online softmax over the splits slot, slot + kAttentionSlots, ... of the row's context
 // (in that order) and leaves an unnormalized partial state (acc, max, sum) in base-2 exponent units.
+// Thread t works on key t / kLanesPerKey (+ multiples of kKeyGroups), slice t % kLanesPerKey, in both the
+// score and the value phase. Short contexts make this kernel latency-bound, so each split looks up its
+// block table once and every thread issues all its K and V loads of a split (kMaxPrefetch at a time)
+// before the first use; the arithmetic and its order per output are those of a plain key loop.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* __restrict__ q, int64_t q_stride,
                                                                   int num_heads, DeviceKvLayer kv, DeviceRows batch,
@@ -36,7 +54,11 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
                                                                   float* __restrict__ partial_state) {
   constexpr int kLanesPerKey = kHeadDim / kVec;  // lanes that share one key row in the score phase
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
-  constexpr int kKeyGroups = kThreads / kLanesPerKey;  // key interleave of the value phase
+  constexpr int kKeyGroups = kThreads / kLanesPerKey;  // keys per score pass, key interleave of the value phase
+  constexpr int kSteps = kAttentionSplit / kKeyGroups;  // score passes (and value steps) per split
+  constexpr int kPrefetch = kSteps < kMaxPrefetch ? kSteps : kMaxPrefetch;
+  static_assert(kWarps * kKeysPerWarp == kKeyGroups && kSteps % kPrefetch == 0, "split layout");
+  __shared__ int64_t key_offsets[kAttentionSplit];  // element offset of each key's K/V row in this split
   __shared__ float scores[kMaxGroup][kAttentionSplit];
   __shared__ float alpha[kMaxGroup];
   __shared__ float running_max[kMaxGroup];
@@ -69,18 +91,26 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
     running_sum[threadIdx.x] = 0.0f;
   }
 
-  const int key_in_warp = lane / kLanesPerKey;
-  const int score_chunk = lane % kLanesPerKey;
+  const int chunk = threadIdx.x % kLanesPerKey;
+  const int key_group = threadIdx.x / kLanesPerKey;
   float q_regs[kMaxGroup][kVec];
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
-    const float* q_head = q + row * q_stride + static_cast<int64_t>(first_head + h) * kHeadDim + score_chunk * kVec;
+    if (h < group) {
+      const float4* q_head = reinterpret_cast<const float4*>(q + row * q_stride +
+                                                             static_cast<int64_t>(first_head + h) * kHeadDim +
+                                                             chunk * kVec);
+      const float4 low = q_head[0];
+      const float4 high = q_head[1];
+      const float values[kVec] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) q_regs[h][j] = h < group ? q_head[j] * scale_log2 : 0.0f;
+      for (int j = 0; j < kVec; ++j) q_regs[h][j] = values[j] * scale_log2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) q_regs[h][j] = 0.0f;
+    }
   }
 
-  const int value_chunk = threadIdx.x % kLanesPerKey;
-  const int key_group = threadIdx.x / kLanesPerKey;
   float acc[kMaxGroup][kVec];
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
@@ -90,24 +120,38 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
 
   const int32_t* table = batch.block_tables + static_cast<int64_t>(batch.row_table[row]) * *batch.table_stride;
   const int64_t kv_row_width = static_cast<int64_t>(kv.num_kv_heads) * kHeadDim;
-  const bf16* k_base = kv.k + kv_head * kHeadDim;
-  const bf16* v_base = kv.v + kv_head * kHeadDim;
-  __syncthreads();
+  const bf16* k_base = kv.k + kv_head * kHeadDim + chunk * kVec;
+  const bf16* v_base = kv.v + kv_head * kHeadDim + chunk * kVec;
 
   for (int split = slot; split < num_splits; split += kAttentionSlots) {
     const int first = start + split * kAttentionSplit;
     const int keys = min(kAttentionSplit, start + count - first);
 
+    // The barrier also publishes the running state set above, before the first split.
+    if (threadIdx.x < keys) {
+      key_offsets[threadIdx.x] = kv_slot(table, kv.block_size, first + threadIdx.x) * kv_row_width;
+    }
+    __syncthreads();
+
+    uint4 k_raw[kPrefetch];
+    uint4 v_raw[kPrefetch];
+    load_key_slices<kPrefetch, kKeyGroups>(k_base, key_offsets, key_group, keys, k_raw);
+    load_key_slices<kPrefetch, kKeyGroups>(v_base, key_offsets, key_group, keys, v_raw);
+
     // Scores: kLanesPerKey lanes per key, each a 16-byte slice of K, combined by shuffles.
-    for (int base = warp * kKeysPerWarp; base < keys; base += kWarps * kKeysPerWarp) {
-      const int key = base + key_in_warp;
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      if (step > 0 && step % kPrefetch == 0) {
+        load_key_slices<kPrefetch, kKeyGroups>(k_base, key_offsets, key_group + step * kKeyGroups, keys, k_raw);
+      }
+      if ((step * kWarps + warp) * kKeysPerWarp >= keys) continue;  // the warp has no key in this pass
+      const int key = key_group + step * kKeyGroups;
       float s[kMaxGroup];
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
       if (key < keys) {
-        const int64_t kv_index = kv_slot(table, kv.block_size, first + key);
         float k_values[kVec];
-        unpack_bf16x8(*reinterpret_cast<const uint4*>(k_base + kv_index * kv_row_width + score_chunk * kVec), k_values);
+        unpack_bf16x8(k_raw[step % kPrefetch], k_values);
 #pragma unroll
         for (int h = 0; h < kMaxGroup; ++h) {
 #pragma unroll
@@ -121,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
           s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
         }
       }
-      if (score_chunk == 0 && key < keys) {
+      if (chunk == 0 && key < keys) {
 #pragma unroll
         for (int h = 0; h < kMaxGroup; ++h) {
           if (h < group) scores[h][key] = s[h];
@@ -162,10 +206,15 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
         for (int j = 0; j < kVec; ++j) acc[h][j] *= rescale;
       }
     }
-    for (int key = key_group; key < keys; key += kKeyGroups) {
-      const int64_t kv_index = kv_slot(table, kv.block_size, first + key);
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      if (step > 0 && step % kPrefetch == 0) {
+        load_key_slices<kPrefetch, kKeyGroups>(v_base, key_offsets, key_group + step * kKeyGroups, keys, v_raw);
+      }
+      const int key = key_group + step * kKeyGroups;
+      if (key >= keys) break;
       float v_values[kVec];
-      unpack_bf16x8(*reinterpret_cast<const uint4*>(v_base + kv_index * kv_row_width + value_chunk * kVec), v_values);
+      unpack_bf16x8(v_raw[step % kPrefetch], v_values);
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) {
         if (h < group) {
@@ -182,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   for (int h = 0; h < kMaxGroup; ++h) {
     if (h < group) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) reduce[key_group][h][value_chunk * kVec + j] = acc[h][j];
+      for (int j = 0; j < kVec; ++j) reduce[key_group][h][chunk * kVec + j] = acc[h][j];
     }
   }
   __syncthreads();
@@ -251,6 +300,9 @@ void attention(const float* q, int64_t q_stride, int rows, int num_heads, const 
   const int head_dim = kv.head_dim;
   if (!attention_supports(head_dim, num_heads / kv.num_kv_heads)) {
     throw std::logic_error("attention: unsupported head_dim " + std::to_string(head_dim) + " or grouping");
+  }
+  if (reinterpret_cast<uintptr_t>(q) % 16 != 0 || q_stride % 4 != 0) {
+    throw std::logic_error("attention: q rows must be 16-byte aligned (q_stride " + std::to_string(q_stride) + ")");
   }
   float* partial_acc = scratch;
   float* partial_state = scratch + static_cast<size_t>(rows) * num_heads * kAttentionSlots * head_dim;

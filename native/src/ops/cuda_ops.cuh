@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pearl::gpu {
 
@@ -77,12 +78,30 @@ bool attention_supports(int head_dim, int group);
 // out[r, i] = bf16(silu(gate_up[r, i]) * gate_up[r, inter + i]).
 void silu_mul(const float* gate_up, int rows, int inter, bf16* out, cudaStream_t stream);
 
+// out[r] = the argmax of logits row r (n floats), by ops::argmax's rule: ties to the lowest index, NaN
+// never wins, -1 when the row is all NaN. scratch holds argmax_scratch_floats(rows, n) floats.
+size_t argmax_scratch_floats(int rows, int n);
+void argmax(const float* logits, int rows, int n, float* scratch, int32_t* out, cudaStream_t stream);
+
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order
-// that depends on (n, k) only, so a row's result does not depend on the other rows.
+// that depends on (n, k) only, so a row's result does not depend on the other rows. `variant` picks a
+// launch shape (tune_skinny_matmul); every variant computes bit-identical results.
 constexpr int kSkinnyMaxRows = 16;
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, cudaStream_t stream);
+                   bool accumulate, int variant, cudaStream_t stream);
+
+// The fastest skinny_matmul variant for one row of a [n, k] product, timed on `weights` (matrices of that
+// shape, used in turn so that none is read from L2), with each variant's median time.
+struct SkinnyTuning {
+  int variant = 0;
+  std::vector<std::string> names;
+  std::vector<float> microseconds;
+};
+SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, int n, cudaStream_t stream);
+
+// The variant called `name` (as SkinnyTuning::names spells it); throws for an unknown name.
+int skinny_variant_index(const std::string& name);
 
 // y[rows, n] += bias (the cuBLASLt path adds biases separately).
 void add_bias(float* y, int rows, int n, const float* bias, cudaStream_t stream);

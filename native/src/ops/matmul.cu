@@ -1,3 +1,8 @@
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "cuda/check.h"
 #include "cuda_ops.cuh"
 
 namespace pearl::gpu {
@@ -8,7 +13,6 @@ constexpr int kWarps = 8;
 constexpr int kChunk = 32;           // k elements per pair of m16n8k16 products
 constexpr int kChunksPerStep = 4;    // a warp step covers 128 k: 256 contiguous bytes of each weight row
 constexpr int kStep = kChunk * kChunksPerStep;
-constexpr int kTargetCtas = 264;     // two CTAs of 8 warps per SM on an H100
 
 // Weights are read exactly once: skip L1. A warp step reads 256 contiguous bytes of each of its rows in
 // 64-byte pieces, so L2 is asked to fetch the whole 256-byte block at the first touch (longer DRAM bursts).
@@ -29,14 +33,59 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A CTA owns 8 * kTiles output columns; its 8 warps split k and combine in warp order.
+// The weight fragments of one warp step: 16 bytes of each of the step's chunks, for each tile.
+template <int kTiles>
+struct WeightFragments {
+  uint4 w[kChunksPerStep][kTiles];
+};
+
+template <int kTiles>
+__device__ __forceinline__ void load_weights(WeightFragments<kTiles>& f, int step, int k, int t,
+                                             const bf16* const (&weight_row)[kTiles],
+                                             const bool (&column_valid)[kTiles]) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int c = 0; c < kChunksPerStep; ++c) {
+    const int kk = step + c * kChunk + t * 8;
+    const bool inside = kk < k;  // k is a multiple of 8, so a chunk is either whole or absent
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      f.w[c][tile] = inside && column_valid[tile] ? load_streaming(weight_row[tile] + kk) : zero;
+    }
+  }
+}
+
+// acc += the step's products. Activations are loaded here, not ahead: every CTA reads the same few rows,
+// so they come from L1/L2 and need no registers across the step.
+template <int kTiles>
+__device__ __forceinline__ void multiply_step(float (&acc)[kTiles][4], const WeightFragments<kTiles>& f, int step,
+                                              int k, int t, const bf16* x_low, const bf16* x_high, bool has_low,
+                                              bool has_high) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int c = 0; c < kChunksPerStep; ++c) {
+    const int kk = step + c * kChunk + t * 8;
+    const bool inside = kk < k;
+    const uint4 a_low = inside && has_low ? __ldg(reinterpret_cast<const uint4*>(x_low + kk)) : zero;
+    const uint4 a_high = inside && has_high ? __ldg(reinterpret_cast<const uint4*>(x_high + kk)) : zero;
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      mma_bf16(acc[tile], a_low.x, a_high.x, a_low.y, a_high.y, f.w[c][tile].x, f.w[c][tile].y);
+      mma_bf16(acc[tile], a_low.z, a_high.z, a_low.w, a_high.w, f.w[c][tile].z, f.w[c][tile].w);
+    }
+  }
+}
+
+// A CTA owns 8 * kTiles output columns; its 8 warps split k and combine in warp order. With kPrefetch a
+// warp loads the next step's weights before multiplying the current ones, so its loads stay in flight
+// while it computes. Neither parameter changes which products are summed in which order.
 //
 // Fragment trick: lane (g = lane / 4, t = lane % 4) loads 8 consecutive k of weight row g of each tile
 // (one 16-byte load) and the same 8 k of activation rows g and g + 8. The two m16n8k16 products of a
 // 32-k chunk then see the k order permuted identically in A and B (logical k 2t, 2t+1 | 2t+8, 2t+9 ->
 // physical 8t, 8t+1 | 8t+2, 8t+3 in the first product, 8t+4 .. 8t+7 in the second), which leaves every
 // dot product unchanged and keeps all loads 16 bytes wide.
-template <int kTiles>
+template <int kTiles, bool kPrefetch>
 __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k,
                                                                     const bf16* __restrict__ weight,
                                                                     const float* __restrict__ bias, int n,
@@ -68,29 +117,21 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* 
     for (int i = 0; i < 4; ++i) acc[tile][i] = 0.0f;
   }
 
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int step = warp * kStep; step < k; step += kWarps * kStep) {
-    uint4 w[kChunksPerStep][kTiles];
-    uint4 a_low[kChunksPerStep];
-    uint4 a_high[kChunksPerStep];
-#pragma unroll
-    for (int c = 0; c < kChunksPerStep; ++c) {
-      const int kk = step + c * kChunk + t * 8;
-      const bool inside = kk < k;  // k is a multiple of 8, so a chunk is either whole or absent
-#pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile) {
-        w[c][tile] = inside && column_valid[tile] ? load_streaming(weight_row[tile] + kk) : zero;
-      }
-      a_low[c] = inside && has_low ? __ldg(reinterpret_cast<const uint4*>(x_low + kk)) : zero;
-      a_high[c] = inside && has_high ? __ldg(reinterpret_cast<const uint4*>(x_high + kk)) : zero;
+  constexpr int kStride = kWarps * kStep;
+  if constexpr (kPrefetch) {
+    WeightFragments<kTiles> current;
+    load_weights(current, warp * kStep, k, t, weight_row, column_valid);
+    for (int step = warp * kStep; step < k; step += kStride) {
+      WeightFragments<kTiles> next;
+      load_weights(next, step + kStride, k, t, weight_row, column_valid);
+      multiply_step(acc, current, step, k, t, x_low, x_high, has_low, has_high);
+      current = next;
     }
-#pragma unroll
-    for (int c = 0; c < kChunksPerStep; ++c) {
-#pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile) {
-        mma_bf16(acc[tile], a_low[c].x, a_high[c].x, a_low[c].y, a_high[c].y, w[c][tile].x, w[c][tile].y);
-        mma_bf16(acc[tile], a_low[c].z, a_high[c].z, a_low[c].w, a_high[c].w, w[c][tile].z, w[c][tile].w);
-      }
+  } else {
+    for (int step = warp * kStep; step < k; step += kStride) {
+      WeightFragments<kTiles> current;
+      load_weights(current, step, k, t, weight_row, column_valid);
+      multiply_step(acc, current, step, k, t, x_low, x_high, has_low, has_high);
     }
   }
 
@@ -124,31 +165,116 @@ __global__ void add_bias_kernel(float* __restrict__ y, int n, const float* __res
   }
 }
 
-template <int kTiles>
+template <int kTiles, bool kPrefetch>
 void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
                    bool accumulate, cudaStream_t stream) {
   const int ctas = (n + kTiles * 8 - 1) / (kTiles * 8);
-  skinny_matmul_kernel<kTiles><<<ctas, kWarps * 32, 0, stream>>>(x, rows, k, weight, bias, n, y, accumulate);
+  skinny_matmul_kernel<kTiles, kPrefetch><<<ctas, kWarps * 32, 0, stream>>>(x, rows, k, weight, bias, n, y, accumulate);
+}
+
+using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, float*, bool, cudaStream_t);
+
+struct SkinnyVariant {
+  const char* name;
+  SkinnyLauncher launch;
+};
+
+// Wider CTAs read more weight rows per activation load but cut the grid into coarser pieces; which wins
+// depends on the shape and the card, so the backend measures (tune_skinny_matmul).
+constexpr std::array<SkinnyVariant, 5> kSkinnyVariants = {{
+    {"tiles1", launch_skinny<1, false>},
+    {"tiles2", launch_skinny<2, false>},
+    {"tiles4", launch_skinny<4, false>},
+    {"tiles1-prefetch", launch_skinny<1, true>},
+    {"tiles2-prefetch", launch_skinny<2, true>},
+}};
+
+__global__ void fill_pattern_kernel(bf16* x, int count) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    x[i] = __float2bfloat16(static_cast<float>((i * 37) % 17 - 8) * 0.0625f);
+  }
 }
 
 }  // namespace
 
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, cudaStream_t stream) {
+                   bool accumulate, int variant, cudaStream_t stream) {
   if (rows == 0) return;
   if (rows > kSkinnyMaxRows || k % 8 != 0) {
     throw std::logic_error("skinny_matmul needs at most 16 rows and k a multiple of 8 (got rows " +
                            std::to_string(rows) + ", k " + std::to_string(k) + ")");
   }
-  // Wider CTAs once there are enough columns to fill the GPU; the choice never changes a result.
-  if ((n + 31) / 32 >= kTargetCtas) {
-    launch_skinny<4>(x, rows, k, weight, bias, n, y, accumulate, stream);
-  } else if ((n + 15) / 16 >= kTargetCtas) {
-    launch_skinny<2>(x, rows, k, weight, bias, n, y, accumulate, stream);
-  } else {
-    launch_skinny<1>(x, rows, k, weight, bias, n, y, accumulate, stream);
+  if (variant < 0 || variant >= static_cast<int>(kSkinnyVariants.size())) {
+    throw std::logic_error("skinny_matmul: no variant " + std::to_string(variant));
   }
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, y, accumulate, stream);
   check_launch("skinny_matmul");
+}
+
+int skinny_variant_index(const std::string& name) {
+  std::string known;
+  for (size_t v = 0; v < kSkinnyVariants.size(); ++v) {
+    if (name == kSkinnyVariants[v].name) return static_cast<int>(v);
+    known += std::string(v == 0 ? "" : ", ") + kSkinnyVariants[v].name;
+  }
+  throw std::runtime_error("unknown skinny GEMM variant \"" + name + "\" (known: " + known + ")");
+}
+
+SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, int n, cudaStream_t stream) {
+  constexpr int kRepeats = 7;
+  const int variants = static_cast<int>(kSkinnyVariants.size());
+  bf16* x = nullptr;
+  float* y = nullptr;
+  std::vector<cudaEvent_t> events(2 * static_cast<size_t>(variants * kRepeats), nullptr);
+  const auto release = [&] {
+    for (cudaEvent_t event : events) {
+      if (event != nullptr) cudaEventDestroy(event);
+    }
+    cudaFree(x);
+    cudaFree(y);
+  };
+  try {
+    PEARL_CUDA_CHECK(cudaMalloc(&x, static_cast<size_t>(k) * sizeof(bf16)));
+    PEARL_CUDA_CHECK(cudaMalloc(&y, static_cast<size_t>(n) * sizeof(float)));
+    fill_pattern_kernel<<<64, 256, 0, stream>>>(x, k);
+    check_launch("fill_pattern");
+    for (cudaEvent_t& event : events) PEARL_CUDA_CHECK(cudaEventCreate(&event));
+    for (int v = 0; v < variants; ++v) skinny_matmul(x, 1, k, weights[0], nullptr, n, y, false, v, stream);
+    // Repeats interleave the variants and walk through the matrices, so no variant finds its weights in L2
+    // and drift in the card's clocks touches every variant alike.
+    size_t next_weight = 1;
+    for (int r = 0; r < kRepeats; ++r) {
+      for (int v = 0; v < variants; ++v) {
+        const size_t e = 2 * static_cast<size_t>(r * variants + v);
+        const bf16* weight = weights[next_weight++ % weights.size()];
+        PEARL_CUDA_CHECK(cudaEventRecord(events[e], stream));
+        skinny_matmul(x, 1, k, weight, nullptr, n, y, false, v, stream);
+        PEARL_CUDA_CHECK(cudaEventRecord(events[e + 1], stream));
+      }
+    }
+    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SkinnyTuning tuning;
+    for (int v = 0; v < variants; ++v) {
+      std::vector<float> times;
+      for (int r = 0; r < kRepeats; ++r) {
+        const size_t e = 2 * static_cast<size_t>(r * variants + v);
+        float ms = 0.0f;
+        PEARL_CUDA_CHECK(cudaEventElapsedTime(&ms, events[e], events[e + 1]));
+        times.push_back(ms * 1000.0f);
+      }
+      std::nth_element(times.begin(), times.begin() + kRepeats / 2, times.end());
+      tuning.microseconds.push_back(times[kRepeats / 2]);
+      tuning.names.emplace_back(kSkinnyVariants[static_cast<size_t>(v)].name);
+      if (tuning.microseconds[static_cast<size_t>(v)] < tuning.microseconds[static_cast<size_t>(tuning.variant)]) {
+        tuning.variant = v;
+      }
+    }
+    release();
+    return tuning;
+  } catch (...) {
+    release();
+    throw;
+  }
 }
 
 void add_bias(float* y, int rows, int n, const float* bias, cudaStream_t stream) {

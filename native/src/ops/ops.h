@@ -52,6 +52,9 @@ void rope(float* x, int64_t stride, int rows, int heads, int head_dim, const int
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i].
 void silu_mul(const float* gate_up, int rows, int inter, float* out);
 
+// Index of the largest of n logits, the lowest index among equals; NaN never wins; -1 when all are NaN.
+int32_t argmax(const float* logits, int n);
+
 // x += delta, elementwise.
 void residual_add(float* x, const float* delta, int64_t count);
 
