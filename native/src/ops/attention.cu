@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
         sum += p;
       }
       sum = warp_sum(sum);
+      __syncwarp();  // every lane has read running_max[h] before lane 0 replaces it
       if (lane == 0) {
         const float rescale = exp2f(old_max - new_max);
         alpha[h] = rescale;
