@@ -7,7 +7,7 @@
 //
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
-//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4]
+//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl]
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
@@ -54,6 +54,8 @@ const VARIANTS = {
   deterministic: { deterministic: true, env: {} },
   // Every matrix on the widest skinny-GEMM launch shape: the same-run baseline for the per-shape tuning.
   tiles4: { deterministic: false, env: { PEARL_CUDA_SKINNY_VARIANT: "tiles4" } },
+  // GEMMs launched after the kernel before them ends, not overlapping it.
+  "no-pdl": { deterministic: false, env: { PEARL_CUDA_PDL: "0" } },
 } satisfies Record<string, VariantSetup>;
 type Variant = keyof typeof VARIANTS;
 const variants = args.variants.split(",").map((name) => {

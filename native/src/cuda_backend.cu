@@ -203,7 +203,8 @@ class CudaBackend final : public Backend {
         block_size_(options.block_size),
         deterministic_(options.deterministic),
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
-        log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)) {
+        log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)),
+        programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -493,7 +494,7 @@ class CudaBackend final : public Backend {
         const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
         gpu::skinny_matmul(x + static_cast<size_t>(first) * linear.in, count, linear.in, linear.weight, linear.bias,
                            linear.out, y + static_cast<size_t>(first) * linear.out, accumulate, linear.skinny_variant,
-                           stream_);
+                           programmatic_launch_, stream_);
       }
       return;
     }
@@ -644,6 +645,7 @@ class CudaBackend final : public Backend {
   bool deterministic_;
   bool graphs_enabled_;
   bool log_tuning_;
+  bool programmatic_launch_;  // skinny GEMMs overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
   cudaStream_t stream_ = nullptr;
 
   std::vector<DeviceMemory> weights_;

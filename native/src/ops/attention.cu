@@ -253,6 +253,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
 // Log-sum-exp merge of a (row, head)'s slots in slot order; a padding row (no keys) gets zeros.
 __global__ void attention_merge_kernel(const float* __restrict__ partial_acc, const float* __restrict__ partial_state,
                                        int num_heads, int head_dim, bf16* __restrict__ out) {
+  allow_dependent_launch();
   const int row = blockIdx.x;
   const int head = blockIdx.y;
   const int d = threadIdx.x;

@@ -88,8 +88,10 @@ void argmax(const float* logits, int rows, int n, float* scratch, int32_t* out, 
 // that depends on (n, k) only, so a row's result does not depend on the other rows. `variant` picks a
 // launch shape (tune_skinny_matmul); every variant computes bit-identical results.
 constexpr int kSkinnyMaxRows = 16;
+// `programmatic` launches it as a programmatic dependent of the previous kernel in the stream (see
+// allow_dependent_launch).
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, int variant, cudaStream_t stream);
+                   bool accumulate, int variant, bool programmatic, cudaStream_t stream);
 
 // The fastest skinny_matmul variant for one row of a [n, k] product, timed on `weights` (matrices of that
 // shape, used in turn so that none is read from L2), with each variant's median time.
@@ -116,6 +118,13 @@ __device__ __forceinline__ float warp_max(float value) {
   for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
 }
+
+// Programmatic dependent launch (sm_90). A skinny GEMM launched with it may start while the kernel before
+// it still runs: it issues its first weight loads (weights depend on nothing), then waits for that
+// kernel's results. The kernels that feed a GEMM let it launch as soon as they start. Both instructions
+// are no-ops when the launch did not ask for programmatic serialization.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // Throws std::runtime_error naming `what` when the last launch failed.
 inline void check_launch(const char* what) {

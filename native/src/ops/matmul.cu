@@ -121,6 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* 
   if constexpr (kPrefetch) {
     WeightFragments<kTiles> current;
     load_weights(current, warp * kStep, k, t, weight_row, column_valid);
+    wait_for_prerequisites();
     for (int step = warp * kStep; step < k; step += kStride) {
       WeightFragments<kTiles> next;
       load_weights(next, step + kStride, k, t, weight_row, column_valid);
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* 
       current = next;
     }
   } else {
+    wait_for_prerequisites();
     for (int step = warp * kStep; step < k; step += kStride) {
       WeightFragments<kTiles> current;
       load_weights(current, step, k, t, weight_row, column_valid);
@@ -167,12 +169,22 @@ __global__ void add_bias_kernel(float* __restrict__ y, int n, const float* __res
 
 template <int kTiles, bool kPrefetch>
 void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, cudaStream_t stream) {
-  const int ctas = (n + kTiles * 8 - 1) / (kTiles * 8);
-  skinny_matmul_kernel<kTiles, kPrefetch><<<ctas, kWarps * 32, 0, stream>>>(x, rows, k, weight, bias, n, y, accumulate);
+                   bool accumulate, bool programmatic, cudaStream_t stream) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((n + kTiles * 8 - 1) / (kTiles * 8));
+  config.blockDim = dim3(kWarps * 32);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  PEARL_CUDA_CHECK(
+      cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kPrefetch>, x, rows, k, weight, bias, n, y, accumulate));
 }
 
-using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, float*, bool, cudaStream_t);
+using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, float*, bool, bool,
+                                cudaStream_t);
 
 struct SkinnyVariant {
   const char* name;
@@ -198,7 +210,7 @@ __global__ void fill_pattern_kernel(bf16* x, int count) {
 }  // namespace
 
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, int variant, cudaStream_t stream) {
+                   bool accumulate, int variant, bool programmatic, cudaStream_t stream) {
   if (rows == 0) return;
   if (rows > kSkinnyMaxRows || k % 8 != 0) {
     throw std::logic_error("skinny_matmul needs at most 16 rows and k a multiple of 8 (got rows " +
@@ -207,7 +219,8 @@ void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const flo
   if (variant < 0 || variant >= static_cast<int>(kSkinnyVariants.size())) {
     throw std::logic_error("skinny_matmul: no variant " + std::to_string(variant));
   }
-  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, y, accumulate, stream);
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, y, accumulate, programmatic,
+                                                       stream);
   check_launch("skinny_matmul");
 }
 
@@ -239,7 +252,7 @@ SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, 
     fill_pattern_kernel<<<64, 256, 0, stream>>>(x, k);
     check_launch("fill_pattern");
     for (cudaEvent_t& event : events) PEARL_CUDA_CHECK(cudaEventCreate(&event));
-    for (int v = 0; v < variants; ++v) skinny_matmul(x, 1, k, weights[0], nullptr, n, y, false, v, stream);
+    for (int v = 0; v < variants; ++v) skinny_matmul(x, 1, k, weights[0], nullptr, n, y, false, v, false, stream);
     // Repeats interleave the variants and walk through the matrices, so no variant finds its weights in L2
     // and drift in the card's clocks touches every variant alike.
     size_t next_weight = 1;
@@ -248,7 +261,7 @@ SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, 
         const size_t e = 2 * static_cast<size_t>(r * variants + v);
         const bf16* weight = weights[next_weight++ % weights.size()];
         PEARL_CUDA_CHECK(cudaEventRecord(events[e], stream));
-        skinny_matmul(x, 1, k, weight, nullptr, n, y, false, v, stream);
+        skinny_matmul(x, 1, k, weight, nullptr, n, y, false, v, false, stream);
         PEARL_CUDA_CHECK(cudaEventRecord(events[e + 1], stream));
       }
     }

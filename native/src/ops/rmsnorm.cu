@@ -13,6 +13,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(const float* __restri
                                                            const float* __restrict__ weight, float eps,
                                                            bf16* __restrict__ out) {
   __shared__ float warp_sums[kThreads / 32];
+  allow_dependent_launch();
   const int row = blockIdx.x;
   const int source_row = row_index != nullptr ? row_index[row] : row;
   const float* in = x + static_cast<int64_t>(source_row) * dim;

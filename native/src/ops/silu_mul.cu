@@ -5,6 +5,7 @@ namespace pearl::gpu {
 namespace {
 
 __global__ void silu_mul_kernel(const float* __restrict__ gate_up, int inter, bf16* __restrict__ out) {
+  allow_dependent_launch();
   const int row = blockIdx.y;
   const float* gate = gate_up + static_cast<int64_t>(row) * 2 * inter;
   const float* up = gate + inter;
