@@ -192,7 +192,7 @@ describe("services", () => {
       [{}, /exactly one of prompt/],
       [{ promptTokenIds: [5], temperature: -1 }, /temperature must be >= 0/],
       [{ promptTokenIds: [5], topP: 1.5 }, /top_p must be in \(0, 1\]/],
-      [{ promptTokenIds: Array.from({ length: 256 }, () => 7) }, /context holds 256/],
+      [{ promptTokenIds: Array.from({ length: 256 }, () => 7) }, /maximum context length is 256 tokens/],
     ];
     for (const [request, message] of cases) {
       await assert.rejects(stack.generate(request), (error: { code: number; details: string }) => {

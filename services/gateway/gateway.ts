@@ -52,7 +52,47 @@ export interface GenerateChunk {
 }
 
 /** The request is wrong; the message says what. */
-export class InvalidRequestError extends Error {}
+export class InvalidRequestError extends Error {
+  /**
+   * @param param the field at fault, as the API that received it names it (OpenAI's `param`)
+   * @param code OpenAI's machine-readable code, where one applies
+   */
+  constructor(
+    message: string,
+    readonly param: string | null = null,
+    readonly code: string | null = null,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * The checks every API makes of a tokenized prompt: ids inside the vocabulary, at least one token, and
+ * room left in the context for one generated token. `param` is what the caller's API calls the prompt.
+ */
+export function checkPromptTokens(
+  promptTokenIds: readonly number[],
+  vocabSize: number,
+  contextLength: number,
+  param: string,
+): void {
+  const bad = promptTokenIds.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= vocabSize);
+  if (bad >= 0) {
+    throw new InvalidRequestError(
+      `${param}[${bad}] = ${promptTokenIds[bad]} is outside the vocabulary [0, ${vocabSize})`,
+      param,
+    );
+  }
+  if (promptTokenIds.length === 0) throw new InvalidRequestError(`the ${param} encode to no tokens`, param);
+  if (promptTokenIds.length >= contextLength) {
+    throw new InvalidRequestError(
+      `this model's maximum context length is ${contextLength} tokens, and the ${param} take ` +
+        `${promptTokenIds.length}: shorten them to leave room for at least one generated token`,
+      param,
+      "context_length_exceeded",
+    );
+  }
+}
 /** A service the request needs cannot be reached. */
 export class UnavailableError extends Error {}
 export class CancelledError extends Error {}
@@ -446,22 +486,15 @@ export class Gateway {
         );
       }
       promptTokenIds = this.tokenizer.encode(input.prompt!);
-      if (promptTokenIds.length === 0) throw new InvalidRequestError("the prompt encodes to no tokens");
     } else {
       promptTokenIds = input.promptTokenIds!;
-      const bad = promptTokenIds.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= model.vocabSize);
-      if (bad >= 0) {
-        throw new InvalidRequestError(
-          `prompt_token_ids[${bad}] = ${promptTokenIds[bad]} is outside the vocabulary [0, ${model.vocabSize})`,
-        );
-      }
     }
-    if (promptTokenIds.length >= model.maxPositionEmbeddings) {
-      throw new InvalidRequestError(
-        `the prompt has ${promptTokenIds.length} tokens; the model's context holds ${model.maxPositionEmbeddings}, ` +
-          "and at least one must be left to generate",
-      );
-    }
+    checkPromptTokens(
+      promptTokenIds,
+      model.vocabSize,
+      model.maxPositionEmbeddings,
+      hasText ? "prompt" : "prompt_token_ids",
+    );
     const maxTokens =
       input.maxTokens === undefined || input.maxTokens === 0 ? this.config.defaultMaxTokens : input.maxTokens;
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {

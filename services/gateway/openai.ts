@@ -13,6 +13,7 @@ import {
   type Gateway,
   type GenerateChunk,
   type GenerateInput,
+  checkPromptTokens,
   InvalidRequestError,
   isValidRequestId,
   REQUEST_ID_HEADER,
@@ -273,24 +274,9 @@ class OpenAIApi {
     body: GenerationFields,
     promptParam: "prompt" | "messages",
   ): void {
-    const bad = promptTokenIds.findIndex((id) => id >= this.model.vocabSize);
-    if (bad >= 0) {
-      throw invalidRequest(
-        `prompt[${bad}] = ${promptTokenIds[bad]} is not a token id: the vocabulary has ${this.model.vocabSize}`,
-        "prompt",
-      );
-    }
-    if (promptTokenIds.length === 0)
-      throw invalidRequest(`the ${promptParam} encode to no tokens`, promptParam);
     const context = this.model.contextLength;
-    if (promptTokenIds.length >= context) {
-      throw invalidRequest(
-        `this model's maximum context length is ${context} tokens, and the ${promptParam} take ` +
-          `${promptTokenIds.length}: shorten them to leave room for at least one generated token`,
-        promptParam,
-        "context_length_exceeded",
-      );
-    }
+    checkPromptTokens(promptTokenIds, this.model.vocabSize, context, promptParam);
+    // OpenAI refuses what the gRPC API would cut short: a completion that cannot fit.
     if (body.maxTokens !== undefined && promptTokenIds.length + body.maxTokens > context) {
       throw invalidRequest(
         `this model's maximum context length is ${context} tokens; you requested ` +
@@ -488,7 +474,7 @@ interface FastifyLikeError {
 export function toOpenAIError(error: unknown): OpenAIError {
   if (error instanceof OpenAIError) return error;
   if (error instanceof ChatTemplateError) return invalidRequest(error.message, "messages");
-  if (error instanceof InvalidRequestError) return invalidRequest(error.message);
+  if (error instanceof InvalidRequestError) return invalidRequest(error.message, error.param, error.code);
   if (error instanceof UnavailableError) {
     return new OpenAIError(503, error.message, "server_error", null, "service_unavailable");
   }
