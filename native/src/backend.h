@@ -10,6 +10,7 @@
 
 #include "engine.h"
 #include "model_config.h"
+#include "ops/ops.h"
 #include "safetensors.h"
 
 namespace pearl {
@@ -24,8 +25,9 @@ struct ForwardBatch {
   std::vector<int32_t> slots;
   std::vector<int32_t> row_table;
   std::vector<std::vector<int32_t>> block_tables;
-  std::vector<int32_t> logit_rows;   // rows with an output, in output order
-  std::vector<uint8_t> full_logits;  // per output: 1 when the caller needs its logits, 0 for its argmax alone
+  std::vector<int32_t> logit_rows;          // rows with an output, in output order
+  std::vector<ops::TokenChoice> choices;    // per output: how to pick its token
+  std::vector<uint8_t> full_logits;         // per output: 1 when the caller needs its logits too
 };
 
 class Backend {
@@ -35,11 +37,11 @@ class Backend {
   virtual const char* name() const = 0;
   // KV blocks the storage holds (fixed at creation).
   virtual int num_blocks() const = 0;
-  // Runs every row through the model. For output i (row logit_rows[i]) writes its argmax (ops::argmax's
-  // rule) to argmax[i] and, when full_logits[i], its logits to the next row of `logits`, which holds one
-  // row of vocab_size floats per such output, in output order. Greedy outputs thus never leave the device
-  // as logits. A row's results must not depend on the other rows.
-  virtual void forward(const ForwardBatch& batch, float* logits, int32_t* argmax) = 0;
+  // Runs every row through the model. For output i (row logit_rows[i]) writes the token choices[i] picks
+  // (ops::choose_token's rule) to tokens[i] and, when full_logits[i], its logits to the next row of
+  // `logits`, which holds one row of vocab_size floats per such output, in output order. Outputs that need
+  // only a token thus never leave the device as logits. A row's results must not depend on the other rows.
+  virtual void forward(const ForwardBatch& batch, float* logits, int32_t* tokens) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
 };

@@ -240,17 +240,18 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void forward(const ForwardBatch& batch, float* logits, int32_t* argmax) override {
+  void forward(const ForwardBatch& batch, float* logits, int32_t* tokens) override {
     const int rows = static_cast<int>(batch.tokens.size());
     if (rows == 0) return;
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     const int bucket = graph_bucket(rows);
     const int padded_rows = bucket > 0 ? bucket : rows;
     stage_rows(batch, padded_rows);
+    stage_choices(batch, bucket);
     if (bucket > 0) {
-      forward_graph(batch, bucket, logits, argmax);
+      forward_graph(batch, bucket, logits, tokens);
     } else {
-      forward_eager(batch, logits, argmax);
+      forward_eager(batch, logits, tokens);
     }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -354,8 +355,8 @@ class CudaBackend final : public Backend {
     attention_scratch_ = DeviceMemory(
         gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
     device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
-    device_argmax_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(int32_t));
-    argmax_scratch_ = DeviceMemory(gpu::argmax_scratch_floats(kLogitRows, config_.vocab_size) * sizeof(float));
+    device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(int32_t));
+    choose_scratch_ = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));
     cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
   }
 
@@ -441,6 +442,32 @@ class CudaBackend final : public Backend {
     clear_graphs();
     meta_ = DeviceMemory(bytes);
     staging_ = PinnedMemory(bytes);
+    const size_t choice_bytes = static_cast<size_t>(row_capacity_) * sizeof(gpu::TokenChoiceRow);
+    device_choices_ = DeviceMemory(choice_bytes);
+    choice_staging_ = PinnedMemory(choice_bytes);
+  }
+
+  // How each logits row picks its token, in the order compute_logits sees the rows: by row of the bucket
+  // for a graph step (rows without an output take the argmax), by output in chunk order for an eager one.
+  void stage_choices(const ForwardBatch& batch, int bucket) {
+    gpu::TokenChoiceRow* host = choice_staging_.as<gpu::TokenChoiceRow>();
+    const auto device_form = [&](size_t output) {
+      const ops::TokenChoice& choice = batch.choices[output];
+      return gpu::TokenChoiceRow{choice.temperature, static_cast<int32_t>(choice.position), choice.seed};
+    };
+    size_t count = 0;
+    if (bucket > 0) {
+      count = static_cast<size_t>(bucket);
+      std::fill(host, host + count, gpu::TokenChoiceRow{});
+      for (size_t i = 0; i < batch.logit_rows.size(); ++i) host[batch.logit_rows[i]] = device_form(i);
+    } else {
+      for (const auto& group : logit_groups_) {
+        for (int32_t output : group) host[count++] = device_form(static_cast<size_t>(output));
+      }
+    }
+    if (count == 0) return;
+    PEARL_CUDA_CHECK(cudaMemcpyAsync(device_choices_.as<gpu::TokenChoiceRow>(), host,
+                                     count * sizeof(gpu::TokenChoiceRow), cudaMemcpyHostToDevice, stream_));
   }
 
   // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
@@ -529,13 +556,13 @@ class CudaBackend final : public Backend {
   }
 
   // Final norm of x_ rows (row_index, or the first `count` rows when null), lm_head into device_logits_,
-  // and the argmax of each of those rows into device_argmax_.
-  void compute_logits(const int32_t* row_index, int count) {
+  // and the token each of those rows picks (choices, one per row) into device_tokens_.
+  void compute_logits(const int32_t* row_index, int count, const gpu::TokenChoiceRow* choices) {
     gpu::rmsnorm(x_.as<float>(), row_index, count, config_.hidden_size, final_norm_,
                  static_cast<float>(config_.rms_norm_eps), normed_.as<bf16>(), stream_);
     matmul(normed_.as<bf16>(), count, lm_head_, device_logits_.as<float>(), false);
-    gpu::argmax(device_logits_.as<float>(), count, config_.vocab_size, argmax_scratch_.as<float>(),
-                device_argmax_.as<int32_t>(), stream_);
+    gpu::choose_token(device_logits_.as<float>(), count, config_.vocab_size, choices, choose_scratch_.as<void>(),
+                      device_tokens_.as<int32_t>(), stream_);
   }
 
   // Copies device rows source_rows[i] (`width` elements each) to host rows destinations[i], merging runs.
@@ -556,11 +583,11 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_argmax_: every argmax comes back,
+  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_tokens_: every token comes back,
   // logits only for the outputs that asked for them.
   void copy_outputs(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits,
-                    int32_t* argmax) {
-    copy_rows(device_argmax_.as<int32_t>(), 1, source_rows, outputs, argmax);
+                    int32_t* tokens) {
+    copy_rows(device_tokens_.as<int32_t>(), 1, source_rows, outputs, tokens);
     std::vector<int32_t> full_sources;
     std::vector<int32_t> full_destinations;
     for (size_t i = 0; i < outputs.size(); ++i) {
@@ -573,7 +600,7 @@ class CudaBackend final : public Backend {
               logits);
   }
 
-  void forward_eager(const ForwardBatch& batch, float* logits, int32_t* argmax) {
+  void forward_eager(const ForwardBatch& batch, float* logits, int32_t* tokens) {
     const int rows = static_cast<int>(batch.tokens.size());
     int32_t logit_offset = 0;
     for (int first = 0; first < rows; first += kChunkRows) {
@@ -582,13 +609,14 @@ class CudaBackend final : public Backend {
       const std::vector<int32_t>& group = logit_groups_[static_cast<size_t>(first / kChunkRows)];
       for (size_t begin = 0; begin < group.size(); begin += kLogitRows) {
         const int n = static_cast<int>(std::min<size_t>(kLogitRows, group.size() - begin));
-        compute_logits(meta_logit_index() + logit_offset + begin, n);
+        compute_logits(meta_logit_index() + logit_offset + begin, n,
+                       device_choices_.as<gpu::TokenChoiceRow>() + logit_offset + begin);
         std::vector<int32_t> source_rows(static_cast<size_t>(n));
         for (int i = 0; i < n; ++i) source_rows[static_cast<size_t>(i)] = i;
         copy_outputs(source_rows,
                      std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
                                           group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
-                     logits, argmax);
+                     logits, tokens);
       }
       logit_offset += static_cast<int32_t>(group.size());
     }
@@ -597,10 +625,10 @@ class CudaBackend final : public Backend {
   // The whole step over `bucket` rows, logits of every row included (the row count is fixed per graph).
   void enqueue_bucket(int bucket) {
     run_layers(device_rows(0), bucket);
-    compute_logits(nullptr, bucket);
+    compute_logits(nullptr, bucket, device_choices_.as<gpu::TokenChoiceRow>());
   }
 
-  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, int32_t* argmax) {
+  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, int32_t* tokens) {
     const size_t index = static_cast<size_t>(
         std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
     if (graphs_[index] == nullptr) {
@@ -613,7 +641,7 @@ class CudaBackend final : public Backend {
     }
     std::vector<int32_t> outputs(batch.logit_rows.size());
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
-    copy_outputs(batch.logit_rows, outputs, logits, argmax);
+    copy_outputs(batch.logit_rows, outputs, logits, tokens);
   }
 
   void capture(int bucket, size_t index) {
@@ -663,8 +691,8 @@ class CudaBackend final : public Backend {
   DeviceMemory activated_;
   DeviceMemory attention_scratch_;
   DeviceMemory device_logits_;
-  DeviceMemory device_argmax_;
-  DeviceMemory argmax_scratch_;
+  DeviceMemory device_tokens_;
+  DeviceMemory choose_scratch_;
   std::unique_ptr<gpu::CublasLtGemm> cublas_;
 
   int num_blocks_ = 0;
@@ -675,6 +703,8 @@ class CudaBackend final : public Backend {
   int64_t table_capacity_ = 0;
   DeviceMemory meta_;
   PinnedMemory staging_;
+  DeviceMemory device_choices_;  // per logits row: how it picks its token (stage_choices)
+  PinnedMemory choice_staging_;
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
   std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
 

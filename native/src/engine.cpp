@@ -102,6 +102,16 @@ class EngineImpl : public Engine {
     return options;
   }
 
+  // Whether the backend can pick the item's tokens itself, so that its logits never leave it: the step
+  // needs nothing but tokens (no logits, no q for a drafting service, no sampled draft to weigh), and each
+  // token is the argmax or a draw from the whole softmax (no top-k or top-p cut).
+  static bool backend_chooses(const StepItem& item) {
+    const SamplingParams& s = item.sampling;
+    const bool greedy = s.temperature <= 0.0f;
+    const bool whole_softmax = s.top_k == 0 && s.top_p >= 1.0f && item.draft_dists.empty() && item.return_top_k == 0;
+    return item.output == StepOutput::Sample && (greedy || whole_softmax);
+  }
+
   // Every check that can fail happens here, before any state changes.
   void validate(const std::vector<StepItem>& items) const {
     std::unordered_set<uint64_t> seen;
@@ -192,10 +202,12 @@ class EngineImpl : public Engine {
       first_logit_row[i] = full_outputs;
       const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : count - item.num_draft - 1;
       if (item.output != StepOutput::None) {
-        // Greedy verification and sampling need the argmax alone, which the backend finds on its side.
-        const bool full = item.output == StepOutput::Logits || item.sampling.temperature > 0.0f;
+        const bool full = !backend_chooses(item);
         for (int64_t t = logit_from; t < count; ++t) {
           batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
+          ops::TokenChoice choice;
+          if (!full) choice = {item.sampling.temperature, item.sampling.seed, old_lengths[i] + t + 1};
+          batch.choices.push_back(choice);
           batch.full_logits.push_back(full ? 1 : 0);
           if (full) ++full_outputs;
         }
@@ -204,8 +216,8 @@ class EngineImpl : public Engine {
 
     const size_t vocab = static_cast<size_t>(config_.vocab_size);
     std::vector<float> logits(full_outputs * vocab);
-    std::vector<int32_t> argmax(batch.logit_rows.size());
-    backend_->forward(batch, logits.data(), argmax.data());
+    std::vector<int32_t> chosen(batch.logit_rows.size());
+    backend_->forward(batch, logits.data(), chosen.data());
 
     std::vector<StepResult> results;
     results.reserve(items.size());
@@ -225,7 +237,7 @@ class EngineImpl : public Engine {
         const int64_t first_position = old_lengths[i] + count - item.num_draft;
         const bool full = batch.full_logits[first_output[i]] != 0;
         const auto target = [&](int row) {
-          if (!full) return greedy_distribution(argmax[first_output[i] + static_cast<size_t>(row)]);
+          if (!full) return chosen_token_distribution(chosen[first_output[i] + static_cast<size_t>(row)]);
           return process_logits(window + static_cast<size_t>(row) * vocab, config_.vocab_size, item.sampling);
         };
         if (item.return_top_k > 0 && item.sampling.temperature > 0.0f) {

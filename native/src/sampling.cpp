@@ -57,15 +57,15 @@ size_t nucleus_size(std::vector<int32_t>& candidates, const std::vector<double>&
   return candidates.size();
 }
 
-// Gumbel-max over a support: argmax of log w(x) + G(x) with G = -log E, E ~ Exp(1); computed as
-// argmin E(x) / w(x), the same order without a second logarithm. w need not be normalized.
+// Gumbel-max over a support: the largest gumbel_key(log w(x)), ties to the lowest id; w need not be
+// normalized. ops::choose_token draws the same way from a whole row of logits.
 int32_t gumbel_argmax(const std::vector<int32_t>& tokens, const std::vector<double>& weights, const CounterRng& rng) {
   int32_t best_token = -1;
-  double best_key = std::numeric_limits<double>::infinity();
+  double best_key = 0.0;
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (!(weights[i] > 0.0)) continue;
-    const double key = rng.exponential(static_cast<uint64_t>(tokens[i])) / weights[i];
-    if (best_token < 0 || key < best_key || (key == best_key && tokens[i] < best_token)) {
+    const double key = gumbel_key(std::log(weights[i]), rng, tokens[i]);
+    if (best_token < 0 || key > best_key || (key == best_key && tokens[i] < best_token)) {
       best_key = key;
       best_token = tokens[i];
     }
@@ -89,13 +89,13 @@ int32_t sample_residual(const Distribution& p, const DraftDistribution& q, uint6
 
 }  // namespace
 
-Distribution greedy_distribution(int32_t argmax) {
-  if (argmax < 0) throw std::runtime_error("all logits are NaN");
-  return one_hot(argmax);
+Distribution chosen_token_distribution(int32_t token) {
+  if (token < 0) throw std::runtime_error("no token to choose: every logit is NaN (or, when sampling, infinite)");
+  return one_hot(token);
 }
 
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params) {
-  if (params.temperature <= 0.0f) return greedy_distribution(ops::argmax(logits, vocab_size));
+  if (params.temperature <= 0.0f) return chosen_token_distribution(ops::choose_token(logits, vocab_size, {}));
 
   const double inv_temperature = 1.0 / static_cast<double>(params.temperature);
   double max_logit = -std::numeric_limits<double>::infinity();

@@ -25,9 +25,10 @@ struct Distribution {
 // Greedy (temperature 0) gives the one-hot argmax, ties to the lowest id.
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params);
 
-// The greedy distribution from an argmax the backend computed (ops::argmax's rule); throws for -1 (every
-// logit NaN), as process_logits does.
-Distribution greedy_distribution(int32_t argmax);
+// The one-hot distribution of a token the backend chose (ops::choose_token): what process_logits and
+// sample_token would give for a greedy row, or the same draw for a sampled one. Throws for -1 (nothing
+// could be chosen).
+Distribution chosen_token_distribution(int32_t token);
 
 // Gumbel-max draw at `position`: argmax over the support of log p(x) + G(seed, position, x).
 int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position);

@@ -50,17 +50,45 @@ TEST(greedy_picks_the_lowest_id_among_ties) {
   CHECK_EQ(pearl::process_logits(with_nan.data(), 3, params(0.0f)).tokens[0], 1);
 }
 
-// The rule every backend's argmax follows (the CUDA kernel is held to it in test:gpu).
-TEST(argmax_skips_nan_and_breaks_ties_towards_the_lowest_id) {
+// The rule every backend follows when it picks tokens itself (the CUDA kernel is held to it in test:gpu).
+TEST(choose_token_greedy_skips_nan_and_breaks_ties_towards_the_lowest_id) {
+  const pearl::ops::TokenChoice greedy;
   const std::vector<float> signed_zeros = {-1.0f, -0.0f, 0.0f, NAN};
-  CHECK_EQ(pearl::ops::argmax(signed_zeros.data(), 4), 1);
+  CHECK_EQ(pearl::ops::choose_token(signed_zeros.data(), 4, greedy), 1);
   const std::vector<float> infinities = {NAN, -INFINITY, -INFINITY, NAN};
-  CHECK_EQ(pearl::ops::argmax(infinities.data(), 4), 1);
+  CHECK_EQ(pearl::ops::choose_token(infinities.data(), 4, greedy), 1);
   const std::vector<float> all_nan = {NAN, NAN};
-  CHECK_EQ(pearl::ops::argmax(all_nan.data(), 2), -1);
-  CHECK_THROWS(pearl::process_logits(all_nan.data(), 2, params(0.0f)), "all logits are NaN");
-  CHECK_THROWS(pearl::greedy_distribution(-1), "all logits are NaN");
-  CHECK(pearl::greedy_distribution(7).tokens == (std::vector<int32_t>{7}));
+  CHECK_EQ(pearl::ops::choose_token(all_nan.data(), 2, greedy), -1);
+  CHECK_THROWS(pearl::process_logits(all_nan.data(), 2, params(0.0f)), "every logit is NaN");
+  CHECK_THROWS(pearl::chosen_token_distribution(-1), "every logit is NaN");
+  CHECK(pearl::chosen_token_distribution(7).tokens == (std::vector<int32_t>{7}));
+  // Sampling never picks a token whose logit is not finite, and gives -1 when none is.
+  const pearl::ops::TokenChoice hot{1.0f, 5, 3};
+  CHECK_EQ(pearl::ops::choose_token(infinities.data(), 4, hot), -1);
+  const std::vector<float> one_finite = {-INFINITY, NAN, 2.0f, -INFINITY};
+  CHECK_EQ(pearl::ops::choose_token(one_finite.data(), 4, hot), 2);
+}
+
+// A backend that samples a row itself draws the very token the engine's host path draws from the
+// processed distribution at the same (seed, position): the two are one rule.
+TEST(choose_token_sampling_draws_what_sample_token_draws) {
+  std::vector<float> logits(300);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = static_cast<float>(std::sin(0.37 * i) * 3.0 + 0.01 * i);
+  int differing = 0;
+  std::map<int32_t, int> seen;
+  for (float temperature : {0.3f, 1.0f, 2.5f}) {
+    for (uint64_t seed = 1; seed <= 200; ++seed) {
+      const int64_t position = static_cast<int64_t>(seed % 17) + 4;
+      const pearl::ops::TokenChoice choice{temperature, seed, position};
+      const int32_t chosen = pearl::ops::choose_token(logits.data(), static_cast<int>(logits.size()), choice);
+      const pearl::Distribution p =
+          pearl::process_logits(logits.data(), static_cast<int>(logits.size()), params(temperature, 0, 1.0f, seed));
+      if (chosen != pearl::sample_token(p, seed, position)) ++differing;
+      ++seen[chosen];
+    }
+  }
+  CHECK_EQ(differing, 0);
+  CHECK(seen.size() > 20);  // the draws really vary with the seed
 }
 
 TEST(temperature_top_k_and_top_p_supports) {

@@ -78,10 +78,19 @@ bool attention_supports(int head_dim, int group);
 // out[r, i] = bf16(silu(gate_up[r, i]) * gate_up[r, inter + i]).
 void silu_mul(const float* gate_up, int rows, int inter, bf16* out, cudaStream_t stream);
 
-// out[r] = the argmax of logits row r (n floats), by ops::argmax's rule: ties to the lowest index, NaN
-// never wins, -1 when the row is all NaN. scratch holds argmax_scratch_floats(rows, n) floats.
-size_t argmax_scratch_floats(int rows, int n);
-void argmax(const float* logits, int rows, int n, float* scratch, int32_t* out, cudaStream_t stream);
+// How choose_token picks row r's token: ops::TokenChoice in device form (16 bytes).
+struct TokenChoiceRow {
+  float temperature = 0.0f;
+  int32_t position = 0;
+  uint64_t seed = 0;
+};
+
+// out[r] = the token choices[r] picks from logits row r (n floats) by ops::choose_token's rule: the argmax,
+// or at temperature > 0 the Gumbel-max draw with the same counter-based noise; -1 when nothing can win.
+// scratch holds choose_token_scratch_bytes(rows, n) bytes.
+size_t choose_token_scratch_bytes(int rows, int n);
+void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch, int32_t* out,
+                  cudaStream_t stream);
 
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order

@@ -52,8 +52,19 @@ void rope(float* x, int64_t stride, int rows, int heads, int head_dim, const int
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i].
 void silu_mul(const float* gate_up, int rows, int inter, float* out);
 
-// Index of the largest of n logits, the lowest index among equals; NaN never wins; -1 when all are NaN.
-int32_t argmax(const float* logits, int n);
+// How a backend picks a row's token. temperature <= 0: the argmax. temperature > 0: a draw from
+// softmax(logits / temperature) by the Gumbel-max trick, the largest logit / temperature + G(x) with
+// G = -log E(seed, position, x) (counter_rng.h): the draw sample_token makes from the same distribution,
+// computed in one pass without normalizing.
+struct TokenChoice {
+  float temperature = 0.0f;
+  uint64_t seed = 0;
+  int64_t position = 0;  // of the token being chosen
+};
+
+// The token `choice` picks from n logits: the lowest index among equal keys; NaN never wins (nor, when
+// sampling, an infinite logit); -1 when nothing can win.
+int32_t choose_token(const float* logits, int n, const TokenChoice& choice);
 
 // x += delta, elementwise.
 void residual_add(float* x, const float* delta, int64_t count);
