@@ -85,8 +85,6 @@ uint16_t float_to_bf16_bits(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-std::string layer_prefix(int layer) { return "model.layers." + std::to_string(layer) + "."; }
-
 struct DeviceLinear {
   const bf16* weight = nullptr;
   const float* bias = nullptr;  // null: no bias
@@ -283,19 +281,7 @@ class CudaBackend final : public Backend {
     embed_ = upload.matrix("model.embed_tokens.weight");
     layers_.resize(static_cast<size_t>(config_.num_layers));
     for (int layer = 0; layer < config_.num_layers; ++layer) {
-      const std::string p = layer_prefix(layer);
-      DeviceLayer& w = layers_[static_cast<size_t>(layer)];
-      w.input_norm = upload.floats(p + "input_layernorm.weight");
-      w.post_attention_norm = upload.floats(p + "post_attention_layernorm.weight");
-      if (config_.qk_norm) {
-        w.q_norm = upload.floats(p + "self_attn.q_norm.weight");
-        w.k_norm = upload.floats(p + "self_attn.k_norm.weight");
-      }
-      w.qkv = upload.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"},
-                             config_.qkv_bias);
-      w.o = upload.stacked({p + "self_attn.o_proj"}, config_.o_bias);
-      w.gate_up = upload.stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, config_.mlp_bias);
-      w.down = upload.stacked({p + "mlp.down_proj"}, config_.mlp_bias);
+      load_layer(config_, layer, upload, layers_[static_cast<size_t>(layer)]);
     }
     final_norm_ = upload.floats("model.norm.weight");
     lm_head_.in = config_.hidden_size;

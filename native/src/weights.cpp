@@ -7,8 +7,6 @@ namespace pearl {
 
 namespace {
 
-std::string layer_prefix(int layer) { return "model.layers." + std::to_string(layer) + "."; }
-
 const TensorInfo& checked_tensor(const Checkpoint& checkpoint, const TensorSpec& spec) {
   const TensorInfo* tensor = checkpoint.find(spec.name);
   if (tensor == nullptr) {
@@ -48,12 +46,12 @@ class WeightLoader {
     return it->second;
   }
 
-  std::vector<float> load(const std::string& name) const {
+  std::vector<float> floats(const std::string& name) const {
     return load_f32(checked_tensor(checkpoint_, spec(name)));
   }
 
   // Loads several [rows_i, in] matrices (and their [rows_i] biases) stacked in order.
-  Linear load_stacked(const std::vector<std::string>& parts, bool with_bias) const {
+  Linear stacked(const std::vector<std::string>& parts, bool with_bias) const {
     Linear linear;
     for (const std::string& part : parts) {
       const TensorSpec& weight_spec = spec(part + ".weight");
@@ -133,25 +131,13 @@ ModelWeights load_weights_f32(const ModelConfig& config, const Checkpoint& check
   WeightLoader loader(config, checkpoint);
   ModelWeights weights;
   weights.stored_dtype = checkpoint.find("model.embed_tokens.weight")->dtype;
-  weights.embed = loader.load("model.embed_tokens.weight");
+  weights.embed = loader.floats("model.embed_tokens.weight");
   weights.layers.resize(static_cast<size_t>(config.num_layers));
   for (int layer = 0; layer < config.num_layers; ++layer) {
-    const std::string p = layer_prefix(layer);
-    LayerWeights& w = weights.layers[static_cast<size_t>(layer)];
-    w.input_norm = loader.load(p + "input_layernorm.weight");
-    w.post_attention_norm = loader.load(p + "post_attention_layernorm.weight");
-    if (config.qk_norm) {
-      w.q_norm = loader.load(p + "self_attn.q_norm.weight");
-      w.k_norm = loader.load(p + "self_attn.k_norm.weight");
-    }
-    w.qkv = loader.load_stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"},
-                                config.qkv_bias);
-    w.o = loader.load_stacked({p + "self_attn.o_proj"}, config.o_bias);
-    w.gate_up = loader.load_stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, config.mlp_bias);
-    w.down = loader.load_stacked({p + "mlp.down_proj"}, config.mlp_bias);
+    load_layer(config, layer, loader, weights.layers[static_cast<size_t>(layer)]);
   }
-  weights.final_norm = loader.load("model.norm.weight");
-  if (!config.tie_word_embeddings) weights.lm_head = loader.load_stacked({"lm_head"}, false);
+  weights.final_norm = loader.floats("model.norm.weight");
+  if (!config.tie_word_embeddings) weights.lm_head = loader.stacked({"lm_head"}, false);
   return weights;
 }
 

@@ -26,6 +26,27 @@ int64_t count_parameters(const ModelConfig& config);
 // Throws naming the first missing tensor or the first one whose shape differs from the config.
 void validate_checkpoint(const ModelConfig& config, const Checkpoint& checkpoint);
 
+inline std::string layer_prefix(int layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+// Fills one decoder layer of a backend's weights from the checkpoint, so that every backend groups the
+// tensors the same way: `w` has LayerWeights's fields; loader.floats(name) loads a norm and
+// loader.stacked(parts, with_bias) the [rows_i, in] weights of `parts` (names without ".weight") stacked
+// in order, with their biases when with_bias.
+template <typename Loader, typename Layer>
+void load_layer(const ModelConfig& config, int layer, Loader& loader, Layer& w) {
+  const std::string p = layer_prefix(layer);
+  w.input_norm = loader.floats(p + "input_layernorm.weight");
+  w.post_attention_norm = loader.floats(p + "post_attention_layernorm.weight");
+  if (config.qk_norm) {
+    w.q_norm = loader.floats(p + "self_attn.q_norm.weight");
+    w.k_norm = loader.floats(p + "self_attn.k_norm.weight");
+  }
+  w.qkv = loader.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, config.qkv_bias);
+  w.o = loader.stacked({p + "self_attn.o_proj"}, config.o_bias);
+  w.gate_up = loader.stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, config.mlp_bias);
+  w.down = loader.stacked({p + "mlp.down_proj"}, config.mlp_bias);
+}
+
 // y = x W^T + b with W row-major [out, in], as nn.Linear stores it.
 struct Linear {
   int in = 0;
