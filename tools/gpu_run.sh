@@ -72,7 +72,7 @@ profile_decode() {
   make_shape "$shape" || { fail "make_shapes $shape"; return; }
   note "ncu profile of $shape (launch-skip $skip, count $count)"
   PEARL_CUDA_GRAPHS=0 timeout 240 ncu --clock-control none --print-units base --print-kernel-base function --csv \
-    --kernel-name regex:'skinny|attention|rmsnorm|rope|kv_store|silu|embedding|add_bias' \
+    --kernel-name regex:'skinny|attention|rmsnorm|rope|silu|embedding|add_bias' \
     --launch-skip "$skip" --launch-count "$count" --metrics gpu__time_duration.sum,dram__bytes_read.sum \
     node --import tsx bench/gpu.ts --models "$SHAPES_DIR/$shape" --batch 1 --windows 2 --steps 2 \
     --prefill-length 16 >"$SHAPES_DIR/ncu-$shape.csv" 2>"$SHAPES_DIR/ncu-$shape.err" || {
@@ -114,10 +114,10 @@ for stage in "${stages[@]}"; do
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
-    bench-1b) bench_shape llama-3.2-1b default,no-pdl,tiles4 ;;
-    bench-8b) bench_shape llama-3.1-8b default,no-pdl,tiles4 ;;
+    bench-1b) bench_shape llama-3.2-1b default,no-prefetch,no-pdl ;;
+    bench-8b) bench_shape llama-3.1-8b default,no-prefetch,no-pdl,deterministic,no-graphs ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
-    profile-8b) profile_decode llama-3.1-8b 582 355 ;;
+    profile-8b) profile_decode llama-3.1-8b 550 323 ;;
     *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b)" ;;
   esac
 done

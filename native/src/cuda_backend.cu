@@ -193,6 +193,14 @@ int select_device(const EngineOptions& options) {
   return device;
 }
 
+// How much of the next matrix to bring into L2 ahead of its product: half the L2, so that what arrives first
+// is not evicted by what arrives last before the product reads it.
+size_t l2_prefetch_budget(int device) {
+  int l2_bytes = 0;
+  PEARL_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  return static_cast<size_t>(l2_bytes) / 2;
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const ModelConfig& config, const Checkpoint& checkpoint, const EngineOptions& options)
@@ -202,7 +210,8 @@ class CudaBackend final : public Backend {
         deterministic_(options.deterministic),
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
         log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)),
-        programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)) {
+        programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)),
+        l2_prefetch_bytes_(env_flag("PEARL_CUDA_L2_PREFETCH", true) ? l2_prefetch_budget(device_) : 0) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -515,6 +524,15 @@ class CudaBackend final : public Backend {
     if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
   }
 
+  // A step of at most 16 rows is bound by streaming the weights, and the small kernels between two matrix
+  // products leave DRAM idle: each product is followed by a prefetch of the next matrix's head into L2
+  // (gpu::l2_prefetch), started while the product's last wave runs.
+  void prefetch_weights(const DeviceLinear& next, int rows) {
+    if (rows > gpu::kSkinnyMaxRows || l2_prefetch_bytes_ == 0) return;
+    const size_t bytes = static_cast<size_t>(next.out) * static_cast<size_t>(next.in) * sizeof(bf16);
+    gpu::l2_prefetch(next.weight, std::min(bytes, l2_prefetch_bytes_), programmatic_launch_, stream_);
+  }
+
   // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
   void run_layers(const gpu::DeviceRows& rows, int count) {
     const int hidden = config_.hidden_size;
@@ -522,22 +540,27 @@ class CudaBackend final : public Backend {
     float* x = x_.as<float>();
     bf16* normed = normed_.as<bf16>();
     float* qkv = qkv_.as<float>();
+    prefetch_weights(layers_.front().qkv, count);
     gpu::embedding(embed_, hidden, rows.tokens, count, x, stream_);
     for (int layer = 0; layer < config_.num_layers; ++layer) {
       const DeviceLayer& w = layers_[static_cast<size_t>(layer)];
       gpu::rmsnorm(x, nullptr, count, hidden, w.input_norm, eps, normed, stream_);
       matmul(normed, count, w.qkv, qkv, false);
-      gpu::rope(qkv, qkv_width(), count, config_.num_heads, config_.num_kv_heads, config_.head_dim, rows.positions,
-                inv_freq_, w.q_norm, w.k_norm, eps, stream_);
+      prefetch_weights(w.o, count);
       const gpu::DeviceKvLayer kv = kv_layer(layer);
-      gpu::kv_store(qkv + q_dim(), qkv + q_dim() + kv_dim(), qkv_width(), count, rows.slots, kv, stream_);
+      gpu::rope_store_kv(qkv, qkv_width(), count, config_.num_heads, config_.head_dim, rows.positions, inv_freq_,
+                         w.q_norm, w.k_norm, eps, rows.slots, kv, stream_);
       gpu::attention(qkv, qkv_width(), count, config_.num_heads, kv, rows, config_.sliding_window,
                      attention_scratch_.as<float>(), attended_.as<bf16>(), stream_);
       matmul(attended_.as<bf16>(), count, w.o, x, true);
+      prefetch_weights(w.gate_up, count);
       gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, stream_);
       matmul(normed, count, w.gate_up, gate_up_.as<float>(), false);
+      prefetch_weights(w.down, count);
       gpu::silu_mul(gate_up_.as<float>(), count, config_.intermediate_size, activated_.as<bf16>(), stream_);
       matmul(activated_.as<bf16>(), count, w.down, x, true);
+      const bool last = layer + 1 == config_.num_layers;
+      prefetch_weights(last ? lm_head_ : layers_[static_cast<size_t>(layer) + 1].qkv, count);
     }
   }
 
@@ -660,6 +683,7 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_;
   bool log_tuning_;
   bool programmatic_launch_;  // skinny GEMMs overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
+  size_t l2_prefetch_bytes_;  // per prefetch_weights call; 0 (PEARL_CUDA_L2_PREFETCH=0) turns it off
   cudaStream_t stream_ = nullptr;
 
   std::vector<DeviceMemory> weights_;

@@ -50,15 +50,13 @@ void embedding(const bf16* table, int dim, const int32_t* tokens, int rows, floa
 void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
              cudaStream_t stream);
 
-// Qwen3's per-head RMSNorm of q and k (when q_norm is not null) followed by the rotary embedding
-// ("rotate_half" pairing) of the first num_heads + num_kv_heads heads of each qkv row, in place.
-void rope(float* qkv, int64_t stride, int rows, int num_heads, int num_kv_heads, int head_dim,
-          const int32_t* positions, const float* inv_freq, const float* q_norm, const float* k_norm, float eps,
-          cudaStream_t stream);
-
-// Writes each row's K and V (float32, `stride` apart) as bf16 into its slot.
-void kv_store(const float* k, const float* v, int64_t stride, int rows, const int32_t* slots,
-              const DeviceKvLayer& kv, cudaStream_t stream);
+// Qwen3's per-head RMSNorm of q and k (when q_norm is not null) and the rotary embedding ("rotate_half"
+// pairing) of the q and k heads of each qkv row, in place; then each row's K (rotated) and V go as bf16 into
+// its slot of kv (skipped for negative slots). On the CPU these are two ops (ops::rope, ops::kv_store); one
+// kernel here spares a launch per layer, and the bf16 values stored are the same.
+void rope_store_kv(float* qkv, int64_t stride, int rows, int num_heads, int head_dim, const int32_t* positions,
+                   const float* inv_freq, const float* q_norm, const float* k_norm, float eps, const int32_t* slots,
+                   const DeviceKvLayer& kv, cudaStream_t stream);
 
 // Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states.
 constexpr int kAttentionSlots = 16;
@@ -113,6 +111,13 @@ SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, 
 
 // The variant called `name` (as SkinnyTuning::names spells it); throws for an unknown name.
 int skinny_variant_index(const std::string& name);
+
+// Asks the copy engine to bring the first `bytes` at data (16-byte aligned) into L2 and returns at once.
+// A skinny GEMM streams a matrix too big for L2 at the card's bandwidth, but the small kernels between two
+// of them leave DRAM idle: prefetching the next matrix's head in that gap puts the idle time to use. With
+// `programmatic` it may start while the previous kernel (a skinny GEMM, which allows that from its start)
+// is in its last wave.
+void l2_prefetch(const void* data, size_t bytes, bool programmatic, cudaStream_t stream);
 
 // y[rows, n] += bias (the cuBLASLt path adds biases separately).
 void add_bias(float* y, int rows, int n, const float* bias, cudaStream_t stream);
