@@ -193,9 +193,20 @@ int select_device(const EngineOptions& options) {
   return device;
 }
 
-// How much of the next matrix to bring into L2 ahead of its product: half the L2, so that what arrives first
-// is not evicted by what arrives last before the product reads it.
+// How much of the next matrix to bring into L2 ahead of its product. Default half the L2, so that what
+// arrives first is not evicted by what arrives last before the product reads it; PEARL_CUDA_L2_PREFETCH_MB
+// sets it (0 turns prefetching off).
 size_t l2_prefetch_budget(int device) {
+  const char* megabytes = std::getenv("PEARL_CUDA_L2_PREFETCH_MB");
+  if (megabytes != nullptr && *megabytes != '\0') {
+    char* end = nullptr;
+    const long value = std::strtol(megabytes, &end, 10);
+    if (*end != '\0' || value < 0 || value > 4096) {
+      throw std::runtime_error(std::string("PEARL_CUDA_L2_PREFETCH_MB must be a whole number of MiB in [0, 4096], got \"") +
+                               megabytes + "\"");
+    }
+    return static_cast<size_t>(value) << 20;
+  }
   int l2_bytes = 0;
   PEARL_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
   return static_cast<size_t>(l2_bytes) / 2;
@@ -211,7 +222,7 @@ class CudaBackend final : public Backend {
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
         log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)),
         programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)),
-        l2_prefetch_bytes_(env_flag("PEARL_CUDA_L2_PREFETCH", true) ? l2_prefetch_budget(device_) : 0) {
+        l2_prefetch_bytes_(l2_prefetch_budget(device_)) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -683,7 +694,7 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_;
   bool log_tuning_;
   bool programmatic_launch_;  // skinny GEMMs overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
-  size_t l2_prefetch_bytes_;  // per prefetch_weights call; 0 (PEARL_CUDA_L2_PREFETCH=0) turns it off
+  size_t l2_prefetch_bytes_;  // per prefetch_weights call; 0 turns it off
   cudaStream_t stream_ = nullptr;
 
   std::vector<DeviceMemory> weights_;
