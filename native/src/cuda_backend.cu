@@ -226,6 +226,9 @@ class CudaBackend final : public Backend {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&prefetch_stream_, cudaStreamNonBlocking));
+    PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_fork_, cudaEventDisableTiming));
+    PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_join_, cudaEventDisableTiming));
     load_weights(checkpoint);
     tune_matmuls();
     allocate_scratch();
@@ -238,6 +241,9 @@ class CudaBackend final : public Backend {
     clear_graphs();
     cublas_.reset();
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (prefetch_stream_ != nullptr) cudaStreamDestroy(prefetch_stream_);
+    if (prefetch_fork_ != nullptr) cudaEventDestroy(prefetch_fork_);
+    if (prefetch_join_ != nullptr) cudaEventDestroy(prefetch_join_);
   }
 
   CudaBackend(const CudaBackend&) = delete;
@@ -537,11 +543,22 @@ class CudaBackend final : public Backend {
 
   // A step of at most 16 rows is bound by streaming the weights, and the small kernels between two matrix
   // products leave DRAM idle: each product is followed by a prefetch of the next matrix's head into L2
-  // (gpu::l2_prefetch), started while the product's last wave runs.
+  // (gpu::l2_prefetch) on a side stream, so that the small kernels never wait for it.
   void prefetch_weights(const DeviceLinear& next, int rows) {
     if (rows > gpu::kSkinnyMaxRows || l2_prefetch_bytes_ == 0) return;
     const size_t bytes = static_cast<size_t>(next.out) * static_cast<size_t>(next.in) * sizeof(bf16);
-    gpu::l2_prefetch(next.weight, std::min(bytes, l2_prefetch_bytes_), programmatic_launch_, stream_);
+    PEARL_CUDA_CHECK(cudaEventRecord(prefetch_fork_, stream_));
+    PEARL_CUDA_CHECK(cudaStreamWaitEvent(prefetch_stream_, prefetch_fork_));
+    gpu::l2_prefetch(next.weight, std::min(bytes, l2_prefetch_bytes_), prefetch_stream_);
+    prefetch_pending_ = true;
+  }
+
+  // The step's stream takes the side stream's work in (a graph capture must end on one stream).
+  void join_prefetches() {
+    if (!prefetch_pending_) return;
+    PEARL_CUDA_CHECK(cudaEventRecord(prefetch_join_, prefetch_stream_));
+    PEARL_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetch_join_));
+    prefetch_pending_ = false;
   }
 
   // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
@@ -573,6 +590,7 @@ class CudaBackend final : public Backend {
       const bool last = layer + 1 == config_.num_layers;
       prefetch_weights(last ? lm_head_ : layers_[static_cast<size_t>(layer) + 1].qkv, count);
     }
+    join_prefetches();
   }
 
   // Final norm of x_ rows (row_index, or the first `count` rows when null), lm_head into device_logits_,
@@ -696,6 +714,10 @@ class CudaBackend final : public Backend {
   bool programmatic_launch_;  // skinny GEMMs overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
   size_t l2_prefetch_bytes_;  // per prefetch_weights call; 0 turns it off
   cudaStream_t stream_ = nullptr;
+  cudaStream_t prefetch_stream_ = nullptr;  // L2 prefetches of the next matrix (prefetch_weights)
+  cudaEvent_t prefetch_fork_ = nullptr;
+  cudaEvent_t prefetch_join_ = nullptr;
+  bool prefetch_pending_ = false;  // prefetch_stream_ has work that stream_ has not waited for
 
   std::vector<DeviceMemory> weights_;
   const bf16* embed_ = nullptr;

@@ -1,4 +1,7 @@
 // No CPU twin: a prefetch changes no value, only where the bytes are when the next kernel asks for them.
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/check.h"
 #include "cuda_ops.cuh"
 
@@ -6,37 +9,50 @@ namespace pearl::gpu {
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr size_t kPiece = 32 << 10;  // bytes per bulk prefetch instruction
+constexpr int kThreads = 32;
+constexpr size_t kBulkPiece = 4 << 10;  // bytes per bulk prefetch instruction: 200 CTAs for 25 MB
+constexpr size_t kLine = 128;
+constexpr int kLinesPerThread = 16;
 
 // Each thread hands the copy engine one piece to bring into L2 and moves on; nothing waits for the data.
-// The kernel then waits for the kernel it was launched after, so that the stream's order stays as if it
-// had run after it: a later kernel launched normally still finds that kernel's results complete.
-__global__ void __launch_bounds__(kThreads) l2_prefetch_kernel(const char* __restrict__ data, size_t bytes) {
-  const size_t offset = (static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x) * kPiece;
-  if (offset < bytes) {
-    const auto size = static_cast<uint32_t>(bytes - offset < kPiece ? bytes - offset : kPiece);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + offset), "r"(size) : "memory");
+__global__ void __launch_bounds__(kThreads) l2_prefetch_bulk_kernel(const char* __restrict__ data, size_t bytes) {
+  const size_t offset = (static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x) * kBulkPiece;
+  if (offset >= bytes) return;
+  const auto size = static_cast<uint32_t>(bytes - offset < kBulkPiece ? bytes - offset : kBulkPiece);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(data + offset), "r"(size) : "memory");
+}
+
+// The same with one prefetch instruction per 128-byte line.
+__global__ void __launch_bounds__(kThreads) l2_prefetch_lines_kernel(const char* __restrict__ data, size_t bytes) {
+  const size_t first = (static_cast<size_t>(blockIdx.x) * kThreads * kLinesPerThread + threadIdx.x) * kLine;
+#pragma unroll
+  for (int i = 0; i < kLinesPerThread; ++i) {
+    const size_t offset = first + static_cast<size_t>(i) * kThreads * kLine;
+    if (offset < bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(data + offset) : "memory");
   }
-  wait_for_prerequisites();
+}
+
+bool use_line_prefetch() {
+  const char* mode = std::getenv("PEARL_CUDA_L2_PREFETCH_MODE");
+  return mode != nullptr && std::strcmp(mode, "lines") == 0;
 }
 
 }  // namespace
 
-void l2_prefetch(const void* data, size_t bytes, bool programmatic, cudaStream_t stream) {
+void l2_prefetch(const void* data, size_t bytes, cudaStream_t stream) {
+  static const bool lines = use_line_prefetch();
   bytes &= ~static_cast<size_t>(15);  // the bulk copy moves multiples of 16 bytes
   if (bytes == 0) return;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  const size_t pieces = (bytes + kPiece - 1) / kPiece;
-  config.gridDim = dim3(static_cast<unsigned>((pieces + kThreads - 1) / kThreads));
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic ? 1 : 0;
-  PEARL_CUDA_CHECK(cudaLaunchKernelEx(&config, l2_prefetch_kernel, static_cast<const char*>(data), bytes));
+  const char* start = static_cast<const char*>(data);
+  if (lines) {
+    const size_t per_block = kThreads * kLinesPerThread * kLine;
+    l2_prefetch_lines_kernel<<<static_cast<unsigned>((bytes + per_block - 1) / per_block), kThreads, 0, stream>>>(
+        start, bytes);
+  } else {
+    const size_t per_block = kThreads * kBulkPiece;
+    l2_prefetch_bulk_kernel<<<static_cast<unsigned>((bytes + per_block - 1) / per_block), kThreads, 0, stream>>>(
+        start, bytes);
+  }
   check_launch("l2_prefetch");
 }
 

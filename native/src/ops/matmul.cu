@@ -91,7 +91,6 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* 
                                                                     const float* __restrict__ bias, int n,
                                                                     float* __restrict__ y, bool accumulate) {
   __shared__ float partial[kWarps][kTiles][32][4];
-  allow_dependent_launch();  // only an l2_prefetch of the next matrix is launched as this kernel's dependent
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
