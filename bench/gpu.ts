@@ -7,7 +7,7 @@
 //
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
-//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl,no-prefetch,prefetch-12mb,prefetch-lines,prefetch-lines-12mb]
+//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl]
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
@@ -56,15 +56,6 @@ const VARIANTS = {
   tiles4: { deterministic: false, env: { PEARL_CUDA_SKINNY_VARIANT: "tiles4" } },
   // GEMMs launched after the kernel before them ends, not overlapping it.
   "no-pdl": { deterministic: false, env: { PEARL_CUDA_PDL: "0" } },
-  // No prefetch of the next matrix into L2 between matrix products, 12 MiB of it (default: half the L2),
-  // and prefetching by 128-byte lines instead of bulk copies.
-  "no-prefetch": { deterministic: false, env: { PEARL_CUDA_L2_PREFETCH_MB: "0" } },
-  "prefetch-12mb": { deterministic: false, env: { PEARL_CUDA_L2_PREFETCH_MB: "12" } },
-  "prefetch-lines": { deterministic: false, env: { PEARL_CUDA_L2_PREFETCH_MODE: "lines" } },
-  "prefetch-lines-12mb": {
-    deterministic: false,
-    env: { PEARL_CUDA_L2_PREFETCH_MODE: "lines", PEARL_CUDA_L2_PREFETCH_MB: "12" },
-  },
 } satisfies Record<string, VariantSetup>;
 type Variant = keyof typeof VARIANTS;
 const variants = args.variants.split(",").map((name) => {

@@ -193,25 +193,6 @@ int select_device(const EngineOptions& options) {
   return device;
 }
 
-// How much of the next matrix to bring into L2 ahead of its product. Default half the L2, so that what
-// arrives first is not evicted by what arrives last before the product reads it; PEARL_CUDA_L2_PREFETCH_MB
-// sets it (0 turns prefetching off).
-size_t l2_prefetch_budget(int device) {
-  const char* megabytes = std::getenv("PEARL_CUDA_L2_PREFETCH_MB");
-  if (megabytes != nullptr && *megabytes != '\0') {
-    char* end = nullptr;
-    const long value = std::strtol(megabytes, &end, 10);
-    if (*end != '\0' || value < 0 || value > 4096) {
-      throw std::runtime_error(std::string("PEARL_CUDA_L2_PREFETCH_MB must be a whole number of MiB in [0, 4096], got \"") +
-                               megabytes + "\"");
-    }
-    return static_cast<size_t>(value) << 20;
-  }
-  int l2_bytes = 0;
-  PEARL_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
-  return static_cast<size_t>(l2_bytes) / 2;
-}
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const ModelConfig& config, const Checkpoint& checkpoint, const EngineOptions& options)
@@ -221,14 +202,10 @@ class CudaBackend final : public Backend {
         deterministic_(options.deterministic),
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
         log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)),
-        programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)),
-        l2_prefetch_bytes_(l2_prefetch_budget(device_)) {
+        programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)) {
     check_supported();
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
     PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&prefetch_stream_, cudaStreamNonBlocking));
-    PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_fork_, cudaEventDisableTiming));
-    PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&prefetch_join_, cudaEventDisableTiming));
     load_weights(checkpoint);
     tune_matmuls();
     allocate_scratch();
@@ -241,9 +218,6 @@ class CudaBackend final : public Backend {
     clear_graphs();
     cublas_.reset();
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
-    if (prefetch_stream_ != nullptr) cudaStreamDestroy(prefetch_stream_);
-    if (prefetch_fork_ != nullptr) cudaEventDestroy(prefetch_fork_);
-    if (prefetch_join_ != nullptr) cudaEventDestroy(prefetch_join_);
   }
 
   CudaBackend(const CudaBackend&) = delete;
@@ -541,26 +515,6 @@ class CudaBackend final : public Backend {
     if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
   }
 
-  // A step of at most 16 rows is bound by streaming the weights, and the small kernels between two matrix
-  // products leave DRAM idle: each product is followed by a prefetch of the next matrix's head into L2
-  // (gpu::l2_prefetch) on a side stream, so that the small kernels never wait for it.
-  void prefetch_weights(const DeviceLinear& next, int rows) {
-    if (rows > gpu::kSkinnyMaxRows || l2_prefetch_bytes_ == 0) return;
-    const size_t bytes = static_cast<size_t>(next.out) * static_cast<size_t>(next.in) * sizeof(bf16);
-    PEARL_CUDA_CHECK(cudaEventRecord(prefetch_fork_, stream_));
-    PEARL_CUDA_CHECK(cudaStreamWaitEvent(prefetch_stream_, prefetch_fork_));
-    gpu::l2_prefetch(next.weight, std::min(bytes, l2_prefetch_bytes_), prefetch_stream_);
-    prefetch_pending_ = true;
-  }
-
-  // The step's stream takes the side stream's work in (a graph capture must end on one stream).
-  void join_prefetches() {
-    if (!prefetch_pending_) return;
-    PEARL_CUDA_CHECK(cudaEventRecord(prefetch_join_, prefetch_stream_));
-    PEARL_CUDA_CHECK(cudaStreamWaitEvent(stream_, prefetch_join_));
-    prefetch_pending_ = false;
-  }
-
   // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
   void run_layers(const gpu::DeviceRows& rows, int count) {
     const int hidden = config_.hidden_size;
@@ -568,29 +522,22 @@ class CudaBackend final : public Backend {
     float* x = x_.as<float>();
     bf16* normed = normed_.as<bf16>();
     float* qkv = qkv_.as<float>();
-    prefetch_weights(layers_.front().qkv, count);
     gpu::embedding(embed_, hidden, rows.tokens, count, x, stream_);
     for (int layer = 0; layer < config_.num_layers; ++layer) {
       const DeviceLayer& w = layers_[static_cast<size_t>(layer)];
       gpu::rmsnorm(x, nullptr, count, hidden, w.input_norm, eps, normed, stream_);
       matmul(normed, count, w.qkv, qkv, false);
-      prefetch_weights(w.o, count);
       const gpu::DeviceKvLayer kv = kv_layer(layer);
       gpu::rope_store_kv(qkv, qkv_width(), count, config_.num_heads, config_.head_dim, rows.positions, inv_freq_,
                          w.q_norm, w.k_norm, eps, rows.slots, kv, stream_);
       gpu::attention(qkv, qkv_width(), count, config_.num_heads, kv, rows, config_.sliding_window,
                      attention_scratch_.as<float>(), attended_.as<bf16>(), stream_);
       matmul(attended_.as<bf16>(), count, w.o, x, true);
-      prefetch_weights(w.gate_up, count);
       gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, stream_);
       matmul(normed, count, w.gate_up, gate_up_.as<float>(), false);
-      prefetch_weights(w.down, count);
       gpu::silu_mul(gate_up_.as<float>(), count, config_.intermediate_size, activated_.as<bf16>(), stream_);
       matmul(activated_.as<bf16>(), count, w.down, x, true);
-      const bool last = layer + 1 == config_.num_layers;
-      prefetch_weights(last ? lm_head_ : layers_[static_cast<size_t>(layer) + 1].qkv, count);
     }
-    join_prefetches();
   }
 
   // Final norm of x_ rows (row_index, or the first `count` rows when null), lm_head into device_logits_,
@@ -712,12 +659,7 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_;
   bool log_tuning_;
   bool programmatic_launch_;  // skinny GEMMs overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
-  size_t l2_prefetch_bytes_;  // per prefetch_weights call; 0 turns it off
   cudaStream_t stream_ = nullptr;
-  cudaStream_t prefetch_stream_ = nullptr;  // L2 prefetches of the next matrix (prefetch_weights)
-  cudaEvent_t prefetch_fork_ = nullptr;
-  cudaEvent_t prefetch_join_ = nullptr;
-  bool prefetch_pending_ = false;  // prefetch_stream_ has work that stream_ has not waited for
 
   std::vector<DeviceMemory> weights_;
   const bf16* embed_ = nullptr;

@@ -112,11 +112,6 @@ SkinnyTuning tune_skinny_matmul(const std::vector<const bf16*>& weights, int k, 
 // The variant called `name` (as SkinnyTuning::names spells it); throws for an unknown name.
 int skinny_variant_index(const std::string& name);
 
-// Brings the first `bytes` at data (16-byte aligned) into L2; the kernel only issues the requests. A skinny
-// GEMM streams a matrix too big for L2 at the card's bandwidth, but the small kernels between two of them
-// leave DRAM idle: prefetching the next matrix's head in that gap (on a side stream) puts it to use.
-void l2_prefetch(const void* data, size_t bytes, cudaStream_t stream);
-
 // y[rows, n] += bias (the cuBLASLt path adds biases separately).
 void add_bias(float* y, int rows, int n, const float* bias, cudaStream_t stream);
 
