@@ -3,7 +3,7 @@
 # of real shapes (with the transformers baseline, kept beside them), benchmark them. Results go under $OUT
 # (default ./gpu-results): card.txt, build.log, test.log, shapes.log, bench.log, bench-<shape>.json.
 #
-#   bash tools/gpu_run.sh [stage ...]   stages: build test bench-1b bench-8b bench-qwen profile-8b
+#   bash tools/gpu_run.sh [stage ...]   stages: build test bench-1b bench-8b bench-qwen profile-8b timeline-8b
 #                                       (default: all, in that order)
 #
 # Node must be on PATH (the device recipe unpacks it from .gpu/); npm need not be: the stages run the
@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
 export PEARL_CUDA_LOG_TUNING=1  # each engine prints its skinny-GEMM timings per weight shape (bench.log)
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench-1b bench-8b bench-qwen profile-8b)
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench-1b bench-8b bench-qwen profile-8b timeline-8b)
 status=0
 
 note() { echo "[gpu_run $(date +%H:%M:%S)] $*"; }
@@ -102,6 +102,60 @@ for name, (count, ns, dram) in sorted(groups.items(), key=lambda item: -item[1][
 PY
 }
 
+# Where a replayed 8B decode step (batch 1, CUDA graph) spends its time: Nsight Systems traces the graph's
+# kernels; per kernel name, the time per step and the gaps between kernels, medians over the bench's decode
+# steps. Appended to bench.log.
+timeline_decode() {
+  local shape=$1
+  make_shape "$shape" || { fail "make_shapes $shape"; return; }
+  command -v nsys >/dev/null || { fail "nsys is not installed"; return; }
+  note "nsys timeline of $shape"
+  rm -f "$SHAPES_DIR/timeline.nsys-rep" "$SHAPES_DIR/timeline.sqlite"
+  timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "$SHAPES_DIR/timeline" \
+    node --import tsx bench/gpu.ts --models "$SHAPES_DIR/$shape" --batch 1 --windows 2 --steps 16 \
+    --prefill-length 16 >"$SHAPES_DIR/timeline.log" 2>&1 &&
+    timeout 120 nsys export --type sqlite -o "$SHAPES_DIR/timeline.sqlite" "$SHAPES_DIR/timeline.nsys-rep" \
+      >>"$SHAPES_DIR/timeline.log" 2>&1 || {
+    tail -20 "$SHAPES_DIR/timeline.log"
+    fail "nsys $shape"
+    return
+  }
+  python3 - "$SHAPES_DIR/timeline.sqlite" >>"$OUT/bench.log" <<'PY'
+import collections, sqlite3, statistics, sys
+db = sqlite3.connect(sys.argv[1])
+rows = db.execute(
+    "SELECT k.start, k.end, s.value FROM CUPTI_ACTIVITY_KIND_KERNEL k JOIN StringIds s ON k.shortName = s.id "
+    "ORDER BY k.start").fetchall()
+# A step ends with choose_token_rows; decode steps at batch 1 are the most common step length.
+steps, current = [], []
+for start, end, name in rows:
+    current.append((start, end, name))
+    if name.startswith("choose_token_rows"):
+        steps.append(current)
+        current = []
+length = statistics.mode(len(step) for step in steps)
+decode = [step for step in steps if len(step) == length][2:]
+print(f"nsys: {len(decode)} decode steps of {length} kernels")
+spans, gaps, per_name = [], [], collections.defaultdict(list)
+for step in decode:
+    spans.append((step[-1][1] - step[0][0]) / 1e3)
+    gap = 0
+    for (_, previous_end, _), (start, _, _) in zip(step, step[1:]):
+        gap += max(0, start - previous_end)
+    gaps.append(gap / 1e3)
+    totals = collections.Counter()
+    for start, end, name in step:
+        totals[name.split("<")[0]] += (end - start) / 1e3
+    for name, total in totals.items():
+        per_name[name].append(total)
+print(f"step span {statistics.median(spans):.1f} us, gaps between kernels {statistics.median(gaps):.1f} us")
+print("| kernel | us per step (median) |")
+print("| --- | --- |")
+for name, totals in sorted(per_name.items(), key=lambda item: -statistics.median(item[1])):
+    print(f"| {name} | {statistics.median(totals):.1f} |")
+PY
+}
+
 for stage in "${stages[@]}"; do
   case "$stage" in
     build)
@@ -118,8 +172,9 @@ for stage in "${stages[@]}"; do
     bench-8b) bench_shape llama-3.1-8b default,no-pdl,deterministic,no-graphs ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 550 323 ;;
-    *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b)" ;;
+    timeline-8b) timeline_decode llama-3.1-8b ;;
+    *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b, timeline-8b)" ;;
   esac
 done
-[ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:" "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:|^nsys:|^step span" "$OUT/bench.log"
 exit "$status"
