@@ -107,8 +107,8 @@ PY
 # steps. Appended to bench.log.
 timeline_decode() {
   local shape=$1
-  make_shape "$shape" || { fail "make_shapes $shape"; return; }
   command -v nsys >/dev/null || { fail "nsys is not installed"; return; }
+  make_shape "$shape" || { fail "make_shapes $shape"; return; }
   note "nsys timeline of $shape"
   rm -f "$SHAPES_DIR/timeline.nsys-rep" "$SHAPES_DIR/timeline.sqlite"
   timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "$SHAPES_DIR/timeline" \
