@@ -3,16 +3,19 @@
 // sampling on the host). Per model: checkpoint load time; per-token decode latency at several batch
 // sizes; the cost of verify windows of 2, 4, 8 and 16 tokens relative to one decode step; prefill
 // tokens/s; and each decode figure as a fraction of the bandwidth floor (bytes read per step over the
-// card's measured read bandwidth, taken from tools/make_shapes.py's --baseline-json when given).
+// card's measured read bandwidth, taken from tools/make_shapes.py's --baseline-json when given). With
+// --sampling, the same decode and an 8-token verify window under each sampling setting, against greedy in the
+// same run: what picking tokens with top-k/top-p cuts and weighing sampled drafts costs.
 //
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
 //     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl]
+//     [--sampling greedy,whole,top-p,top-k,top-k-top-p]
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
 
-import { Engine, type ModelInfo } from "../lib/native.js";
+import { type DraftDistribution, Engine, type ModelInfo, type SamplingParams } from "../lib/native.js";
 
 function positiveIntegers(name: string, value: string): number[] {
   const numbers = value.split(",").map(Number);
@@ -33,6 +36,7 @@ const { values: args } = parseArgs({
     "prompt-length": { type: "string", default: "128" },
     "prefill-length": { type: "string", default: "2048" },
     variants: { type: "string", default: "default" },
+    sampling: { type: "string", default: "" },
   },
 });
 if (!args.models)
@@ -63,6 +67,24 @@ const variants = args.variants.split(",").map((name) => {
     throw new Error(`--variants: unknown ${name} (known: ${Object.keys(VARIANTS).join(", ")})`);
   return name as Variant;
 });
+
+const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+const SAMPLING_SETTINGS = {
+  greedy: GREEDY,
+  whole: { temperature: 0.8, topK: 0, topP: 1, seed: 7 },
+  "top-p": { temperature: 0.8, topK: 0, topP: 0.9, seed: 7 },
+  "top-k": { temperature: 0.8, topK: 50, topP: 1, seed: 7 },
+  "top-k-top-p": { temperature: 0.8, topK: 50, topP: 0.9, seed: 7 },
+} satisfies Record<string, SamplingParams>;
+type SamplingSetting = keyof typeof SAMPLING_SETTINGS;
+const samplingSettings = args.sampling
+  .split(",")
+  .filter((name) => name.length > 0)
+  .map((name) => {
+    if (!(name in SAMPLING_SETTINGS))
+      throw new Error(`--sampling: unknown ${name} (known: ${Object.keys(SAMPLING_SETTINGS).join(", ")})`);
+    return name as SamplingSetting;
+  });
 
 interface Baseline {
   device?: string;
@@ -108,7 +130,12 @@ interface DecodeResult {
   fractionOfFloor?: number;
 }
 
-async function decode(engine: Engine, dir: string, batch: number): Promise<DecodeResult> {
+async function decode(
+  engine: Engine,
+  dir: string,
+  batch: number,
+  sampling: SamplingParams = GREEDY,
+): Promise<DecodeResult> {
   const vocab = engine.info.vocabSize;
   const ids = Array.from({ length: batch }, (_, i) => 10_000 + i);
   for (const seqId of ids) await engine.addSequence(seqId);
@@ -119,7 +146,7 @@ async function decode(engine: Engine, dir: string, batch: number): Promise<Decod
   const times: number[] = [];
   for (let s = 0; s < steps! + 2; s++) {
     const [results, ms] = await timed(() =>
-      engine.step(ids.map((seqId, i) => ({ seqId, tokens: Int32Array.of(next[i]!) }))),
+      engine.step(ids.map((seqId, i) => ({ seqId, tokens: Int32Array.of(next[i]!), sampling }))),
     );
     next = results.map((result) => result.nextToken);
     if (s >= 2) times.push(ms); // the first steps of a bucket capture its graph
@@ -135,8 +162,17 @@ async function decode(engine: Engine, dir: string, batch: number): Promise<Decod
   return result;
 }
 
-/** Median time of one verify step of `window` tokens (window - 1 drafts) on one sequence. */
-async function verify(engine: Engine, window: number): Promise<number> {
+/** A sampled draft's q at one position: `entries` tokens around the draft, the draft the likeliest. */
+function draftDistribution(draft: number, entries: number, vocab: number): DraftDistribution {
+  const tokenIds = Int32Array.from({ length: entries }, (_, i) => (draft + i * 7919) % vocab);
+  const weights = Array.from({ length: entries }, (_, i) => 1 / (i + 1));
+  const total = weights.reduce((a, b) => a + b, 0);
+  return { tokens: tokenIds, probs: Float32Array.from(weights, (w) => w / total) };
+}
+
+/** Median time of one verify step of `window` tokens (window - 1 drafts) on one sequence; with `sampling`
+ * at temperature > 0 the drafts come with a q each (sampled drafts). */
+async function verify(engine: Engine, window: number, sampling: SamplingParams = GREEDY): Promise<number> {
   const vocab = engine.info.vocabSize;
   const seqId = 20_000 + window;
   await engine.addSequence(seqId);
@@ -144,9 +180,12 @@ async function verify(engine: Engine, window: number): Promise<number> {
   let last = prefill!.nextToken;
   const times: number[] = [];
   for (let s = 0; s < steps! + 2; s++) {
-    const window_tokens = Int32Array.from([last, ...tokens(window - 1, seqId + s, vocab)]);
+    const drafts = tokens(window - 1, seqId + s, vocab);
+    const draftDists =
+      sampling.temperature > 0 ? Array.from(drafts, (draft) => draftDistribution(draft, 8, vocab)) : [];
+    const window_tokens = Int32Array.from([last, ...drafts]);
     const [results, ms] = await timed(() =>
-      engine.step([{ seqId, tokens: window_tokens, numDraft: window - 1 }]),
+      engine.step([{ seqId, tokens: window_tokens, numDraft: window - 1, sampling, draftDists }]),
     );
     last = results[0]!.nextToken;
     if (s >= 2) times.push(ms);
@@ -170,6 +209,12 @@ async function prefill(engine: Engine): Promise<number> {
   return (prefillLength! * 1000) / median(times.slice(1));
 }
 
+interface SamplingResult {
+  setting: SamplingSetting;
+  decodeMs: Record<string, number>;
+  verify8Ms: number;
+}
+
 interface ModelReport {
   model: string;
   variant: Variant;
@@ -177,6 +222,7 @@ interface ModelReport {
   parameters: number;
   decode: DecodeResult[];
   verify: { window: number; ms: number; vsDecode: number }[];
+  sampling: SamplingResult[];
   prefillTokensPerS: number;
   hfEagerMsPerToken?: Record<string, number>;
 }
@@ -201,6 +247,15 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
         const ms = await verify(engine, window);
         verifyResults.push({ window, ms, vsDecode: oneRow ? ms / oneRow : Number.NaN });
       }
+      const samplingResults: SamplingResult[] = [];
+      for (const setting of samplingSettings) {
+        const sampling = SAMPLING_SETTINGS[setting];
+        const decodeMs: Record<string, number> = {};
+        for (const batch of [1, 16]) {
+          decodeMs[batch] = (await decode(engine, dir, batch, sampling)).msPerStep;
+        }
+        samplingResults.push({ setting, decodeMs, verify8Ms: await verify(engine, 8, sampling) });
+      }
       return {
         model: basename(dir),
         variant,
@@ -208,6 +263,7 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
         parameters: engine.info.numParameters,
         decode: decodeResults,
         verify: verifyResults,
+        sampling: samplingResults,
         prefillTokensPerS: await prefill(engine),
         hfEagerMsPerToken: baseline.shapes?.[basename(dir)]?.hf_eager_ms_per_token,
       };
@@ -249,6 +305,20 @@ function table(reports: ModelReport[]): string {
     lines.push(
       `| ${report.model} | ${report.variant} | ${report.loadS.toFixed(1)} | ${report.prefillTokensPerS.toFixed(0)} | ${windows} |`,
     );
+  }
+  if (reports.some((report) => report.sampling.length > 0)) {
+    lines.push(
+      "",
+      "| model | variant | sampling | batch 1 ms | batch 16 ms | 8-token verify ms (sampled drafts when T > 0) |",
+      "| --- | --- | --- | --- | --- | --- |",
+    );
+    for (const report of reports) {
+      for (const result of report.sampling) {
+        lines.push(
+          `| ${report.model} | ${report.variant} | ${result.setting} | ${result.decodeMs[1]!.toFixed(3)} | ${result.decodeMs[16]!.toFixed(3)} | ${result.verify8Ms.toFixed(3)} |`,
+        );
+      }
+    }
   }
   return lines.join("\n");
 }
