@@ -1,11 +1,18 @@
-// Tokens the engine's backend picks itself (greedy, and sampled from the whole softmax), against an
+// Tokens and verdicts the engine's backend computes next to the logits (greedy, sampled from the whole
+// softmax, sampled with top-k/top-p cuts, and verify windows of greedy and of sampled drafts), against an
 // independent TypeScript statement of the rule, on the CPU backend; test/gpu/cuda.test.ts runs the same
-// check on the CUDA backend.
+// checks on the CUDA backend.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Engine } from "../lib/native.js";
-import { assertEngineChoosesTokens, chooseToken } from "./reference/choose_token.js";
+import {
+  assertEngineChoosesTokens,
+  assertEngineVerifiesSampledDrafts,
+  chooseToken,
+  processLogits,
+  sampleResidual,
+} from "./reference/choose_token.js";
 import { tokenRange } from "./reference/drive.js";
 import { loadFixture } from "./reference/fixtures.js";
 
@@ -21,11 +28,41 @@ test("the reference rule: ties to the lowest id, NaN never wins, sampling skips 
   assert.deepEqual([...draws].sort(), [0, 1, 3], "only finite logits are drawn, and each of them is");
 });
 
-test("cpu: greedy and whole-softmax tokens equal the reference on the same logits", async () => {
+test("the reference cuts: top-k by (probability, id), then the smallest nucleus reaching top_p", () => {
+  const logits = Float32Array.from(
+    [0.05, 0.5, 0.15, 0.3, 0.3, 0].map((p) => (p > 0 ? Math.log(p) : -Infinity)),
+  );
+  const sampling = (topK: number, topP: number) => ({ temperature: 1, topK, topP, seed: 0 });
+  assert.deepEqual(processLogits(logits, sampling(0, 1)).tokens, [0, 1, 2, 3, 4]);
+  assert.deepEqual(processLogits(logits, sampling(2, 1)).tokens, [1, 3], "the tie at 0.3 keeps the lower id");
+  assert.deepEqual(processLogits(logits, sampling(0, 0.6)).tokens, [1, 3], "0.5 / 1.3 < 0.6 <= 0.8 / 1.3");
+  assert.deepEqual(processLogits(logits, sampling(3, 0.9)).tokens, [1, 3, 4], "top_p over the top-k mass");
+  const p = processLogits(logits, sampling(2, 1));
+  assert.ok(Math.abs(p.probs[0]! - 0.5 / 0.8) < 1e-6);
+  // The residual keeps only what p has beyond q: here token 3 alone.
+  const q = { tokens: Int32Array.of(1, 3), probs: Float32Array.of(0.7, 0.3) };
+  for (let seed = 0; seed < 20; seed++) assert.equal(sampleResidual(p, q, seed, 3), 3);
+  // A greedy target fully covered by q leaves an empty residual: p's own draw (the argmax) stands in.
+  const greedy = processLogits(logits, { temperature: 0, topK: 0, topP: 1, seed: 0 });
+  assert.deepEqual(greedy, { tokens: [1], probs: [1] });
+  assert.equal(sampleResidual(greedy, { tokens: Int32Array.of(1), probs: Float32Array.of(1) }, 5, 3), 1);
+});
+
+test("cpu: greedy, whole-softmax and cut tokens equal the reference on the same logits", async () => {
   const fixture = loadFixture("llama-gqa-f32");
   const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
   try {
     await assertEngineChoosesTokens(engine, tokenRange(7, 13, engine.info.vocabSize));
+  } finally {
+    await engine.close();
+  }
+});
+
+test("cpu: sampled-draft verify windows get the reference verdict on the same logits", async () => {
+  const fixture = loadFixture("llama-gqa-f32");
+  const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
+  try {
+    await assertEngineVerifiesSampledDrafts(engine, tokenRange(7, 13, engine.info.vocabSize));
   } finally {
     await engine.close();
   }

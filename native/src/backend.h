@@ -1,6 +1,6 @@
 // The compute side of the engine: a backend owns the model weights and the K/V storage and runs the
-// forward pass of a batch of rows. The engine keeps everything else (block bookkeeping, validation,
-// sampling, verification), so a CUDA backend only has to provide these operations.
+// forward pass of a batch of rows, and picks each output row's token next to its logits. The engine keeps
+// everything else (block bookkeeping, validation, the acceptance test of verification).
 #pragma once
 
 #include <cstdint>
@@ -26,7 +26,7 @@ struct ForwardBatch {
   std::vector<int32_t> row_table;
   std::vector<std::vector<int32_t>> block_tables;
   std::vector<int32_t> logit_rows;          // rows with an output, in output order
-  std::vector<ops::TokenChoice> choices;    // per output: how to pick its token
+  std::vector<ops::TokenChoice> choices;    // per output: how to pick its token (draft q's owned by the step)
   std::vector<uint8_t> full_logits;         // per output: 1 when the caller needs its logits too
 };
 
@@ -37,11 +37,13 @@ class Backend {
   virtual const char* name() const = 0;
   // KV blocks the storage holds (fixed at creation).
   virtual int num_blocks() const = 0;
-  // Runs every row through the model. For output i (row logit_rows[i]) writes the token choices[i] picks
-  // (ops::choose_token's rule) to tokens[i] and, when full_logits[i], its logits to the next row of
-  // `logits`, which holds one row of vocab_size floats per such output, in output order. Outputs that need
-  // only a token thus never leave the device as logits. A row's results must not depend on the other rows.
-  virtual void forward(const ForwardBatch& batch, float* logits, int32_t* tokens) = 0;
+  // Runs every row through the model. For output i (row logit_rows[i]) writes what choices[i] asks
+  // (ops::choose_row's rule: the token, and for a row judging a sampled draft p(draft) and the residual
+  // draw) to chosen[i] and, when full_logits[i], its logits to the next row of `logits`, which holds one row
+  // of vocab_size floats per such output, in output order. Sampling and verification thus need no logits on
+  // the host. A row's results must not depend on the other rows. A row that cannot be chosen from gets token
+  // -1 (the CPU backend throws process_logits' error instead).
+  virtual void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
 };

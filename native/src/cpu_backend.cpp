@@ -39,7 +39,7 @@ void CpuBackend::copy_block(int32_t source, int32_t destination) {
   }
 }
 
-void CpuBackend::forward(const ForwardBatch& batch, float* logits, int32_t* tokens) {
+void CpuBackend::forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) {
   const int rows = static_cast<int>(batch.tokens.size());
   if (rows == 0) return;
   const int hidden = config_.hidden_size;
@@ -120,7 +120,7 @@ void CpuBackend::forward(const ForwardBatch& batch, float* logits, int32_t* toke
   float* next_full = logits;
   for (size_t i = 0; i < static_cast<size_t>(outputs); ++i) {
     const float* row = all_logits.data() + i * vocab;
-    tokens[i] = ops::choose_token(row, config_.vocab_size, batch.choices[i]);
+    chosen[i] = ops::choose_row(row, config_.vocab_size, batch.choices[i]);
     if (batch.full_logits[i]) next_full = std::copy(row, row + vocab, next_full);
   }
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -28,6 +29,7 @@ using gpu::bf16;
 constexpr int kChunkRows = 256;    // rows per pass through the layers; bounds the activation scratch
 constexpr int kLogitRows = 64;     // rows per lm_head product; bounds the logits buffer
 constexpr int kGraphMaxRows = 64;  // steps of up to this many rows replay a captured CUDA graph
+constexpr int kDraftEntriesPerRow = 64;  // q entries per processed row the load-time staging holds
 constexpr std::array<int, 7> kGraphBuckets = {1, 2, 4, 8, 16, 32, 64};
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 constexpr double kDefaultCacheFraction = 0.45;  // of the memory left free after weights and scratch
@@ -238,7 +240,7 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void forward(const ForwardBatch& batch, float* logits, int32_t* tokens) override {
+  void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) override {
     const int rows = static_cast<int>(batch.tokens.size());
     if (rows == 0) return;
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
@@ -247,9 +249,9 @@ class CudaBackend final : public Backend {
     stage_rows(batch, padded_rows);
     stage_choices(batch, bucket);
     if (bucket > 0) {
-      forward_graph(batch, bucket, logits, tokens);
+      forward_graph(batch, bucket, logits, chosen);
     } else {
-      forward_eager(batch, logits, tokens);
+      forward_eager(batch, logits, chosen);
     }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -341,8 +343,10 @@ class CudaBackend final : public Backend {
     attention_scratch_ = DeviceMemory(
         gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
     device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
-    device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(int32_t));
+    device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(gpu::ChosenTokenRow));
     choose_scratch_ = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));
+    processed_scratch_ = DeviceMemory(gpu::processed_scratch_bytes(kLogitRows, config_.vocab_size));
+    reserve_processed(kLogitRows, kLogitRows * kDraftEntriesPerRow);
     cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
   }
 
@@ -435,12 +439,25 @@ class CudaBackend final : public Backend {
 
   // How each logits row picks its token, in the order compute_logits sees the rows: by row of the bucket
   // for a graph step (rows without an output take the argmax), by output in chunk order for an eager one.
+  // Processed rows are redrawn after compute_logits (choose_processed_rows): their staging is sized here.
   void stage_choices(const ForwardBatch& batch, int bucket) {
     gpu::TokenChoiceRow* host = choice_staging_.as<gpu::TokenChoiceRow>();
     const auto device_form = [&](size_t output) {
       const ops::TokenChoice& choice = batch.choices[output];
-      return gpu::TokenChoiceRow{choice.temperature, static_cast<int32_t>(choice.position), choice.seed};
+      return gpu::TokenChoiceRow{choice.temperature, static_cast<int32_t>(choice.position), choice.seed,
+                                 choice.draft_token};
     };
+    step_choices_ = batch.choices;
+    size_t processed_rows = 0;
+    size_t draft_entries = 0;
+    for (const ops::TokenChoice& choice : batch.choices) {
+      if (!draws_processed(choice)) continue;
+      ++processed_rows;
+      if (choice.draft_token >= 0) draft_entries += choice.draft_dist->tokens.size();
+    }
+    reserve_processed(processed_rows, draft_entries);
+    processed_used_ = 0;
+    draft_entries_used_ = 0;
     size_t count = 0;
     if (bucket > 0) {
       count = static_cast<size_t>(bucket);
@@ -454,6 +471,29 @@ class CudaBackend final : public Backend {
     if (count == 0) return;
     PEARL_CUDA_CHECK(cudaMemcpyAsync(device_choices_.as<gpu::TokenChoiceRow>(), host,
                                      count * sizeof(gpu::TokenChoiceRow), cudaMemcpyHostToDevice, stream_));
+  }
+
+  // Rows drawn from their processed distribution (a top-k/top-p cut, or a sampled-draft window) while
+  // sampling; greedy ones are the one-pass argmax whatever their cut.
+  static bool draws_processed(const ops::TokenChoice& choice) {
+    return choice.processed && choice.temperature > 0.0f;
+  }
+
+  // Room for a step's processed rows and their drafts' q entries. Each call of choose_processed_rows stages
+  // its rows in a fresh part of the pinned buffers, so no copy still in flight reads a rewritten entry; the
+  // step's final synchronize frees them all. Grows (rarely: the load-time size covers kLogitRows rows of
+  // kDraftEntriesPerRow entries) before any work of the step is enqueued, never inside a capture.
+  void reserve_processed(size_t rows, size_t draft_entries) {
+    if (rows <= processed_capacity_ && draft_entries <= draft_entry_capacity_) return;
+    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    processed_capacity_ = std::max(rows, 2 * processed_capacity_);
+    draft_entry_capacity_ = std::max(draft_entries, 2 * draft_entry_capacity_);
+    const size_t row_bytes = processed_capacity_ * sizeof(gpu::ProcessedRow);
+    processed_staging_ = PinnedMemory(row_bytes);
+    device_processed_ = DeviceMemory(row_bytes);
+    const size_t entry_bytes = draft_entry_capacity_ * (sizeof(int32_t) + sizeof(float));
+    draft_staging_ = PinnedMemory(entry_bytes);
+    device_drafts_ = DeviceMemory(entry_bytes);
   }
 
   // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
@@ -547,7 +587,7 @@ class CudaBackend final : public Backend {
                  static_cast<float>(config_.rms_norm_eps), normed_.as<bf16>(), stream_);
     matmul(normed_.as<bf16>(), count, lm_head_, device_logits_.as<float>(), false);
     gpu::choose_token(device_logits_.as<float>(), count, config_.vocab_size, choices, choose_scratch_.as<void>(),
-                      device_tokens_.as<int32_t>(), stream_);
+                      device_tokens_.as<gpu::ChosenTokenRow>(), stream_);
   }
 
   // Copies device rows source_rows[i] (`width` elements each) to host rows destinations[i], merging runs.
@@ -568,11 +608,18 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_tokens_: every token comes back,
-  // logits only for the outputs that asked for them.
+  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_tokens_: processed rows are redrawn,
+  // then every choice comes back, logits only for the outputs that asked for them.
   void copy_outputs(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits,
-                    int32_t* tokens) {
-    copy_rows(device_tokens_.as<int32_t>(), 1, source_rows, outputs, tokens);
+                    ops::ChosenToken* chosen) {
+    choose_processed_rows(source_rows, outputs);
+    static_assert(sizeof(ops::ChosenToken) == sizeof(gpu::ChosenTokenRow) &&
+                      offsetof(ops::ChosenToken, token) == offsetof(gpu::ChosenTokenRow, token) &&
+                      offsetof(ops::ChosenToken, residual_token) == offsetof(gpu::ChosenTokenRow, residual_token) &&
+                      offsetof(ops::ChosenToken, draft_prob) == offsetof(gpu::ChosenTokenRow, draft_prob),
+                  "ops::ChosenToken and gpu::ChosenTokenRow must share one layout");
+    copy_rows(device_tokens_.as<gpu::ChosenTokenRow>(), 1, source_rows, outputs,
+              reinterpret_cast<gpu::ChosenTokenRow*>(chosen));
     std::vector<int32_t> full_sources;
     std::vector<int32_t> full_destinations;
     for (size_t i = 0; i < outputs.size(); ++i) {
@@ -585,7 +632,69 @@ class CudaBackend final : public Backend {
               logits);
   }
 
-  void forward_eager(const ForwardBatch& batch, float* logits, int32_t* tokens) {
+  // Redraws the processed outputs among `outputs` (logits in rows source_rows of device_logits_) by
+  // ops::choose_row's rule, over the tokens compute_logits's one-pass kernel wrote for them. It runs here,
+  // after the step's graph or eager work and outside any capture, and only when the step has such rows: the
+  // sort and the extra passes then cost nothing to greedy and whole-softmax steps, and the per-bucket graphs
+  // stay what they were (a graph per (bucket, has-cut-rows) would capture a sort of every bucket row, most
+  // of them not cut).
+  void choose_processed_rows(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs) {
+    gpu::ProcessedRow* rows = processed_staging_.as<gpu::ProcessedRow>() + processed_used_;
+    int32_t* draft_tokens = draft_staging_.as<int32_t>();
+    float* draft_probs = reinterpret_cast<float*>(draft_tokens + draft_entry_capacity_);
+    const size_t first_entry = draft_entries_used_;
+    int count = 0;
+    int cut_rows = 0;
+    // Cut rows first: choose_processed sorts those.
+    for (const bool cut_pass : {true, false}) {
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        const ops::TokenChoice& choice = step_choices_[static_cast<size_t>(outputs[i])];
+        if (!draws_processed(choice) || (choice.top_k > 0 || choice.top_p < 1.0f) != cut_pass) continue;
+        gpu::ProcessedRow row;
+        row.logits_row = source_rows[i];
+        row.temperature = choice.temperature;
+        row.seed = choice.seed;
+        row.position = static_cast<int32_t>(choice.position);
+        row.top_k = choice.top_k;
+        row.top_p = choice.top_p;
+        row.draft_token = choice.draft_token;
+        if (choice.draft_token >= 0) {
+          const DraftDistribution& q = *choice.draft_dist;
+          std::vector<size_t> by_token(q.tokens.size());
+          for (size_t j = 0; j < by_token.size(); ++j) by_token[j] = j;
+          std::sort(by_token.begin(), by_token.end(), [&](size_t a, size_t b) { return q.tokens[a] < q.tokens[b]; });
+          row.q_begin = static_cast<int32_t>(draft_entries_used_);
+          row.q_count = static_cast<int32_t>(by_token.size());
+          for (size_t j : by_token) {
+            draft_tokens[draft_entries_used_] = q.tokens[j];
+            draft_probs[draft_entries_used_] = q.probs[j];
+            ++draft_entries_used_;
+          }
+        }
+        rows[count++] = row;
+        if (cut_pass) ++cut_rows;
+      }
+    }
+    if (count == 0) return;
+    gpu::ProcessedRow* device_rows = device_processed_.as<gpu::ProcessedRow>() + processed_used_;
+    PEARL_CUDA_CHECK(cudaMemcpyAsync(device_rows, rows, static_cast<size_t>(count) * sizeof(gpu::ProcessedRow),
+                                     cudaMemcpyHostToDevice, stream_));
+    processed_used_ += static_cast<size_t>(count);
+    int32_t* device_draft_tokens = device_drafts_.as<int32_t>();
+    float* device_draft_probs = reinterpret_cast<float*>(device_draft_tokens + draft_entry_capacity_);
+    const size_t entries = draft_entries_used_ - first_entry;
+    if (entries > 0) {
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(device_draft_tokens + first_entry, draft_tokens + first_entry,
+                                       entries * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(device_draft_probs + first_entry, draft_probs + first_entry,
+                                       entries * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    }
+    gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, cut_rows,
+                          device_draft_tokens, device_draft_probs, processed_scratch_.as<void>(), kLogitRows,
+                          device_tokens_.as<gpu::ChosenTokenRow>(), stream_);
+  }
+
+  void forward_eager(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) {
     const int rows = static_cast<int>(batch.tokens.size());
     int32_t logit_offset = 0;
     for (int first = 0; first < rows; first += kChunkRows) {
@@ -601,7 +710,7 @@ class CudaBackend final : public Backend {
         copy_outputs(source_rows,
                      std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
                                           group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
-                     logits, tokens);
+                     logits, chosen);
       }
       logit_offset += static_cast<int32_t>(group.size());
     }
@@ -613,7 +722,7 @@ class CudaBackend final : public Backend {
     compute_logits(nullptr, bucket, device_choices_.as<gpu::TokenChoiceRow>());
   }
 
-  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, int32_t* tokens) {
+  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, ops::ChosenToken* chosen) {
     const size_t index = static_cast<size_t>(
         std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
     if (graphs_[index] == nullptr) {
@@ -626,7 +735,7 @@ class CudaBackend final : public Backend {
     }
     std::vector<int32_t> outputs(batch.logit_rows.size());
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
-    copy_outputs(batch.logit_rows, outputs, logits, tokens);
+    copy_outputs(batch.logit_rows, outputs, logits, chosen);
   }
 
   void capture(int bucket, size_t index) {
@@ -676,8 +785,9 @@ class CudaBackend final : public Backend {
   DeviceMemory activated_;
   DeviceMemory attention_scratch_;
   DeviceMemory device_logits_;
-  DeviceMemory device_tokens_;
+  DeviceMemory device_tokens_;  // per logits row: its gpu::ChosenTokenRow
   DeviceMemory choose_scratch_;
+  DeviceMemory processed_scratch_;
   std::unique_ptr<gpu::CublasLtGemm> cublas_;
 
   int num_blocks_ = 0;
@@ -692,6 +802,15 @@ class CudaBackend final : public Backend {
   PinnedMemory choice_staging_;
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
   std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
+  std::vector<ops::TokenChoice> step_choices_;      // per output (their q's live in the step's items)
+  size_t processed_capacity_ = 0;                   // processed rows the staging below holds
+  size_t draft_entry_capacity_ = 0;                 // q entries it holds: tokens, then as many probs
+  size_t processed_used_ = 0;                       // of this step
+  size_t draft_entries_used_ = 0;
+  PinnedMemory processed_staging_;
+  DeviceMemory device_processed_;
+  PinnedMemory draft_staging_;
+  DeviceMemory device_drafts_;
 
   std::array<cudaGraphExec_t, kGraphBuckets.size()> graphs_{};
 };

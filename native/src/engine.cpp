@@ -102,14 +102,32 @@ class EngineImpl : public Engine {
     return options;
   }
 
-  // Whether the backend can pick the item's tokens itself, so that its logits never leave it: the step
-  // needs nothing but tokens (no logits, no q for a drafting service, no sampled draft to weigh), and each
-  // token is the argmax or a draw from the whole softmax (no top-k or top-p cut).
-  static bool backend_chooses(const StepItem& item) {
+  // Whether the item's logits must reach the host: a Logits step returns them, and a drafting service's q
+  // (return_top_k while sampling) is computed from them. Every other token, p(draft) and residual draw the
+  // backend computes next to the logits (ops::choose_row), so the host never sees a vocabulary-sized row.
+  static bool needs_host_logits(const StepItem& item) { return item.output == StepOutput::Logits || returns_q(item); }
+
+  // A drafting step that returns q: the host draws the next token from q (top_k_distribution of p).
+  static bool returns_q(const StepItem& item) { return item.return_top_k > 0 && item.sampling.temperature > 0.0f; }
+
+  // How the backend picks the token of row `window_row` of the item's verify window (0: the last committed
+  // token's row; the window has num_draft + 1 rows), which sits at `position`.
+  static ops::TokenChoice window_choice(const StepItem& item, int window_row, int64_t position) {
     const SamplingParams& s = item.sampling;
-    const bool greedy = s.temperature <= 0.0f;
-    const bool whole_softmax = s.top_k == 0 && s.top_p >= 1.0f && item.draft_dists.empty() && item.return_top_k == 0;
-    return item.output == StepOutput::Sample && (greedy || whole_softmax);
+    ops::TokenChoice choice{s.temperature, s.seed, position};
+    const bool sampled_drafts = !item.draft_dists.empty();
+    // process_logits + sample_token whenever the draw is not the whole softmax's one-pass Gumbel-max, for
+    // every row of a sampled-draft window (p(d), the residual and the bonus draw are the host rule's), and
+    // for a Logits step, whose tokens thus follow from the logits it returns by the host rule.
+    choice.processed = s.top_k > 0 || s.top_p < 1.0f || sampled_drafts || item.output == StepOutput::Logits;
+    choice.top_k = s.top_k;
+    choice.top_p = s.top_p;
+    if (sampled_drafts && window_row < item.num_draft) {
+      const size_t draft = static_cast<size_t>(window_row);
+      choice.draft_token = item.tokens[item.tokens.size() - static_cast<size_t>(item.num_draft) + draft];
+      choice.draft_dist = &item.draft_dists[draft];
+    }
+    return choice;
   }
 
   // Every check that can fail happens here, before any state changes.
@@ -182,7 +200,7 @@ class EngineImpl : public Engine {
 
     ForwardBatch batch;
     std::vector<int32_t> slots;
-    std::vector<size_t> first_output(items.size(), 0);
+    std::vector<size_t> window_output(items.size(), 0);    // the output of each item's first window row
     std::vector<size_t> first_logit_row(items.size(), 0);  // in the host logits, which hold full outputs only
     size_t full_outputs = 0;
     for (size_t i = 0; i < items.size(); ++i) {
@@ -198,16 +216,19 @@ class EngineImpl : public Engine {
         batch.slots.push_back(slots[static_cast<size_t>(t - matched[i])]);
         batch.row_table.push_back(static_cast<int32_t>(i));
       }
-      first_output[i] = batch.logit_rows.size();
       first_logit_row[i] = full_outputs;
-      const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : count - item.num_draft - 1;
+      const int64_t window_from = count - item.num_draft - 1;
+      const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : window_from;
+      window_output[i] = batch.logit_rows.size() + static_cast<size_t>(window_from - logit_from);
       if (item.output != StepOutput::None) {
-        const bool full = !backend_chooses(item);
+        const bool full = needs_host_logits(item);
         for (int64_t t = logit_from; t < count; ++t) {
           batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
-          ops::TokenChoice choice;
-          if (!full) choice = {item.sampling.temperature, item.sampling.seed, old_lengths[i] + t + 1};
-          batch.choices.push_back(choice);
+          // Rows whose token goes unused (a Logits step's prompt, a drafting step returning q) take the
+          // argmax, the cheapest pick.
+          batch.choices.push_back(t < window_from || returns_q(item) ? ops::TokenChoice{}
+                                                  : window_choice(item, static_cast<int>(t - window_from),
+                                                                  old_lengths[i] + t + 1));
           batch.full_logits.push_back(full ? 1 : 0);
           if (full) ++full_outputs;
         }
@@ -216,7 +237,7 @@ class EngineImpl : public Engine {
 
     const size_t vocab = static_cast<size_t>(config_.vocab_size);
     std::vector<float> logits(full_outputs * vocab);
-    std::vector<int32_t> chosen(batch.logit_rows.size());
+    std::vector<ops::ChosenToken> chosen(batch.logit_rows.size());
     backend_->forward(batch, logits.data(), chosen.data());
 
     std::vector<StepResult> results;
@@ -235,18 +256,16 @@ class EngineImpl : public Engine {
           window = item_logits + static_cast<size_t>(count - item.num_draft - 1) * vocab;
         }
         const int64_t first_position = old_lengths[i] + count - item.num_draft;
-        const bool full = batch.full_logits[first_output[i]] != 0;
-        const auto target = [&](int row) {
-          if (!full) return chosen_token_distribution(chosen[first_output[i] + static_cast<size_t>(row)]);
-          return process_logits(window + static_cast<size_t>(row) * vocab, config_.vocab_size, item.sampling);
-        };
-        if (item.return_top_k > 0 && item.sampling.temperature > 0.0f) {
-          result.q = top_k_distribution(target(0), item.return_top_k);
+        if (returns_q(item)) {
+          result.q = top_k_distribution(process_logits(window, config_.vocab_size, item.sampling), item.return_top_k);
           Distribution q;
           q.tokens = result.q.tokens;
           q.probs.assign(result.q.probs.begin(), result.q.probs.end());
           result.next_token = sample_token(q, item.sampling.seed, first_position);
         } else {
+          const auto target = [&](int row) {
+            return checked_choice(chosen[window_output[i] + static_cast<size_t>(row)]);
+          };
           const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
                                                 item.draft_dists, item.sampling.seed, first_position);
           result.accepted = verdict.accepted;

@@ -73,8 +73,9 @@ int32_t gumbel_argmax(const std::vector<int32_t>& tokens, const std::vector<doub
   return best_token;
 }
 
-// Sample from norm(max(0, p - q)); q is zero outside its support.
-int32_t sample_residual(const Distribution& p, const DraftDistribution& q, uint64_t seed, int64_t position) {
+// Sample from norm(max(0, p - q)); q is zero outside its support. sampled is p's own draw at `position`.
+int32_t sample_residual(const Distribution& p, const DraftDistribution& q, uint64_t seed, int64_t position,
+                        int32_t sampled) {
   std::vector<double> residual(p.probs);
   for (size_t i = 0; i < p.tokens.size(); ++i) {
     for (size_t j = 0; j < q.tokens.size(); ++j) {
@@ -84,14 +85,25 @@ int32_t sample_residual(const Distribution& p, const DraftDistribution& q, uint6
   const int32_t token = gumbel_argmax(p.tokens, residual, CounterRng(seed, position, RandomPurpose::Residual));
   // A rejection has probability 1 - sum(min(p, q)) = sum(max(0, p - q)), so an empty residual only arises
   // from rounding when p and q agree; p itself is then the right distribution.
-  return token >= 0 ? token : sample_token(p, seed, position);
+  return token >= 0 ? token : sampled;
+}
+
+[[noreturn]] void throw_nothing_to_choose() {
+  throw std::runtime_error(
+      "no token to choose: every logit is NaN (or, when sampling, infinite; with a top-k/top-p cut or a sampled "
+      "draft, any +inf logit)");
 }
 
 }  // namespace
 
 Distribution chosen_token_distribution(int32_t token) {
-  if (token < 0) throw std::runtime_error("no token to choose: every logit is NaN (or, when sampling, infinite)");
+  if (token < 0) throw_nothing_to_choose();
   return one_hot(token);
+}
+
+const ops::ChosenToken& checked_choice(const ops::ChosenToken& choice) {
+  if (choice.token < 0) throw_nothing_to_choose();
+  return choice;
 }
 
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params) {
@@ -157,6 +169,17 @@ DraftDistribution top_k_distribution(const Distribution& p, int k) {
   return q;
 }
 
+ops::ChosenToken choose_from_distribution(const Distribution& p, uint64_t seed, int64_t position, int32_t draft_token,
+                                          const DraftDistribution* draft_dist) {
+  ops::ChosenToken choice;
+  choice.token = sample_token(p, seed, position);
+  if (draft_token >= 0) {
+    choice.draft_prob = p.prob(draft_token);
+    choice.residual_token = sample_residual(p, *draft_dist, seed, position, choice.token);
+  }
+  return choice;
+}
+
 // Greedy draft (q one-hot on d): the target's token at each position is its own Gumbel-max sample t,
 // which is distributed as p, and d is accepted iff d == t. So d is accepted with probability p(d), and
 // on rejection the emitted t is distributed as p conditioned on t != d, i.e. p without d, renormalized:
@@ -167,15 +190,14 @@ DraftDistribution top_k_distribution(const Distribution& p, int k) {
 // Sampled draft: accept d with probability min(1, p(d)/q(d)) using a uniform keyed to the position,
 // independent of the noise the draft used to pick d; on rejection sample norm(max(0, p - q)). When all
 // drafts are accepted the bonus token is p's own Gumbel-max sample at the next position.
-Verdict verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
+Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
                       const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
   for (int i = 0; i < num_draft; ++i) {
-    const Distribution p = target(i);
+    const ops::ChosenToken row = target(i);
     const int64_t position = first_position + i;
     const int32_t draft = drafts[i];
     if (draft_dists.empty()) {
-      const int32_t token = sample_token(p, seed, position);
-      if (token != draft) return Verdict{i, token};
+      if (row.token != draft) return Verdict{i, row.token};
       continue;
     }
     const DraftDistribution& q = draft_dists[static_cast<size_t>(i)];
@@ -184,10 +206,20 @@ Verdict verify_drafts(const std::function<Distribution(int)>& target, const int3
       if (q.tokens[j] == draft) q_draft = q.probs[j];
     }
     const double u = CounterRng(seed, position, RandomPurpose::Accept).uniform(0);
-    if (u * q_draft < p.prob(draft)) continue;
-    return Verdict{i, sample_residual(p, q, seed, position)};
+    if (u * q_draft < row.draft_prob) continue;
+    return Verdict{i, row.residual_token};
   }
-  return Verdict{num_draft, sample_token(target(num_draft), seed, first_position + num_draft)};
+  return Verdict{num_draft, target(num_draft).token};
+}
+
+Verdict verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
+                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
+  const std::function<ops::ChosenToken(int)> chosen = [&](int i) {
+    const bool judges_sampled_draft = !draft_dists.empty() && i < num_draft;
+    return choose_from_distribution(target(i), seed, first_position + i, judges_sampled_draft ? drafts[i] : -1,
+                                    judges_sampled_draft ? &draft_dists[static_cast<size_t>(i)] : nullptr);
+  };
+  return verify_drafts(chosen, drafts, num_draft, draft_dists, seed, first_position);
 }
 
 }  // namespace pearl

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "ops/ops.h"
 
 namespace pearl {
 
@@ -25,10 +26,12 @@ struct Distribution {
 // Greedy (temperature 0) gives the one-hot argmax, ties to the lowest id.
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params);
 
-// The one-hot distribution of a token the backend chose (ops::choose_token): what process_logits and
-// sample_token would give for a greedy row, or the same draw for a sampled one. Throws for -1 (nothing
+// The one-hot distribution of a chosen token (process_logits' greedy case). Throws for -1 (nothing
 // could be chosen).
 Distribution chosen_token_distribution(int32_t token);
+
+// A backend's choice for a row, checked: throws for token -1 (nothing could be chosen).
+const ops::ChosenToken& checked_choice(const ops::ChosenToken& choice);
 
 // Gumbel-max draw at `position`: argmax over the support of log p(x) + G(seed, position, x).
 int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position);
@@ -37,14 +40,27 @@ int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position);
 // sends it along with a token sampled from it.
 DraftDistribution top_k_distribution(const Distribution& p, int k);
 
+// What verification needs from the target's row at `position`, given its processed distribution p: its own
+// draw (sample_token) and, when the row judges a sampled draft (draft_token >= 0 with q = *draft_dist),
+// p(draft_token) and the residual draw from norm(max(0, p - q)) (p's own draw when that is empty). A
+// backend computes the same next to the logits (ops::choose_row).
+ops::ChosenToken choose_from_distribution(const Distribution& p, uint64_t seed, int64_t position,
+                                          int32_t draft_token = -1, const DraftDistribution* draft_dist = nullptr);
+
 struct Verdict {
   int accepted = 0;         // accepted draft tokens
   int32_t next_token = -1;  // correction at the first rejected position, or the bonus token
 };
 
 // Verifies drafts d_1..d_k proposed at positions first_position .. first_position + k - 1.
-// target(i) is the target's processed distribution for position first_position + i (i = 0..k; row i of
-// the window). draft_dists is empty for a greedy draft, else one sparse q per draft token.
+// target(i) is what the target's row i of the window (position first_position + i, i = 0..k) chose: for a
+// greedy draft (draft_dists empty) its token, for a sampled draft (one sparse q per draft token)
+// p(d_{i+1}) and the residual draw of rows i < k, and the bonus row's token.
+Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
+                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position);
+
+// The same verdict from the target's processed distributions (target(i) for row i): each row's choices are
+// choose_from_distribution's.
 Verdict verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
                       const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position);
 

@@ -19,16 +19,19 @@ import {
 } from "../reference/drive.js";
 import { FIXTURE_NAMES, type Fixture, loadFixture, relativeError } from "../reference/fixtures.js";
 import type { LlamaF64 } from "../reference/llama_f64.js";
-import { assertEngineChoosesTokens } from "../reference/choose_token.js";
+import { assertEngineChoosesTokens, assertEngineVerifiesSampledDrafts } from "../reference/choose_token.js";
 import { loadBf16Oracle } from "./bf16_oracle.js";
 import { speculativeGreedy } from "./speculate.js";
 
-// bf16 weights, activations and KV cache against float32 references: the ideal bf16 engine (bf16_oracle.ts)
-// itself lands 0.6e-2 to 1.3e-2 from transformers' float32 logits on these fixtures, so the CUDA backend is
-// held to that oracle tightly and to transformers only as loosely as the format requires.
+// bf16 weights, activations and KV cache against float32 references. A checkpoint stored in bf16 is held to
+// the issue's 1e-2 from transformers. One stored in float32/float16 has its weights rounded to bf16 on load,
+// a slightly different model: the ideal bf16 engine (bf16_oracle.ts) itself lands 0.6e-2 to 1.3e-2 from
+// transformers' float32 logits on those fixtures, so they get 2e-2, and every fixture is held tightly to
+// that oracle, which catches kernel bugs.
 const VS_ORACLE = 3e-3;
 const VS_ORACLE_ROW = 1e-2;
-const VS_FLOAT32 = 2e-2;
+const VS_TRANSFORMERS_BF16_CHECKPOINT = 1e-2;
+const VS_TRANSFORMERS_ROUNDED_WEIGHTS = 2e-2;
 const CONTINUATION = 6;
 
 function assertFinite(values: Float32Array, what: string): void {
@@ -59,7 +62,9 @@ for (const name of FIXTURE_NAMES) {
       assert.equal(cuda.info.vocabSize, fixture.vocabSize);
     });
 
-    test("prompt logits match transformers and the CPU backend within bf16 error", async () => {
+    test("prompt logits match transformers and the CPU backend within bf16 error", async (t) => {
+      const bound =
+        fixture.dtype === "bfloat16" ? VS_TRANSFORMERS_BF16_CHECKPOINT : VS_TRANSFORMERS_ROUNDED_WEIGHTS;
       for (const [i, prompt] of fixture.prompts.entries()) {
         await cuda.addSequence(i);
         await cpu.addSequence(i);
@@ -70,8 +75,9 @@ for (const name of FIXTURE_NAMES) {
         assertFinite(gpuLogits, `prompt ${i}`);
         const vsReference = relativeError(gpuLogits, fixture.logits[i]!);
         const vsCpu = relativeError(gpuLogits, cpuLogits);
-        assert.ok(vsReference < VS_FLOAT32, `prompt ${i}: relative error vs transformers ${vsReference}`);
-        assert.ok(vsCpu < VS_FLOAT32, `prompt ${i}: relative error vs cpu ${vsCpu}`);
+        t.diagnostic(`prompt ${i} (${fixture.dtype}): vs transformers ${vsReference.toExponential(2)}`);
+        assert.ok(vsReference < bound, `prompt ${i}: relative error vs transformers ${vsReference}`);
+        assert.ok(vsCpu < bound, `prompt ${i}: relative error vs cpu ${vsCpu}`);
       }
     });
 
@@ -197,11 +203,24 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
   });
 });
 
+// The engine's Sample steps against the TypeScript rule applied to the logits of Logits steps over the same
+// rows (bit-identical on the device: the same row counts take the same kernels). Exact equality is asserted;
+// the device's double exp and its sums in another order than the host's can only flip a draw, a cut
+// boundary or an acceptance test within a few ulps of a tie, which these seeds do not come near.
 describe("cuda tokens picked on the device", () => {
-  test("greedy and whole-softmax tokens equal the reference rule on the same rows' logits", async () => {
+  test("greedy, whole-softmax and top-k/top-p tokens equal the reference rule on the same rows' logits", async () => {
     const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
     try {
       await assertEngineChoosesTokens(engine, tokenRange(7, 13, engine.info.vocabSize));
+    } finally {
+      await engine.close();
+    }
+  });
+
+  test("sampled-draft verify windows (p(d), residual, bonus) get the reference verdict on the same logits", async () => {
+    const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
+    try {
+      await assertEngineVerifiesSampledDrafts(engine, tokenRange(7, 13, engine.info.vocabSize));
     } finally {
       await engine.close();
     }

@@ -1,13 +1,17 @@
 // An independent TypeScript statement of how a backend picks a row's token (native/src/ops/choose_token.cpp
 // and its CUDA twin): the argmax, or at temperature > 0 the Gumbel-max draw with pearl's counter-based
-// noise (native/src/counter_rng.h), ties to the lowest id.
+// noise (native/src/counter_rng.h), ties to the lowest id; for rows with a top-k/top-p cut or judging
+// sampled drafts, the draw from the processed distribution (native/src/sampling.cpp) and the speculative
+// sampling verdict (accept with min(1, p/q), else the residual draw from norm(max(0, p - q))).
 import assert from "node:assert/strict";
 
-import type { Engine, SamplingParams } from "../../lib/native.js";
+import type { DraftDistribution, Engine, SamplingParams } from "../../lib/native.js";
 import { addPrefilled, logitsRow, only, stepLogits, tokenRange } from "./drive.js";
 
 const MASK_64 = (1n << 64n) - 1n;
 const SAMPLE_PURPOSE = 1n;
+const ACCEPT_PURPOSE = 2n;
+const RESIDUAL_PURPOSE = 3n;
 
 /** splitmix64's finalizer. */
 function mix64(value: bigint): bigint {
@@ -17,9 +21,9 @@ function mix64(value: bigint): bigint {
   return x ^ (x >> 31n);
 }
 
-/** Uniform in (0, 1) for draw `index` of the sampling stream at (seed, position). */
-function uniform(seed: bigint, position: bigint, index: number): number {
-  const key = mix64(mix64(mix64(seed) ^ (position & MASK_64)) ^ SAMPLE_PURPOSE);
+/** Uniform in (0, 1) for draw `index` of the `purpose` stream at (seed, position). */
+function uniform(seed: bigint, position: bigint, index: number, purpose = SAMPLE_PURPOSE): number {
+  const key = mix64(mix64(mix64(seed) ^ (position & MASK_64)) ^ purpose);
   const bits = mix64(key ^ mix64(BigInt(index))) >> 11n;
   return (Number(bits) + 0.5) * 2 ** -53;
 }
@@ -52,23 +56,188 @@ export function chooseToken(row: Float32Array, choice: Choice): number {
   return best;
 }
 
+/** A processed distribution: its support in ascending id order, with probabilities summing to 1. */
+export interface Processed {
+  tokens: number[];
+  probs: number[];
+}
+
+/** Gumbel-max key of `token` with unnormalized probability `weight` in the `purpose` stream. */
+function gumbelKey(weight: number, seed: number, position: number, token: number, purpose: bigint): number {
+  return Math.log(weight) - Math.log(-Math.log(uniform(BigInt(seed), BigInt(position), token, purpose)));
+}
+
+/** The largest Gumbel-max key among tokens of positive weight, ties to the lowest id; -1 when none. */
+function gumbelArgmax(
+  tokens: readonly number[],
+  weights: readonly number[],
+  seed: number,
+  position: number,
+  purpose: bigint,
+): number {
+  let best = -1;
+  let bestKey = 0;
+  for (const [i, token] of tokens.entries()) {
+    const weight = weights[i]!;
+    if (!(weight > 0)) continue;
+    const key = gumbelKey(weight, seed, position, token, purpose);
+    if (best < 0 || key > bestKey || (key === bestKey && token < best)) {
+      best = token;
+      bestKey = key;
+    }
+  }
+  return best;
+}
+
 /**
- * Checks on any backend that the tokens an engine picks itself (greedy, and sampled from the whole
- * softmax with a greedy draft) are chooseToken's on the same rows' logits, in a plain decode step and in
- * a verify window whose first draft is the expected token (so it is accepted and later rows decide).
+ * p = top_p(top_k(softmax(row / temperature))): weights exp((logit - max) / T) (NaN weighs 0), the top k by
+ * (weight desc, id asc), then the smallest prefix in that order whose cumulative share of the kept mass
+ * reaches top_p. Temperature 0 gives the one-hot argmax.
+ */
+export function processLogits(row: Float32Array, sampling: SamplingParams): Processed {
+  const temperature = Math.fround(sampling.temperature);
+  if (!(temperature > 0)) {
+    const token = chooseToken(row, { temperature: 0, seed: 0, position: 0 });
+    if (token < 0) throw new Error("every logit is NaN");
+    return { tokens: [token], probs: [1] };
+  }
+  let max = -Infinity;
+  for (const logit of row) if (!Number.isNaN(logit)) max = Math.max(max, logit);
+  if (!Number.isFinite(max)) throw new Error("logits have no finite maximum");
+  const inverseTemperature = 1 / temperature;
+  const weights = Array.from(row, (logit) =>
+    Number.isNaN(logit) ? 0 : Math.exp((logit - max) * inverseTemperature),
+  );
+  const byProbability = (a: number, b: number) =>
+    weights[a] !== weights[b] ? weights[b]! - weights[a]! : a - b;
+  const byId = (a: number, b: number) => a - b;
+  const massOf = (tokens: readonly number[]) => tokens.reduce((sum, token) => sum + weights[token]!, 0);
+  let support = weights.flatMap((weight, token) => (weight > 0 ? [token] : []));
+  if (sampling.topK > 0 && sampling.topK < support.length) {
+    support = support.sort(byProbability).slice(0, sampling.topK).sort(byId);
+  }
+  let total = massOf(support);
+  const topP = Math.fround(sampling.topP);
+  if (topP < 1) {
+    const ordered = support.sort(byProbability);
+    let cumulative = 0;
+    let size = ordered.length;
+    for (const [i, token] of ordered.entries()) {
+      cumulative += weights[token]! / total;
+      if (cumulative >= topP) {
+        size = i + 1;
+        break;
+      }
+    }
+    support = ordered.slice(0, size).sort(byId);
+    total = massOf(support);
+  }
+  return { tokens: support, probs: support.map((token) => weights[token]! / total) };
+}
+
+/** p(token): 0 outside the support. */
+export function probabilityOf(p: Processed, token: number): number {
+  const index = p.tokens.indexOf(token);
+  return index < 0 ? 0 : p.probs[index]!;
+}
+
+/** The Gumbel-max draw from p at `position`. */
+export function sampleToken(p: Processed, seed: number, position: number): number {
+  if (p.tokens.length === 1) return p.tokens[0]!;
+  return gumbelArgmax(p.tokens, p.probs, seed, position, SAMPLE_PURPOSE);
+}
+
+/** The draw from norm(max(0, p - q)) at `position` (its own stream), p's own draw when that is empty. */
+export function sampleResidual(p: Processed, q: DraftDistribution, seed: number, position: number): number {
+  const residual = p.tokens.map((token, i) => {
+    const j = Array.from(q.tokens).indexOf(token);
+    return j < 0 ? p.probs[i]! : Math.max(0, p.probs[i]! - q.probs[j]!);
+  });
+  const token = gumbelArgmax(p.tokens, residual, seed, position, RESIDUAL_PURPOSE);
+  return token >= 0 ? token : sampleToken(p, seed, position);
+}
+
+/** Whether a row is drawn from its processed distribution rather than by chooseToken's one pass. */
+function drawsFromProcessed(sampling: SamplingParams, sampledDrafts: boolean): boolean {
+  return sampling.topK > 0 || Math.fround(sampling.topP) < 1 || sampledDrafts;
+}
+
+/** The token the engine's backend picks from one row at `position`. */
+export function rowToken(
+  row: Float32Array,
+  sampling: SamplingParams,
+  position: number,
+  sampledDrafts = false,
+): number {
+  if (!drawsFromProcessed(sampling, sampledDrafts)) return chooseToken(row, { ...sampling, position });
+  return sampleToken(processLogits(row, sampling), sampling.seed, position);
+}
+
+export interface Verdict {
+  accepted: number;
+  nextToken: number;
+}
+
+/**
+ * The verdict on drafts window[1..] given the window's rows of logits (row i judges window[i + 1]; the last
+ * row gives the bonus token); firstPosition is the position of the token row 0 chooses. Greedy drafts
+ * (draftDists undefined): accepted while each equals the row's own token. Sampled drafts: accept d when
+ * u * q(d) < p(d) with u from the Accept stream, else the residual draw.
+ */
+export function verifyWindow(
+  rows: readonly Float32Array[],
+  window: readonly number[],
+  draftDists: readonly DraftDistribution[] | undefined,
+  sampling: SamplingParams,
+  firstPosition: number,
+): Verdict {
+  const numDraft = window.length - 1;
+  for (let i = 0; i < numDraft; i++) {
+    const position = firstPosition + i;
+    const draft = window[i + 1]!;
+    if (!draftDists) {
+      const token = rowToken(rows[i]!, sampling, position);
+      if (token !== draft) return { accepted: i, nextToken: token };
+      continue;
+    }
+    const p = processLogits(rows[i]!, sampling);
+    const q = draftDists[i]!;
+    const j = Array.from(q.tokens).indexOf(draft);
+    const qDraft = j < 0 ? 0 : q.probs[j]!;
+    const u = uniform(BigInt(sampling.seed), BigInt(position), 0, ACCEPT_PURPOSE);
+    if (u * qDraft < probabilityOf(p, draft)) continue;
+    return { accepted: i, nextToken: sampleResidual(p, q, sampling.seed, position) };
+  }
+  return {
+    accepted: numDraft,
+    nextToken: rowToken(rows[numDraft]!, sampling, firstPosition + numDraft, draftDists !== undefined),
+  };
+}
+
+/** Greedy, whole-softmax and cut settings every engine check below runs through. */
+export const CHOICE_SETTINGS: readonly SamplingParams[] = [
+  { temperature: 0, topK: 0, topP: 1, seed: 0 },
+  { temperature: 0.8, topK: 0, topP: 1, seed: 11 },
+  { temperature: 1.7, topK: 0, topP: 1, seed: 12345 },
+  { temperature: 0.9, topK: 20, topP: 1, seed: 21 },
+  { temperature: 1.3, topK: 0, topP: 0.6, seed: 22 },
+  { temperature: 0.6, topK: 50, topP: 0.9, seed: 23 },
+  { temperature: 0, topK: 5, topP: 0.5, seed: 24 },
+];
+
+/**
+ * Checks on any backend that the tokens an engine picks itself (greedy, sampled from the whole softmax, and
+ * sampled with top-k/top-p cuts) are rowToken's on the same rows' logits, in a plain decode step and in a
+ * greedy-draft verify window whose first draft is the expected token (so it is accepted and later rows
+ * decide).
  */
 export async function assertEngineChoosesTokens(engine: Engine, prompt: readonly number[]): Promise<void> {
   const vocab = engine.info.vocabSize;
   const drafts = tokenRange(100, 4, vocab);
-  const settings: SamplingParams[] = [
-    { temperature: 0, topK: 0, topP: 1, seed: 0 },
-    { temperature: 0.8, topK: 0, topP: 1, seed: 11 },
-    { temperature: 1.7, topK: 0, topP: 1, seed: 12345 },
-  ];
-  for (const [k, sampling] of settings.entries()) {
+  for (const [k, sampling] of CHOICE_SETTINGS.entries()) {
+    const what = `temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}`;
     const withLogits = 9000 + 2 * k;
     const choosing = withLogits + 1;
-    const choiceAt = (position: number) => ({ ...sampling, position });
     await addPrefilled(engine, withLogits, prompt);
     await addPrefilled(engine, choosing, prompt);
 
@@ -76,27 +245,94 @@ export async function assertEngineChoosesTokens(engine: Engine, prompt: readonly
     const decoded = only(
       await engine.step([{ seqId: choosing, tokens: Int32Array.of(drafts[0]!), sampling }]),
     );
-    const expectedFirst = chooseToken(firstRow, choiceAt(prompt.length + 1));
-    assert.equal(decoded.nextToken, expectedFirst, `decode step, temperature ${sampling.temperature}`);
+    const expectedFirst = rowToken(firstRow, sampling, prompt.length + 1);
+    assert.equal(decoded.nextToken, expectedFirst, `decode step, ${what}`);
 
     await engine.truncate(withLogits, prompt.length);
     await engine.truncate(choosing, prompt.length);
     const window = [drafts[0]!, expectedFirst, ...drafts.slice(2)];
     const windowLogits = await stepLogits(engine, withLogits, window);
-    const expected = window.map((_, row) =>
-      chooseToken(logitsRow(windowLogits, vocab, row), choiceAt(prompt.length + row + 1)),
-    );
+    const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
+    const expected = verifyWindow(rows, window, undefined, sampling, prompt.length + 1);
     const verdict = only(
       await engine.step([
         { seqId: choosing, tokens: Int32Array.from(window), numDraft: window.length - 1, sampling },
       ]),
     );
-    let accepted = 0;
-    while (accepted < window.length - 1 && window[accepted + 1] === expected[accepted]) accepted++;
-    assert.ok(accepted >= 1, "the first draft is the expected token and must be accepted");
-    assert.equal(verdict.accepted, accepted, `verify window, temperature ${sampling.temperature}`);
-    assert.equal(verdict.nextToken, expected[accepted], `verify window, temperature ${sampling.temperature}`);
+    assert.ok(expected.accepted >= 1, "the first draft is the expected token and must be accepted");
+    assert.deepEqual(
+      { accepted: verdict.accepted, nextToken: verdict.nextToken },
+      expected,
+      `verify window, ${what}`,
+    );
     await engine.release(withLogits);
     await engine.release(choosing);
   }
+}
+
+/** A draft's sparse q: `draft` with probability `share`, the rest spread over three other tokens. */
+function draftDistribution(draft: number, share: number, vocab: number): DraftDistribution {
+  const others = [1, 2, 3].map((k) => (draft + 97 * k) % vocab);
+  return {
+    tokens: Int32Array.from([draft, ...others]),
+    probs: Float32Array.from([share, ...others.map(() => (1 - share) / 3)]),
+  };
+}
+
+/**
+ * Checks on any backend that verify windows of sampled drafts (each with a sparse q) get the verdict
+ * verifyWindow gives on the same rows' logits, for every CHOICE_SETTINGS entry and two kinds of window: every
+ * draft the target's most likely token with a tiny q(d) (accepted unless p(d) is tinier: the bonus row
+ * decides), and a second draft the target's least likely token with q(d) = 0.9 (rejected: the residual
+ * decides). Across the settings, at least one window must end in a bonus token and one in a residual draw.
+ */
+export async function assertEngineVerifiesSampledDrafts(
+  engine: Engine,
+  prompt: readonly number[],
+): Promise<void> {
+  const vocab = engine.info.vocabSize;
+  const outcomes = { bonus: 0, residual: 0 };
+  for (const [k, sampling] of CHOICE_SETTINGS.entries()) {
+    for (const rejectSecond of [false, true]) {
+      const what = `temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}, ${rejectSecond ? "rejected" : "liked"} second draft`;
+      const withLogits = 9500 + 4 * k + (rejectSecond ? 2 : 0);
+      const choosing = withLogits + 1;
+      await addPrefilled(engine, withLogits, prompt);
+      await addPrefilled(engine, choosing, prompt);
+      // Each draft is picked from the target's row for the window so far (its logits, then a rollback).
+      const window = [tokenRange(200 + k, 1, vocab)[0]!];
+      const draftDists: DraftDistribution[] = [];
+      for (let i = 0; i < 3; i++) {
+        const logits = await stepLogits(engine, withLogits, window);
+        await engine.truncate(withLogits, prompt.length);
+        const row = logitsRow(logits, vocab, window.length - 1);
+        const order = Array.from(row.keys()).sort((a, b) => row[b]! - row[a]! || a - b);
+        const rejected = rejectSecond && i === 1;
+        const draft = rejected ? order[order.length - 1]! : order[0]!;
+        window.push(draft);
+        draftDists.push(draftDistribution(draft, rejected ? 0.9 : 0.001, vocab));
+      }
+      const windowLogits = await stepLogits(engine, withLogits, window);
+      const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
+      const expected = verifyWindow(rows, window, draftDists, sampling, prompt.length + 1);
+      const verdict = only(
+        await engine.step([
+          { seqId: choosing, tokens: Int32Array.from(window), numDraft: 3, draftDists, sampling },
+        ]),
+      );
+      assert.deepEqual(
+        { accepted: verdict.accepted, nextToken: verdict.nextToken },
+        expected,
+        `sampled drafts, ${what}`,
+      );
+      if (expected.accepted === 3) outcomes.bonus++;
+      else outcomes.residual++;
+      await engine.release(withLogits);
+      await engine.release(choosing);
+    }
+  }
+  assert.ok(
+    outcomes.bonus >= 1 && outcomes.residual >= 1,
+    `windows exercise both endings: ${JSON.stringify(outcomes)}`,
+  );
 }

@@ -2,6 +2,7 @@
 
 #include "counter_rng.h"
 #include "ops.h"
+#include "sampling.h"
 
 namespace pearl::ops {
 
@@ -20,6 +21,21 @@ int32_t choose_token(const float* logits, int n, const TokenChoice& choice) {
     }
   }
   return best;
+}
+
+ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice) {
+  if (!choice.processed) {
+    ChosenToken chosen;
+    chosen.token = choose_token(logits, n, choice);
+    return chosen;
+  }
+  SamplingParams params;
+  params.temperature = choice.temperature;
+  params.top_k = choice.top_k;
+  params.top_p = choice.top_p;
+  params.seed = choice.seed;
+  return choose_from_distribution(process_logits(logits, n, params), choice.seed, choice.position, choice.draft_token,
+                                  choice.draft_dist);
 }
 
 }  // namespace pearl::ops

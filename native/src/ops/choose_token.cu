@@ -1,4 +1,10 @@
+#include <cub/cub.cuh>
+
+#include <algorithm>
+#include <climits>
+
 #include "counter_rng.h"
+#include "cuda/check.h"
 #include "cuda_ops.cuh"
 
 namespace pearl::gpu {
@@ -75,7 +81,8 @@ __global__ void __launch_bounds__(kThreads) choose_token_chunk_kernel(const floa
 
 // One warp per row: the best of its chunks.
 __global__ void choose_token_rows_kernel(const double* __restrict__ chunk_key, const int* __restrict__ chunk_index,
-                                         int chunks, int32_t* __restrict__ out) {
+                                         int chunks, const TokenChoiceRow* __restrict__ choices,
+                                         ChosenTokenRow* __restrict__ out) {
   const int row = blockIdx.x;
   Candidate best{0.0, -1};
   for (int c = static_cast<int>(threadIdx.x); c < chunks; c += 32) {
@@ -83,7 +90,344 @@ __global__ void choose_token_rows_kernel(const double* __restrict__ chunk_key, c
     best = better(best, Candidate{chunk_key[slot], chunk_index[slot]});
   }
   best = warp_best(best);
-  if (threadIdx.x == 0) out[row] = best.index;
+  if (threadIdx.x == 0) {
+    // Only greedy rows judge a draft here (sampled ones are processed rows, redrawn by choose_processed):
+    // their p is one-hot on the argmax, so the residual norm(max(0, p - q)) is the argmax too, or empty,
+    // when p's own draw (the argmax again) stands in.
+    const int32_t draft = choices[row].draft_token;
+    const bool judges = draft >= 0;
+    out[row] = ChosenTokenRow{best.index, judges ? best.index : -1, judges && draft == best.index ? 1.0 : 0.0};
+  }
+}
+
+// ---- Processed rows (ops::choose_row with processed set, temperature > 0) ----
+
+constexpr int kSupportThreads = 512;
+constexpr int kKeyThreads = 256;
+constexpr int kKeysPerThread = 4;
+
+// The weight process_logits gives a logit: exp((logit - max) / T) in double; NaN weighs 0.
+__device__ __forceinline__ double weight_of(float logit, double max_logit, double inv_temperature) {
+  return isnan(logit) ? 0.0 : exp((static_cast<double>(logit) - max_logit) * inv_temperature);
+}
+
+// A sort key whose ascending order is the logits' descending order. -0 and +0 weigh the same, so they share
+// a key (the stable sort then orders them by id, as the host does); NaN (weight 0) goes last.
+__device__ __forceinline__ uint32_t descending_key(float logit) {
+  if (isnan(logit)) return 0xFFFFFFFFu;
+  const uint32_t bits = __float_as_uint(logit == 0.0f ? 0.0f : logit);
+  const uint32_t ascending = (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
+  return ~ascending;
+}
+
+__device__ __forceinline__ float key_logit(uint32_t key) {
+  const uint32_t ascending = ~key;
+  return __uint_as_float((ascending & 0x80000000u) != 0 ? (ascending & 0x7FFFFFFFu) : ~ascending);
+}
+
+// A processed row's support: tokens of weight > 0 whose (key, id) is at most (pivot_key, pivot_id), i.e. the
+// sorted prefix that survives the cuts (everything for an uncut row); total is its weight.
+struct RowSupport {
+  double max_logit;
+  double total;
+  uint32_t pivot_key;
+  int32_t pivot_id;
+  int32_t valid;  // 0: no finite maximum (process_logits throws; the row gets token -1)
+};
+
+__device__ __forceinline__ bool in_support(const RowSupport& support, float logit, int index, double weight) {
+  if (!(weight > 0.0)) return false;
+  const uint32_t key = descending_key(logit);
+  return key < support.pivot_key || (key == support.pivot_key && index <= support.pivot_id);
+}
+
+// Sort input for pass rows: keys[y][i] = descending_key(logit i of cut row first + y), ids[y][i] = i, and the
+// segment offsets y * n.
+__global__ void __launch_bounds__(kKeyThreads) processed_keys_kernel(const float* __restrict__ logits, int n,
+                                                                    const ProcessedRow* __restrict__ rows, int first,
+                                                                    uint32_t* __restrict__ keys,
+                                                                    int32_t* __restrict__ ids, int* __restrict__ offsets) {
+  const int y = blockIdx.y;
+  const float* row_logits = logits + static_cast<int64_t>(rows[first + y].logits_row) * n;
+  uint32_t* row_keys = keys + static_cast<int64_t>(y) * n;
+  int32_t* row_ids = ids + static_cast<int64_t>(y) * n;
+  const int start = blockIdx.x * kKeyThreads * kKeysPerThread + static_cast<int>(threadIdx.x);
+#pragma unroll
+  for (int j = 0; j < kKeysPerThread; ++j) {
+    const int i = start + j * kKeyThreads;
+    if (i < n) {
+      row_keys[i] = descending_key(__ldg(row_logits + i));
+      row_ids[i] = i;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    offsets[y] = y * n;
+    if (y == static_cast<int>(gridDim.y) - 1) offsets[y + 1] = (y + 1) * n;
+  }
+}
+
+// Sum of value(i) over [0, count) in a fixed order (per-thread strided sums, then CUB's block tree); every
+// thread gets the result.
+template <typename Reduce, typename Value>
+__device__ double block_sum(typename Reduce::TempStorage& temp, double* shared_result, int count, Value value) {
+  double partial = 0.0;
+  for (int i = static_cast<int>(threadIdx.x); i < count; i += kSupportThreads) partial += value(i);
+  __syncthreads();  // temp may still be in use by a previous collective
+  const double sum = Reduce(temp).Sum(partial);
+  if (threadIdx.x == 0) *shared_result = sum;
+  __syncthreads();
+  return *shared_result;
+}
+
+// One CTA per sorted cut row of the pass: process_logits' cuts over the sorted order. Candidates (weight > 0)
+// are a prefix of it (the weight does not grow along it); top_k keeps the first k; the nucleus is the
+// shortest prefix whose cumulative share of the kept weight reaches top_p.
+__global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint32_t* __restrict__ keys,
+                                                                     const int32_t* __restrict__ ids, int n,
+                                                                     const ProcessedRow* __restrict__ rows, int first,
+                                                                     RowSupport* __restrict__ supports) {
+  using Reduce = cub::BlockReduce<double, kSupportThreads>;
+  using Scan = cub::BlockScan<double, kSupportThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } temp;
+  __shared__ double shared_sum;
+  __shared__ int shared_count;
+  const int slot = first + static_cast<int>(blockIdx.x);
+  const ProcessedRow row = rows[slot];
+  const uint32_t* row_keys = keys + static_cast<int64_t>(blockIdx.x) * n;
+  const double max_logit = key_logit(row_keys[0]);
+  if (!isfinite(max_logit)) {
+    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+    return;
+  }
+  const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
+  const auto weight = [&](int position) { return weight_of(key_logit(row_keys[position]), max_logit, inv_temperature); };
+  if (threadIdx.x == 0) {
+    int low = 1;  // position 0 holds the maximum: weight 1
+    int high = n;
+    while (low < high) {
+      const int middle = low + (high - low) / 2;
+      if (weight(middle) > 0.0) {
+        low = middle + 1;
+      } else {
+        high = middle;
+      }
+    }
+    shared_count = low;
+  }
+  __syncthreads();
+  const int candidates = shared_count;
+  int size = row.top_k > 0 && row.top_k < candidates ? row.top_k : candidates;
+  if (row.top_p < 1.0f) {
+    const double top_p = static_cast<double>(row.top_p);
+    const double kept = block_sum<Reduce>(temp.reduce, &shared_sum, size, weight);
+    if (threadIdx.x == 0) shared_count = INT_MAX;
+    double running = 0.0;
+    for (int base = 0; base < size; base += kSupportThreads) {
+      const int position = base + static_cast<int>(threadIdx.x);
+      const double share = position < size ? weight(position) / kept : 0.0;
+      double cumulative = 0.0;
+      double chunk_total = 0.0;
+      __syncthreads();
+      Scan(temp.scan).InclusiveSum(share, cumulative, chunk_total);
+      if (position < size && running + cumulative >= top_p) atomicMin(&shared_count, position);
+      __syncthreads();
+      if (shared_count != INT_MAX) break;
+      running += chunk_total;
+    }
+    if (shared_count != INT_MAX) size = shared_count + 1;
+  }
+  const double total = block_sum<Reduce>(temp.reduce, &shared_sum, size, weight);
+  if (threadIdx.x == 0) {
+    supports[slot] = RowSupport{max_logit, total, row_keys[size - 1], ids[static_cast<int64_t>(blockIdx.x) * n + size - 1], 1};
+  }
+}
+
+// One CTA per uncut processed row (a sampled-draft window's): the whole row is the support.
+__global__ void __launch_bounds__(kSupportThreads) uncut_support_kernel(const float* __restrict__ logits, int n,
+                                                                       const ProcessedRow* __restrict__ rows, int first,
+                                                                       RowSupport* __restrict__ supports) {
+  using Reduce = cub::BlockReduce<double, kSupportThreads>;
+  using MaxReduce = cub::BlockReduce<float, kSupportThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename MaxReduce::TempStorage max;
+  } temp;
+  __shared__ double shared_sum;
+  __shared__ float shared_max;
+  const int slot = first + static_cast<int>(blockIdx.x);
+  const ProcessedRow row = rows[slot];
+  const float* row_logits = logits + static_cast<int64_t>(row.logits_row) * n;
+  float partial_max = -INFINITY;
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += kSupportThreads) {
+    const float logit = __ldg(row_logits + i);
+    if (!isnan(logit)) partial_max = fmaxf(partial_max, logit);
+  }
+  const float block_max = MaxReduce(temp.max).Reduce(partial_max, [](float a, float b) { return fmaxf(a, b); });
+  if (threadIdx.x == 0) shared_max = block_max;
+  __syncthreads();
+  const double max_logit = shared_max;
+  if (!isfinite(max_logit)) {
+    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+    return;
+  }
+  const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
+  const double total = block_sum<Reduce>(temp.reduce, &shared_sum, n, [&](int i) {
+    return weight_of(__ldg(row_logits + i), max_logit, inv_temperature);
+  });
+  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, total, 0xFFFFFFFFu, INT_MAX, 1};
+}
+
+// q(token) for a draft row (q's tokens ascending), 0 outside q.
+__device__ __forceinline__ double q_prob(const int32_t* q_tokens, const float* q_probs, int begin, int count,
+                                         int token) {
+  int low = begin;
+  int high = begin + count;
+  while (low < high) {
+    const int middle = low + (high - low) / 2;
+    if (q_tokens[middle] < token) {
+      low = middle + 1;
+    } else {
+      high = middle;
+    }
+  }
+  return low < begin + count && q_tokens[low] == token ? static_cast<double>(q_probs[low]) : 0.0;
+}
+
+// One CTA per (chunk, processed row): the chunk's best Gumbel-max keys for the row's own draw (log p(x) plus
+// the Sample stream's noise) and, for a draft row, the residual draw (log max(0, p(x) - q(x)), Residual stream).
+__global__ void __launch_bounds__(kThreads) processed_draw_chunk_kernel(
+    const float* __restrict__ logits, int n, const ProcessedRow* __restrict__ rows,
+    const RowSupport* __restrict__ supports, const int32_t* __restrict__ q_tokens, const float* __restrict__ q_probs,
+    double* __restrict__ chunk_key, int* __restrict__ chunk_index) {
+  __shared__ Candidate warp_results[2][kThreads / 32];
+  const int slot = blockIdx.y;
+  const ProcessedRow row = rows[slot];
+  const RowSupport support = supports[slot];
+  const float* row_logits = logits + static_cast<int64_t>(row.logits_row) * n;
+  const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
+  const CounterRng sample_rng(row.seed, row.position, RandomPurpose::Sample);
+  const CounterRng residual_rng(row.seed, row.position, RandomPurpose::Residual);
+  const bool judges = row.draft_token >= 0;
+  const int chunk_start = blockIdx.x * kChunk;
+  Candidate best_sample{0.0, -1};
+  Candidate best_residual{0.0, -1};
+  if (support.valid) {
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = chunk_start + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i >= n) break;
+      const float logit = __ldg(row_logits + i);
+      const double weight = weight_of(logit, support.max_logit, inv_temperature);
+      if (!in_support(support, logit, i, weight)) continue;
+      const double p = weight / support.total;
+      best_sample = better(best_sample, Candidate{gumbel_key(log(p), sample_rng, i), i});
+      if (judges) {
+        const double residual = fmax(0.0, p - q_prob(q_tokens, q_probs, row.q_begin, row.q_count, i));
+        if (residual > 0.0) best_residual = better(best_residual, Candidate{gumbel_key(log(residual), residual_rng, i), i});
+      }
+    }
+  }
+  best_sample = warp_best(best_sample);
+  best_residual = warp_best(best_residual);
+  if (threadIdx.x % 32 == 0) {
+    warp_results[0][threadIdx.x / 32] = best_sample;
+    warp_results[1][threadIdx.x / 32] = best_residual;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const bool lane = threadIdx.x < kThreads / 32;
+    best_sample = warp_best(lane ? warp_results[0][threadIdx.x] : Candidate{0.0, -1});
+    best_residual = warp_best(lane ? warp_results[1][threadIdx.x] : Candidate{0.0, -1});
+    if (threadIdx.x == 0) {
+      const int64_t sample_slot = (static_cast<int64_t>(slot) * gridDim.x + blockIdx.x) * 2;
+      chunk_key[sample_slot] = best_sample.key;
+      chunk_index[sample_slot] = best_sample.index;
+      chunk_key[sample_slot + 1] = best_residual.key;
+      chunk_index[sample_slot + 1] = best_residual.index;
+    }
+  }
+}
+
+// One warp per processed row: the best of its chunks' draws, and p(draft).
+__global__ void processed_draw_rows_kernel(const float* __restrict__ logits, int n,
+                                           const ProcessedRow* __restrict__ rows,
+                                           const RowSupport* __restrict__ supports,
+                                           const double* __restrict__ chunk_key, const int* __restrict__ chunk_index,
+                                           int chunks, ChosenTokenRow* __restrict__ out) {
+  const int slot = blockIdx.x;
+  Candidate sample{0.0, -1};
+  Candidate residual{0.0, -1};
+  for (int c = static_cast<int>(threadIdx.x); c < chunks; c += 32) {
+    const int64_t index = (static_cast<int64_t>(slot) * chunks + c) * 2;
+    sample = better(sample, Candidate{chunk_key[index], chunk_index[index]});
+    residual = better(residual, Candidate{chunk_key[index + 1], chunk_index[index + 1]});
+  }
+  sample = warp_best(sample);
+  residual = warp_best(residual);
+  if (threadIdx.x != 0) return;
+  const ProcessedRow row = rows[slot];
+  const RowSupport support = supports[slot];
+  ChosenTokenRow chosen{support.valid ? sample.index : -1, -1, 0.0};
+  if (support.valid && row.draft_token >= 0) {
+    const float logit = logits[static_cast<int64_t>(row.logits_row) * n + row.draft_token];
+    const double weight = weight_of(logit, support.max_logit, 1.0 / static_cast<double>(row.temperature));
+    chosen.draft_prob = in_support(support, logit, row.draft_token, weight) ? weight / support.total : 0.0;
+    // An empty residual only arises from rounding when p and q agree: p's own draw stands in (sample_residual).
+    chosen.residual_token = residual.index >= 0 ? residual.index : sample.index;
+  }
+  out[row.logits_row] = chosen;
+}
+
+// The processed path's scratch, carved from one allocation.
+struct ProcessedScratch {
+  RowSupport* supports;
+  double* chunk_key;
+  int* chunk_index;
+  int* offsets;
+  uint32_t* keys[2];
+  int32_t* ids[2];
+  void* sort_temp;
+  size_t sort_temp_bytes;
+  size_t total_bytes;
+};
+
+size_t sort_temp_bytes(int n) {
+  size_t bytes = 0;
+  cub::DoubleBuffer<uint32_t> keys(nullptr, nullptr);
+  cub::DoubleBuffer<int32_t> ids(nullptr, nullptr);
+  const int* offsets = nullptr;
+  check_cuda(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, keys, ids, kProcessedSortRows * n,
+                                                      kProcessedSortRows, offsets, offsets + 1),
+             "sizing the segmented sort");
+  return bytes;
+}
+
+ProcessedScratch carve(void* scratch, int max_rows, int n) {
+  const size_t chunks = static_cast<size_t>((n + kChunk - 1) / kChunk);
+  const size_t sort_items = static_cast<size_t>(kProcessedSortRows) * static_cast<size_t>(n);
+  const auto aligned = [](size_t bytes) { return (bytes + 255) & ~size_t{255}; };
+  char* base = static_cast<char*>(scratch);
+  size_t offset = 0;
+  const auto take = [&](size_t bytes) {
+    void* pointer = base == nullptr ? nullptr : base + offset;
+    offset += aligned(bytes);
+    return pointer;
+  };
+  ProcessedScratch carved{};
+  carved.supports = static_cast<RowSupport*>(take(static_cast<size_t>(max_rows) * sizeof(RowSupport)));
+  carved.chunk_key = static_cast<double*>(take(static_cast<size_t>(max_rows) * chunks * 2 * sizeof(double)));
+  carved.chunk_index = static_cast<int*>(take(static_cast<size_t>(max_rows) * chunks * 2 * sizeof(int)));
+  carved.offsets = static_cast<int*>(take((kProcessedSortRows + 1) * sizeof(int)));
+  for (int b = 0; b < 2; ++b) {
+    carved.keys[b] = static_cast<uint32_t*>(take(sort_items * sizeof(uint32_t)));
+    carved.ids[b] = static_cast<int32_t*>(take(sort_items * sizeof(int32_t)));
+  }
+  carved.sort_temp_bytes = sort_temp_bytes(n);
+  carved.sort_temp = take(carved.sort_temp_bytes);
+  carved.total_bytes = offset;
+  return carved;
 }
 
 }  // namespace
@@ -93,16 +437,54 @@ size_t choose_token_scratch_bytes(int rows, int n) {
   return slots * (sizeof(double) + sizeof(int));
 }
 
-void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch, int32_t* out,
-                  cudaStream_t stream) {
+void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch,
+                  ChosenTokenRow* out, cudaStream_t stream) {
   if (rows == 0) return;
   const int chunks = (n + kChunk - 1) / kChunk;
   double* chunk_key = static_cast<double*>(scratch);
   int* chunk_index = reinterpret_cast<int*>(chunk_key + static_cast<size_t>(rows) * chunks);
   choose_token_chunk_kernel<<<dim3(chunks, rows), kThreads, 0, stream>>>(logits, n, choices, chunk_key, chunk_index);
   check_launch("choose_token_chunk");
-  choose_token_rows_kernel<<<rows, 32, 0, stream>>>(chunk_key, chunk_index, chunks, out);
+  choose_token_rows_kernel<<<rows, 32, 0, stream>>>(chunk_key, chunk_index, chunks, choices, out);
   check_launch("choose_token_rows");
+}
+
+size_t processed_scratch_bytes(int max_rows, int n) { return carve(nullptr, max_rows, n).total_bytes; }
+
+void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
+                      const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
+                      cudaStream_t stream) {
+  if (num_rows == 0) return;
+  if (num_rows > max_rows) throw std::runtime_error("choose_processed: more rows than its scratch holds");
+  const ProcessedScratch carved = carve(scratch, max_rows, n);
+  const int key_blocks = (n + kKeyThreads * kKeysPerThread - 1) / (kKeyThreads * kKeysPerThread);
+  for (int first = 0; first < num_cut_rows; first += kProcessedSortRows) {
+    const int pass_rows = std::min(kProcessedSortRows, num_cut_rows - first);
+    processed_keys_kernel<<<dim3(key_blocks, pass_rows), kKeyThreads, 0, stream>>>(
+        logits, n, rows, first, carved.keys[0], carved.ids[0], carved.offsets);
+    check_launch("processed_keys");
+    cub::DoubleBuffer<uint32_t> keys(carved.keys[0], carved.keys[1]);
+    cub::DoubleBuffer<int32_t> ids(carved.ids[0], carved.ids[1]);
+    size_t temp_bytes = carved.sort_temp_bytes;
+    check_cuda(cub::DeviceSegmentedRadixSort::SortPairs(carved.sort_temp, temp_bytes, keys, ids, pass_rows * n,
+                                                        pass_rows, carved.offsets, carved.offsets + 1, 0, 32, stream),
+               "the segmented sort of cut rows");
+    cut_support_kernel<<<pass_rows, kSupportThreads, 0, stream>>>(keys.Current(), ids.Current(), n, rows, first,
+                                                                  carved.supports);
+    check_launch("cut_support");
+  }
+  if (num_rows > num_cut_rows) {
+    uncut_support_kernel<<<num_rows - num_cut_rows, kSupportThreads, 0, stream>>>(logits, n, rows, num_cut_rows,
+                                                                                   carved.supports);
+    check_launch("uncut_support");
+  }
+  const int chunks = (n + kChunk - 1) / kChunk;
+  processed_draw_chunk_kernel<<<dim3(chunks, num_rows), kThreads, 0, stream>>>(
+      logits, n, rows, carved.supports, q_tokens, q_probs, carved.chunk_key, carved.chunk_index);
+  check_launch("processed_draw_chunk");
+  processed_draw_rows_kernel<<<num_rows, 32, 0, stream>>>(logits, n, rows, carved.supports, carved.chunk_key,
+                                                          carved.chunk_index, chunks, out);
+  check_launch("processed_draw_rows");
 }
 
 }  // namespace pearl::gpu

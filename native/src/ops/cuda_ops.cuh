@@ -76,19 +76,54 @@ bool attention_supports(int head_dim, int group);
 // out[r, i] = bf16(silu(gate_up[r, i]) * gate_up[r, inter + i]).
 void silu_mul(const float* gate_up, int rows, int inter, bf16* out, cudaStream_t stream);
 
-// How choose_token picks row r's token: ops::TokenChoice in device form (16 bytes).
+// How choose_token picks row r's token: the one-pass part of ops::TokenChoice in device form.
 struct TokenChoiceRow {
   float temperature = 0.0f;
   int32_t position = 0;
   uint64_t seed = 0;
+  int32_t draft_token = -1;  // the sampled draft the row judges, or -1
 };
 
-// out[r] = the token choices[r] picks from logits row r (n floats) by ops::choose_token's rule: the argmax,
-// or at temperature > 0 the Gumbel-max draw with the same counter-based noise; -1 when nothing can win.
-// scratch holds choose_token_scratch_bytes(rows, n) bytes.
+// ops::ChosenToken in device form (the same layout; the CUDA backend copies one into the other).
+struct ChosenTokenRow {
+  int32_t token;
+  int32_t residual_token;
+  double draft_prob;
+};
+
+// out[r] = what choices[r] picks from logits row r (n floats) by ops::choose_token's one-pass rule: the
+// argmax, or at temperature > 0 the Gumbel-max draw with the same counter-based noise; -1 when nothing can
+// win. A greedy row judging a sampled draft also gets p(draft) (1 or 0: p is one-hot) and the residual draw
+// (the argmax), as ops::choose_row gives them. scratch holds choose_token_scratch_bytes(rows, n) bytes.
 size_t choose_token_scratch_bytes(int rows, int n);
-void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch, int32_t* out,
-                  cudaStream_t stream);
+void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch,
+                  ChosenTokenRow* out, cudaStream_t stream);
+
+// A row sampled from its processed distribution (ops::TokenChoice::processed at temperature > 0).
+struct ProcessedRow {
+  int32_t logits_row = 0;  // its row of logits and of out
+  float temperature = 0.0f;
+  uint64_t seed = 0;
+  int32_t position = 0;
+  int32_t top_k = 0;
+  float top_p = 1.0f;
+  int32_t draft_token = -1;  // the sampled draft the row judges, or -1
+  int32_t q_begin = 0;       // its q: entries [q_begin, q_begin + q_count) of the q arrays, ascending token ids
+  int32_t q_count = 0;
+};
+
+// out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), rows
+// [0, num_cut_rows) being those with a top-k or top-p cut: process_logits' support and sample_token's draw,
+// plus p(draft) and the residual draw for draft rows; token -1 where process_logits finds no finite maximum.
+// Cut rows are sorted (logit descending, id ascending: a stable CUB segmented radix sort) kProcessedSortRows
+// at a time to find the cut; every draw is a Gumbel-max over the unsorted row. Equal to the host rule except
+// where double rounding decides (exp, and sums taken in another order than the host's: ulp-level).
+// scratch holds processed_scratch_bytes(max_rows, n) bytes, max_rows >= num_rows.
+constexpr int kProcessedSortRows = 16;
+size_t processed_scratch_bytes(int max_rows, int n);
+void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
+                      const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
+                      cudaStream_t stream);
 
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order

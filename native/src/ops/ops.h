@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine.h"
 #include "model_config.h"
 #include "thread_pool.h"
 
@@ -52,19 +53,41 @@ void rope(float* x, int64_t stride, int rows, int heads, int head_dim, const int
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i].
 void silu_mul(const float* gate_up, int rows, int inter, float* out);
 
-// How a backend picks a row's token. temperature <= 0: the argmax. temperature > 0: a draw from
-// softmax(logits / temperature) by the Gumbel-max trick, the largest logit / temperature + G(x) with
-// G = -log E(seed, position, x) (counter_rng.h): the draw sample_token makes from the same distribution,
-// computed in one pass without normalizing.
+// How a backend picks a row's token. temperature <= 0: the argmax. temperature > 0: a draw by the
+// Gumbel-max trick with G = -log E(seed, position, x) (counter_rng.h), in one of two forms:
+// - one pass (processed false): the largest logit / temperature + G(x) over the whole row, without
+//   normalizing: the draw sample_token makes from softmax(logits / temperature);
+// - processed (rows with a top-k or top-p cut, and every row of a window verified against sampled drafts):
+//   exactly process_logits + sample_token (sampling.h), log p(x) + G(x) over p's support. A row that judges
+//   a sampled draft (draft_token >= 0, q = *draft_dist) also yields p(draft_token) and the residual draw.
+// The first three fields are all a one-pass row needs.
 struct TokenChoice {
   float temperature = 0.0f;
   uint64_t seed = 0;
   int64_t position = 0;  // of the token being chosen
+  bool processed = false;
+  int top_k = 0;       // processed rows: SamplingParams::top_k
+  float top_p = 1.0f;  // processed rows: SamplingParams::top_p
+  int32_t draft_token = -1;                       // the sampled draft this row judges, or -1
+  const DraftDistribution* draft_dist = nullptr;  // its q (when draft_token >= 0)
 };
 
-// The token `choice` picks from n logits: the lowest index among equal keys; NaN never wins (nor, when
-// sampling, an infinite logit); -1 when nothing can win.
+// What a backend returns per output row: everything verification needs, so the logits can stay with it.
+// Laid out as gpu::ChosenTokenRow (cuda_ops.cuh), which the CUDA backend copies into it.
+struct ChosenToken {
+  int32_t token = -1;           // the row's own draw (or argmax); -1 when nothing can be chosen
+  int32_t residual_token = -1;  // draft rows: the draw from norm(max(0, p - q)) (token when that is empty)
+  double draft_prob = 0.0;      // draft rows: p(draft_token), the processed target probability
+};
+
+// The token a one-pass `choice` picks from n logits: the lowest index among equal keys; NaN never wins
+// (nor, when sampling, an infinite logit); -1 when nothing can win.
 int32_t choose_token(const float* logits, int n, const TokenChoice& choice);
+
+// Everything `choice` asks of a row: choose_token's one-pass token, or for a processed row the host rule
+// (process_logits, then choose_from_distribution in sampling.h). The reference the CUDA kernels follow.
+// Throws where process_logits does (no finite maximum; every logit NaN).
+ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice);
 
 // x += delta, elementwise.
 void residual_add(float* x, const float* delta, int64_t count);

@@ -1,0 +1,246 @@
+// ops::choose_row, what a backend returns per output row so that sampling and verification need no logits on
+// the host, against process_logits + sample_token and the speculative sampling rule written out here
+// independently (the verification loop as it read before backends computed p(d) and the residual).
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "check.h"
+#include "counter_rng.h"
+#include "ops/ops.h"
+#include "sampling.h"
+
+using pearl::Distribution;
+using pearl::DraftDistribution;
+using pearl::SamplingParams;
+using pearl::ops::ChosenToken;
+using pearl::ops::TokenChoice;
+
+namespace {
+
+constexpr int kVocab = 3000;
+
+// A row with a few dominant logits, a long flat tail, ties, NaN and -inf: every cut has work to do.
+std::vector<float> logits_row(int variant) {
+  std::vector<float> logits(kVocab);
+  for (int i = 0; i < kVocab; ++i) {
+    logits[static_cast<size_t>(i)] = static_cast<float>(std::sin(0.37 * i + variant) * 2.0 + 0.002 * ((i * 7) % 13));
+  }
+  for (int i = 0; i < 8; ++i) logits[static_cast<size_t>((variant * 131 + i * 389) % kVocab)] = 6.0f - 0.25f * i;
+  logits[static_cast<size_t>((variant * 17 + 5) % kVocab)] = 5.0f;  // ties with another dominant logit
+  logits[static_cast<size_t>((variant * 29 + 11) % kVocab)] = std::numeric_limits<float>::quiet_NaN();
+  logits[static_cast<size_t>((variant * 43 + 3) % kVocab)] = -std::numeric_limits<float>::infinity();
+  return logits;
+}
+
+SamplingParams sampling(float temperature, int top_k, float top_p, uint64_t seed) {
+  SamplingParams params;
+  params.temperature = temperature;
+  params.top_k = top_k;
+  params.top_p = top_p;
+  params.seed = seed;
+  return params;
+}
+
+TokenChoice processed_choice(const SamplingParams& params, int64_t position) {
+  TokenChoice choice{params.temperature, params.seed, position};
+  choice.processed = true;
+  choice.top_k = params.top_k;
+  choice.top_p = params.top_p;
+  return choice;
+}
+
+// The residual draw of the speculative sampling rule: Gumbel-max over p's support of max(0, p - q) with the
+// Residual stream, p's own draw when that is empty.
+int32_t reference_residual(const Distribution& p, const DraftDistribution& q, uint64_t seed, int64_t position) {
+  const pearl::CounterRng rng(seed, position, pearl::RandomPurpose::Residual);
+  int32_t best = -1;
+  double best_key = 0.0;
+  for (size_t i = 0; i < p.tokens.size(); ++i) {
+    double weight = p.probs[i];
+    for (size_t j = 0; j < q.tokens.size(); ++j) {
+      if (q.tokens[j] == p.tokens[i]) weight = std::max(0.0, p.probs[i] - static_cast<double>(q.probs[j]));
+    }
+    if (!(weight > 0.0)) continue;
+    const double key = pearl::gumbel_key(std::log(weight), rng, p.tokens[i]);
+    if (best < 0 || key > best_key || (key == best_key && p.tokens[i] < best)) {
+      best = p.tokens[i];
+      best_key = key;
+    }
+  }
+  return best >= 0 ? best : pearl::sample_token(p, seed, position);
+}
+
+// The verdict of the speculative sampling rule over the target's processed distributions.
+pearl::Verdict reference_verdict(const std::vector<Distribution>& target, const std::vector<int32_t>& drafts,
+                                 const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
+                                 int64_t first_position) {
+  const int num_draft = static_cast<int>(drafts.size());
+  for (int i = 0; i < num_draft; ++i) {
+    const Distribution& p = target[static_cast<size_t>(i)];
+    const int64_t position = first_position + i;
+    const int32_t draft = drafts[static_cast<size_t>(i)];
+    if (draft_dists.empty()) {
+      const int32_t token = pearl::sample_token(p, seed, position);
+      if (token != draft) return pearl::Verdict{i, token};
+      continue;
+    }
+    const DraftDistribution& q = draft_dists[static_cast<size_t>(i)];
+    double q_draft = 0.0;
+    for (size_t j = 0; j < q.tokens.size(); ++j) {
+      if (q.tokens[j] == draft) q_draft = q.probs[j];
+    }
+    const double u = pearl::CounterRng(seed, position, pearl::RandomPurpose::Accept).uniform(0);
+    if (u * q_draft < p.prob(draft)) continue;
+    return pearl::Verdict{i, reference_residual(p, q, seed, position)};
+  }
+  return pearl::Verdict{num_draft, pearl::sample_token(target.back(), seed, first_position + num_draft)};
+}
+
+// A draft's sparse q around `draft`: it and a few other tokens, the draft's share given.
+DraftDistribution draft_q(int32_t draft, float draft_share, int variant) {
+  DraftDistribution q;
+  q.tokens = {draft};
+  q.probs = {draft_share};
+  const int others = 3;
+  for (int k = 1; k <= others; ++k) {
+    q.tokens.push_back((draft + 97 * k + variant) % kVocab);
+    q.probs.push_back((1.0f - draft_share) / others);
+  }
+  return q;
+}
+
+}  // namespace
+
+TEST(processed_rows_draw_what_process_logits_and_sample_token_draw) {
+  int compared = 0;
+  for (int variant = 0; variant < 4; ++variant) {
+    const std::vector<float> logits = logits_row(variant);
+    for (float temperature : {0.0f, 0.4f, 1.0f, 1.9f}) {
+      for (const auto& [top_k, top_p] : {std::pair<int, float>{0, 0.9f}, {40, 1.0f}, {5, 0.8f}, {1, 1.0f},
+                                         {kVocab + 5, 0.999f}, {0, 1.0f}}) {
+        for (uint64_t seed = 1; seed <= 25; ++seed) {
+          const SamplingParams params = sampling(temperature, top_k, top_p, seed * 7919 + variant);
+          const int64_t position = static_cast<int64_t>(seed % 11) + 3;
+          const ChosenToken chosen = pearl::ops::choose_row(logits.data(), kVocab, processed_choice(params, position));
+          const Distribution p = pearl::process_logits(logits.data(), kVocab, params);
+          CHECK_EQ(chosen.token, pearl::sample_token(p, params.seed, position));
+          CHECK_EQ(chosen.residual_token, -1);  // no draft judged
+          ++compared;
+        }
+      }
+    }
+  }
+  CHECK_EQ(compared, 4 * 4 * 6 * 25);
+}
+
+TEST(one_pass_rows_are_choose_tokens) {
+  const std::vector<float> logits = logits_row(1);
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    const TokenChoice choice{seed % 2 == 0 ? 0.0f : 0.8f, seed, static_cast<int64_t>(seed) + 1};
+    CHECK_EQ(pearl::ops::choose_row(logits.data(), kVocab, choice).token,
+             pearl::ops::choose_token(logits.data(), kVocab, choice));
+  }
+}
+
+// p(d) and the residual draw are those of the target's processed distribution, and a window verified from
+// the backend's per-row choices gets the verdict the speculative sampling rule gives on the distributions.
+TEST(sampled_draft_windows_from_chosen_rows_equal_the_rule_on_distributions) {
+  int accepted_drafts = 0, residual_draws = 0, bonus_tokens = 0;
+  for (uint64_t seed = 0; seed < 150; ++seed) {
+    const int variant = static_cast<int>(seed % 5);
+    const float temperature = seed % 3 == 0 ? 0.0f : (seed % 3 == 1 ? 0.7f : 1.3f);
+    const SamplingParams params = sampling(temperature, seed % 4 == 0 ? 0 : 20, seed % 2 == 0 ? 0.85f : 1.0f, seed);
+    const int num_draft = 3;
+    const int64_t first_position = 40 + static_cast<int64_t>(seed);
+    std::vector<std::vector<float>> rows;
+    std::vector<Distribution> target;
+    for (int i = 0; i <= num_draft; ++i) {
+      rows.push_back(logits_row(variant + i));
+      target.push_back(pearl::process_logits(rows.back().data(), kVocab, params));
+    }
+    // Drafts the target likes (its own draw) or not (a token outside most supports), with varied q(d).
+    std::vector<int32_t> drafts;
+    std::vector<DraftDistribution> draft_dists;
+    for (int i = 0; i < num_draft; ++i) {
+      const int64_t position = first_position + i;
+      const int32_t liked = pearl::sample_token(target[static_cast<size_t>(i)], seed, position);
+      const int32_t draft = (seed + static_cast<uint64_t>(i)) % 4 == 3 ? (liked + 1500) % kVocab : liked;
+      drafts.push_back(draft);
+      draft_dists.push_back(draft_q(draft, 0.2f + 0.25f * static_cast<float>((seed + i) % 4), variant));
+    }
+    std::vector<ChosenToken> chosen;
+    for (int i = 0; i <= num_draft; ++i) {
+      TokenChoice choice = processed_choice(params, first_position + i);
+      if (i < num_draft) {
+        choice.draft_token = drafts[static_cast<size_t>(i)];
+        choice.draft_dist = &draft_dists[static_cast<size_t>(i)];
+      }
+      chosen.push_back(pearl::ops::choose_row(rows[static_cast<size_t>(i)].data(), kVocab, choice));
+      const Distribution& p = target[static_cast<size_t>(i)];
+      CHECK_EQ(chosen.back().token, pearl::sample_token(p, seed, first_position + i));
+      if (i < num_draft) {
+        CHECK_EQ(chosen.back().draft_prob, p.prob(drafts[static_cast<size_t>(i)]));
+        CHECK_EQ(chosen.back().residual_token,
+                 reference_residual(p, draft_dists[static_cast<size_t>(i)], seed, first_position + i));
+      }
+    }
+    const pearl::Verdict expected = reference_verdict(target, drafts, draft_dists, seed, first_position);
+    const pearl::Verdict from_rows = pearl::verify_drafts(
+        [&](int i) { return chosen[static_cast<size_t>(i)]; }, drafts.data(), num_draft, draft_dists, seed,
+        first_position);
+    const pearl::Verdict from_distributions = pearl::verify_drafts(
+        [&](int i) { return target[static_cast<size_t>(i)]; }, drafts.data(), num_draft, draft_dists, seed,
+        first_position);
+    CHECK_EQ(from_rows.accepted, expected.accepted);
+    CHECK_EQ(from_rows.next_token, expected.next_token);
+    CHECK_EQ(from_distributions.accepted, expected.accepted);
+    CHECK_EQ(from_distributions.next_token, expected.next_token);
+    accepted_drafts += expected.accepted;
+    if (expected.accepted == num_draft) {
+      ++bonus_tokens;
+    } else {
+      ++residual_draws;
+    }
+  }
+  // The seeds exercise acceptance, rejection with a residual draw, and whole windows accepted.
+  CHECK(accepted_drafts > 50);
+  CHECK(residual_draws > 20);
+  CHECK(bonus_tokens > 5);
+}
+
+TEST(greedy_windows_from_chosen_rows_equal_the_rule_on_distributions) {
+  for (uint64_t seed = 0; seed < 60; ++seed) {
+    const SamplingParams params = sampling(seed % 2 == 0 ? 0.0f : 0.9f, 10, 0.9f, seed);
+    std::vector<std::vector<float>> rows;
+    std::vector<Distribution> target;
+    std::vector<int32_t> drafts;
+    for (int i = 0; i <= 2; ++i) {
+      rows.push_back(logits_row(static_cast<int>(seed) + i));
+      target.push_back(pearl::process_logits(rows.back().data(), kVocab, params));
+      if (i < 2) drafts.push_back(i == 0 || seed % 3 != 0 ? pearl::sample_token(target.back(), seed, 7 + i) : 0);
+    }
+    const pearl::Verdict expected = reference_verdict(target, drafts, {}, seed, 7);
+    const pearl::Verdict verdict = pearl::verify_drafts(
+        [&](int i) {
+          return pearl::ops::choose_row(rows[static_cast<size_t>(i)].data(), kVocab, processed_choice(params, 7 + i));
+        },
+        drafts.data(), 2, {}, seed, 7);
+    CHECK_EQ(verdict.accepted, expected.accepted);
+    CHECK_EQ(verdict.next_token, expected.next_token);
+  }
+}
+
+TEST(rows_without_a_choice_are_refused) {
+  std::vector<float> logits = logits_row(0);
+  logits[3] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS(pearl::ops::choose_row(logits.data(), kVocab, processed_choice(sampling(1.0f, 5, 1.0f, 1), 0)),
+               "no finite maximum");
+  CHECK_THROWS(pearl::checked_choice(ChosenToken{}), "no token to choose");
+  const ChosenToken fine{4, -1, 0.0};
+  CHECK_EQ(pearl::checked_choice(fine).token, 4);
+}
+
+int main() { return check::run_all(); }
