@@ -340,10 +340,8 @@ class CudaBackend final : public Backend {
     attended_ = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(bf16));
     gate_up_ = DeviceMemory(rows * 2 * inter * sizeof(float));
     activated_ = DeviceMemory(rows * inter * sizeof(bf16));
-    const size_t attention_bytes =
-        gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float);
-    attention_scratch_ = DeviceMemory(attention_bytes);
-    PEARL_CUDA_CHECK(cudaMemset(attention_scratch_.as<void>(), 0, attention_bytes));
+    attention_scratch_ = DeviceMemory(
+        gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
     device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
     device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(gpu::ChosenTokenRow));
     choose_scratch_ = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));

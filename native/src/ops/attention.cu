@@ -39,49 +39,9 @@ __device__ __forceinline__ void load_key_slices(const bf16* base, const int64_t*
   }
 }
 
-// The last of a (row, KV head)'s kAttentionSlots CTAs to finish merges their partial states by log-sum-exp,
-// in slot order, into out (a padding row, with no keys, gets zeros): a separate merge launch per layer cost
-// more than this check. *arrivals counts the finished CTAs and is left at zero for the next call.
-template <int kHeadDim>
-__device__ void merge_if_last(const float* partial_acc, const float* partial_state, int64_t state_row, int group,
-                              int* arrivals, bf16* out) {
-  __shared__ bool last;
-  __threadfence();  // this CTA's partial state is visible to the merging CTA before its arrival counts
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(arrivals, 1) == kAttentionSlots - 1;
-    if (last) *arrivals = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int index = threadIdx.x; index < group * kHeadDim; index += kThreads) {
-    const int h = index / kHeadDim;
-    const int d = index % kHeadDim;
-    const int64_t base = (state_row + h) * kAttentionSlots;
-    float max_all = -INFINITY;
-    for (int s = 0; s < kAttentionSlots; ++s) max_all = fmaxf(max_all, __ldcg(partial_state + (base + s) * 2));
-    float value = 0.0f;
-    if (max_all != -INFINITY) {
-      float sum = 0.0f;
-      float weighted = 0.0f;
-      for (int s = 0; s < kAttentionSlots; ++s) {
-        const float slot_max = __ldcg(partial_state + (base + s) * 2);
-        if (slot_max == -INFINITY) continue;
-        const float weight = exp2f(slot_max - max_all);
-        sum += __ldcg(partial_state + (base + s) * 2 + 1) * weight;
-        weighted += __ldcg(partial_acc + (base + s) * kHeadDim + d) * weight;
-      }
-      value = weighted / sum;
-    }
-    out[(state_row + h) * kHeadDim + d] = __float2bfloat16(value);
-  }
-}
-
 // One CTA per (row, KV head, slot): all query heads of the KV head share each K/V load (GQA packing).
 // The CTA runs an online softmax over the splits slot, slot + kAttentionSlots, ... of the row's context
-// (in that order) and leaves an unnormalized partial state (acc, max, sum) in base-2 exponent units, which
-// the (row, KV head)'s last CTA merges (merge_if_last).
+// (in that order) and leaves an unnormalized partial state (acc, max, sum) in base-2 exponent units.
 // Thread t works on key t / kLanesPerKey (+ multiples of kKeyGroups), slice t % kLanesPerKey, in both the
 // score and the value phase. Short contexts make this kernel latency-bound, so each split looks up its
 // block table once and every thread issues all its K and V loads of a split (kMaxPrefetch at a time)
@@ -91,8 +51,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
                                                                   int num_heads, DeviceKvLayer kv, DeviceRows batch,
                                                                   int sliding_window, float scale_log2,
                                                                   float* __restrict__ partial_acc,
-                                                                  float* __restrict__ partial_state,
-                                                                  int* __restrict__ arrivals, bf16* __restrict__ out) {
+                                                                  float* __restrict__ partial_state) {
   constexpr int kLanesPerKey = kHeadDim / kVec;  // lanes that share one key row in the score phase
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kKeyGroups = kThreads / kLanesPerKey;  // keys per score pass, key interleave of the value phase
@@ -118,8 +77,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   const int count = position >= 0 ? position - start + 1 : 0;
   const int num_splits = (count + kAttentionSplit - 1) / kAttentionSplit;
   const int64_t state_row = static_cast<int64_t>(row) * num_heads + first_head;
-  int* arrival = arrivals + static_cast<int64_t>(row) * kv.num_kv_heads + kv_head;
-  allow_dependent_launch();  // the o projection's GEMM may start loading its weights
 
   if (slot >= num_splits) {
     if (threadIdx.x < group) {
@@ -127,7 +84,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
       state[0] = -INFINITY;
       state[1] = 0.0f;
     }
-    merge_if_last<kHeadDim>(partial_acc, partial_state, state_row, group, arrival, out);
     return;
   }
   if (threadIdx.x < kMaxGroup) {
@@ -292,17 +248,41 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
     state[0] = running_max[threadIdx.x];
     state[1] = running_sum[threadIdx.x];
   }
-  merge_if_last<kHeadDim>(partial_acc, partial_state, state_row, group, arrival, out);
+}
+
+// Log-sum-exp merge of a (row, head)'s slots in slot order; a padding row (no keys) gets zeros.
+__global__ void attention_merge_kernel(const float* __restrict__ partial_acc, const float* __restrict__ partial_state,
+                                       int num_heads, int head_dim, bf16* __restrict__ out) {
+  allow_dependent_launch();
+  const int row = blockIdx.x;
+  const int head = blockIdx.y;
+  const int d = threadIdx.x;
+  const int64_t base = (static_cast<int64_t>(row) * num_heads + head) * kAttentionSlots;
+  float max_all = -INFINITY;
+  for (int s = 0; s < kAttentionSlots; ++s) max_all = fmaxf(max_all, partial_state[(base + s) * 2]);
+  float value = 0.0f;
+  if (max_all != -INFINITY) {
+    float sum = 0.0f;
+    float weighted = 0.0f;
+    for (int s = 0; s < kAttentionSlots; ++s) {
+      const float slot_max = partial_state[(base + s) * 2];
+      if (slot_max == -INFINITY) continue;
+      const float weight = exp2f(slot_max - max_all);
+      sum += partial_state[(base + s) * 2 + 1] * weight;
+      weighted += partial_acc[(base + s) * head_dim + d] * weight;
+    }
+    value = weighted / sum;
+  }
+  out[(static_cast<int64_t>(row) * num_heads + head) * head_dim + d] = __float2bfloat16(value);
 }
 
 template <int kHeadDim>
 void launch_split(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
                   const DeviceRows& batch, int sliding_window, float scale_log2, float* partial_acc,
-                  float* partial_state, int* arrivals, bf16* out, cudaStream_t stream) {
+                  float* partial_state, cudaStream_t stream) {
   const dim3 grid(rows, kv.num_kv_heads, kAttentionSlots);
   attention_split_kernel<kHeadDim><<<grid, kThreads, 0, stream>>>(q, q_stride, num_heads, kv, batch, sliding_window,
-                                                                 scale_log2, partial_acc, partial_state, arrivals,
-                                                                 out);
+                                                                 scale_log2, partial_acc, partial_state);
 }
 
 }  // namespace
@@ -313,8 +293,7 @@ bool attention_supports(int head_dim, int group) {
 }
 
 size_t attention_scratch_floats(int rows, int num_heads, int head_dim) {
-  // Partial states, then one arrival counter (an int in a float's room) per (row, head) at most.
-  return static_cast<size_t>(rows) * num_heads * (kAttentionSlots * (head_dim + 2) + 1);
+  return static_cast<size_t>(rows) * num_heads * kAttentionSlots * (head_dim + 2);
 }
 
 void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
@@ -329,31 +308,33 @@ void attention(const float* q, int64_t q_stride, int rows, int num_heads, const 
   }
   float* partial_acc = scratch;
   float* partial_state = scratch + static_cast<size_t>(rows) * num_heads * kAttentionSlots * head_dim;
-  int* arrivals = reinterpret_cast<int*>(partial_state + static_cast<size_t>(rows) * num_heads * kAttentionSlots * 2);
   const float scale_log2 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)) * 1.4426950408889634);
   switch (head_dim) {
     case 16:
       launch_split<16>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       arrivals, out, stream);
+                       stream);
       break;
     case 32:
       launch_split<32>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       arrivals, out, stream);
+                       stream);
       break;
     case 64:
       launch_split<64>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       arrivals, out, stream);
+                       stream);
       break;
     case 128:
       launch_split<128>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
-                        partial_state, arrivals, out, stream);
+                        partial_state, stream);
       break;
     default:
       launch_split<256>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
-                        partial_state, arrivals, out, stream);
+                        partial_state, stream);
       break;
   }
   check_launch("attention_split");
+  attention_merge_kernel<<<dim3(rows, num_heads), head_dim, 0, stream>>>(partial_acc, partial_state, num_heads,
+                                                                         head_dim, out);
+  check_launch("attention_merge");
 }
 
 }  // namespace pearl::gpu

@@ -58,8 +58,7 @@ void rope_store_kv(float* qkv, int64_t stride, int rows, int num_heads, int head
                    const float* inv_freq, const float* q_norm, const float* k_norm, float eps, const int32_t* slots,
                    const DeviceKvLayer& kv, cudaStream_t stream);
 
-// Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states and an arrival counter.
-// Zero it once when it is allocated; every call leaves the counters at zero again.
+// Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states.
 constexpr int kAttentionSlots = 16;
 constexpr int kAttentionSplit = 64;  // keys per split; fixed, so a row's reduction order depends on its context only
 size_t attention_scratch_floats(int rows, int num_heads, int head_dim);
@@ -67,8 +66,7 @@ size_t attention_scratch_floats(int rows, int num_heads, int head_dim);
 // Causal grouped-query attention over the paged cache (decode rows, verify windows and prefill alike):
 // q rows are `q_stride` floats apart, out is bf16 [rows, num_heads * head_dim]. Split-KV: the context is cut
 // into kAttentionSplit-key splits spread over kAttentionSlots CTAs per (row, KV head), whose partial
-// softmax states the last of them to finish merges by log-sum-exp. One launch; the grid depends on the row
-// count only (graph safe).
+// softmax states are merged by log-sum-exp. The grid depends on the row count only (graph safe).
 void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
                const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, cudaStream_t stream);
 
