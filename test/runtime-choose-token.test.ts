@@ -1,5 +1,6 @@
 // Tokens and verdicts the engine's backend computes next to the logits (greedy, sampled from the whole
-// softmax, sampled with top-k/top-p cuts, and verify windows of greedy and of sampled drafts), against an
+// softmax, sampled with top-k/top-p cuts, verify windows of greedy and of sampled drafts, and a drafting
+// step's q with the token drawn from it), against an
 // independent TypeScript statement of the rule, on the CPU backend; test/gpu/cuda.test.ts runs the same
 // checks on the CUDA backend.
 import assert from "node:assert/strict";
@@ -8,10 +9,13 @@ import { test } from "node:test";
 import { Engine } from "../lib/native.js";
 import {
   assertEngineChoosesTokens,
+  assertEngineDraftsFromTopK,
   assertEngineVerifiesSampledDrafts,
   chooseToken,
   processLogits,
+  sampleDraftToken,
   sampleResidual,
+  topKDistribution,
 } from "./reference/choose_token.js";
 import { tokenRange } from "./reference/drive.js";
 import { loadFixture } from "./reference/fixtures.js";
@@ -48,6 +52,23 @@ test("the reference cuts: top-k by (probability, id), then the smallest nucleus 
   assert.equal(sampleResidual(greedy, { tokens: Int32Array.of(1), probs: Float32Array.of(1) }, 5, 3), 1);
 });
 
+test("the reference q: the top k of p by (probability, id), renormalized in float32", () => {
+  const logits = Float32Array.from([0.05, 0.5, 0.15, 0.3, 0.3].map(Math.log));
+  const p = processLogits(logits, { temperature: 1, topK: 0, topP: 1, seed: 0 });
+  const q = topKDistribution(p, 2);
+  assert.deepEqual(Array.from(q.tokens), [1, 3], "the tie at 0.3 keeps the lower id");
+  assert.deepEqual(q.probs, Float32Array.of(0.5 / 0.8, 0.3 / 0.8));
+  assert.deepEqual(
+    Array.from(topKDistribution(p, 9).tokens),
+    [1, 3, 4, 2, 0],
+    "k past the support keeps it all",
+  );
+  assert.deepEqual(Array.from(topKDistribution(p, 0).tokens), [1], "k below 1 keeps the top token");
+  const draws = new Set<number>();
+  for (let seed = 0; seed < 60; seed++) draws.add(sampleDraftToken(q, seed, 4));
+  assert.deepEqual([...draws].sort(), [1, 3], "the drafted token is drawn from q, and only from q");
+});
+
 test("cpu: greedy, whole-softmax and cut tokens equal the reference on the same logits", async () => {
   const fixture = loadFixture("llama-gqa-f32");
   const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
@@ -63,6 +84,16 @@ test("cpu: sampled-draft verify windows get the reference verdict on the same lo
   const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
   try {
     await assertEngineVerifiesSampledDrafts(engine, tokenRange(7, 13, engine.info.vocabSize));
+  } finally {
+    await engine.close();
+  }
+});
+
+test("cpu: a drafting step returns the reference q of the same row and the token drawn from it", async () => {
+  const fixture = loadFixture("llama-gqa-f32");
+  const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
+  try {
+    await assertEngineDraftsFromTopK(engine, tokenRange(7, 13, engine.info.vocabSize));
   } finally {
     await engine.close();
   }

@@ -40,10 +40,13 @@ class Backend {
   // Runs every row through the model. For output i (row logit_rows[i]) writes what choices[i] asks
   // (ops::choose_row's rule: the token, and for a row judging a sampled draft p(draft) and the residual
   // draw) to chosen[i] and, when full_logits[i], its logits to the next row of `logits`, which holds one row
-  // of vocab_size floats per such output, in output order. Sampling and verification thus need no logits on
+  // of vocab_size floats per such output, in output order. A drafting row (choices[i].return_top_k = k > 0)
+  // writes its q to the next k entries of `q_entries`, which holds return_top_k entries per output, in output
+  // order, and its token is the draw from that q. Sampling, verification and drafting thus need no logits on
   // the host. A row's results must not depend on the other rows. A row that cannot be chosen from gets token
-  // -1 (the CPU backend throws process_logits' error instead).
-  virtual void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) = 0;
+  // -1 and an empty q (the CPU backend throws process_logits' error instead).
+  virtual void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                       ops::TokenProb* q_entries) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
 };

@@ -39,7 +39,8 @@ void CpuBackend::copy_block(int32_t source, int32_t destination) {
   }
 }
 
-void CpuBackend::forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) {
+void CpuBackend::forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                         ops::TokenProb* q_entries) {
   const int rows = static_cast<int>(batch.tokens.size());
   if (rows == 0) return;
   const int hidden = config_.hidden_size;
@@ -118,9 +119,11 @@ void CpuBackend::forward(const ForwardBatch& batch, float* logits, ops::ChosenTo
   ops::matmul(final_hidden.data(), outputs, hidden, weights_.lm_head_weight(), nullptr, config_.vocab_size,
               all_logits.data(), pool_);
   float* next_full = logits;
+  ops::TokenProb* next_q = q_entries;
   for (size_t i = 0; i < static_cast<size_t>(outputs); ++i) {
     const float* row = all_logits.data() + i * vocab;
-    chosen[i] = ops::choose_row(row, config_.vocab_size, batch.choices[i]);
+    chosen[i] = ops::choose_row(row, config_.vocab_size, batch.choices[i], next_q);
+    next_q += batch.choices[i].return_top_k;
     if (batch.full_logits[i]) next_full = std::copy(row, row + vocab, next_full);
   }
 }

@@ -18,6 +18,7 @@
 #include "cuda/cublaslt.h"
 #include "ops/cuda_ops.cuh"
 #include "ops/ops.h"
+#include "sampling.h"
 #include "weights.h"
 
 namespace pearl {
@@ -29,7 +30,7 @@ using gpu::bf16;
 constexpr int kChunkRows = 256;    // rows per pass through the layers; bounds the activation scratch
 constexpr int kLogitRows = 64;     // rows per lm_head product; bounds the logits buffer
 constexpr int kGraphMaxRows = 64;  // steps of up to this many rows replay a captured CUDA graph
-constexpr int kDraftEntriesPerRow = 64;  // q entries per processed row the load-time staging holds
+constexpr int kDraftEntriesPerRow = 64;  // judged and returned q entries per processed row the load-time staging holds
 constexpr std::array<int, 7> kGraphBuckets = {1, 2, 4, 8, 16, 32, 64};
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 constexpr double kDefaultCacheFraction = 0.45;  // of the memory left free after weights and scratch
@@ -240,7 +241,8 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) override {
+  void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+               ops::TokenProb* q_entries) override {
     const int rows = static_cast<int>(batch.tokens.size());
     if (rows == 0) return;
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
@@ -249,11 +251,12 @@ class CudaBackend final : public Backend {
     stage_rows(batch, padded_rows);
     stage_choices(batch, bucket);
     if (bucket > 0) {
-      forward_graph(batch, bucket, logits, chosen);
+      forward_graph(batch, bucket, logits, chosen, q_entries);
     } else {
-      forward_eager(batch, logits, chosen);
+      forward_eager(batch, logits, chosen, q_entries);
     }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    draw_drafted_tokens(chosen, q_entries);
   }
 
  private:
@@ -346,7 +349,7 @@ class CudaBackend final : public Backend {
     device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(gpu::ChosenTokenRow));
     choose_scratch_ = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));
     processed_scratch_ = DeviceMemory(gpu::processed_scratch_bytes(kLogitRows, config_.vocab_size));
-    reserve_processed(kLogitRows, kLogitRows * kDraftEntriesPerRow);
+    reserve_processed(kLogitRows, kLogitRows * kDraftEntriesPerRow, kLogitRows * kDraftEntriesPerRow);
     cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
   }
 
@@ -439,7 +442,8 @@ class CudaBackend final : public Backend {
 
   // How each logits row picks its token, in the order compute_logits sees the rows: by row of the bucket
   // for a graph step (rows without an output take the argmax), by output in chunk order for an eager one.
-  // Processed rows are redrawn after compute_logits (choose_processed_rows): their staging is sized here.
+  // Processed rows are redrawn after compute_logits (choose_processed_rows): their staging is sized here, and
+  // drafting rows get their q's place (the same offset on the device as in the caller's q_entries).
   void stage_choices(const ForwardBatch& batch, int bucket) {
     gpu::TokenChoiceRow* host = choice_staging_.as<gpu::TokenChoiceRow>();
     const auto device_form = [&](size_t output) {
@@ -450,12 +454,22 @@ class CudaBackend final : public Backend {
     step_choices_ = batch.choices;
     size_t processed_rows = 0;
     size_t draft_entries = 0;
-    for (const ops::TokenChoice& choice : batch.choices) {
+    returned_q_offset_.assign(batch.choices.size(), 0);
+    size_t returned_entries = 0;
+    for (size_t i = 0; i < batch.choices.size(); ++i) {
+      const ops::TokenChoice& choice = batch.choices[i];
+      if (choice.return_top_k > 0) {
+        if (!draws_processed(choice)) {
+          throw std::invalid_argument("cuda backend: a row returning q must be processed, with temperature > 0");
+        }
+        returned_q_offset_[i] = returned_entries;
+        returned_entries += static_cast<size_t>(choice.return_top_k);
+      }
       if (!draws_processed(choice)) continue;
       ++processed_rows;
       if (choice.draft_token >= 0) draft_entries += choice.draft_dist->tokens.size();
     }
-    reserve_processed(processed_rows, draft_entries);
+    reserve_processed(processed_rows, draft_entries, returned_entries);
     processed_used_ = 0;
     draft_entries_used_ = 0;
     size_t count = 0;
@@ -479,21 +493,27 @@ class CudaBackend final : public Backend {
     return choice.processed && choice.temperature > 0.0f;
   }
 
-  // Room for a step's processed rows and their drafts' q entries. Each call of choose_processed_rows stages
-  // its rows in a fresh part of the pinned buffers, so no copy still in flight reads a rewritten entry; the
-  // step's final synchronize frees them all. Grows (rarely: the load-time size covers kLogitRows rows of
-  // kDraftEntriesPerRow entries) before any work of the step is enqueued, never inside a capture.
-  void reserve_processed(size_t rows, size_t draft_entries) {
-    if (rows <= processed_capacity_ && draft_entries <= draft_entry_capacity_) return;
+  // Room for a step's processed rows, their drafts' q entries and the entries of the q's drafting rows
+  // return. Each call of choose_processed_rows stages its rows in a fresh part of the pinned buffers, so no
+  // copy still in flight reads a rewritten entry; the step's final synchronize frees them all. Grows (rarely:
+  // the load-time size covers kLogitRows rows of kDraftEntriesPerRow entries) before any work of the step is
+  // enqueued, never inside a capture.
+  void reserve_processed(size_t rows, size_t draft_entries, size_t returned_entries) {
+    if (rows <= processed_capacity_ && draft_entries <= draft_entry_capacity_ &&
+        returned_entries <= returned_entry_capacity_) {
+      return;
+    }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
     processed_capacity_ = std::max(rows, 2 * processed_capacity_);
     draft_entry_capacity_ = std::max(draft_entries, 2 * draft_entry_capacity_);
+    returned_entry_capacity_ = std::max(returned_entries, 2 * returned_entry_capacity_);
     const size_t row_bytes = processed_capacity_ * sizeof(gpu::ProcessedRow);
     processed_staging_ = PinnedMemory(row_bytes);
     device_processed_ = DeviceMemory(row_bytes);
     const size_t entry_bytes = draft_entry_capacity_ * (sizeof(int32_t) + sizeof(float));
     draft_staging_ = PinnedMemory(entry_bytes);
     device_drafts_ = DeviceMemory(entry_bytes);
+    device_returned_q_ = DeviceMemory(returned_entry_capacity_ * sizeof(gpu::TokenProbRow));
   }
 
   // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
@@ -609,9 +629,10 @@ class CudaBackend final : public Backend {
   }
 
   // Outputs `outputs` sit in rows source_rows of device_logits_ / device_tokens_: processed rows are redrawn,
-  // then every choice comes back, logits only for the outputs that asked for them.
+  // then every choice comes back, logits only for the outputs that asked for them, and the q of drafting rows
+  // (return_top_k entries each, no vocabulary-sized row).
   void copy_outputs(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits,
-                    ops::ChosenToken* chosen) {
+                    ops::ChosenToken* chosen, ops::TokenProb* q_entries) {
     choose_processed_rows(source_rows, outputs);
     static_assert(sizeof(ops::ChosenToken) == sizeof(gpu::ChosenTokenRow) &&
                       offsetof(ops::ChosenToken, token) == offsetof(gpu::ChosenTokenRow, token) &&
@@ -630,6 +651,46 @@ class CudaBackend final : public Backend {
     }
     copy_rows(device_logits_.as<float>(), static_cast<size_t>(config_.vocab_size), full_sources, full_destinations,
               logits);
+    copy_returned_q(outputs, q_entries);
+  }
+
+  // The returned q of the drafting rows among `outputs`; device and host share offsets, so q's of
+  // consecutive drafting outputs travel in one copy.
+  void copy_returned_q(const std::vector<int32_t>& outputs, ops::TokenProb* q_entries) {
+    static_assert(sizeof(ops::TokenProb) == sizeof(gpu::TokenProbRow) &&
+                      offsetof(ops::TokenProb, token) == offsetof(gpu::TokenProbRow, token) &&
+                      offsetof(ops::TokenProb, prob) == offsetof(gpu::TokenProbRow, prob),
+                  "ops::TokenProb and gpu::TokenProbRow must share one layout");
+    const gpu::TokenProbRow* device = device_returned_q_.as<gpu::TokenProbRow>();
+    size_t begin = 0;
+    size_t end = 0;
+    const auto flush = [&] {
+      if (end == begin) return;
+      PEARL_CUDA_CHECK(cudaMemcpyAsync(q_entries + begin, device + begin, (end - begin) * sizeof(gpu::TokenProbRow),
+                                       cudaMemcpyDeviceToHost, stream_));
+    };
+    for (int32_t output : outputs) {
+      const size_t k = static_cast<size_t>(step_choices_[static_cast<size_t>(output)].return_top_k);
+      if (k == 0) continue;
+      const size_t offset = returned_q_offset_[static_cast<size_t>(output)];
+      if (offset != end) {
+        flush();
+        begin = offset;
+      }
+      end = offset + k;
+    }
+    flush();
+  }
+
+  // After the step's synchronize: each drafting row's token, drawn on the host from the q it returned exactly
+  // as the CPU backend draws it (the device leaves token -1 there); an empty q keeps token -1.
+  void draw_drafted_tokens(ops::ChosenToken* chosen, const ops::TokenProb* q_entries) const {
+    for (size_t i = 0; i < step_choices_.size(); ++i) {
+      const ops::TokenChoice& choice = step_choices_[i];
+      if (choice.return_top_k == 0) continue;
+      const DraftDistribution q = ops::returned_q(q_entries + returned_q_offset_[i], choice.return_top_k);
+      chosen[i].token = sample_draft_token(q, choice.seed, choice.position);
+    }
   }
 
   // Redraws the processed outputs among `outputs` (logits in rows source_rows of device_logits_) by
@@ -645,11 +706,13 @@ class CudaBackend final : public Backend {
     const size_t first_entry = draft_entries_used_;
     int count = 0;
     int cut_rows = 0;
-    // Cut rows first: choose_processed sorts those.
+    // Rows that need the sort first (a cut, or a drafting row, whose q is the top of p's order):
+    // choose_processed sorts those.
     for (const bool cut_pass : {true, false}) {
       for (size_t i = 0; i < outputs.size(); ++i) {
         const ops::TokenChoice& choice = step_choices_[static_cast<size_t>(outputs[i])];
-        if (!draws_processed(choice) || (choice.top_k > 0 || choice.top_p < 1.0f) != cut_pass) continue;
+        const bool sorted = choice.top_k > 0 || choice.top_p < 1.0f || choice.return_top_k > 0;
+        if (!draws_processed(choice) || sorted != cut_pass) continue;
         gpu::ProcessedRow row;
         row.logits_row = source_rows[i];
         row.temperature = choice.temperature;
@@ -658,6 +721,8 @@ class CudaBackend final : public Backend {
         row.top_k = choice.top_k;
         row.top_p = choice.top_p;
         row.draft_token = choice.draft_token;
+        row.return_top_k = choice.return_top_k;
+        row.returned_begin = static_cast<int32_t>(returned_q_offset_[static_cast<size_t>(outputs[i])]);
         if (choice.draft_token >= 0) {
           const DraftDistribution& q = *choice.draft_dist;
           std::vector<size_t> by_token(q.tokens.size());
@@ -691,10 +756,11 @@ class CudaBackend final : public Backend {
     }
     gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, cut_rows,
                           device_draft_tokens, device_draft_probs, processed_scratch_.as<void>(), kLogitRows,
-                          device_tokens_.as<gpu::ChosenTokenRow>(), stream_);
+                          device_tokens_.as<gpu::ChosenTokenRow>(), device_returned_q_.as<gpu::TokenProbRow>(),
+                          stream_);
   }
 
-  void forward_eager(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen) {
+  void forward_eager(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen, ops::TokenProb* q_entries) {
     const int rows = static_cast<int>(batch.tokens.size());
     int32_t logit_offset = 0;
     for (int first = 0; first < rows; first += kChunkRows) {
@@ -710,7 +776,7 @@ class CudaBackend final : public Backend {
         copy_outputs(source_rows,
                      std::vector<int32_t>(group.begin() + static_cast<std::ptrdiff_t>(begin),
                                           group.begin() + static_cast<std::ptrdiff_t>(begin) + n),
-                     logits, chosen);
+                     logits, chosen, q_entries);
       }
       logit_offset += static_cast<int32_t>(group.size());
     }
@@ -722,7 +788,8 @@ class CudaBackend final : public Backend {
     compute_logits(nullptr, bucket, device_choices_.as<gpu::TokenChoiceRow>());
   }
 
-  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, ops::ChosenToken* chosen) {
+  void forward_graph(const ForwardBatch& batch, int bucket, float* logits, ops::ChosenToken* chosen,
+                     ops::TokenProb* q_entries) {
     const size_t index = static_cast<size_t>(
         std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
     if (graphs_[index] == nullptr) {
@@ -735,7 +802,7 @@ class CudaBackend final : public Backend {
     }
     std::vector<int32_t> outputs(batch.logit_rows.size());
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
-    copy_outputs(batch.logit_rows, outputs, logits, chosen);
+    copy_outputs(batch.logit_rows, outputs, logits, chosen, q_entries);
   }
 
   void capture(int bucket, size_t index) {
@@ -807,10 +874,13 @@ class CudaBackend final : public Backend {
   size_t draft_entry_capacity_ = 0;                 // q entries it holds: tokens, then as many probs
   size_t processed_used_ = 0;                       // of this step
   size_t draft_entries_used_ = 0;
+  size_t returned_entry_capacity_ = 0;              // returned q entries device_returned_q_ holds
+  std::vector<size_t> returned_q_offset_;           // per output: where a drafting row's q goes (device and host)
   PinnedMemory processed_staging_;
   DeviceMemory device_processed_;
   PinnedMemory draft_staging_;
   DeviceMemory device_drafts_;
+  DeviceMemory device_returned_q_;
 
   std::array<cudaGraphExec_t, kGraphBuckets.size()> graphs_{};
 };

@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -102,26 +103,30 @@ class EngineImpl : public Engine {
     return options;
   }
 
-  // Whether the item's logits must reach the host: a Logits step returns them, and a drafting service's q
-  // (return_top_k while sampling) is computed from them. Every other token, p(draft) and residual draw the
-  // backend computes next to the logits (ops::choose_row), so the host never sees a vocabulary-sized row.
-  static bool needs_host_logits(const StepItem& item) { return item.output == StepOutput::Logits || returns_q(item); }
+  // Whether the item's logits must reach the host: only a Logits step returns them. Every token, p(draft),
+  // residual draw and drafting q the backend computes next to the logits (ops::choose_row), so the host
+  // never sees a vocabulary-sized row otherwise.
+  static bool needs_host_logits(const StepItem& item) { return item.output == StepOutput::Logits; }
 
-  // A drafting step that returns q: the host draws the next token from q (top_k_distribution of p).
+  // A drafting step that returns q (top_k_distribution of p) with the next token drawn from it.
   static bool returns_q(const StepItem& item) { return item.return_top_k > 0 && item.sampling.temperature > 0.0f; }
 
   // How the backend picks the token of row `window_row` of the item's verify window (0: the last committed
   // token's row; the window has num_draft + 1 rows), which sits at `position`.
-  static ops::TokenChoice window_choice(const StepItem& item, int window_row, int64_t position) {
+  ops::TokenChoice window_choice(const StepItem& item, int window_row, int64_t position) const {
     const SamplingParams& s = item.sampling;
     ops::TokenChoice choice{s.temperature, s.seed, position};
     const bool sampled_drafts = !item.draft_dists.empty();
     // process_logits + sample_token whenever the draw is not the whole softmax's one-pass Gumbel-max, for
-    // every row of a sampled-draft window (p(d), the residual and the bonus draw are the host rule's), and
-    // for a Logits step, whose tokens thus follow from the logits it returns by the host rule.
-    choice.processed = s.top_k > 0 || s.top_p < 1.0f || sampled_drafts || item.output == StepOutput::Logits;
+    // every row of a sampled-draft window (p(d), the residual and the bonus draw are the host rule's), for a
+    // Logits step, whose tokens thus follow from the logits it returns by the host rule, and for a drafting
+    // step, whose q is the top of p.
+    choice.processed = s.top_k > 0 || s.top_p < 1.0f || sampled_drafts || item.output == StepOutput::Logits ||
+                       returns_q(item);
     choice.top_k = s.top_k;
     choice.top_p = s.top_p;
+    // q never holds more than the vocabulary, so the backend's room for it need not either.
+    if (returns_q(item)) choice.return_top_k = std::min(item.return_top_k, config_.vocab_size);
     if (sampled_drafts && window_row < item.num_draft) {
       const size_t draft = static_cast<size_t>(window_row);
       choice.draft_token = item.tokens[item.tokens.size() - static_cast<size_t>(item.num_draft) + draft];
@@ -202,7 +207,9 @@ class EngineImpl : public Engine {
     std::vector<int32_t> slots;
     std::vector<size_t> window_output(items.size(), 0);    // the output of each item's first window row
     std::vector<size_t> first_logit_row(items.size(), 0);  // in the host logits, which hold full outputs only
+    std::vector<size_t> q_offset(items.size(), 0);         // a drafting item's q in the returned q entries
     size_t full_outputs = 0;
+    size_t q_entries = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       const StepItem& item = items[i];
       const int64_t count = static_cast<int64_t>(item.tokens.size());
@@ -224,13 +231,14 @@ class EngineImpl : public Engine {
         const bool full = needs_host_logits(item);
         for (int64_t t = logit_from; t < count; ++t) {
           batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
-          // Rows whose token goes unused (a Logits step's prompt, a drafting step returning q) take the
-          // argmax, the cheapest pick.
-          batch.choices.push_back(t < window_from || returns_q(item) ? ops::TokenChoice{}
+          // Rows whose token goes unused (a Logits step's prompt) take the argmax, the cheapest pick.
+          batch.choices.push_back(t < window_from ? ops::TokenChoice{}
                                                   : window_choice(item, static_cast<int>(t - window_from),
                                                                   old_lengths[i] + t + 1));
           batch.full_logits.push_back(full ? 1 : 0);
           if (full) ++full_outputs;
+          if (batch.choices.back().return_top_k > 0) q_offset[i] = q_entries;
+          q_entries += static_cast<size_t>(batch.choices.back().return_top_k);
         }
       }
     }
@@ -238,7 +246,8 @@ class EngineImpl : public Engine {
     const size_t vocab = static_cast<size_t>(config_.vocab_size);
     std::vector<float> logits(full_outputs * vocab);
     std::vector<ops::ChosenToken> chosen(batch.logit_rows.size());
-    backend_->forward(batch, logits.data(), chosen.data());
+    std::vector<ops::TokenProb> returned(q_entries);
+    backend_->forward(batch, logits.data(), chosen.data(), returned.data());
 
     std::vector<StepResult> results;
     results.reserve(items.size());
@@ -248,28 +257,22 @@ class EngineImpl : public Engine {
       StepResult result;
       result.seq_id = item.seq_id;
       if (item.output != StepOutput::None) {
-        const float* item_logits = logits.data() + first_logit_row[i] * vocab;
-        // Rows of the window: the last committed token's row, then one per draft.
-        const float* window = item_logits;
         if (item.output == StepOutput::Logits) {
+          const float* item_logits = logits.data() + first_logit_row[i] * vocab;
           result.logits.assign(item_logits, item_logits + static_cast<size_t>(count) * vocab);
-          window = item_logits + static_cast<size_t>(count - item.num_draft - 1) * vocab;
         }
+        // Rows of the window: the last committed token's row, then one per draft. A drafting step's window is
+        // its last row alone, whose token the backend drew from the q it returned.
         const int64_t first_position = old_lengths[i] + count - item.num_draft;
+        const auto target = [&](int row) {
+          return checked_choice(chosen[window_output[i] + static_cast<size_t>(row)]);
+        };
+        const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
+                                              item.draft_dists, item.sampling.seed, first_position);
+        result.accepted = verdict.accepted;
+        result.next_token = verdict.next_token;
         if (returns_q(item)) {
-          result.q = top_k_distribution(process_logits(window, config_.vocab_size, item.sampling), item.return_top_k);
-          Distribution q;
-          q.tokens = result.q.tokens;
-          q.probs.assign(result.q.probs.begin(), result.q.probs.end());
-          result.next_token = sample_token(q, item.sampling.seed, first_position);
-        } else {
-          const auto target = [&](int row) {
-            return checked_choice(chosen[window_output[i] + static_cast<size_t>(row)]);
-          };
-          const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
-                                                item.draft_dists, item.sampling.seed, first_position);
-          result.accepted = verdict.accepted;
-          result.next_token = verdict.next_token;
+          result.q = ops::returned_q(returned.data() + q_offset[i], batch.choices[window_output[i]].return_top_k);
         }
       }
       const int64_t new_length = old_lengths[i] + count - item.num_draft + result.accepted;

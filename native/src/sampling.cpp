@@ -169,6 +169,13 @@ DraftDistribution top_k_distribution(const Distribution& p, int k) {
   return q;
 }
 
+int32_t sample_draft_token(const DraftDistribution& q, uint64_t seed, int64_t position) {
+  Distribution sent;
+  sent.tokens = q.tokens;
+  sent.probs.assign(q.probs.begin(), q.probs.end());
+  return sample_token(sent, seed, position);
+}
+
 ops::ChosenToken choose_from_distribution(const Distribution& p, uint64_t seed, int64_t position, int32_t draft_token,
                                           const DraftDistribution* draft_dist) {
   ops::ChosenToken choice;

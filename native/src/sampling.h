@@ -40,6 +40,9 @@ int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position);
 // sends it along with a token sampled from it.
 DraftDistribution top_k_distribution(const Distribution& p, int k);
 
+// The drafting service's token: sample_token over q as sent (its float probabilities); -1 for an empty q.
+int32_t sample_draft_token(const DraftDistribution& q, uint64_t seed, int64_t position);
+
 // What verification needs from the target's row at `position`, given its processed distribution p: its own
 // draw (sample_token) and, when the row judges a sampled draft (draft_token >= 0 with q = *draft_dist),
 // p(draft_token) and the residual draw from norm(max(0, p - q)) (p's own draw when that is empty). A

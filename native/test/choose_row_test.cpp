@@ -1,6 +1,7 @@
-// ops::choose_row, what a backend returns per output row so that sampling and verification need no logits on
-// the host, against process_logits + sample_token and the speculative sampling rule written out here
-// independently (the verification loop as it read before backends computed p(d) and the residual).
+// ops::choose_row, what a backend returns per output row so that sampling, verification and drafting need no
+// logits on the host, against process_logits + sample_token (+ top_k_distribution for a drafting row's q) and
+// the speculative sampling rule written out here independently (the verification loop as it read before
+// backends computed p(d) and the residual).
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -231,6 +232,74 @@ TEST(greedy_windows_from_chosen_rows_equal_the_rule_on_distributions) {
     CHECK_EQ(verdict.accepted, expected.accepted);
     CHECK_EQ(verdict.next_token, expected.next_token);
   }
+}
+
+// A drafting row returns q = top_k_distribution(p, k) in its k entries (token -1 past q's size) and the token
+// sample_token draws from q as sent (float probabilities), for every k from 1 to more than the vocabulary,
+// whole-softmax rows and cut rows, and rows with ties (logits_row's) and a flat tail.
+TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
+  int compared = 0;
+  int from_below_the_top = 0;  // draws that are not q's most likely token: q is really sampled
+  for (int variant = 0; variant < 3; ++variant) {
+    std::vector<float> logits = logits_row(variant);
+    if (variant == 2) {
+      for (int i = 0; i < kVocab; i += 3) logits[static_cast<size_t>(i)] = 1.5f;  // a wide tie
+    }
+    for (float temperature : {0.3f, 1.0f, 2.5f}) {
+      for (const auto& [top_k, top_p] : {std::pair<int, float>{0, 1.0f}, {0, 0.9f}, {40, 1.0f}, {7, 0.95f}}) {
+        for (int k : {1, 2, 5, 16, 64, kVocab + 3}) {
+          for (uint64_t seed = 1; seed <= 6; ++seed) {
+            const SamplingParams params = sampling(temperature, top_k, top_p, seed * 104729 + variant);
+            const int64_t position = 100 + static_cast<int64_t>(seed) * 3;
+            TokenChoice choice = processed_choice(params, position);
+            choice.return_top_k = k;
+            std::vector<pearl::ops::TokenProb> entries(static_cast<size_t>(k), pearl::ops::TokenProb{-7, -1.0f});
+            const ChosenToken chosen = pearl::ops::choose_row(logits.data(), kVocab, choice, entries.data());
+
+            const DraftDistribution expected =
+                pearl::top_k_distribution(pearl::process_logits(logits.data(), kVocab, params), k);
+            CHECK(!expected.tokens.empty() && expected.tokens.size() <= static_cast<size_t>(k));
+            for (size_t j = 0; j < entries.size(); ++j) {
+              if (j < expected.tokens.size()) {
+                CHECK_EQ(entries[j].token, expected.tokens[j]);
+                CHECK_EQ(entries[j].prob, expected.probs[j]);
+              } else {
+                CHECK_EQ(entries[j].token, -1);
+                CHECK_EQ(entries[j].prob, 0.0f);
+              }
+            }
+            const DraftDistribution returned = pearl::ops::returned_q(entries.data(), k);
+            CHECK(returned.tokens == expected.tokens);
+            CHECK(returned.probs == expected.probs);
+
+            Distribution q;
+            q.tokens = expected.tokens;
+            q.probs.assign(expected.probs.begin(), expected.probs.end());
+            CHECK_EQ(chosen.token, pearl::sample_token(q, params.seed, position));
+            CHECK_EQ(chosen.token, pearl::sample_draft_token(expected, params.seed, position));
+            CHECK_EQ(chosen.residual_token, -1);
+            if (chosen.token != expected.tokens[0]) ++from_below_the_top;
+            ++compared;
+          }
+        }
+      }
+    }
+  }
+  CHECK_EQ(compared, 3 * 3 * 4 * 6 * 6);
+  CHECK(from_below_the_top > 100);
+}
+
+TEST(a_drafting_row_without_room_for_q_or_a_finite_maximum_is_refused) {
+  TokenChoice choice = processed_choice(sampling(1.0f, 0, 1.0f, 3), 5);
+  choice.return_top_k = 4;
+  const std::vector<float> logits = logits_row(0);
+  CHECK_THROWS(pearl::ops::choose_row(logits.data(), kVocab, choice), "room for its q");
+  std::vector<float> infinite = logits;
+  infinite[9] = std::numeric_limits<float>::infinity();
+  std::vector<pearl::ops::TokenProb> entries(4);
+  CHECK_THROWS(pearl::ops::choose_row(infinite.data(), kVocab, choice, entries.data()), "no finite maximum");
+  CHECK(pearl::ops::returned_q(entries.data(), 4).tokens.empty());
+  CHECK_EQ(pearl::sample_draft_token(DraftDistribution{}, 3, 5), -1);
 }
 
 TEST(rows_without_a_choice_are_refused) {

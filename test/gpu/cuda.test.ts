@@ -19,7 +19,11 @@ import {
 } from "../reference/drive.js";
 import { FIXTURE_NAMES, type Fixture, loadFixture, relativeError } from "../reference/fixtures.js";
 import type { LlamaF64 } from "../reference/llama_f64.js";
-import { assertEngineChoosesTokens, assertEngineVerifiesSampledDrafts } from "../reference/choose_token.js";
+import {
+  assertEngineChoosesTokens,
+  assertEngineDraftsFromTopK,
+  assertEngineVerifiesSampledDrafts,
+} from "../reference/choose_token.js";
 import { loadBf16Oracle } from "./bf16_oracle.js";
 import { speculativeGreedy } from "./speculate.js";
 
@@ -206,7 +210,8 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
 // The engine's Sample steps against the TypeScript rule applied to the logits of Logits steps over the same
 // rows (bit-identical on the device: the same row counts take the same kernels). Exact equality is asserted;
 // the device's double exp and its sums in another order than the host's can only flip a draw, a cut
-// boundary or an acceptance test within a few ulps of a tie, which these seeds do not come near.
+// boundary, an acceptance test or a drafting q's float32 rounding within a few ulps of a tie, which these
+// seeds do not come near.
 describe("cuda tokens picked on the device", () => {
   test("greedy, whole-softmax and top-k/top-p tokens equal the reference rule on the same rows' logits", async () => {
     const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
@@ -221,6 +226,15 @@ describe("cuda tokens picked on the device", () => {
     const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
     try {
       await assertEngineVerifiesSampledDrafts(engine, tokenRange(7, 13, engine.info.vocabSize));
+    } finally {
+      await engine.close();
+    }
+  });
+
+  test("a drafting step's q (top k of p, sorted on the device) and its token equal the reference rule", async () => {
+    const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
+    try {
+      await assertEngineDraftsFromTopK(engine, tokenRange(7, 13, engine.info.vocabSize));
     } finally {
       await engine.close();
     }

@@ -2,7 +2,8 @@
 // and its CUDA twin): the argmax, or at temperature > 0 the Gumbel-max draw with pearl's counter-based
 // noise (native/src/counter_rng.h), ties to the lowest id; for rows with a top-k/top-p cut or judging
 // sampled drafts, the draw from the processed distribution (native/src/sampling.cpp) and the speculative
-// sampling verdict (accept with min(1, p/q), else the residual draw from norm(max(0, p - q))).
+// sampling verdict (accept with min(1, p/q), else the residual draw from norm(max(0, p - q))); for a
+// drafting step, the top-k distribution q of p it returns and the token drawn from q.
 import assert from "node:assert/strict";
 
 import type { DraftDistribution, Engine, SamplingParams } from "../../lib/native.js";
@@ -145,6 +146,28 @@ export function probabilityOf(p: Processed, token: number): number {
 export function sampleToken(p: Processed, seed: number, position: number): number {
   if (p.tokens.length === 1) return p.tokens[0]!;
   return gumbelArgmax(p.tokens, p.probs, seed, position, SAMPLE_PURPOSE);
+}
+
+/**
+ * The q a drafting service sends: the first k of p's support by (probability desc, id asc), their
+ * probabilities divided by their sum (added in that order) and rounded to float32.
+ */
+export function topKDistribution(p: Processed, k: number): DraftDistribution {
+  const order = p.tokens
+    .map((token, i) => ({ token, prob: p.probs[i]! }))
+    .sort((a, b) => (a.prob !== b.prob ? b.prob - a.prob : a.token - b.token))
+    .slice(0, Math.max(k, 1));
+  let total = 0;
+  for (const { prob } of order) total += prob;
+  return {
+    tokens: Int32Array.from(order, ({ token }) => token),
+    probs: Float32Array.from(order, ({ prob }) => prob / total),
+  };
+}
+
+/** The drafted token: the Gumbel-max draw from q as sent (its float32 probabilities) at `position`. */
+export function sampleDraftToken(q: DraftDistribution, seed: number, position: number): number {
+  return sampleToken({ tokens: Array.from(q.tokens), probs: Array.from(q.probs) }, seed, position);
 }
 
 /** The draw from norm(max(0, p - q)) at `position` (its own stream), p's own draw when that is empty. */
@@ -335,4 +358,52 @@ export async function assertEngineVerifiesSampledDrafts(
     outcomes.bonus >= 1 && outcomes.residual >= 1,
     `windows exercise both endings: ${JSON.stringify(outcomes)}`,
   );
+}
+
+/** Sampled settings (whole softmax and cuts) a drafting step runs with, and the q sizes it asks for. */
+const DRAFTING_SETTINGS = CHOICE_SETTINGS.filter((sampling) => sampling.temperature > 0);
+const DRAFTING_TOP_KS = [1, 4, 16, 100] as const;
+
+/**
+ * Checks on any backend that a drafting step (returnTopK = k while sampling, here after a 2-token chunk so
+ * that the drafting row is not the step's only row) returns q = topKDistribution(p, k) of the same row's
+ * logits and the token sampleDraftToken draws from that q, for every DRAFTING_SETTINGS entry, k from 1 to
+ * more than some cut supports hold, and several seeds; at least one draw must fall below q's top token.
+ */
+export async function assertEngineDraftsFromTopK(engine: Engine, prompt: readonly number[]): Promise<void> {
+  const vocab = engine.info.vocabSize;
+  const chunk = tokenRange(300, 2, vocab);
+  let belowTheTop = 0;
+  for (const [s, setting] of DRAFTING_SETTINGS.entries()) {
+    const withLogits = 9800 + 2 * s;
+    const drafting = withLogits + 1;
+    await addPrefilled(engine, withLogits, prompt);
+    await addPrefilled(engine, drafting, prompt);
+    const logits = await stepLogits(engine, withLogits, chunk);
+    const row = logitsRow(logits, vocab, chunk.length - 1);
+    const position = prompt.length + chunk.length;
+    for (const k of DRAFTING_TOP_KS) {
+      for (const seedOffset of [0, 1, 2]) {
+        const sampling = { ...setting, seed: setting.seed + 1000 * seedOffset };
+        const what = `temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}, returnTopK ${k}, seed ${sampling.seed}`;
+        const result = only(
+          await engine.step([{ seqId: drafting, tokens: Int32Array.from(chunk), sampling, returnTopK: k }]),
+        );
+        await engine.truncate(drafting, prompt.length);
+        const expected = topKDistribution(processLogits(row, sampling), k);
+        assert.ok(result.q, `drafting step returns q, ${what}`);
+        assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
+        assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
+        assert.equal(
+          result.nextToken,
+          sampleDraftToken(expected, sampling.seed, position),
+          `drafted token, ${what}`,
+        );
+        if (result.nextToken !== expected.tokens[0]) belowTheTop++;
+      }
+    }
+    await engine.release(withLogits);
+    await engine.release(drafting);
+  }
+  assert.ok(belowTheTop >= 1, "some drafted token is not q's most likely one: q is sampled, not maximized");
 }

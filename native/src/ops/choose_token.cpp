@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 #include "counter_rng.h"
 #include "ops.h"
@@ -23,7 +25,16 @@ int32_t choose_token(const float* logits, int n, const TokenChoice& choice) {
   return best;
 }
 
-ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice) {
+DraftDistribution returned_q(const TokenProb* entries, int capacity) {
+  DraftDistribution q;
+  for (int i = 0; i < capacity && entries[i].token >= 0; ++i) {
+    q.tokens.push_back(entries[i].token);
+    q.probs.push_back(entries[i].prob);
+  }
+  return q;
+}
+
+ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice, TokenProb* q_entries) {
   if (!choice.processed) {
     ChosenToken chosen;
     chosen.token = choose_token(logits, n, choice);
@@ -34,8 +45,17 @@ ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice) {
   params.top_k = choice.top_k;
   params.top_p = choice.top_p;
   params.seed = choice.seed;
-  return choose_from_distribution(process_logits(logits, n, params), choice.seed, choice.position, choice.draft_token,
-                                  choice.draft_dist);
+  const Distribution p = process_logits(logits, n, params);
+  if (choice.return_top_k > 0) {
+    if (q_entries == nullptr) throw std::invalid_argument("choose_row: a drafting row needs room for its q");
+    const DraftDistribution q = top_k_distribution(p, choice.return_top_k);
+    std::fill(q_entries, q_entries + choice.return_top_k, TokenProb{});
+    for (size_t i = 0; i < q.tokens.size(); ++i) q_entries[i] = TokenProb{q.tokens[i], q.probs[i]};
+    ChosenToken chosen;
+    chosen.token = sample_draft_token(q, choice.seed, choice.position);
+    return chosen;
+  }
+  return choose_from_distribution(p, choice.seed, choice.position, choice.draft_token, choice.draft_dist);
 }
 
 }  // namespace pearl::ops

@@ -179,13 +179,42 @@ __device__ double block_sum(typename Reduce::TempStorage& temp, double* shared_r
   return *shared_result;
 }
 
-// One CTA per sorted cut row of the pass: process_logits' cuts over the sorted order. Candidates (weight > 0)
+// A drafting row's q = top_k_distribution(p, return_top_k) from its sorted support [0, size) of total weight
+// `total` (weight(j): the weight at sorted position j): the first min(size, return_top_k) entries (p's order),
+// their probabilities p / (sum of the kept p, added in that order as the host does) rounded to float, then
+// token -1 entries. The sum's terms are computed a block at a time and added by one thread.
+template <typename Weight>
+__device__ void write_returned_q(const ProcessedRow& row, const int32_t* sorted_ids, int size, double total,
+                                 Weight weight, double* shares, double* shared_kept, TokenProbRow* returned_q) {
+  const int keep = min(size, row.return_top_k);
+  double kept = 0.0;
+  for (int base = 0; base < keep; base += kSupportThreads) {
+    const int position = base + static_cast<int>(threadIdx.x);
+    __syncthreads();  // the previous block of shares has been added
+    if (position < keep) shares[threadIdx.x] = weight(position) / total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < min(kSupportThreads, keep - base); ++j) kept += shares[j];
+    }
+  }
+  if (threadIdx.x == 0) *shared_kept = kept;
+  __syncthreads();
+  kept = *shared_kept;
+  TokenProbRow* entries = returned_q + row.returned_begin;
+  for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
+    entries[j] = j < keep ? TokenProbRow{sorted_ids[j], static_cast<float>(weight(j) / total / kept)}
+                          : TokenProbRow{-1, 0.0f};
+  }
+}
+
+// One CTA per sorted row of the pass: process_logits' cuts over the sorted order. Candidates (weight > 0)
 // are a prefix of it (the weight does not grow along it); top_k keeps the first k; the nucleus is the
-// shortest prefix whose cumulative share of the kept weight reaches top_p.
+// shortest prefix whose cumulative share of the kept weight reaches top_p. A drafting row also writes its q.
 __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint32_t* __restrict__ keys,
                                                                      const int32_t* __restrict__ ids, int n,
                                                                      const ProcessedRow* __restrict__ rows, int first,
-                                                                     RowSupport* __restrict__ supports) {
+                                                                     RowSupport* __restrict__ supports,
+                                                                     TokenProbRow* __restrict__ returned_q) {
   using Reduce = cub::BlockReduce<double, kSupportThreads>;
   using Scan = cub::BlockScan<double, kSupportThreads>;
   __shared__ union {
@@ -194,12 +223,18 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
   } temp;
   __shared__ double shared_sum;
   __shared__ int shared_count;
+  __shared__ double shares[kSupportThreads];
+  __shared__ double shared_kept;
   const int slot = first + static_cast<int>(blockIdx.x);
   const ProcessedRow row = rows[slot];
   const uint32_t* row_keys = keys + static_cast<int64_t>(blockIdx.x) * n;
+  const int32_t* row_ids = ids + static_cast<int64_t>(blockIdx.x) * n;
   const double max_logit = key_logit(row_keys[0]);
   if (!isfinite(max_logit)) {
     if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+    for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
+      returned_q[row.returned_begin + j] = TokenProbRow{-1, 0.0f};
+    }
     return;
   }
   const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
@@ -240,9 +275,8 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
     if (shared_count != INT_MAX) size = shared_count + 1;
   }
   const double total = block_sum<Reduce>(temp.reduce, &shared_sum, size, weight);
-  if (threadIdx.x == 0) {
-    supports[slot] = RowSupport{max_logit, total, row_keys[size - 1], ids[static_cast<int64_t>(blockIdx.x) * n + size - 1], 1};
-  }
+  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, total, row_keys[size - 1], row_ids[size - 1], 1};
+  if (row.return_top_k > 0) write_returned_q(row, row_ids, size, total, weight, shares, &shared_kept, returned_q);
 }
 
 // One CTA per uncut processed row (a sampled-draft window's): the whole row is the support.
@@ -314,7 +348,8 @@ __global__ void __launch_bounds__(kThreads) processed_draw_chunk_kernel(
   const int chunk_start = blockIdx.x * kChunk;
   Candidate best_sample{0.0, -1};
   Candidate best_residual{0.0, -1};
-  if (support.valid) {
+  // A drafting row's token is drawn from its q, not from p.
+  if (support.valid && row.return_top_k == 0) {
     for (int j = 0; j < kPerThread; ++j) {
       const int i = chunk_start + j * kThreads + static_cast<int>(threadIdx.x);
       if (i >= n) break;
@@ -350,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) processed_draw_chunk_kernel(
   }
 }
 
-// One warp per processed row: the best of its chunks' draws, and p(draft).
+// One warp per processed row: the best of its chunks' draws (none for a drafting row), and p(draft).
 __global__ void processed_draw_rows_kernel(const float* __restrict__ logits, int n,
                                            const ProcessedRow* __restrict__ rows,
                                            const RowSupport* __restrict__ supports,
@@ -453,7 +488,7 @@ size_t processed_scratch_bytes(int max_rows, int n) { return carve(nullptr, max_
 
 void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
                       const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
-                      cudaStream_t stream) {
+                      TokenProbRow* returned_q, cudaStream_t stream) {
   if (num_rows == 0) return;
   if (num_rows > max_rows) throw std::runtime_error("choose_processed: more rows than its scratch holds");
   const ProcessedScratch carved = carve(scratch, max_rows, n);
@@ -470,7 +505,7 @@ void choose_processed(const float* logits, int n, const ProcessedRow* rows, int 
                                                         pass_rows, carved.offsets, carved.offsets + 1, 0, 32, stream),
                "the segmented sort of cut rows");
     cut_support_kernel<<<pass_rows, kSupportThreads, 0, stream>>>(keys.Current(), ids.Current(), n, rows, first,
-                                                                  carved.supports);
+                                                                  carved.supports, returned_q);
     check_launch("cut_support");
   }
   if (num_rows > num_cut_rows) {

@@ -99,6 +99,12 @@ size_t choose_token_scratch_bytes(int rows, int n);
 void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* choices, void* scratch,
                   ChosenTokenRow* out, cudaStream_t stream);
 
+// ops::TokenProb in device form (the same layout): one entry of a drafting row's returned q.
+struct TokenProbRow {
+  int32_t token;
+  float prob;
+};
+
 // A row sampled from its processed distribution (ops::TokenChoice::processed at temperature > 0).
 struct ProcessedRow {
   int32_t logits_row = 0;  // its row of logits and of out
@@ -110,20 +116,26 @@ struct ProcessedRow {
   int32_t draft_token = -1;  // the sampled draft the row judges, or -1
   int32_t q_begin = 0;       // its q: entries [q_begin, q_begin + q_count) of the q arrays, ascending token ids
   int32_t q_count = 0;
+  int32_t return_top_k = 0;  // a drafting row: its q goes to returned_q[returned_begin, + return_top_k)
+  int32_t returned_begin = 0;
 };
 
 // out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), rows
-// [0, num_cut_rows) being those with a top-k or top-p cut: process_logits' support and sample_token's draw,
-// plus p(draft) and the residual draw for draft rows; token -1 where process_logits finds no finite maximum.
-// Cut rows are sorted (logit descending, id ascending: a stable CUB segmented radix sort) kProcessedSortRows
-// at a time to find the cut; every draw is a Gumbel-max over the unsorted row. Equal to the host rule except
-// where double rounding decides (exp, and sums taken in another order than the host's: ulp-level).
+// [0, num_cut_rows) being those that need the sort (a top-k or top-p cut, or a drafting row): process_logits'
+// support and sample_token's draw, plus p(draft) and the residual draw for draft rows; token -1 where
+// process_logits finds no finite maximum. A drafting row instead gets token -1 and writes its q =
+// top_k_distribution(p, return_top_k) to returned_q (then token -1 entries; all of them when there is no
+// finite maximum): the caller draws the token from q on the host (sample_draft_token), exactly.
+// Sorted rows are ordered (logit descending, id ascending: a stable CUB segmented radix sort)
+// kProcessedSortRows at a time, which is p's order; every draw is a Gumbel-max over the unsorted row. Equal
+// to the host rule except where double rounding decides (exp, and sums taken in another order than the
+// host's: ulp-level; for q, p's total, before its entries are rounded to float).
 // scratch holds processed_scratch_bytes(max_rows, n) bytes, max_rows >= num_rows.
 constexpr int kProcessedSortRows = 16;
 size_t processed_scratch_bytes(int max_rows, int n);
 void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
                       const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
-                      cudaStream_t stream);
+                      TokenProbRow* returned_q, cudaStream_t stream);
 
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order

@@ -60,6 +60,8 @@ void silu_mul(const float* gate_up, int rows, int inter, float* out);
 // - processed (rows with a top-k or top-p cut, and every row of a window verified against sampled drafts):
 //   exactly process_logits + sample_token (sampling.h), log p(x) + G(x) over p's support. A row that judges
 //   a sampled draft (draft_token >= 0, q = *draft_dist) also yields p(draft_token) and the residual draw.
+// - a drafting row (processed, temperature > 0, return_top_k = k > 0): q = top_k_distribution(p, k), which
+//   the row returns, and the token sample_draft_token(q) (sampling.h) instead of a draw from p.
 // The first three fields are all a one-pass row needs.
 struct TokenChoice {
   float temperature = 0.0f;
@@ -70,6 +72,7 @@ struct TokenChoice {
   float top_p = 1.0f;  // processed rows: SamplingParams::top_p
   int32_t draft_token = -1;                       // the sampled draft this row judges, or -1
   const DraftDistribution* draft_dist = nullptr;  // its q (when draft_token >= 0)
+  int return_top_k = 0;  // drafting rows: the size of the q they return (entries of the q output they fill)
 };
 
 // What a backend returns per output row: everything verification needs, so the logits can stay with it.
@@ -80,14 +83,26 @@ struct ChosenToken {
   double draft_prob = 0.0;      // draft rows: p(draft_token), the processed target probability
 };
 
+// One entry of the q a drafting row returns: top_k_distribution's tokens and probs in its order
+// (probability descending, ties to the lowest id), then token -1 (prob 0) past q's size. Laid out as
+// gpu::TokenProbRow (cuda_ops.cuh), which the CUDA backend copies into it.
+struct TokenProb {
+  int32_t token = -1;
+  float prob = 0.0f;
+};
+
+// The q held by `capacity` returned entries (those before the first token -1).
+DraftDistribution returned_q(const TokenProb* entries, int capacity);
+
 // The token a one-pass `choice` picks from n logits: the lowest index among equal keys; NaN never wins
 // (nor, when sampling, an infinite logit); -1 when nothing can win.
 int32_t choose_token(const float* logits, int n, const TokenChoice& choice);
 
 // Everything `choice` asks of a row: choose_token's one-pass token, or for a processed row the host rule
-// (process_logits, then choose_from_distribution in sampling.h). The reference the CUDA kernels follow.
+// (process_logits, then choose_from_distribution in sampling.h). A drafting row writes its q to
+// q_entries[0, return_top_k) and returns the token drawn from it. The reference the CUDA kernels follow.
 // Throws where process_logits does (no finite maximum; every logit NaN).
-ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice);
+ChosenToken choose_row(const float* logits, int n, const TokenChoice& choice, TokenProb* q_entries = nullptr);
 
 // x += delta, elementwise.
 void residual_add(float* x, const float* delta, int64_t count);
