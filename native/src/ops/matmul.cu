@@ -76,17 +76,19 @@ __device__ __forceinline__ void multiply_step(float (&acc)[kTiles][4], const Wei
   }
 }
 
-// A CTA owns 8 * kTiles output columns; its 8 warps split k and combine in warp order. With kPrefetch a
-// warp loads the next step's weights before multiplying the current ones, so its loads stay in flight
-// while it computes. Neither parameter changes which products are summed in which order.
+// A CTA owns 8 * kTiles output columns; its 8 warps split k and combine in warp order. A warp keeps the
+// weights of kDepth steps in flight: it loads its first kDepth steps before waiting for the kernel that
+// produces the activations, and each step it multiplies is replaced by the load kDepth steps ahead, so a
+// short matrix (4 steps a warp at k = 4096) is requested whole up front. Neither parameter changes which
+// products are summed in which order.
 //
 // Fragment trick: lane (g = lane / 4, t = lane % 4) loads 8 consecutive k of weight row g of each tile
 // (one 16-byte load) and the same 8 k of activation rows g and g + 8. The two m16n8k16 products of a
 // 32-k chunk then see the k order permuted identically in A and B (logical k 2t, 2t+1 | 2t+8, 2t+9 ->
 // physical 8t, 8t+1 | 8t+2, 8t+3 in the first product, 8t+4 .. 8t+7 in the second), which leaves every
 // dot product unchanged and keeps all loads 16 bytes wide.
-template <int kTiles, bool kPrefetch>
-__global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k,
+template <int kTiles, int kDepth, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k,
                                                                     const bf16* __restrict__ weight,
                                                                     const float* __restrict__ bias, int n,
                                                                     float* __restrict__ y, bool accumulate) {
@@ -118,22 +120,16 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_matmul_kernel(const bf16* 
   }
 
   constexpr int kStride = kWarps * kStep;
-  if constexpr (kPrefetch) {
-    WeightFragments<kTiles> current;
-    load_weights(current, warp * kStep, k, t, weight_row, column_valid);
-    wait_for_prerequisites();
-    for (int step = warp * kStep; step < k; step += kStride) {
-      WeightFragments<kTiles> next;
-      load_weights(next, step + kStride, k, t, weight_row, column_valid);
-      multiply_step(acc, current, step, k, t, x_low, x_high, has_low, has_high);
-      current = next;
-    }
-  } else {
-    wait_for_prerequisites();
-    for (int step = warp * kStep; step < k; step += kStride) {
-      WeightFragments<kTiles> current;
-      load_weights(current, step, k, t, weight_row, column_valid);
-      multiply_step(acc, current, step, k, t, x_low, x_high, has_low, has_high);
+  WeightFragments<kTiles> in_flight[kDepth];
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) load_weights(in_flight[d], warp * kStep + d * kStride, k, t, weight_row, column_valid);
+  wait_for_prerequisites();
+  for (int step = warp * kStep; step < k; step += kDepth * kStride) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      const int current = step + d * kStride;
+      if (current < k) multiply_step(acc, in_flight[d], current, k, t, x_low, x_high, has_low, has_high);
+      load_weights(in_flight[d], current + kDepth * kStride, k, t, weight_row, column_valid);
     }
   }
 
@@ -167,7 +163,7 @@ __global__ void add_bias_kernel(float* __restrict__ y, int n, const float* __res
   }
 }
 
-template <int kTiles, bool kPrefetch>
+template <int kTiles, int kDepth, int kMinBlocks>
 void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
                    bool accumulate, bool programmatic, cudaStream_t stream) {
   cudaLaunchAttribute attribute{};
@@ -180,7 +176,7 @@ void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const flo
   config.attrs = &attribute;
   config.numAttrs = programmatic ? 1 : 0;
   PEARL_CUDA_CHECK(
-      cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kPrefetch>, x, rows, k, weight, bias, n, y, accumulate));
+      cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kDepth, kMinBlocks>, x, rows, k, weight, bias, n, y, accumulate));
 }
 
 using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, float*, bool, bool,
@@ -191,14 +187,20 @@ struct SkinnyVariant {
   SkinnyLauncher launch;
 };
 
-// Wider CTAs read more weight rows per activation load but cut the grid into coarser pieces; which wins
-// depends on the shape and the card, so the backend measures (tune_skinny_matmul).
-constexpr std::array<SkinnyVariant, 5> kSkinnyVariants = {{
-    {"tiles1", launch_skinny<1, false>},
-    {"tiles2", launch_skinny<2, false>},
-    {"tiles4", launch_skinny<4, false>},
-    {"tiles1-prefetch", launch_skinny<1, true>},
-    {"tiles2-prefetch", launch_skinny<2, true>},
+// Wider CTAs read more weight rows per activation load but cut the grid into coarser pieces; deeper
+// pipelines keep more bytes in flight per warp at the cost of registers; a register cap ("-4cta": 64 a
+// thread, no spills) fits more CTAs per SM, so a 512-CTA matrix runs in one wave. Which wins depends on
+// the shape and the card, so the backend measures (tune_skinny_matmul). The third template argument is
+// the CTAs per SM the registers must allow (the first five keep the occupancy they had before it existed).
+constexpr std::array<SkinnyVariant, 8> kSkinnyVariants = {{
+    {"tiles1", launch_skinny<1, 1, 4>},
+    {"tiles2", launch_skinny<2, 1, 3>},
+    {"tiles4", launch_skinny<4, 1, 1>},
+    {"tiles1-prefetch", launch_skinny<1, 2, 2>},
+    {"tiles2-prefetch", launch_skinny<2, 2, 2>},
+    {"tiles1-prefetch-4cta", launch_skinny<1, 2, 4>},
+    {"tiles1-depth3-3cta", launch_skinny<1, 3, 3>},
+    {"tiles1-depth4", launch_skinny<1, 4, 2>},
 }};
 
 __global__ void fill_pattern_kernel(bf16* x, int count) {
