@@ -78,9 +78,8 @@ __device__ __forceinline__ void multiply_step(float (&acc)[kTiles][4], const Wei
 
 // A CTA owns 8 * kTiles output columns; its 8 warps split k and combine in warp order. A warp keeps the
 // weights of kDepth steps in flight: it loads its first kDepth steps before waiting for the kernel that
-// produces the activations, and each step it multiplies is replaced by the load kDepth steps ahead, so a
-// short matrix (4 steps a warp at k = 4096) is requested whole up front. Neither parameter changes which
-// products are summed in which order.
+// produces the activations (programmatic launch), and replaces each step it multiplies by the load kDepth
+// steps ahead. None of the parameters changes which products are summed in which order.
 //
 // Fragment trick: lane (g = lane / 4, t = lane % 4) loads 8 consecutive k of weight row g of each tile
 // (one 16-byte load) and the same 8 k of activation rows g and g + 8. The two m16n8k16 products of a
@@ -187,20 +186,17 @@ struct SkinnyVariant {
   SkinnyLauncher launch;
 };
 
-// Wider CTAs read more weight rows per activation load but cut the grid into coarser pieces; deeper
-// pipelines keep more bytes in flight per warp at the cost of registers; a register cap ("-4cta": 64 a
-// thread, no spills) fits more CTAs per SM, so a 512-CTA matrix runs in one wave. Which wins depends on
-// the shape and the card, so the backend measures (tune_skinny_matmul). The third template argument is
-// the CTAs per SM the registers must allow (the first five keep the occupancy they had before it existed).
-constexpr std::array<SkinnyVariant, 8> kSkinnyVariants = {{
+// Wider CTAs read more weight rows per activation load but cut the grid into coarser pieces, and a second
+// step in flight costs registers, so fewer CTAs fit on an SM; which wins depends on the shape and the card,
+// so the backend measures (tune_skinny_matmul). The third template argument is the CTAs per SM the
+// registers must allow. Measured and dropped on the H100: 4 CTAs per SM at depth 2, depth 3 at 3 CTAs per
+// SM, depth 4 (each slower on every Llama shape, performance.md).
+constexpr std::array<SkinnyVariant, 5> kSkinnyVariants = {{
     {"tiles1", launch_skinny<1, 1, 4>},
     {"tiles2", launch_skinny<2, 1, 3>},
     {"tiles4", launch_skinny<4, 1, 1>},
     {"tiles1-prefetch", launch_skinny<1, 2, 2>},
     {"tiles2-prefetch", launch_skinny<2, 2, 2>},
-    {"tiles1-prefetch-4cta", launch_skinny<1, 2, 4>},
-    {"tiles1-depth3-3cta", launch_skinny<1, 3, 3>},
-    {"tiles1-depth4", launch_skinny<1, 4, 2>},
 }};
 
 __global__ void fill_pattern_kernel(bf16* x, int count) {
