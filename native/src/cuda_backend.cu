@@ -705,14 +705,14 @@ class CudaBackend final : public Backend {
     float* draft_probs = reinterpret_cast<float*>(draft_tokens + draft_entry_capacity_);
     const size_t first_entry = draft_entries_used_;
     int count = 0;
-    int cut_rows = 0;
-    // Rows that need the sort first (a cut, or a drafting row, whose q is the top of p's order):
-    // choose_processed sorts those.
-    for (const bool cut_pass : {true, false}) {
+    int sorted_rows = 0;
+    int selected_rows = 0;
+    // choose_processed takes its rows grouped by processed_path: sorted, then selected, then whole.
+    for (const gpu::ProcessedPath path :
+         {gpu::ProcessedPath::Sorted, gpu::ProcessedPath::Selected, gpu::ProcessedPath::Whole}) {
       for (size_t i = 0; i < outputs.size(); ++i) {
         const ops::TokenChoice& choice = step_choices_[static_cast<size_t>(outputs[i])];
-        const bool sorted = choice.top_k > 0 || choice.top_p < 1.0f || choice.return_top_k > 0;
-        if (!draws_processed(choice) || sorted != cut_pass) continue;
+        if (!draws_processed(choice)) continue;
         gpu::ProcessedRow row;
         row.logits_row = source_rows[i];
         row.temperature = choice.temperature;
@@ -723,6 +723,7 @@ class CudaBackend final : public Backend {
         row.draft_token = choice.draft_token;
         row.return_top_k = choice.return_top_k;
         row.returned_begin = static_cast<int32_t>(returned_q_offset_[static_cast<size_t>(outputs[i])]);
+        if (gpu::processed_path(row) != path) continue;
         if (choice.draft_token >= 0) {
           const DraftDistribution& q = *choice.draft_dist;
           std::vector<size_t> by_token(q.tokens.size());
@@ -737,7 +738,8 @@ class CudaBackend final : public Backend {
           }
         }
         rows[count++] = row;
-        if (cut_pass) ++cut_rows;
+        if (path == gpu::ProcessedPath::Sorted) ++sorted_rows;
+        if (path == gpu::ProcessedPath::Selected) ++selected_rows;
       }
     }
     if (count == 0) return;
@@ -754,10 +756,10 @@ class CudaBackend final : public Backend {
       PEARL_CUDA_CHECK(cudaMemcpyAsync(device_draft_probs + first_entry, draft_probs + first_entry,
                                        entries * sizeof(float), cudaMemcpyHostToDevice, stream_));
     }
-    gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, cut_rows,
-                          device_draft_tokens, device_draft_probs, processed_scratch_.as<void>(), kLogitRows,
-                          device_tokens_.as<gpu::ChosenTokenRow>(), device_returned_q_.as<gpu::TokenProbRow>(),
-                          stream_);
+    gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, sorted_rows,
+                          selected_rows, device_draft_tokens, device_draft_probs, processed_scratch_.as<void>(),
+                          kLogitRows, device_tokens_.as<gpu::ChosenTokenRow>(),
+                          device_returned_q_.as<gpu::TokenProbRow>(), stream_);
   }
 
   void forward_eager(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen, ops::TokenProb* q_entries) {

@@ -236,16 +236,18 @@ TEST(greedy_windows_from_chosen_rows_equal_the_rule_on_distributions) {
 
 // A drafting row returns q = top_k_distribution(p, k) in its k entries (token -1 past q's size) and the token
 // sample_token draws from q as sent (float probabilities), for every k from 1 to more than the vocabulary,
-// whole-softmax rows and cut rows, and rows with ties (logits_row's) and a flat tail.
+// whole-softmax rows and cut rows, rows with ties (logits_row's) and a flat tail, and a temperature so low
+// that most weights underflow to 0 (a support of a few tokens, smaller than most k).
 TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
   int compared = 0;
   int from_below_the_top = 0;  // draws that are not q's most likely token: q is really sampled
+  int beyond_an_underflowed_support = 0;  // uncut rows whose k exceeds a support that excludes weight-0 tokens
   for (int variant = 0; variant < 3; ++variant) {
     std::vector<float> logits = logits_row(variant);
     if (variant == 2) {
       for (int i = 0; i < kVocab; i += 3) logits[static_cast<size_t>(i)] = 1.5f;  // a wide tie
     }
-    for (float temperature : {0.3f, 1.0f, 2.5f}) {
+    for (float temperature : {0.005f, 0.3f, 1.0f, 2.5f}) {
       for (const auto& [top_k, top_p] : {std::pair<int, float>{0, 1.0f}, {0, 0.9f}, {40, 1.0f}, {7, 0.95f}}) {
         for (int k : {1, 2, 5, 16, 64, kVocab + 3}) {
           for (uint64_t seed = 1; seed <= 6; ++seed) {
@@ -259,6 +261,9 @@ TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
             const DraftDistribution expected =
                 pearl::top_k_distribution(pearl::process_logits(logits.data(), kVocab, params), k);
             CHECK(!expected.tokens.empty() && expected.tokens.size() <= static_cast<size_t>(k));
+            if (top_k == 0 && top_p >= 1.0f && k < kVocab && expected.tokens.size() < static_cast<size_t>(k)) {
+              ++beyond_an_underflowed_support;
+            }
             for (size_t j = 0; j < entries.size(); ++j) {
               if (j < expected.tokens.size()) {
                 CHECK_EQ(entries[j].token, expected.tokens[j]);
@@ -285,8 +290,9 @@ TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
       }
     }
   }
-  CHECK_EQ(compared, 3 * 3 * 4 * 6 * 6);
+  CHECK_EQ(compared, 3 * 4 * 4 * 6 * 6);
   CHECK(from_below_the_top > 100);
+  CHECK(beyond_an_underflowed_support > 0);
 }
 
 TEST(a_drafting_row_without_room_for_q_or_a_finite_maximum_is_refused) {

@@ -2,9 +2,11 @@
 // transformers and against the CPU backend, greedy continuations, batch invariance of the kernels for
 // steps of up to 16 rows, the paged KV cache, and greedy speculative decoding equal to target-only decoding.
 import assert from "node:assert/strict";
+import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
 
-import { Engine, type StepItem } from "../../lib/native.js";
+import { type DraftDistribution, Engine, type SamplingParams, type StepItem } from "../../lib/native.js";
 import {
   addPrefilled,
   assertSameBits,
@@ -23,6 +25,10 @@ import {
   assertEngineChoosesTokens,
   assertEngineDraftsFromTopK,
   assertEngineVerifiesSampledDrafts,
+  processLogits,
+  sampleDraftToken,
+  topKDistribution,
+  verifyWindow,
 } from "../reference/choose_token.js";
 import { loadBf16Oracle } from "./bf16_oracle.js";
 import { speculativeGreedy } from "./speculate.js";
@@ -239,6 +245,119 @@ describe("cuda tokens picked on the device", () => {
       await engine.close();
     }
   });
+});
+
+const EMBEDDED_DRAFT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "models", "draft");
+
+// One step holding a row of every processed path (native/src/ops/cuda_ops.cuh, processed_path): Selected
+// drafting rows (no cut; k from 1 to kMaxSelectedTopK, and k above a tiny temperature's support), Sorted ones
+// (a top-k or top-p cut, k above kMaxSelectedTopK) and a Whole sampled-draft window, each against the
+// reference rule on its rows' logits from a step of the same shape on twin sequences.
+const MIXED_DRAFTING: readonly { sampling: SamplingParams; returnTopK: number }[] = [
+  { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 31 }, returnTopK: 16 },
+  { sampling: { temperature: 1.7, topK: 0, topP: 1, seed: 32 }, returnTopK: 1 },
+  { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 33 }, returnTopK: 256 },
+  { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 34 }, returnTopK: 300 },
+  { sampling: { temperature: 1e-5, topK: 0, topP: 1, seed: 35 }, returnTopK: 64 },
+  { sampling: { temperature: 0.9, topK: 20, topP: 1, seed: 36 }, returnTopK: 16 },
+  { sampling: { temperature: 1.3, topK: 0, topP: 0.6, seed: 37 }, returnTopK: 4 },
+];
+const TINY_TEMPERATURE_ROW = 4;
+const WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 0, topP: 1, seed: 38 };
+
+async function assertMixedDraftingStep(engine: Engine, label: string): Promise<void> {
+  const vocab = engine.info.vocabSize;
+  const prompt = tokenRange(7, 13, vocab);
+  const window = tokenRange(200, 4, vocab);
+  const draftDists: DraftDistribution[] = window.slice(1).map((draft) => ({
+    tokens: Int32Array.of(draft, (draft + 1) % vocab),
+    probs: Float32Array.of(0.5, 0.5),
+  }));
+  const twins = [...MIXED_DRAFTING.keys(), MIXED_DRAFTING.length].map((i) => 9900 + 2 * i);
+  for (const id of twins) {
+    await addPrefilled(engine, id, prompt);
+    await addPrefilled(engine, id + 1, prompt);
+  }
+  const tokensOf = (i: number) =>
+    Int32Array.from(i < MIXED_DRAFTING.length ? tokenRange(300 + i, 1, vocab) : window);
+  const logitsStep = await engine.step(
+    twins.map((id, i): StepItem => ({ seqId: id, tokens: tokensOf(i), output: "logits" })),
+  );
+  const drafted = await engine.step(
+    twins.map((id, i): StepItem => {
+      const drafting = MIXED_DRAFTING[i];
+      if (!drafting) {
+        return { seqId: id + 1, tokens: tokensOf(i), numDraft: 3, draftDists, sampling: WINDOW_SAMPLING };
+      }
+      return {
+        seqId: id + 1,
+        tokens: tokensOf(i),
+        sampling: drafting.sampling,
+        returnTopK: drafting.returnTopK,
+      };
+    }),
+  );
+  const logitsOf = (i: number) => logitsStep.find((result) => result.seqId === twins[i])?.logits;
+  const draftedBy = (i: number) => drafted.find((result) => result.seqId === twins[i]! + 1);
+  const position = prompt.length + 1;
+  for (const [i, { sampling, returnTopK }] of MIXED_DRAFTING.entries()) {
+    const what = `${label}, row ${i}: temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}, returnTopK ${returnTopK}`;
+    const row = logitsOf(i);
+    assert.ok(row, `twin logits, ${what}`);
+    const expected = topKDistribution(processLogits(row, sampling), Math.min(returnTopK, vocab));
+    if (i === TINY_TEMPERATURE_ROW)
+      assert.ok(expected.tokens.length < returnTopK, `the support is smaller than k, ${what}`);
+    const result = draftedBy(i);
+    assert.ok(result?.q, `drafting step returns q, ${what}`);
+    assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
+    assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
+    assert.equal(
+      result.nextToken,
+      sampleDraftToken(expected, sampling.seed, position),
+      `drafted token, ${what}`,
+    );
+  }
+  const windowLogits = logitsOf(MIXED_DRAFTING.length);
+  assert.ok(windowLogits, `${label}: the window twin's logits`);
+  const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
+  const verdict = draftedBy(MIXED_DRAFTING.length);
+  assert.deepEqual(
+    { accepted: verdict?.accepted, nextToken: verdict?.nextToken },
+    verifyWindow(rows, window, draftDists, WINDOW_SAMPLING, position),
+    `${label}: the sampled-draft window's verdict`,
+  );
+  for (const id of twins) {
+    await engine.release(id);
+    await engine.release(id + 1);
+  }
+}
+
+describe("cuda drafting rows of every processed path in one step", () => {
+  for (const [name, modelDir] of [
+    ["llama-gqa-f32 (vocab 512)", () => loadFixture("llama-gqa-f32").dir],
+    ["the embedded draft (vocab 6144)", () => EMBEDDED_DRAFT],
+  ] as const) {
+    test(`${name}: q, tokens and verdicts equal the reference rule, with and without forced bisection`, async () => {
+      const engine = await Engine.load({ modelDir: modelDir(), backend: "cuda" });
+      try {
+        await assertMixedDraftingStep(engine, "default");
+        // 0: every selected row bisects down to its k-th token (at the default only heavy ties do).
+        process.env.PEARL_CUDA_SELECT_CANDIDATES = "0";
+        await assertMixedDraftingStep(engine, "bisection");
+        process.env.PEARL_CUDA_SELECT_CANDIDATES = "2049";
+        await assert.rejects(
+          assertMixedDraftingStep(engine, "refused"),
+          /PEARL_CUDA_SELECT_CANDIDATES must be an integer from 0 to 2048, got "2049"/,
+        );
+        delete process.env.PEARL_CUDA_SELECT_CANDIDATES;
+        for (let id = 9900; id < 9900 + 2 * (MIXED_DRAFTING.length + 1); id++) await engine.release(id);
+        await assertMixedDraftingStep(engine, "after the refusal");
+      } finally {
+        delete process.env.PEARL_CUDA_SELECT_CANDIDATES;
+        await engine.close();
+      }
+    });
+  }
 });
 
 describe("cuda skinny GEMM variants (PEARL_CUDA_SKINNY_VARIANT)", () => {

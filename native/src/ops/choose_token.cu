@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "counter_rng.h"
 #include "cuda/check.h"
@@ -279,6 +282,203 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
   if (row.return_top_k > 0) write_returned_q(row, row_ids, size, total, weight, shares, &shared_kept, returned_q);
 }
 
+// ---- Drafting rows without a cut: q from an exact top-k selection instead of a sort ----
+
+constexpr int kSelectLoads = 8;           // loads in flight per thread in each pass over a row
+constexpr int kCandidateCapacity = 2048;  // tokens at or above the selection's bound one CTA ranks
+static_assert(kMaxSelectedTopK <= kSupportThreads, "the bound is the k-th smallest of the threads' minima");
+static_assert(kMaxSelectedTopK <= kCandidateCapacity, "a row's top k must fit the candidates");
+
+// visit(i, logit) for this thread's tokens i = threadIdx.x + j * kSupportThreads in ascending order (the order
+// block_sum adds them in), kSelectLoads loads at a time. Every lane of a warp makes the same calls, so visit
+// may use warp collectives; past n it gets NaN, whose key and weight count for nothing.
+template <typename Visit>
+__device__ __forceinline__ void for_each_logit(const float* row_logits, int n, Visit visit) {
+  for (int base = 0; base < n; base += kSupportThreads * kSelectLoads) {
+    float values[kSelectLoads];
+#pragma unroll
+    for (int j = 0; j < kSelectLoads; ++j) {
+      const int i = base + j * kSupportThreads + static_cast<int>(threadIdx.x);
+      values[j] = i < n ? __ldg(row_logits + i) : NAN;
+    }
+#pragma unroll
+    for (int j = 0; j < kSelectLoads; ++j) visit(base + j * kSupportThreads + static_cast<int>(threadIdx.x), values[j]);
+  }
+}
+
+// A token's place in the order (key ascending, id ascending) as one number, unique per token (< 2^50).
+__device__ __forceinline__ uint64_t order_position(uint32_t key, int index, int n) {
+  return static_cast<uint64_t>(key) * static_cast<uint64_t>(n) + static_cast<uint64_t>(index);
+}
+
+// Appends (key, index) to candidates when it qualifies (a warp takes its slots with one atomic); count ends
+// as the number that qualified, of which the first `capacity` are stored.
+__device__ __forceinline__ void offer_candidate(bool qualifies, uint32_t key, int index, uint64_t* candidates,
+                                                int capacity, int* count) {
+  const unsigned voters = __ballot_sync(0xffffffffu, qualifies);
+  if (voters == 0) return;
+  const unsigned lane = threadIdx.x % 32;
+  int first = 0;
+  if (lane == 0) first = atomicAdd(count, __popc(voters));
+  first = __shfl_sync(0xffffffffu, first, 0);
+  const int slot = first + __popc(voters & ((1u << lane) - 1u));
+  if (qualifies && slot < capacity) {
+    candidates[slot] = (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(index);
+  }
+}
+
+// One CTA per drafting row without a cut (its support: every token of weight > 0), return_top_k in
+// [1, kMaxSelectedTopK]: q = the first k of the support in (key, id) order, the sorted path's prefix, found
+// without sorting the row. Pass 1 finds the maximum and each thread's smallest key; the k-th smallest of
+// those bounds the k-th key from above (k threads hold a token at or below it). Pass 2 adds the total
+// (block_sum's order, as uncut_support_kernel) and collects the tokens at or below the bound, which are few
+// unless many tokens tie there; then ranking the candidates by (key, id) gives q's order exactly. When more
+// than candidate_limit qualify, a bisection over order positions (integer counts, exact) narrows the bound
+// until at most candidate_limit do, or to the k-th token itself, before collecting again.
+__global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const float* __restrict__ logits, int n,
+                                                                      const ProcessedRow* __restrict__ rows, int first,
+                                                                      int candidate_limit,
+                                                                      RowSupport* __restrict__ supports,
+                                                                      TokenProbRow* __restrict__ returned_q) {
+  using Reduce = cub::BlockReduce<double, kSupportThreads>;
+  using CountReduce = cub::BlockReduce<int, kSupportThreads>;
+  using KeyReduce = cub::BlockReduce<uint32_t, kSupportThreads>;
+  using KeySort = cub::BlockRadixSort<uint32_t, kSupportThreads, 1>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename CountReduce::TempStorage count;
+    typename KeyReduce::TempStorage key;
+    typename KeySort::TempStorage sort;
+  } temp;
+  __shared__ uint64_t candidates[kCandidateCapacity];
+  __shared__ uint32_t top_keys[kMaxSelectedTopK];
+  __shared__ int32_t top_ids[kMaxSelectedTopK];
+  __shared__ double shares[kSupportThreads];
+  __shared__ double shared_total;
+  __shared__ double shared_kept;
+  __shared__ uint32_t shared_min_key;
+  __shared__ uint32_t shared_support_key;
+  __shared__ uint32_t shared_bound_key;
+  __shared__ int shared_count;
+  __shared__ int shared_support_size;
+  const int slot = first + static_cast<int>(blockIdx.x);
+  const ProcessedRow row = rows[slot];
+  // choose_processed's caller sorts every other row (processed_path); a row outside the bounds would
+  // overrun the arrays above.
+  if (row.return_top_k < 1 || row.return_top_k > kMaxSelectedTopK) __trap();
+  const int slots = max(candidate_limit, row.return_top_k);  // candidate_limit <= kCandidateCapacity
+  const float* row_logits = logits + static_cast<int64_t>(row.logits_row) * n;
+
+  uint32_t thread_min = 0xFFFFFFFFu;
+  for_each_logit(row_logits, n, [&](int, float logit) { thread_min = min(thread_min, descending_key(logit)); });
+  const uint32_t min_key = KeyReduce(temp.key).Reduce(thread_min, [](uint32_t a, uint32_t b) { return min(a, b); });
+  if (threadIdx.x == 0) shared_min_key = min_key;
+  __syncthreads();
+  const double max_logit = key_logit(shared_min_key);
+  if (!isfinite(max_logit)) {
+    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+    for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
+      returned_q[row.returned_begin + j] = TokenProbRow{-1, 0.0f};
+    }
+    return;
+  }
+  const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
+  const auto weight_at_key = [&](uint32_t key) { return weight_of(key_logit(key), max_logit, inv_temperature); };
+
+  uint32_t sorted_min[1] = {thread_min};  // thread t ends with the t-th smallest of the threads' minima
+  KeySort(temp.sort).Sort(sorted_min);
+  if (static_cast<int>(threadIdx.x) == row.return_top_k - 1) shared_bound_key = sorted_min[0];
+  if (threadIdx.x < 32) {
+    // The support is a prefix of the key order (the weight does not grow along it): its last key, between
+    // the maximum's (weight 1) and -inf's (weight 0), found by the first warp probing 32 keys a round.
+    uint32_t low = shared_min_key;
+    uint32_t high = 0xFF800000u;
+    while (high - low > 1) {
+      const uint32_t probe = low + static_cast<uint32_t>(static_cast<uint64_t>(high - low) * (threadIdx.x + 1) / 33);
+      const int positive = __popc(__ballot_sync(0xffffffffu, weight_at_key(probe) > 0.0));
+      const uint32_t last_positive = __shfl_sync(0xffffffffu, probe, max(positive - 1, 0));
+      const uint32_t first_zero = __shfl_sync(0xffffffffu, probe, min(positive, 31));
+      if (positive > 0) low = last_positive;
+      if (positive < 32) high = first_zero;
+    }
+    if (threadIdx.x == 0) {
+      shared_support_key = low;
+      shared_count = 0;
+    }
+  }
+  __syncthreads();
+  const uint32_t support_key = shared_support_key;
+  // At least min(k, |support|) support tokens lie at or before it.
+  const uint64_t bound = order_position(min(shared_bound_key, support_key), n - 1, n);
+
+  double partial_total = 0.0;
+  int partial_support = 0;
+  for_each_logit(row_logits, n, [&](int i, float logit) {
+    const uint32_t key = descending_key(logit);
+    partial_total += weight_of(logit, max_logit, inv_temperature);
+    partial_support += key <= support_key ? 1 : 0;
+    offer_candidate(order_position(key, i, n) <= bound, key, i, candidates, slots, &shared_count);
+  });
+  const double total = Reduce(temp.reduce).Sum(partial_total);
+  __syncthreads();
+  const int support_size = CountReduce(temp.count).Sum(partial_support);
+  if (threadIdx.x == 0) {
+    shared_total = total;
+    shared_support_size = support_size;
+  }
+  __syncthreads();
+  const int keep = min(row.return_top_k, shared_support_size);
+  int count = shared_count;
+
+  if (count > candidate_limit) {
+    // Invariant: fewer than keep tokens lie before low, at least keep at or before high (count of them). At
+    // low == high, high is the keep-th token's position and count == keep <= slots.
+    uint64_t low = order_position(shared_min_key, 0, n);
+    uint64_t high = bound;
+    while (count > candidate_limit && low < high) {
+      const uint64_t middle = low + (high - low) / 2;
+      int partial = 0;
+      for_each_logit(row_logits, n, [&](int i, float logit) {
+        partial += order_position(descending_key(logit), i, n) <= middle ? 1 : 0;
+      });
+      __syncthreads();  // every thread has read the previous shared_count
+      const int at_most = CountReduce(temp.count).Sum(partial);
+      if (threadIdx.x == 0) shared_count = at_most;
+      __syncthreads();
+      if (shared_count >= keep) {
+        high = middle;
+        count = shared_count;
+      } else {
+        low = middle + 1;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) shared_count = 0;
+    __syncthreads();
+    for_each_logit(row_logits, n, [&](int i, float logit) {
+      const uint32_t key = descending_key(logit);
+      offer_candidate(order_position(key, i, n) <= high, key, i, candidates, slots, &shared_count);
+    });
+    __syncthreads();
+  }
+
+  // The candidates hold every token up to the bound, so their first keep by (key, id) are q's tokens.
+  for (int s = static_cast<int>(threadIdx.x); s < count; s += kSupportThreads) {
+    const uint64_t entry = candidates[s];
+    int rank = 0;
+    for (int j = 0; j < count; ++j) rank += candidates[j] < entry ? 1 : 0;
+    if (rank < keep) {
+      top_keys[rank] = static_cast<uint32_t>(entry >> 32);
+      top_ids[rank] = static_cast<int32_t>(entry & 0xFFFFFFFFu);
+    }
+  }
+  __syncthreads();
+  const double row_total = shared_total;
+  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, row_total, 0xFFFFFFFFu, INT_MAX, 1};
+  write_returned_q(row, top_ids, keep, row_total, [&](int position) { return weight_at_key(top_keys[position]); },
+                   shares, &shared_kept, returned_q);
+}
+
 // One CTA per uncut processed row (a sampled-draft window's): the whole row is the support.
 __global__ void __launch_bounds__(kSupportThreads) uncut_support_kernel(const float* __restrict__ logits, int n,
                                                                        const ProcessedRow* __restrict__ rows, int first,
@@ -486,15 +686,37 @@ void choose_token(const float* logits, int rows, int n, const TokenChoiceRow* ch
 
 size_t processed_scratch_bytes(int max_rows, int n) { return carve(nullptr, max_rows, n).total_bytes; }
 
-void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
-                      const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
-                      TokenProbRow* returned_q, cudaStream_t stream) {
+namespace {
+
+// PEARL_CUDA_SELECT_CANDIDATES: the candidates a selected row ranks before it bisects (default and most
+// kCandidateCapacity). 0 makes every selected row bisect down to its k-th token: tests use it to run the
+// bisection, which only heavy ties reach at the default, on real rows.
+int selected_candidate_limit() {
+  const char* value = std::getenv("PEARL_CUDA_SELECT_CANDIDATES");
+  if (value == nullptr || *value == '\0') return kCandidateCapacity;
+  char* end = nullptr;
+  const long limit = std::strtol(value, &end, 10);
+  if (*end != '\0' || limit < 0 || limit > kCandidateCapacity) {
+    throw std::invalid_argument("PEARL_CUDA_SELECT_CANDIDATES must be an integer from 0 to " +
+                                std::to_string(kCandidateCapacity) + ", got \"" + value + "\"");
+  }
+  return static_cast<int>(limit);
+}
+
+}  // namespace
+
+void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_sorted_rows,
+                      int num_selected_rows, const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows,
+                      ChosenTokenRow* out, TokenProbRow* returned_q, cudaStream_t stream) {
   if (num_rows == 0) return;
   if (num_rows > max_rows) throw std::runtime_error("choose_processed: more rows than its scratch holds");
+  if (num_sorted_rows < 0 || num_selected_rows < 0 || num_sorted_rows + num_selected_rows > num_rows) {
+    throw std::invalid_argument("choose_processed: sorted and selected rows must be among the rows");
+  }
   const ProcessedScratch carved = carve(scratch, max_rows, n);
   const int key_blocks = (n + kKeyThreads * kKeysPerThread - 1) / (kKeyThreads * kKeysPerThread);
-  for (int first = 0; first < num_cut_rows; first += kProcessedSortRows) {
-    const int pass_rows = std::min(kProcessedSortRows, num_cut_rows - first);
+  for (int first = 0; first < num_sorted_rows; first += kProcessedSortRows) {
+    const int pass_rows = std::min(kProcessedSortRows, num_sorted_rows - first);
     processed_keys_kernel<<<dim3(key_blocks, pass_rows), kKeyThreads, 0, stream>>>(
         logits, n, rows, first, carved.keys[0], carved.ids[0], carved.offsets);
     check_launch("processed_keys");
@@ -508,9 +730,15 @@ void choose_processed(const float* logits, int n, const ProcessedRow* rows, int 
                                                                   carved.supports, returned_q);
     check_launch("cut_support");
   }
-  if (num_rows > num_cut_rows) {
-    uncut_support_kernel<<<num_rows - num_cut_rows, kSupportThreads, 0, stream>>>(logits, n, rows, num_cut_rows,
-                                                                                   carved.supports);
+  if (num_selected_rows > 0) {
+    select_top_k_kernel<<<num_selected_rows, kSupportThreads, 0, stream>>>(
+        logits, n, rows, num_sorted_rows, selected_candidate_limit(), carved.supports, returned_q);
+    check_launch("select_top_k");
+  }
+  const int first_whole = num_sorted_rows + num_selected_rows;
+  if (num_rows > first_whole) {
+    uncut_support_kernel<<<num_rows - first_whole, kSupportThreads, 0, stream>>>(logits, n, rows, first_whole,
+                                                                                  carved.supports);
     check_launch("uncut_support");
   }
   const int chunks = (n + kChunk - 1) / kChunk;

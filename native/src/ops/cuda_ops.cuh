@@ -120,22 +120,39 @@ struct ProcessedRow {
   int32_t returned_begin = 0;
 };
 
-// out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), rows
-// [0, num_cut_rows) being those that need the sort (a top-k or top-p cut, or a drafting row): process_logits'
-// support and sample_token's draw, plus p(draft) and the residual draw for draft rows; token -1 where
-// process_logits finds no finite maximum. A drafting row instead gets token -1 and writes its q =
-// top_k_distribution(p, return_top_k) to returned_q (then token -1 entries; all of them when there is no
-// finite maximum): the caller draws the token from q on the host (sample_draft_token), exactly.
+// How choose_processed finds a processed row's support. Sorted: rows with a top-k or top-p cut (the nucleus
+// needs the order far past any k), sampled-draft verify rows that also return q, and drafting rows with
+// return_top_k > kMaxSelectedTopK; their row is sorted. Selected: the other drafting rows (return_top_k > 0,
+// no cut): their q, the first k of the whole support, comes from an exact top-k selection. Whole: rows
+// without a cut or a q (sampled-draft windows), whose support is the whole row.
+enum class ProcessedPath { Sorted, Selected, Whole };
+constexpr int kMaxSelectedTopK = 256;
+
+inline ProcessedPath processed_path(const ProcessedRow& row) {
+  const bool cut = row.top_k > 0 || row.top_p < 1.0f;
+  if (!cut && row.return_top_k == 0) return ProcessedPath::Whole;
+  if (!cut && row.draft_token < 0 && row.return_top_k <= kMaxSelectedTopK) return ProcessedPath::Selected;
+  return ProcessedPath::Sorted;
+}
+
+// out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), ordered
+// by processed_path: rows [0, num_sorted_rows) Sorted, the next num_selected_rows Selected, the rest Whole.
+// That is process_logits' support and sample_token's draw, plus p(draft) and the residual draw for draft
+// rows; token -1 where process_logits finds no finite maximum. A drafting row instead gets token -1 and
+// writes its q = top_k_distribution(p, return_top_k) to returned_q (then token -1 entries; all of them when
+// there is no finite maximum): the caller draws the token from q on the host (sample_draft_token), exactly.
 // Sorted rows are ordered (logit descending, id ascending: a stable CUB segmented radix sort)
-// kProcessedSortRows at a time, which is p's order; every draw is a Gumbel-max over the unsorted row. Equal
-// to the host rule except where double rounding decides (exp, and sums taken in another order than the
-// host's: ulp-level; for q, p's total, before its entries are rounded to float).
+// kProcessedSortRows at a time, which is p's order; Selected rows find the first k of that order without a
+// sort and compute q's probabilities by the same code; every draw is a Gumbel-max over the unsorted row.
+// Equal to the host rule except where double rounding decides (exp, and sums taken in another order than the
+// host's: ulp-level; for q, p's total, before its entries are rounded to float; a Selected row's total is
+// added in id order, a Sorted row's in sorted order).
 // scratch holds processed_scratch_bytes(max_rows, n) bytes, max_rows >= num_rows.
 constexpr int kProcessedSortRows = 16;
 size_t processed_scratch_bytes(int max_rows, int n);
-void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_cut_rows,
-                      const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows, ChosenTokenRow* out,
-                      TokenProbRow* returned_q, cudaStream_t stream);
+void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_sorted_rows,
+                      int num_selected_rows, const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows,
+                      ChosenTokenRow* out, TokenProbRow* returned_q, cudaStream_t stream);
 
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order
