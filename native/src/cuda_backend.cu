@@ -103,7 +103,7 @@ struct DeviceLayer {
   const float* k_norm = nullptr;
   DeviceLinear qkv;  // q, k, v rows stacked, as on the CPU
   DeviceLinear o;
-  DeviceLinear gate_up;
+  DeviceLinear gate_up;  // gate and up rows interleaved (WeightUploader::gate_up)
   DeviceLinear down;
 };
 
@@ -151,6 +151,38 @@ class WeightUploader {
     }
     linear.weight = weights;
     linear.bias = biases;
+    return linear;
+  }
+
+  // The gate and up projections interleaved in groups of gpu::kGateUpGroup rows (gpu::gate_up_row), the
+  // layout in which skinny_matmul_silu finds a gate and its up in one CTA and silu_mul reads cuBLASLt's
+  // output. Staged as plain stacked rows first, then regrouped on the device.
+  DeviceLinear gate_up(const std::string& gate, const std::string& up, bool with_bias) {
+    std::vector<DeviceMemory> staging;
+    WeightUploader stage(checkpoint_, staging);
+    const DeviceLinear plain = stage.stacked({gate, up}, with_bias);
+    DeviceLinear linear = plain;
+    const size_t in = static_cast<size_t>(plain.in);
+    const size_t half_rows = static_cast<size_t>(plain.out) / 2;
+    const size_t groups = half_rows / gpu::kGateUpGroup;
+    bf16* weights = allocate<bf16>(static_cast<size_t>(plain.out) * in);
+    const size_t group_bytes = gpu::kGateUpGroup * in * sizeof(bf16);
+    for (size_t part = 0; part < 2; ++part) {
+      PEARL_CUDA_CHECK(cudaMemcpy2D(weights + part * gpu::kGateUpGroup * in, 2 * group_bytes,
+                                    plain.weight + part * half_rows * in, group_bytes, group_bytes, groups,
+                                    cudaMemcpyDeviceToDevice));
+    }
+    linear.weight = weights;
+    if (with_bias) {
+      float* biases = allocate<float>(static_cast<size_t>(plain.out));
+      const size_t bias_group_bytes = gpu::kGateUpGroup * sizeof(float);
+      for (size_t part = 0; part < 2; ++part) {
+        PEARL_CUDA_CHECK(cudaMemcpy2D(biases + part * gpu::kGateUpGroup, 2 * bias_group_bytes,
+                                      plain.bias + part * half_rows, bias_group_bytes, bias_group_bytes, groups,
+                                      cudaMemcpyDeviceToDevice));
+      }
+      linear.bias = biases;
+    }
     return linear;
   }
 
@@ -575,6 +607,23 @@ class CudaBackend final : public Backend {
     if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
   }
 
+  // out = bf16(silu(x W_gate^T) * (x W_up^T)) for the interleaved gate_up weight: in the skinny GEMM's
+  // epilogue wherever matmul would take that kernel, else cuBLASLt's float product and silu_mul.
+  void mlp_activation(const bf16* x, int rows, const DeviceLinear& gate_up, bf16* out) {
+    if (rows <= gpu::kSkinnyMaxRows || deterministic_) {
+      const size_t inter = static_cast<size_t>(gate_up.out) / 2;
+      for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
+        const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
+        gpu::skinny_matmul_silu(x + static_cast<size_t>(first) * gate_up.in, count, gate_up.in, gate_up.weight,
+                                gate_up.bias, gate_up.out, out + static_cast<size_t>(first) * inter,
+                                gate_up.skinny_variant, programmatic_launch_, stream_);
+      }
+      return;
+    }
+    matmul(x, rows, gate_up, gate_up_.as<float>(), false);
+    gpu::silu_mul(gate_up_.as<float>(), rows, gate_up.out / 2, out, stream_);
+  }
+
   // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
   void run_layers(const gpu::DeviceRows& rows, int count) {
     const int hidden = config_.hidden_size;
@@ -594,8 +643,7 @@ class CudaBackend final : public Backend {
                      attention_scratch_.as<float>(), attended_.as<bf16>(), stream_);
       matmul(attended_.as<bf16>(), count, w.o, x, true);
       gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, stream_);
-      matmul(normed, count, w.gate_up, gate_up_.as<float>(), false);
-      gpu::silu_mul(gate_up_.as<float>(), count, config_.intermediate_size, activated_.as<bf16>(), stream_);
+      mlp_activation(normed, count, w.gate_up, activated_.as<bf16>());
       matmul(activated_.as<bf16>(), count, w.down, x, true);
     }
   }

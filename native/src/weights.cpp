@@ -70,6 +70,11 @@ class WeightLoader {
     return linear;
   }
 
+  // Gate rows then up rows (LayerWeights::gate_up).
+  Linear gate_up(const std::string& gate, const std::string& up, bool with_bias) const {
+    return stacked({gate, up}, with_bias);
+  }
+
  private:
   const Checkpoint& checkpoint_;
   std::unordered_map<std::string, TensorSpec> specs_;

@@ -6,7 +6,13 @@ import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 
-import { type DraftDistribution, Engine, type SamplingParams, type StepItem } from "../../lib/native.js";
+import {
+  type DraftDistribution,
+  Engine,
+  type SamplingParams,
+  type StepItem,
+  type StepResult,
+} from "../../lib/native.js";
 import {
   addPrefilled,
   assertSameBits,
@@ -27,6 +33,7 @@ import {
   assertEngineVerifiesSampledDrafts,
   processLogits,
   sampleDraftToken,
+  sampleToken,
   topKDistribution,
   verifyWindow,
 } from "../reference/choose_token.js";
@@ -249,90 +256,197 @@ describe("cuda tokens picked on the device", () => {
 
 const EMBEDDED_DRAFT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "models", "draft");
 
-// One step holding a row of every processed path (native/src/ops/cuda_ops.cuh, processed_path): Selected
-// drafting rows (no cut; k from 1 to kMaxSelectedTopK, and k above a tiny temperature's support), Sorted ones
-// (a top-k or top-p cut, k above kMaxSelectedTopK) and a Whole sampled-draft window, each against the
-// reference rule on its rows' logits from a step of the same shape on twin sequences.
-const MIXED_DRAFTING: readonly { sampling: SamplingParams; returnTopK: number }[] = [
+// One step holding rows of every processed path (native/src/ops/cuda_ops.cuh, processed_path), each against
+// the reference rule on its rows' logits from a step of the same shape on twin sequences. Selected: drafting
+// rows without a cut (k from 1 to kMaxSelectedTopK, and k above a tiny temperature's support) and rows whose
+// only cut is top_k <= kMaxSelectedTopK (drafting rows, sampling rows and sampled-draft windows; top_k 1 and
+// 256, top_k above the support, returnTopK above top_k). Sorted: a top-p cut, top_k 257 and 300, returnTopK
+// above kMaxSelectedTopK. Whole: a sampled-draft window without a cut. Rows with returnTopK are drafting
+// rows (q and the token drawn from it), the others sampling rows (their token).
+interface MixedRow {
+  sampling: SamplingParams;
+  returnTopK?: number;
+  /** The support is smaller than k (top_k, else returnTopK): the row exercises a support below its k. */
+  supportBelowK?: true;
+}
+const MIXED_ROWS: readonly MixedRow[] = [
   { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 31 }, returnTopK: 16 },
   { sampling: { temperature: 1.7, topK: 0, topP: 1, seed: 32 }, returnTopK: 1 },
   { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 33 }, returnTopK: 256 },
   { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 34 }, returnTopK: 300 },
-  { sampling: { temperature: 1e-5, topK: 0, topP: 1, seed: 35 }, returnTopK: 64 },
+  { sampling: { temperature: 1e-5, topK: 0, topP: 1, seed: 35 }, returnTopK: 64, supportBelowK: true },
   { sampling: { temperature: 0.9, topK: 20, topP: 1, seed: 36 }, returnTopK: 16 },
   { sampling: { temperature: 1.3, topK: 0, topP: 0.6, seed: 37 }, returnTopK: 4 },
+  { sampling: { temperature: 0.7, topK: 40, topP: 1, seed: 39 }, returnTopK: 300 },
+  { sampling: { temperature: 1.0, topK: 256, topP: 1, seed: 40 }, returnTopK: 8 },
+  { sampling: { temperature: 1.0, topK: 257, topP: 1, seed: 47 }, returnTopK: 8 },
+  { sampling: { temperature: 1e-5, topK: 64, topP: 1, seed: 48 }, returnTopK: 16, supportBelowK: true },
+  { sampling: { temperature: 0.9, topK: 20, topP: 1, seed: 41 } },
+  { sampling: { temperature: 1.5, topK: 1, topP: 1, seed: 42 } },
+  { sampling: { temperature: 1.2, topK: 256, topP: 1, seed: 43 } },
+  { sampling: { temperature: 1e-5, topK: 50, topP: 1, seed: 44 }, supportBelowK: true },
+  { sampling: { temperature: 0.8, topK: 300, topP: 1, seed: 45 } },
 ];
-const TINY_TEMPERATURE_ROW = 4;
-const WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 0, topP: 1, seed: 38 };
+const WHOLE_WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 0, topP: 1, seed: 38 };
+const TOP_K_WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 30, topP: 1, seed: 46 };
+const MIXED_TWIN_BASE = 9900;
+const MIXED_CASES = MIXED_ROWS.length + 3;
+const DRAFT_SOURCE = 9800;
+
+// A case of the mixed step: the tokens both twins append, the sampled twin's item, and the check of its
+// result against the reference rule on the logits twin's rows.
+interface MixedCase {
+  name: string;
+  tokens: number[];
+  item: (seqId: number, tokens: Int32Array) => StepItem;
+  check: (logits: Float32Array, result: StepResult | undefined, what: string) => void;
+}
+
+function rowCase(row: MixedRow, index: number, position: number, vocab: number): MixedCase {
+  const { sampling, returnTopK } = row;
+  return {
+    name: `row ${index}: temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}, returnTopK ${returnTopK ?? "none"}`,
+    tokens: tokenRange(300 + index, 1, vocab),
+    item: (seqId, stepTokens) => ({
+      seqId,
+      tokens: stepTokens,
+      sampling,
+      ...(returnTopK === undefined ? {} : { returnTopK }),
+    }),
+    check: (logits, result, what) => {
+      const p = processLogits(logits, sampling);
+      if (row.supportBelowK) {
+        assert.ok(
+          p.tokens.length < (sampling.topK > 0 ? sampling.topK : returnTopK!),
+          `support below k, ${what}`,
+        );
+      }
+      if (returnTopK === undefined) {
+        assert.equal(result?.nextToken, sampleToken(p, sampling.seed, position), `sampled token, ${what}`);
+        return;
+      }
+      const expected = topKDistribution(p, Math.min(returnTopK, vocab));
+      assert.ok(result?.q, `drafting step returns q, ${what}`);
+      assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
+      assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
+      assert.equal(
+        result.nextToken,
+        sampleDraftToken(expected, sampling.seed, position),
+        `drafted token, ${what}`,
+      );
+    },
+  };
+}
+
+function windowCase(
+  name: string,
+  window: number[],
+  draftDists: DraftDistribution[],
+  sampling: SamplingParams,
+  position: number,
+  vocab: number,
+  accepted?: number,
+): MixedCase {
+  return {
+    name: `${name} window, top_k ${sampling.topK}`,
+    tokens: window,
+    item: (seqId, stepTokens) => ({
+      seqId,
+      tokens: stepTokens,
+      numDraft: window.length - 1,
+      draftDists,
+      sampling,
+    }),
+    check: (logits, result, what) => {
+      const rows = window.map((_, row) => logitsRow(logits, vocab, row));
+      const expected = verifyWindow(rows, window, draftDists, sampling, position);
+      if (accepted !== undefined)
+        assert.equal(expected.accepted, accepted, `the window's designed verdict, ${what}`);
+      assert.deepEqual(
+        { accepted: result?.accepted, nextToken: result?.nextToken },
+        expected,
+        `verdict, ${what}`,
+      );
+    },
+  };
+}
+
+// A top-k window [first, g1, g2, last] over the target's greedy continuation g of prompt + first: g1 and g2 are
+// accepted whatever the draws (the argmax has p >= 1/top_k, far above their q of 0.01); last is g3 (accepted:
+// the bonus row decides) or row 2's least likely token (outside the top k, p = 0: the residual decides).
+async function topKWindowCases(engine: Engine, prompt: number[], position: number): Promise<MixedCase[]> {
+  const vocab = engine.info.vocabSize;
+  const first = tokenRange(210, 1, vocab)[0]!;
+  const greedy = await greedyDecode(engine, DRAFT_SOURCE, [...prompt, first], 3);
+  await engine.addSequence(DRAFT_SOURCE);
+  const context = await stepLogits(engine, DRAFT_SOURCE, [...prompt, first, greedy[0]!, greedy[1]!]);
+  await engine.release(DRAFT_SOURCE);
+  const rowTwo = logitsRow(context, vocab, prompt.length + 2);
+  const unlikely = rowTwo.reduce((best, logit, token) => (logit < rowTwo[best]! ? token : best), 0);
+  const sure = (draft: number): DraftDistribution => ({
+    tokens: Int32Array.of(draft, (draft + 1) % vocab),
+    probs: Float32Array.of(0.01, 0.99),
+  });
+  const accepted = [first, ...greedy];
+  const rejected = [first, greedy[0]!, greedy[1]!, unlikely];
+  const rejectedDists = [
+    sure(greedy[0]!),
+    sure(greedy[1]!),
+    { tokens: Int32Array.of(unlikely, greedy[2]!), probs: Float32Array.of(0.5, 0.5) },
+  ];
+  return [
+    windowCase("accepted", accepted, greedy.map(sure), TOP_K_WINDOW_SAMPLING, position, vocab, 3),
+    windowCase("rejected-last", rejected, rejectedDists, TOP_K_WINDOW_SAMPLING, position, vocab, 2),
+  ];
+}
 
 async function assertMixedDraftingStep(engine: Engine, label: string): Promise<void> {
   const vocab = engine.info.vocabSize;
   const prompt = tokenRange(7, 13, vocab);
-  const window = tokenRange(200, 4, vocab);
-  const draftDists: DraftDistribution[] = window.slice(1).map((draft) => ({
+  const position = prompt.length + 1;
+  const whole = tokenRange(200, 4, vocab);
+  const wholeDists: DraftDistribution[] = whole.slice(1).map((draft) => ({
     tokens: Int32Array.of(draft, (draft + 1) % vocab),
     probs: Float32Array.of(0.5, 0.5),
   }));
-  const twins = [...MIXED_DRAFTING.keys(), MIXED_DRAFTING.length].map((i) => 9900 + 2 * i);
+  const cases = [
+    ...MIXED_ROWS.map((row, i) => rowCase(row, i, position, vocab)),
+    windowCase("whole", whole, wholeDists, WHOLE_WINDOW_SAMPLING, position, vocab),
+    ...(await topKWindowCases(engine, prompt, position)),
+  ];
+  assert.equal(cases.length, MIXED_CASES);
+  const twins = cases.map((_, i) => MIXED_TWIN_BASE + 2 * i);
   for (const id of twins) {
     await addPrefilled(engine, id, prompt);
     await addPrefilled(engine, id + 1, prompt);
   }
-  const tokensOf = (i: number) =>
-    Int32Array.from(i < MIXED_DRAFTING.length ? tokenRange(300 + i, 1, vocab) : window);
   const logitsStep = await engine.step(
-    twins.map((id, i): StepItem => ({ seqId: id, tokens: tokensOf(i), output: "logits" })),
+    cases.map((mixed, i): StepItem => ({
+      seqId: twins[i]!,
+      tokens: Int32Array.from(mixed.tokens),
+      output: "logits",
+    })),
   );
-  const drafted = await engine.step(
-    twins.map((id, i): StepItem => {
-      const drafting = MIXED_DRAFTING[i];
-      if (!drafting) {
-        return { seqId: id + 1, tokens: tokensOf(i), numDraft: 3, draftDists, sampling: WINDOW_SAMPLING };
-      }
-      return {
-        seqId: id + 1,
-        tokens: tokensOf(i),
-        sampling: drafting.sampling,
-        returnTopK: drafting.returnTopK,
-      };
-    }),
+  const sampled = await engine.step(
+    cases.map((mixed, i): StepItem => mixed.item(twins[i]! + 1, Int32Array.from(mixed.tokens))),
   );
-  const logitsOf = (i: number) => logitsStep.find((result) => result.seqId === twins[i])?.logits;
-  const draftedBy = (i: number) => drafted.find((result) => result.seqId === twins[i]! + 1);
-  const position = prompt.length + 1;
-  for (const [i, { sampling, returnTopK }] of MIXED_DRAFTING.entries()) {
-    const what = `${label}, row ${i}: temperature ${sampling.temperature}, top_k ${sampling.topK}, top_p ${sampling.topP}, returnTopK ${returnTopK}`;
-    const row = logitsOf(i);
-    assert.ok(row, `twin logits, ${what}`);
-    const expected = topKDistribution(processLogits(row, sampling), Math.min(returnTopK, vocab));
-    if (i === TINY_TEMPERATURE_ROW)
-      assert.ok(expected.tokens.length < returnTopK, `the support is smaller than k, ${what}`);
-    const result = draftedBy(i);
-    assert.ok(result?.q, `drafting step returns q, ${what}`);
-    assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
-    assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
-    assert.equal(
-      result.nextToken,
-      sampleDraftToken(expected, sampling.seed, position),
-      `drafted token, ${what}`,
+  for (const [i, mixed] of cases.entries()) {
+    const what = `${label}, ${mixed.name}`;
+    const logits = logitsStep.find((result) => result.seqId === twins[i])?.logits;
+    assert.ok(logits, `twin logits, ${what}`);
+    mixed.check(
+      logits,
+      sampled.find((result) => result.seqId === twins[i]! + 1),
+      what,
     );
   }
-  const windowLogits = logitsOf(MIXED_DRAFTING.length);
-  assert.ok(windowLogits, `${label}: the window twin's logits`);
-  const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
-  const verdict = draftedBy(MIXED_DRAFTING.length);
-  assert.deepEqual(
-    { accepted: verdict?.accepted, nextToken: verdict?.nextToken },
-    verifyWindow(rows, window, draftDists, WINDOW_SAMPLING, position),
-    `${label}: the sampled-draft window's verdict`,
-  );
   for (const id of twins) {
     await engine.release(id);
     await engine.release(id + 1);
   }
 }
 
-describe("cuda drafting rows of every processed path in one step", () => {
+describe("cuda drafting, sampling and verify rows of every processed path in one step", () => {
   for (const [name, modelDir] of [
     ["llama-gqa-f32 (vocab 512)", () => loadFixture("llama-gqa-f32").dir],
     ["the embedded draft (vocab 6144)", () => EMBEDDED_DRAFT],
@@ -350,7 +464,7 @@ describe("cuda drafting rows of every processed path in one step", () => {
           /PEARL_CUDA_SELECT_CANDIDATES must be an integer from 0 to 2048, got "2049"/,
         );
         delete process.env.PEARL_CUDA_SELECT_CANDIDATES;
-        for (let id = 9900; id < 9900 + 2 * (MIXED_DRAFTING.length + 1); id++) await engine.release(id);
+        for (let id = MIXED_TWIN_BASE; id < MIXED_TWIN_BASE + 2 * MIXED_CASES; id++) await engine.release(id);
         await assertMixedDraftingStep(engine, "after the refusal");
       } finally {
         delete process.env.PEARL_CUDA_SELECT_CANDIDATES;

@@ -210,6 +210,40 @@ __device__ void write_returned_q(const ProcessedRow& row, const int32_t* sorted_
   }
 }
 
+// A row without a finite maximum (process_logits throws): token -1 and, for a drafting row, an empty q.
+__device__ void write_rejected_row(const ProcessedRow& row, int slot, RowSupport* supports,
+                                   TokenProbRow* returned_q) {
+  if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+  for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
+    returned_q[row.returned_begin + j] = TokenProbRow{-1, 0.0f};
+  }
+}
+
+// Writes a valid row's support and, for a drafting row, its q from the first `size` entries of p's order
+// (sorted_ids; weight(j): the weight at position j of that order); every path writes them here.
+template <typename Weight>
+__device__ void write_support(const ProcessedRow& row, int slot, const RowSupport& support, const int32_t* sorted_ids,
+                              int size, Weight weight, double* shares, double* shared_kept, RowSupport* supports,
+                              TokenProbRow* returned_q) {
+  if (threadIdx.x == 0) supports[slot] = support;
+  if (row.return_top_k > 0) {
+    write_returned_q(row, sorted_ids, size, support.total, weight, shares, shared_kept, returned_q);
+  }
+}
+
+// The support of a cut row: the first `size` entries of p's order (sorted_keys, sorted_ids), its total added
+// by block_sum in that order. Sorted rows and Selected rows with a top-k cut both end here, so the same
+// support gets a bit-identical total on either path.
+template <typename Reduce, typename Weight>
+__device__ void write_prefix_support(typename Reduce::TempStorage& temp, double* shared_sum, const ProcessedRow& row,
+                                     int slot, double max_logit, const uint32_t* sorted_keys,
+                                     const int32_t* sorted_ids, int size, Weight weight, double* shares,
+                                     double* shared_kept, RowSupport* supports, TokenProbRow* returned_q) {
+  const double total = block_sum<Reduce>(temp, shared_sum, size, weight);
+  write_support(row, slot, RowSupport{max_logit, total, sorted_keys[size - 1], sorted_ids[size - 1], 1}, sorted_ids,
+                size, weight, shares, shared_kept, supports, returned_q);
+}
+
 // One CTA per sorted row of the pass: process_logits' cuts over the sorted order. Candidates (weight > 0)
 // are a prefix of it (the weight does not grow along it); top_k keeps the first k; the nucleus is the
 // shortest prefix whose cumulative share of the kept weight reaches top_p. A drafting row also writes its q.
@@ -234,10 +268,7 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
   const int32_t* row_ids = ids + static_cast<int64_t>(blockIdx.x) * n;
   const double max_logit = key_logit(row_keys[0]);
   if (!isfinite(max_logit)) {
-    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
-    for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
-      returned_q[row.returned_begin + j] = TokenProbRow{-1, 0.0f};
-    }
+    write_rejected_row(row, slot, supports, returned_q);
     return;
   }
   const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
@@ -277,12 +308,11 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
     }
     if (shared_count != INT_MAX) size = shared_count + 1;
   }
-  const double total = block_sum<Reduce>(temp.reduce, &shared_sum, size, weight);
-  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, total, row_keys[size - 1], row_ids[size - 1], 1};
-  if (row.return_top_k > 0) write_returned_q(row, row_ids, size, total, weight, shares, &shared_kept, returned_q);
+  write_prefix_support<Reduce>(temp.reduce, &shared_sum, row, slot, max_logit, row_keys, row_ids, size, weight, shares,
+                               &shared_kept, supports, returned_q);
 }
 
-// ---- Drafting rows without a cut: q from an exact top-k selection instead of a sort ----
+// ---- Selected rows: the first k of p's order from an exact top-k selection instead of a sort ----
 
 constexpr int kSelectLoads = 8;           // loads in flight per thread in each pass over a row
 constexpr int kCandidateCapacity = 2048;  // tokens at or above the selection's bound one CTA ranks
@@ -327,14 +357,16 @@ __device__ __forceinline__ void offer_candidate(bool qualifies, uint32_t key, in
   }
 }
 
-// One CTA per drafting row without a cut (its support: every token of weight > 0), return_top_k in
-// [1, kMaxSelectedTopK]: q = the first k of the support in (key, id) order, the sorted path's prefix, found
-// without sorting the row. Pass 1 finds the maximum and each thread's smallest key; the k-th smallest of
-// those bounds the k-th key from above (k threads hold a token at or below it). Pass 2 adds the total
-// (block_sum's order, as uncut_support_kernel) and collects the tokens at or below the bound, which are few
-// unless many tokens tie there; then ranking the candidates by (key, id) gives q's order exactly. When more
-// than candidate_limit qualify, a bisection over order positions (integer counts, exact) narrows the bound
-// until at most candidate_limit do, or to the k-th token itself, before collecting again.
+// One CTA per Selected row (processed_path): the first k of its candidates (tokens of weight > 0) in (key, id)
+// order, the sorted path's prefix, found without sorting the row. A row with a top-k cut (k = top_k) has
+// them as its support (write_prefix_support, as a Sorted row: the same total, pivot and q); a drafting row
+// without a cut (k = return_top_k) keeps the whole support and takes them as q. Pass 1 finds the maximum and
+// each thread's smallest key; the k-th smallest of those bounds the k-th key from above (k threads hold a
+// token at or below it). Pass 2 adds an uncut row's total (block_sum's order, as uncut_support_kernel),
+// counts the support and collects the tokens at or below the bound, which are few unless many tokens tie
+// there; then ranking the candidates by (key, id) gives p's order exactly. When more than candidate_limit
+// qualify, a bisection over order positions (integer counts, exact) narrows the bound until at most
+// candidate_limit do, or to the k-th token itself, before collecting again.
 __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const float* __restrict__ logits, int n,
                                                                       const ProcessedRow* __restrict__ rows, int first,
                                                                       int candidate_limit,
@@ -363,10 +395,12 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   __shared__ int shared_support_size;
   const int slot = first + static_cast<int>(blockIdx.x);
   const ProcessedRow row = rows[slot];
+  const bool top_k_cut = row.top_k > 0;
+  const int selected = top_k_cut ? row.top_k : row.return_top_k;
   // choose_processed's caller sorts every other row (processed_path); a row outside the bounds would
-  // overrun the arrays above.
-  if (row.return_top_k < 1 || row.return_top_k > kMaxSelectedTopK) __trap();
-  const int slots = max(candidate_limit, row.return_top_k);  // candidate_limit <= kCandidateCapacity
+  // overrun the arrays above, and a top-p cut needs the order past k.
+  if (selected < 1 || selected > kMaxSelectedTopK || row.top_p < 1.0f) __trap();
+  const int slots = max(candidate_limit, selected);  // candidate_limit <= kCandidateCapacity
   const float* row_logits = logits + static_cast<int64_t>(row.logits_row) * n;
 
   uint32_t thread_min = 0xFFFFFFFFu;
@@ -376,10 +410,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   __syncthreads();
   const double max_logit = key_logit(shared_min_key);
   if (!isfinite(max_logit)) {
-    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
-    for (int j = static_cast<int>(threadIdx.x); j < row.return_top_k; j += kSupportThreads) {
-      returned_q[row.returned_begin + j] = TokenProbRow{-1, 0.0f};
-    }
+    write_rejected_row(row, slot, supports, returned_q);
     return;
   }
   const double inv_temperature = 1.0 / static_cast<double>(row.temperature);
@@ -387,7 +418,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
 
   uint32_t sorted_min[1] = {thread_min};  // thread t ends with the t-th smallest of the threads' minima
   KeySort(temp.sort).Sort(sorted_min);
-  if (static_cast<int>(threadIdx.x) == row.return_top_k - 1) shared_bound_key = sorted_min[0];
+  if (static_cast<int>(threadIdx.x) == selected - 1) shared_bound_key = sorted_min[0];
   if (threadIdx.x < 32) {
     // The support is a prefix of the key order (the weight does not grow along it): its last key, between
     // the maximum's (weight 1) and -inf's (weight 0), found by the first warp probing 32 keys a round.
@@ -411,11 +442,11 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   // At least min(k, |support|) support tokens lie at or before it.
   const uint64_t bound = order_position(min(shared_bound_key, support_key), n - 1, n);
 
-  double partial_total = 0.0;
+  double partial_total = 0.0;  // a cut row's total is its selected tokens' (write_prefix_support)
   int partial_support = 0;
   for_each_logit(row_logits, n, [&](int i, float logit) {
     const uint32_t key = descending_key(logit);
-    partial_total += weight_of(logit, max_logit, inv_temperature);
+    if (!top_k_cut) partial_total += weight_of(logit, max_logit, inv_temperature);
     partial_support += key <= support_key ? 1 : 0;
     offer_candidate(order_position(key, i, n) <= bound, key, i, candidates, slots, &shared_count);
   });
@@ -427,7 +458,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
     shared_support_size = support_size;
   }
   __syncthreads();
-  const int keep = min(row.return_top_k, shared_support_size);
+  const int keep = min(selected, shared_support_size);
   int count = shared_count;
 
   if (count > candidate_limit) {
@@ -462,7 +493,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
     __syncthreads();
   }
 
-  // The candidates hold every token up to the bound, so their first keep by (key, id) are q's tokens.
+  // The candidates hold every token up to the bound, so their first keep by (key, id) are p's first keep.
   for (int s = static_cast<int>(threadIdx.x); s < count; s += kSupportThreads) {
     const uint64_t entry = candidates[s];
     int rank = 0;
@@ -473,10 +504,14 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
     }
   }
   __syncthreads();
-  const double row_total = shared_total;
-  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, row_total, 0xFFFFFFFFu, INT_MAX, 1};
-  write_returned_q(row, top_ids, keep, row_total, [&](int position) { return weight_at_key(top_keys[position]); },
-                   shares, &shared_kept, returned_q);
+  const auto weight = [&](int position) { return weight_at_key(top_keys[position]); };
+  if (top_k_cut) {
+    write_prefix_support<Reduce>(temp.reduce, &shared_total, row, slot, max_logit, top_keys, top_ids, keep, weight,
+                                 shares, &shared_kept, supports, returned_q);
+  } else {
+    write_support(row, slot, RowSupport{max_logit, shared_total, 0xFFFFFFFFu, INT_MAX, 1}, top_ids, keep, weight,
+                  shares, &shared_kept, supports, returned_q);
+  }
 }
 
 // One CTA per uncut processed row (a sampled-draft window's): the whole row is the support.
@@ -504,7 +539,7 @@ __global__ void __launch_bounds__(kSupportThreads) uncut_support_kernel(const fl
   __syncthreads();
   const double max_logit = shared_max;
   if (!isfinite(max_logit)) {
-    if (threadIdx.x == 0) supports[slot] = RowSupport{0.0, 0.0, 0u, -1, 0};
+    write_rejected_row(row, slot, supports, nullptr);  // a Whole row returns no q
     return;
   }
   const double inv_temperature = 1.0 / static_cast<double>(row.temperature);

@@ -73,7 +73,19 @@ void attention(const float* q, int64_t q_stride, int rows, int num_heads, const 
 // Whether attention supports this head size and grouping (the kernels are instantiated per head size).
 bool attention_supports(int head_dim, int group);
 
-// out[r, i] = bf16(silu(gate_up[r, i]) * gate_up[r, inter + i]).
+// The MLP's gate and up projections share one matrix on the GPU, interleaved in groups of kGateUpGroup rows
+// (gate rows 4g..4g+3, then up rows 4g..4g+3), so that a skinny GEMM CTA of 8 columns holds a gate and its
+// up (skinny_matmul_silu). gate_up_row(i, up) is the row of intermediate position i's gate or up.
+constexpr int kGateUpGroup = 4;
+__host__ __device__ constexpr int gate_up_row(int i, bool up) {
+  return 2 * kGateUpGroup * (i / kGateUpGroup) + i % kGateUpGroup + (up ? kGateUpGroup : 0);
+}
+
+// silu(gate) * up, as every backend computes the MLP's activation before rounding it to bf16.
+__device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
+// out[r, i] = bf16(silu(gate) * up) with gate and up at columns gate_up_row(i, false / true) of the
+// interleaved gate_up[r, 2 * inter] (the CPU twin, ops::silu_mul, reads the plain gate-then-up layout).
 void silu_mul(const float* gate_up, int rows, int inter, bf16* out, cudaStream_t stream);
 
 // How choose_token picks row r's token: the one-pass part of ops::TokenChoice in device form.
@@ -120,19 +132,24 @@ struct ProcessedRow {
   int32_t returned_begin = 0;
 };
 
-// How choose_processed finds a processed row's support. Sorted: rows with a top-k or top-p cut (the nucleus
-// needs the order far past any k), sampled-draft verify rows that also return q, and drafting rows with
-// return_top_k > kMaxSelectedTopK; their row is sorted. Selected: the other drafting rows (return_top_k > 0,
-// no cut): their q, the first k of the whole support, comes from an exact top-k selection. Whole: rows
-// without a cut or a q (sampled-draft windows), whose support is the whole row.
+// How choose_processed finds a processed row's support. Selected, by an exact top-k selection of the first k
+// of p's order without a sort: rows whose only cut is top_k <= kMaxSelectedTopK (sampling rows, sampled-draft
+// verify rows and drafting rows alike; their support is that selection), and drafting rows without a cut
+// (return_top_k > 0, no draft judged, return_top_k <= kMaxSelectedTopK; their q is the selection of the
+// whole support). Sorted, their row sorted: rows with a top-p cut (the nucleus needs the order far past any
+// k) or a larger top_k, and the other rows that return q. Whole: rows without a cut or a q (sampled-draft
+// windows), whose support is the whole row.
 enum class ProcessedPath { Sorted, Selected, Whole };
 constexpr int kMaxSelectedTopK = 256;
 
 inline ProcessedPath processed_path(const ProcessedRow& row) {
-  const bool cut = row.top_k > 0 || row.top_p < 1.0f;
-  if (!cut && row.return_top_k == 0) return ProcessedPath::Whole;
-  if (!cut && row.draft_token < 0 && row.return_top_k <= kMaxSelectedTopK) return ProcessedPath::Selected;
-  return ProcessedPath::Sorted;
+  const bool top_p_cut = row.top_p < 1.0f;
+  const bool top_k_only = row.top_k > 0 && !top_p_cut;
+  if (top_k_only) return row.top_k <= kMaxSelectedTopK ? ProcessedPath::Selected : ProcessedPath::Sorted;
+  if (row.top_k > 0 || top_p_cut) return ProcessedPath::Sorted;
+  if (row.return_top_k == 0) return ProcessedPath::Whole;
+  const bool selectable = row.draft_token < 0 && row.return_top_k <= kMaxSelectedTopK;
+  return selectable ? ProcessedPath::Selected : ProcessedPath::Sorted;
 }
 
 // out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), ordered
@@ -143,10 +160,13 @@ inline ProcessedPath processed_path(const ProcessedRow& row) {
 // there is no finite maximum): the caller draws the token from q on the host (sample_draft_token), exactly.
 // Sorted rows are ordered (logit descending, id ascending: a stable CUB segmented radix sort)
 // kProcessedSortRows at a time, which is p's order; Selected rows find the first k of that order without a
-// sort and compute q's probabilities by the same code; every draw is a Gumbel-max over the unsorted row.
-// Equal to the host rule except where double rounding decides (exp, and sums taken in another order than the
-// host's: ulp-level; for q, p's total, before its entries are rounded to float; a Selected row's total is
-// added in id order, a Sorted row's in sorted order).
+// sort, and both compute the support (RowSupport) and q by the same code; every draw is a Gumbel-max over the
+// unsorted row. Equal to the host rule except where double rounding decides (exp, and sums taken in another
+// order than the host's: ulp-level; for q, p's total, before its entries are rounded to float). Sums: a
+// cut row's total (Sorted, or Selected with a top-k cut) is added in p's order by a block tree, the host adds
+// a top-k support in id order and a nucleus in p's order sequentially; the two device paths give the same
+// support a bit-identical total. An uncut drafting row's total is added in id order by a block tree (the
+// host: id order, sequentially); q's own sum (kept) is p's order, sequentially, as on the host.
 // scratch holds processed_scratch_bytes(max_rows, n) bytes, max_rows >= num_rows.
 constexpr int kProcessedSortRows = 16;
 size_t processed_scratch_bytes(int max_rows, int n);
@@ -163,6 +183,12 @@ constexpr int kSkinnyMaxRows = 16;
 // allow_dependent_launch).
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
                    bool accumulate, int variant, bool programmatic, cudaStream_t stream);
+
+// out[rows, n / 2] = bf16(silu(gate) * up) of y = x W^T (+ bias) for an interleaved gate_up weight W
+// [n, k] (gate_up_row), computed in the GEMM's epilogue from the float sums skinny_matmul would write: the
+// same values silu_mul gives from them. n a multiple of 8.
+void skinny_matmul_silu(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, bf16* out,
+                        int variant, bool programmatic, cudaStream_t stream);
 
 // The fastest skinny_matmul variant for one row of a [n, k] product, timed on `weights` (matrices of that
 // shape, used in turn so that none is read from L2), with each variant's median time.

@@ -86,11 +86,16 @@ __device__ __forceinline__ void multiply_step(float (&acc)[kTiles][4], const Wei
 // 32-k chunk then see the k order permuted identically in A and B (logical k 2t, 2t+1 | 2t+8, 2t+9 ->
 // physical 8t, 8t+1 | 8t+2, 8t+3 in the first product, 8t+4 .. 8t+7 in the second), which leaves every
 // dot product unchanged and keeps all loads 16 bytes wide.
-template <int kTiles, int kDepth, int kMinBlocks>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k,
-                                                                    const bf16* __restrict__ weight,
-                                                                    const float* __restrict__ bias, int n,
-                                                                    float* __restrict__ y, bool accumulate) {
+//
+// kGated: the weight interleaves a gate and an up projection (interleave_gate_up: in each 8-column tile,
+// columns 0-3 are gate rows and 4-7 the up rows of the same 4 intermediate positions), and the CTA writes
+// silu(gate) * up as bf16 into gated [rows, n / 2] instead of y: the MLP's activation without a kernel of
+// its own, from the same float sums.
+template <int kTiles, int kDepth, int kMinBlocks, bool kGated>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
+    skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k, const bf16* __restrict__ weight,
+                         const float* __restrict__ bias, int n, float* __restrict__ y, bool accumulate,
+                         bf16* __restrict__ gated) {
   __shared__ float partial[kWarps][kTiles][32][4];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -139,19 +144,35 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) skinny_matmul_kernel(
   }
   __syncthreads();
   // Accumulator i of lane l holds row l/4 (+8 for i >= 2), column 2 * (l % 4) + (i & 1) of its tile.
-  for (int index = threadIdx.x; index < kTiles * 32 * 4; index += kWarps * 32) {
-    const int tile = index / 128;
-    const int l = (index / 4) % 32;
-    const int i = index % 4;
-    const int row = l / 4 + (i >= 2 ? 8 : 0);
-    const int column = column_base + tile * 8 + (l % 4) * 2 + (i & 1);
-    if (row >= rows || column >= n) continue;
+  const auto output = [&](int tile, int row, int column_in_tile) {
+    const int l = (row % 8) * 4 + column_in_tile / 2;
+    const int i = (row >= 8 ? 2 : 0) + column_in_tile % 2;
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += partial[w][tile][l][i];
-    if (bias != nullptr) sum += bias[column];
-    float* out = y + static_cast<int64_t>(row) * n + column;
-    *out = accumulate ? *out + sum : sum;
+    return bias != nullptr ? sum + bias[column_base + tile * 8 + column_in_tile] : sum;
+  };
+  if constexpr (kGated) {
+    for (int index = threadIdx.x; index < kTiles * 16 * 4; index += kWarps * 32) {
+      const int tile = index / 64;
+      const int row = (index / 4) % 16;
+      const int j = index % 4;
+      const int column = column_base + tile * 8 + j;
+      if (row >= rows || column >= n) continue;
+      gated[static_cast<int64_t>(row) * (n / 2) + column / 8 * 4 + j] =
+          __float2bfloat16(silu_times(output(tile, row, j), output(tile, row, j + 4)));
+    }
+  } else {
+    for (int index = threadIdx.x; index < kTiles * 16 * 8; index += kWarps * 32) {
+      const int tile = index / 128;
+      const int row = (index / 8) % 16;
+      const int c = index % 8;
+      const int column = column_base + tile * 8 + c;
+      if (row >= rows || column >= n) continue;
+      const float sum = output(tile, row, c);
+      float* out = y + static_cast<int64_t>(row) * n + column;
+      *out = accumulate ? *out + sum : sum;
+    }
   }
 }
 
@@ -162,9 +183,17 @@ __global__ void add_bias_kernel(float* __restrict__ y, int n, const float* __res
   }
 }
 
+// Where a launch writes: y (float, overwritten or accumulated into), or for a gated product the bf16
+// activation `gated`.
+struct SkinnyOutput {
+  float* y = nullptr;
+  bool accumulate = false;
+  bf16* gated = nullptr;
+};
+
 template <int kTiles, int kDepth, int kMinBlocks>
-void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
-                   bool accumulate, bool programmatic, cudaStream_t stream) {
+void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n,
+                   const SkinnyOutput& output, bool programmatic, cudaStream_t stream) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -174,11 +203,16 @@ void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const flo
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = programmatic ? 1 : 0;
-  PEARL_CUDA_CHECK(
-      cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kDepth, kMinBlocks>, x, rows, k, weight, bias, n, y, accumulate));
+  if (output.gated != nullptr) {
+    PEARL_CUDA_CHECK(cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, true>, x, rows, k,
+                                       weight, bias, n, output.y, output.accumulate, output.gated));
+  } else {
+    PEARL_CUDA_CHECK(cudaLaunchKernelEx(&config, skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, false>, x, rows, k,
+                                       weight, bias, n, output.y, output.accumulate, output.gated));
+  }
 }
 
-using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, float*, bool, bool,
+using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, const SkinnyOutput&, bool,
                                 cudaStream_t);
 
 struct SkinnyVariant {
@@ -199,6 +233,16 @@ constexpr std::array<SkinnyVariant, 5> kSkinnyVariants = {{
     {"tiles2-prefetch", launch_skinny<2, 2, 2>},
 }};
 
+void check_skinny(int rows, int k, int variant) {
+  if (rows > kSkinnyMaxRows || k % 8 != 0) {
+    throw std::logic_error("skinny_matmul needs at most 16 rows and k a multiple of 8 (got rows " +
+                           std::to_string(rows) + ", k " + std::to_string(k) + ")");
+  }
+  if (variant < 0 || variant >= static_cast<int>(kSkinnyVariants.size())) {
+    throw std::logic_error("skinny_matmul: no variant " + std::to_string(variant));
+  }
+}
+
 __global__ void fill_pattern_kernel(bf16* x, int count) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
     x[i] = __float2bfloat16(static_cast<float>((i * 37) % 17 - 8) * 0.0625f);
@@ -210,16 +254,20 @@ __global__ void fill_pattern_kernel(bf16* x, int count) {
 void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, float* y,
                    bool accumulate, int variant, bool programmatic, cudaStream_t stream) {
   if (rows == 0) return;
-  if (rows > kSkinnyMaxRows || k % 8 != 0) {
-    throw std::logic_error("skinny_matmul needs at most 16 rows and k a multiple of 8 (got rows " +
-                           std::to_string(rows) + ", k " + std::to_string(k) + ")");
-  }
-  if (variant < 0 || variant >= static_cast<int>(kSkinnyVariants.size())) {
-    throw std::logic_error("skinny_matmul: no variant " + std::to_string(variant));
-  }
-  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, y, accumulate, programmatic,
-                                                       stream);
+  check_skinny(rows, k, variant);
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, SkinnyOutput{y, accumulate, nullptr},
+                                                       programmatic, stream);
   check_launch("skinny_matmul");
+}
+
+void skinny_matmul_silu(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, bf16* out,
+                        int variant, bool programmatic, cudaStream_t stream) {
+  if (rows == 0) return;
+  check_skinny(rows, k, variant);
+  if (n % 8 != 0) throw std::logic_error("skinny_matmul_silu needs n a multiple of 8 (got " + std::to_string(n) + ")");
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, SkinnyOutput{nullptr, false, out},
+                                                       programmatic, stream);
+  check_launch("skinny_matmul_silu");
 }
 
 int skinny_variant_index(const std::string& name) {

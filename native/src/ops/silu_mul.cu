@@ -7,12 +7,10 @@ namespace {
 __global__ void silu_mul_kernel(const float* __restrict__ gate_up, int inter, bf16* __restrict__ out) {
   allow_dependent_launch();
   const int row = blockIdx.y;
-  const float* gate = gate_up + static_cast<int64_t>(row) * 2 * inter;
-  const float* up = gate + inter;
+  const float* source = gate_up + static_cast<int64_t>(row) * 2 * inter;
   bf16* target = out + static_cast<int64_t>(row) * inter;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < inter; i += gridDim.x * blockDim.x) {
-    const float g = gate[i];
-    target[i] = __float2bfloat16(g / (1.0f + expf(-g)) * up[i]);
+    target[i] = __float2bfloat16(silu_times(source[gate_up_row(i, false)], source[gate_up_row(i, true)]));
   }
 }
 
