@@ -45,15 +45,23 @@ export async function speculativeGreedy(options: {
   deterministic: boolean;
 }): Promise<SpeculativeOutcome> {
   const { deterministic } = options;
+  const prompts = referencePrompts(options.sessions);
+  // The target-only reference runs on an engine of its own: on the same engine its committed prompts would
+  // be prefix-cache hits for the speculative run, which would then prefill only the prompts' tails (a
+  // different row count, so outside deterministic mode a different GEMM and different rounding of those
+  // K/V) and could flip a near-tie that has nothing to do with speculation.
+  const reference = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda", deterministic });
+  const targetOnly: number[][] = [];
+  try {
+    for (const [i, prompt] of prompts.entries()) {
+      targetOnly.push(await greedyDecode(reference, 1000 + i, prompt, options.newTokens));
+    }
+  } finally {
+    await reference.close();
+  }
   const target = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda", deterministic });
   const draft = await Engine.load({ modelDir: join(MODELS, "draft"), backend: "cuda", deterministic });
   try {
-    const prompts = referencePrompts(options.sessions);
-    const targetOnly: number[][] = [];
-    for (const [i, prompt] of prompts.entries()) {
-      targetOnly.push(await greedyDecode(target, 1000 + i, prompt, options.newTokens));
-    }
-
     const sessions: Session[] = prompts.map((prompt, i) => ({
       seqId: i,
       committed: [...prompt],
