@@ -754,10 +754,11 @@ class CudaBackend final : public Backend {
     const size_t first_entry = draft_entries_used_;
     int count = 0;
     int sorted_rows = 0;
+    int nucleus_rows = 0;
     int selected_rows = 0;
-    // choose_processed takes its rows grouped by processed_path: sorted, then selected, then whole.
-    for (const gpu::ProcessedPath path :
-         {gpu::ProcessedPath::Sorted, gpu::ProcessedPath::Selected, gpu::ProcessedPath::Whole}) {
+    // choose_processed takes its rows grouped by processed_path: sorted, nucleus, selected, then whole.
+    for (const gpu::ProcessedPath path : {gpu::ProcessedPath::Sorted, gpu::ProcessedPath::Nucleus,
+                                          gpu::ProcessedPath::Selected, gpu::ProcessedPath::Whole}) {
       for (size_t i = 0; i < outputs.size(); ++i) {
         const ops::TokenChoice& choice = step_choices_[static_cast<size_t>(outputs[i])];
         if (!draws_processed(choice)) continue;
@@ -787,6 +788,7 @@ class CudaBackend final : public Backend {
         }
         rows[count++] = row;
         if (path == gpu::ProcessedPath::Sorted) ++sorted_rows;
+        if (path == gpu::ProcessedPath::Nucleus) ++nucleus_rows;
         if (path == gpu::ProcessedPath::Selected) ++selected_rows;
       }
     }
@@ -805,8 +807,8 @@ class CudaBackend final : public Backend {
                                        entries * sizeof(float), cudaMemcpyHostToDevice, stream_));
     }
     gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, sorted_rows,
-                          selected_rows, device_draft_tokens, device_draft_probs, processed_scratch_.as<void>(),
-                          kLogitRows, device_tokens_.as<gpu::ChosenTokenRow>(),
+                          nucleus_rows, selected_rows, device_draft_tokens, device_draft_probs,
+                          processed_scratch_.as<void>(), kLogitRows, device_tokens_.as<gpu::ChosenTokenRow>(),
                           device_returned_q_.as<gpu::TokenProbRow>(), stream_);
   }
 

@@ -220,6 +220,10 @@ describe("cuda batch invariance (steps of at most 16 rows)", () => {
   });
 });
 
+const EMBEDDED_MODELS = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "models");
+const EMBEDDED_DRAFT = join(EMBEDDED_MODELS, "draft");
+const EMBEDDED_TARGET = join(EMBEDDED_MODELS, "target");
+
 // The engine's Sample steps against the TypeScript rule applied to the logits of Logits steps over the same
 // rows (bit-identical on the device: the same row counts take the same kernels). Exact equality is asserted;
 // the device's double exp and its sums in another order than the host's can only flip a draw, a cut
@@ -234,6 +238,23 @@ describe("cuda tokens picked on the device", () => {
       await engine.close();
     }
   });
+
+  // The fixture's top-p rows and the embedded models' (real, peaky rows) end their nuclei within the
+  // selection (processed_path's Nucleus rows); the mixed step below also has nuclei past it.
+  for (const [name, modelDir] of [
+    ["the embedded draft", () => EMBEDDED_DRAFT],
+    ["the embedded target", () => EMBEDDED_TARGET],
+  ] as const) {
+    test(`${name}: greedy, whole-softmax and top-k/top-p tokens and verdicts equal the reference rule`, async () => {
+      const engine = await Engine.load({ modelDir: modelDir(), backend: "cuda" });
+      try {
+        await assertEngineChoosesTokens(engine, tokenRange(7, 13, engine.info.vocabSize));
+        await assertEngineVerifiesSampledDrafts(engine, tokenRange(7, 13, engine.info.vocabSize));
+      } finally {
+        await engine.close();
+      }
+    });
+  }
 
   test("sampled-draft verify windows (p(d), residual, bonus) get the reference verdict on the same logits", async () => {
     const engine = await Engine.load({ modelDir: loadFixture("llama-gqa-f32").dir, backend: "cuda" });
@@ -254,20 +275,34 @@ describe("cuda tokens picked on the device", () => {
   });
 });
 
-const EMBEDDED_DRAFT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "models", "draft");
-
 // One step holding rows of every processed path (native/src/ops/cuda_ops.cuh, processed_path), each against
 // the reference rule on its rows' logits from a step of the same shape on twin sequences. Selected: drafting
 // rows without a cut (k from 1 to kMaxSelectedTopK, and k above a tiny temperature's support) and rows whose
 // only cut is top_k <= kMaxSelectedTopK (drafting rows, sampling rows and sampled-draft windows; top_k 1 and
-// 256, top_k above the support, returnTopK above top_k). Sorted: a top-p cut, top_k 257 and 300, returnTopK
-// above kMaxSelectedTopK. Whole: a sampled-draft window without a cut. Rows with returnTopK are drafting
-// rows (q and the token drawn from it), the others sampling rows (their token).
+// 256, top_k above the support, returnTopK above top_k), or top_k <= kMaxSelectedTopK with top_p. Nucleus
+// (top_p alone): rows and sampled-draft windows whose nucleus ends within the selection's kMaxSelectedTopK
+// (peaky rows) and ones whose nucleus does not (near-flat rows at a high temperature: the sort decides
+// them in the same call), on every model. Sorted: top_k 257 and 300 (one with top_p), returnTopK above
+// kMaxSelectedTopK. Whole: a sampled-draft window without a cut. Rows with returnTopK are drafting rows (q
+// and the token drawn from it), the others sampling rows (their token).
 interface MixedRow {
   sampling: SamplingParams;
   returnTopK?: number;
   /** The support is smaller than k (top_k, else returnTopK): the row exercises a support below its k. */
   supportBelowK?: true;
+  /** A Nucleus row whose nucleus ends within the selection ("within") or past it ("past", sorted). */
+  nucleus?: "within" | "past";
+}
+
+// processed_path's kMaxSelectedTopK (native/src/ops/cuda_ops.cuh): a Nucleus row's selection size.
+const MAX_SELECTED_TOP_K = 256;
+
+function assertNucleusPath(tokens: number, path: "within" | "past", what: string): void {
+  assert.equal(
+    tokens <= MAX_SELECTED_TOP_K ? "within" : "past",
+    path,
+    `nucleus of ${tokens} tokens, ${what}`,
+  );
 }
 const MIXED_ROWS: readonly MixedRow[] = [
   { sampling: { temperature: 0.8, topK: 0, topP: 1, seed: 31 }, returnTopK: 16 },
@@ -286,11 +321,23 @@ const MIXED_ROWS: readonly MixedRow[] = [
   { sampling: { temperature: 1.2, topK: 256, topP: 1, seed: 43 } },
   { sampling: { temperature: 1e-5, topK: 50, topP: 1, seed: 44 }, supportBelowK: true },
   { sampling: { temperature: 0.8, topK: 300, topP: 1, seed: 45 } },
+  { sampling: { temperature: 1.0, topK: 0, topP: 0.5, seed: 49 }, nucleus: "within" },
+  { sampling: { temperature: 0.8, topK: 0, topP: 0.7, seed: 50 }, returnTopK: 8, nucleus: "within" },
+  { sampling: { temperature: 4.0, topK: 0, topP: 0.95, seed: 51 }, nucleus: "past" },
+  { sampling: { temperature: 3.0, topK: 0, topP: 0.98, seed: 52 }, returnTopK: 16, nucleus: "past" },
+  { sampling: { temperature: 0.7, topK: 100, topP: 0.8, seed: 53 } },
+  { sampling: { temperature: 0.9, topK: 100, topP: 0.8, seed: 57 }, returnTopK: 4 },
+  { sampling: { temperature: 1.0, topK: 300, topP: 0.9, seed: 54 } },
 ];
 const WHOLE_WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 0, topP: 1, seed: 38 };
 const TOP_K_WINDOW_SAMPLING: SamplingParams = { temperature: 1.1, topK: 30, topP: 1, seed: 46 };
+// Sampled-draft windows with a top-p cut only: every row's nucleus within the selection, and past it.
+const NUCLEUS_WINDOWS: readonly { sampling: SamplingParams; nucleus: "within" | "past" }[] = [
+  { sampling: { temperature: 1.0, topK: 0, topP: 0.5, seed: 55 }, nucleus: "within" },
+  { sampling: { temperature: 4.0, topK: 0, topP: 0.95, seed: 56 }, nucleus: "past" },
+];
 const MIXED_TWIN_BASE = 9900;
-const MIXED_CASES = MIXED_ROWS.length + 3;
+const MIXED_CASES = MIXED_ROWS.length + 3 + NUCLEUS_WINDOWS.length;
 const DRAFT_SOURCE = 9800;
 
 // A case of the mixed step: the tokens both twins append, the sampled twin's item, and the check of its
@@ -315,6 +362,7 @@ function rowCase(row: MixedRow, index: number, position: number, vocab: number):
     }),
     check: (logits, result, what) => {
       const p = processLogits(logits, sampling);
+      if (row.nucleus !== undefined) assertNucleusPath(p.tokens.length, row.nucleus, what);
       if (row.supportBelowK) {
         assert.ok(
           p.tokens.length < (sampling.topK > 0 ? sampling.topK : returnTopK!),
@@ -346,9 +394,10 @@ function windowCase(
   position: number,
   vocab: number,
   accepted?: number,
+  nucleus?: "within" | "past",
 ): MixedCase {
   return {
-    name: `${name} window, top_k ${sampling.topK}`,
+    name: `${name} window, top_k ${sampling.topK}, top_p ${sampling.topP}`,
     tokens: window,
     item: (seqId, stepTokens) => ({
       seqId,
@@ -359,6 +408,11 @@ function windowCase(
     }),
     check: (logits, result, what) => {
       const rows = window.map((_, row) => logitsRow(logits, vocab, row));
+      if (nucleus !== undefined) {
+        for (const [index, row] of rows.entries()) {
+          assertNucleusPath(processLogits(row, sampling).tokens.length, nucleus, `row ${index}, ${what}`);
+        }
+      }
       const expected = verifyWindow(rows, window, draftDists, sampling, position);
       if (accepted !== undefined)
         assert.equal(expected.accepted, accepted, `the window's designed verdict, ${what}`);
@@ -413,6 +467,9 @@ async function assertMixedDraftingStep(engine: Engine, label: string): Promise<v
     ...MIXED_ROWS.map((row, i) => rowCase(row, i, position, vocab)),
     windowCase("whole", whole, wholeDists, WHOLE_WINDOW_SAMPLING, position, vocab),
     ...(await topKWindowCases(engine, prompt, position)),
+    ...NUCLEUS_WINDOWS.map(({ sampling, nucleus }) =>
+      windowCase(`nucleus ${nucleus}`, whole, wholeDists, sampling, position, vocab, undefined, nucleus),
+    ),
   ];
   assert.equal(cases.length, MIXED_CASES);
   const twins = cases.map((_, i) => MIXED_TWIN_BASE + 2 * i);
@@ -450,6 +507,7 @@ describe("cuda drafting, sampling and verify rows of every processed path in one
   for (const [name, modelDir] of [
     ["llama-gqa-f32 (vocab 512)", () => loadFixture("llama-gqa-f32").dir],
     ["the embedded draft (vocab 6144)", () => EMBEDDED_DRAFT],
+    ["the embedded target (vocab 6144)", () => EMBEDDED_TARGET],
   ] as const) {
     test(`${name}: q, tokens and verdicts equal the reference rule, with and without forced bisection`, async () => {
       const engine = await Engine.load({ modelDir: modelDir(), backend: "cuda" });

@@ -144,13 +144,30 @@ __device__ __forceinline__ bool in_support(const RowSupport& support, float logi
   return key < support.pivot_key || (key == support.pivot_key && index <= support.pivot_id);
 }
 
+// Whether processed row `slot` goes through the sort: Sorted rows always, Nucleus rows (slots from
+// first_nucleus on) when the selection left their nucleus undecided (needs_sort, written by
+// select_top_k_kernel before the sort pass).
+__device__ __forceinline__ bool sorts_row(int slot, int first_nucleus, const int32_t* needs_sort) {
+  return slot < first_nucleus || needs_sort[slot] != 0;
+}
+
 // Sort input for pass rows: keys[y][i] = descending_key(logit i of cut row first + y), ids[y][i] = i, and the
-// segment offsets y * n.
+// segment offsets: [y * n, (y + 1) * n) for a row that sorts, empty for a Nucleus row already decided.
 __global__ void __launch_bounds__(kKeyThreads) processed_keys_kernel(const float* __restrict__ logits, int n,
                                                                     const ProcessedRow* __restrict__ rows, int first,
+                                                                    int first_nucleus,
+                                                                    const int32_t* __restrict__ needs_sort,
                                                                     uint32_t* __restrict__ keys,
-                                                                    int32_t* __restrict__ ids, int* __restrict__ offsets) {
+                                                                    int32_t* __restrict__ ids,
+                                                                    int* __restrict__ begin_offsets,
+                                                                    int* __restrict__ end_offsets) {
   const int y = blockIdx.y;
+  const bool sorted = sorts_row(first + y, first_nucleus, needs_sort);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    begin_offsets[y] = y * n;
+    end_offsets[y] = sorted ? (y + 1) * n : y * n;
+  }
+  if (!sorted) return;
   const float* row_logits = logits + static_cast<int64_t>(rows[first + y].logits_row) * n;
   uint32_t* row_keys = keys + static_cast<int64_t>(y) * n;
   int32_t* row_ids = ids + static_cast<int64_t>(y) * n;
@@ -162,10 +179,6 @@ __global__ void __launch_bounds__(kKeyThreads) processed_keys_kernel(const float
       row_keys[i] = descending_key(__ldg(row_logits + i));
       row_ids[i] = i;
     }
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    offsets[y] = y * n;
-    if (y == static_cast<int>(gridDim.y) - 1) offsets[y + 1] = (y + 1) * n;
   }
 }
 
@@ -244,12 +257,41 @@ __device__ void write_prefix_support(typename Reduce::TempStorage& temp, double*
                 size, weight, shares, shared_kept, supports, returned_q);
 }
 
+// The nucleus within the first `size` entries of p's order (weight(position): the weight at that position):
+// the length of the shortest prefix whose cumulative share of `kept` reaches top_p, or 0 when none within
+// them does. The shares are added by a block scan a kSupportThreads chunk at a time, so a prefix's sum does
+// not depend on the entries after it (nor on `size` past it): the Sorted and Selected/Nucleus paths give
+// the same prefix the same cumulative share. Every thread gets the result; shared_count is scratch.
+template <typename Scan, typename Weight>
+__device__ int nucleus_length(typename Scan::TempStorage& temp, int* shared_count, int size, Weight weight,
+                              double kept, double top_p) {
+  __syncthreads();  // every thread has read shared_count's previous value
+  if (threadIdx.x == 0) *shared_count = INT_MAX;
+  double running = 0.0;
+  for (int base = 0; base < size; base += kSupportThreads) {
+    const int position = base + static_cast<int>(threadIdx.x);
+    const double share = position < size ? weight(position) / kept : 0.0;
+    double cumulative = 0.0;
+    double chunk_total = 0.0;
+    __syncthreads();
+    Scan(temp).InclusiveSum(share, cumulative, chunk_total);
+    if (position < size && running + cumulative >= top_p) atomicMin(shared_count, position);
+    __syncthreads();
+    if (*shared_count != INT_MAX) break;
+    running += chunk_total;
+  }
+  return *shared_count != INT_MAX ? *shared_count + 1 : 0;
+}
+
 // One CTA per sorted row of the pass: process_logits' cuts over the sorted order. Candidates (weight > 0)
 // are a prefix of it (the weight does not grow along it); top_k keeps the first k; the nucleus is the
 // shortest prefix whose cumulative share of the kept weight reaches top_p. A drafting row also writes its q.
+// A Nucleus row the selection decided (its segment was empty) keeps what select_top_k_kernel wrote.
 __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint32_t* __restrict__ keys,
                                                                      const int32_t* __restrict__ ids, int n,
                                                                      const ProcessedRow* __restrict__ rows, int first,
+                                                                     int first_nucleus,
+                                                                     const int32_t* __restrict__ needs_sort,
                                                                      RowSupport* __restrict__ supports,
                                                                      TokenProbRow* __restrict__ returned_q) {
   using Reduce = cub::BlockReduce<double, kSupportThreads>;
@@ -263,6 +305,7 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
   __shared__ double shares[kSupportThreads];
   __shared__ double shared_kept;
   const int slot = first + static_cast<int>(blockIdx.x);
+  if (!sorts_row(slot, first_nucleus, needs_sort)) return;
   const ProcessedRow row = rows[slot];
   const uint32_t* row_keys = keys + static_cast<int64_t>(blockIdx.x) * n;
   const int32_t* row_ids = ids + static_cast<int64_t>(blockIdx.x) * n;
@@ -290,23 +333,10 @@ __global__ void __launch_bounds__(kSupportThreads) cut_support_kernel(const uint
   const int candidates = shared_count;
   int size = row.top_k > 0 && row.top_k < candidates ? row.top_k : candidates;
   if (row.top_p < 1.0f) {
-    const double top_p = static_cast<double>(row.top_p);
     const double kept = block_sum<Reduce>(temp.reduce, &shared_sum, size, weight);
-    if (threadIdx.x == 0) shared_count = INT_MAX;
-    double running = 0.0;
-    for (int base = 0; base < size; base += kSupportThreads) {
-      const int position = base + static_cast<int>(threadIdx.x);
-      const double share = position < size ? weight(position) / kept : 0.0;
-      double cumulative = 0.0;
-      double chunk_total = 0.0;
-      __syncthreads();
-      Scan(temp.scan).InclusiveSum(share, cumulative, chunk_total);
-      if (position < size && running + cumulative >= top_p) atomicMin(&shared_count, position);
-      __syncthreads();
-      if (shared_count != INT_MAX) break;
-      running += chunk_total;
-    }
-    if (shared_count != INT_MAX) size = shared_count + 1;
+    const int nucleus =
+        nucleus_length<Scan>(temp.scan, &shared_count, size, weight, kept, static_cast<double>(row.top_p));
+    if (nucleus > 0) size = nucleus;
   }
   write_prefix_support<Reduce>(temp.reduce, &shared_sum, row, slot, max_logit, row_keys, row_ids, size, weight, shares,
                                &shared_kept, supports, returned_q);
@@ -357,27 +387,33 @@ __device__ __forceinline__ void offer_candidate(bool qualifies, uint32_t key, in
   }
 }
 
-// One CTA per Selected row (processed_path): the first k of its candidates (tokens of weight > 0) in (key, id)
-// order, the sorted path's prefix, found without sorting the row. A row with a top-k cut (k = top_k) has
-// them as its support (write_prefix_support, as a Sorted row: the same total, pivot and q); a drafting row
-// without a cut (k = return_top_k) keeps the whole support and takes them as q. Pass 1 finds the maximum and
-// each thread's smallest key; the k-th smallest of those bounds the k-th key from above (k threads hold a
-// token at or below it). Pass 2 adds an uncut row's total (block_sum's order, as uncut_support_kernel),
-// counts the support and collects the tokens at or below the bound, which are few unless many tokens tie
-// there; then ranking the candidates by (key, id) gives p's order exactly. When more than candidate_limit
-// qualify, a bisection over order positions (integer counts, exact) narrows the bound until at most
-// candidate_limit do, or to the k-th token itself, before collecting again.
+// One CTA per Selected or Nucleus row (processed_path): the first k of its candidates (tokens of weight > 0)
+// in (key, id) order, the sorted path's prefix, found without sorting the row. A row with a top-k cut (k =
+// top_k) has them as its support, or the nucleus within them with a top-p cut (write_prefix_support, as a
+// Sorted row: the same kept weight, nucleus, total, pivot and q); a drafting row without a cut (k =
+// return_top_k) keeps the whole support and takes them as q. A Nucleus row (k = kMaxSelectedTopK) has the
+// nucleus within them as its support when it ends there or they are the whole support; otherwise it sets
+// needs_sort[slot] and writes nothing, and the sort pass decides it (every other row clears its flag).
+// Pass 1 finds the maximum and each thread's smallest key; the k-th smallest of those bounds the k-th key
+// from above (k threads hold a token at or below it). Pass 2 adds an uncut row's total (block_sum's order,
+// as uncut_support_kernel), counts the support and collects the tokens at or below the bound, which are few
+// unless many tokens tie there; then ranking the candidates by (key, id) gives p's order exactly. When more
+// than candidate_limit qualify, a bisection over order positions (integer counts, exact) narrows the bound
+// until at most candidate_limit do, or to the k-th token itself, before collecting again.
 __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const float* __restrict__ logits, int n,
                                                                       const ProcessedRow* __restrict__ rows, int first,
                                                                       int candidate_limit,
+                                                                      int32_t* __restrict__ needs_sort,
                                                                       RowSupport* __restrict__ supports,
                                                                       TokenProbRow* __restrict__ returned_q) {
   using Reduce = cub::BlockReduce<double, kSupportThreads>;
+  using Scan = cub::BlockScan<double, kSupportThreads>;
   using CountReduce = cub::BlockReduce<int, kSupportThreads>;
   using KeyReduce = cub::BlockReduce<uint32_t, kSupportThreads>;
   using KeySort = cub::BlockRadixSort<uint32_t, kSupportThreads, 1>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
     typename CountReduce::TempStorage count;
     typename KeyReduce::TempStorage key;
     typename KeySort::TempStorage sort;
@@ -396,10 +432,11 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   const int slot = first + static_cast<int>(blockIdx.x);
   const ProcessedRow row = rows[slot];
   const bool top_k_cut = row.top_k > 0;
-  const int selected = top_k_cut ? row.top_k : row.return_top_k;
+  const bool top_p_cut = row.top_p < 1.0f;
+  const int selected = top_k_cut ? row.top_k : top_p_cut ? kMaxSelectedTopK : row.return_top_k;
   // choose_processed's caller sorts every other row (processed_path); a row outside the bounds would
-  // overrun the arrays above, and a top-p cut needs the order past k.
-  if (selected < 1 || selected > kMaxSelectedTopK || row.top_p < 1.0f) __trap();
+  // overrun the arrays above.
+  if (selected < 1 || selected > kMaxSelectedTopK) __trap();
   const int slots = max(candidate_limit, selected);  // candidate_limit <= kCandidateCapacity
   const float* row_logits = logits + static_cast<int64_t>(row.logits_row) * n;
 
@@ -409,6 +446,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   if (threadIdx.x == 0) shared_min_key = min_key;
   __syncthreads();
   const double max_logit = key_logit(shared_min_key);
+  if (threadIdx.x == 0) needs_sort[slot] = 0;
   if (!isfinite(max_logit)) {
     write_rejected_row(row, slot, supports, returned_q);
     return;
@@ -442,7 +480,9 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   // At least min(k, |support|) support tokens lie at or before it.
   const uint64_t bound = order_position(min(shared_bound_key, support_key), n - 1, n);
 
-  double partial_total = 0.0;  // a cut row's total is its selected tokens' (write_prefix_support)
+  // A top-k cut row's total is its selected tokens' (write_prefix_support); the whole support's is a
+  // Nucleus row's kept weight, here in id order where the Sorted path adds it in p's order (ulp-level).
+  double partial_total = 0.0;
   int partial_support = 0;
   for_each_logit(row_logits, n, [&](int i, float logit) {
     const uint32_t key = descending_key(logit);
@@ -505,13 +545,29 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   }
   __syncthreads();
   const auto weight = [&](int position) { return weight_at_key(top_keys[position]); };
-  if (top_k_cut) {
-    write_prefix_support<Reduce>(temp.reduce, &shared_total, row, slot, max_logit, top_keys, top_ids, keep, weight,
-                                 shares, &shared_kept, supports, returned_q);
-  } else {
+  if (!top_k_cut && !top_p_cut) {
     write_support(row, slot, RowSupport{max_logit, shared_total, 0xFFFFFFFFu, INT_MAX, 1}, top_ids, keep, weight,
                   shares, &shared_kept, supports, returned_q);
+    return;
   }
+  int size = keep;
+  if (top_p_cut) {
+    // The kept weight as cut_support_kernel has it: the top k's, added in p's order by block_sum (the same
+    // sum), or the whole support's (pass 2's id-order sum: see above).
+    const double kept = top_k_cut ? block_sum<Reduce>(temp.reduce, &shared_total, keep, weight) : shared_total;
+    const int nucleus =
+        nucleus_length<Scan>(temp.scan, &shared_count, keep, weight, kept, static_cast<double>(row.top_p));
+    // Past the k the cumulative share only grows, so the sorted path would find the same nucleus; without
+    // one here, a top-k cut (or a Nucleus row holding its whole support) keeps all k, as cut_support_kernel
+    // keeps its whole prefix, and any other Nucleus row needs the order past k.
+    if (nucleus == 0 && !top_k_cut && keep < shared_support_size) {
+      if (threadIdx.x == 0) needs_sort[slot] = 1;
+      return;
+    }
+    if (nucleus > 0) size = nucleus;
+  }
+  write_prefix_support<Reduce>(temp.reduce, &shared_total, row, slot, max_logit, top_keys, top_ids, size, weight,
+                               shares, &shared_kept, supports, returned_q);
 }
 
 // One CTA per uncut processed row (a sampled-draft window's): the whole row is the support.
@@ -655,7 +711,9 @@ struct ProcessedScratch {
   RowSupport* supports;
   double* chunk_key;
   int* chunk_index;
-  int* offsets;
+  int32_t* needs_sort;  // per row: a Nucleus row the selection left to the sort (select_top_k_kernel)
+  int* begin_offsets;
+  int* end_offsets;
   uint32_t* keys[2];
   int32_t* ids[2];
   void* sort_temp;
@@ -689,7 +747,9 @@ ProcessedScratch carve(void* scratch, int max_rows, int n) {
   carved.supports = static_cast<RowSupport*>(take(static_cast<size_t>(max_rows) * sizeof(RowSupport)));
   carved.chunk_key = static_cast<double*>(take(static_cast<size_t>(max_rows) * chunks * 2 * sizeof(double)));
   carved.chunk_index = static_cast<int*>(take(static_cast<size_t>(max_rows) * chunks * 2 * sizeof(int)));
-  carved.offsets = static_cast<int*>(take((kProcessedSortRows + 1) * sizeof(int)));
+  carved.needs_sort = static_cast<int32_t*>(take(static_cast<size_t>(max_rows) * sizeof(int32_t)));
+  carved.begin_offsets = static_cast<int*>(take(kProcessedSortRows * sizeof(int)));
+  carved.end_offsets = static_cast<int*>(take(kProcessedSortRows * sizeof(int)));
   for (int b = 0; b < 2; ++b) {
     carved.keys[b] = static_cast<uint32_t*>(take(sort_items * sizeof(uint32_t)));
     carved.ids[b] = static_cast<int32_t*>(take(sort_items * sizeof(int32_t)));
@@ -741,36 +801,46 @@ int selected_candidate_limit() {
 }  // namespace
 
 void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_sorted_rows,
-                      int num_selected_rows, const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows,
-                      ChosenTokenRow* out, TokenProbRow* returned_q, cudaStream_t stream) {
+                      int num_nucleus_rows, int num_selected_rows, const int32_t* q_tokens, const float* q_probs,
+                      void* scratch, int max_rows, ChosenTokenRow* out, TokenProbRow* returned_q,
+                      cudaStream_t stream) {
   if (num_rows == 0) return;
   if (num_rows > max_rows) throw std::runtime_error("choose_processed: more rows than its scratch holds");
-  if (num_sorted_rows < 0 || num_selected_rows < 0 || num_sorted_rows + num_selected_rows > num_rows) {
-    throw std::invalid_argument("choose_processed: sorted and selected rows must be among the rows");
+  if (num_sorted_rows < 0 || num_nucleus_rows < 0 || num_selected_rows < 0 ||
+      num_sorted_rows + num_nucleus_rows + num_selected_rows > num_rows) {
+    throw std::invalid_argument("choose_processed: sorted, nucleus and selected rows must be among the rows");
   }
   const ProcessedScratch carved = carve(scratch, max_rows, n);
+  // Nucleus rows try the selection first; the sort pass then takes the Sorted rows and the Nucleus rows it
+  // flagged (the others get empty segments and keep what the selection wrote).
+  const int selection_rows = num_nucleus_rows + num_selected_rows;
+  if (selection_rows > 0) {
+    select_top_k_kernel<<<selection_rows, kSupportThreads, 0, stream>>>(logits, n, rows, num_sorted_rows,
+                                                                        selected_candidate_limit(), carved.needs_sort,
+                                                                        carved.supports, returned_q);
+    check_launch("select_top_k");
+  }
+  const int rows_to_sort = num_sorted_rows + num_nucleus_rows;
   const int key_blocks = (n + kKeyThreads * kKeysPerThread - 1) / (kKeyThreads * kKeysPerThread);
-  for (int first = 0; first < num_sorted_rows; first += kProcessedSortRows) {
-    const int pass_rows = std::min(kProcessedSortRows, num_sorted_rows - first);
+  for (int first = 0; first < rows_to_sort; first += kProcessedSortRows) {
+    const int pass_rows = std::min(kProcessedSortRows, rows_to_sort - first);
     processed_keys_kernel<<<dim3(key_blocks, pass_rows), kKeyThreads, 0, stream>>>(
-        logits, n, rows, first, carved.keys[0], carved.ids[0], carved.offsets);
+        logits, n, rows, first, num_sorted_rows, carved.needs_sort, carved.keys[0], carved.ids[0],
+        carved.begin_offsets, carved.end_offsets);
     check_launch("processed_keys");
     cub::DoubleBuffer<uint32_t> keys(carved.keys[0], carved.keys[1]);
     cub::DoubleBuffer<int32_t> ids(carved.ids[0], carved.ids[1]);
     size_t temp_bytes = carved.sort_temp_bytes;
     check_cuda(cub::DeviceSegmentedRadixSort::SortPairs(carved.sort_temp, temp_bytes, keys, ids, pass_rows * n,
-                                                        pass_rows, carved.offsets, carved.offsets + 1, 0, 32, stream),
+                                                        pass_rows, carved.begin_offsets, carved.end_offsets, 0, 32,
+                                                        stream),
                "the segmented sort of cut rows");
     cut_support_kernel<<<pass_rows, kSupportThreads, 0, stream>>>(keys.Current(), ids.Current(), n, rows, first,
+                                                                  num_sorted_rows, carved.needs_sort,
                                                                   carved.supports, returned_q);
     check_launch("cut_support");
   }
-  if (num_selected_rows > 0) {
-    select_top_k_kernel<<<num_selected_rows, kSupportThreads, 0, stream>>>(
-        logits, n, rows, num_sorted_rows, selected_candidate_limit(), carved.supports, returned_q);
-    check_launch("select_top_k");
-  }
-  const int first_whole = num_sorted_rows + num_selected_rows;
+  const int first_whole = rows_to_sort + num_selected_rows;
   if (num_rows > first_whole) {
     uncut_support_kernel<<<num_rows - first_whole, kSupportThreads, 0, stream>>>(logits, n, rows, first_whole,
                                                                                   carved.supports);

@@ -133,46 +133,53 @@ struct ProcessedRow {
 };
 
 // How choose_processed finds a processed row's support. Selected, by an exact top-k selection of the first k
-// of p's order without a sort: rows whose only cut is top_k <= kMaxSelectedTopK (sampling rows, sampled-draft
-// verify rows and drafting rows alike; their support is that selection), and drafting rows without a cut
-// (return_top_k > 0, no draft judged, return_top_k <= kMaxSelectedTopK; their q is the selection of the
-// whole support). Sorted, their row sorted: rows with a top-p cut (the nucleus needs the order far past any
-// k) or a larger top_k, and the other rows that return q. Whole: rows without a cut or a q (sampled-draft
-// windows), whose support is the whole row.
-enum class ProcessedPath { Sorted, Selected, Whole };
+// of p's order without a sort: rows with a cut top_k <= kMaxSelectedTopK, alone or with top_p (sampling
+// rows, sampled-draft verify rows and drafting rows alike; their support is that selection, or the nucleus
+// within it, which a top-k cut always holds), and drafting rows without a cut (return_top_k > 0, no draft
+// judged, return_top_k <= kMaxSelectedTopK; their q is the selection of the whole support). Nucleus: rows
+// whose only cut is top_p; they take the selection with k = kMaxSelectedTopK and keep the nucleus when it
+// ends within those k (or the k are the whole support), else they are sorted in the same call (a per-row flag
+// the sort pass reads). Sorted, their row sorted: rows with a larger top_k, and the other rows that return q.
+// Whole: rows without a cut or a q (sampled-draft windows), whose support is the whole row.
+enum class ProcessedPath { Sorted, Nucleus, Selected, Whole };
 constexpr int kMaxSelectedTopK = 256;
 
 inline ProcessedPath processed_path(const ProcessedRow& row) {
-  const bool top_p_cut = row.top_p < 1.0f;
-  const bool top_k_only = row.top_k > 0 && !top_p_cut;
-  if (top_k_only) return row.top_k <= kMaxSelectedTopK ? ProcessedPath::Selected : ProcessedPath::Sorted;
-  if (row.top_k > 0 || top_p_cut) return ProcessedPath::Sorted;
+  if (row.top_k > 0) return row.top_k <= kMaxSelectedTopK ? ProcessedPath::Selected : ProcessedPath::Sorted;
+  if (row.top_p < 1.0f) return ProcessedPath::Nucleus;
   if (row.return_top_k == 0) return ProcessedPath::Whole;
   const bool selectable = row.draft_token < 0 && row.return_top_k <= kMaxSelectedTopK;
   return selectable ? ProcessedPath::Selected : ProcessedPath::Sorted;
 }
 
 // out[rows[j].logits_row] = ops::choose_row's result for processed rows j < num_rows (device array), ordered
-// by processed_path: rows [0, num_sorted_rows) Sorted, the next num_selected_rows Selected, the rest Whole.
+// by processed_path: rows [0, num_sorted_rows) Sorted, the next num_nucleus_rows Nucleus, the next
+// num_selected_rows Selected, the rest Whole.
 // That is process_logits' support and sample_token's draw, plus p(draft) and the residual draw for draft
 // rows; token -1 where process_logits finds no finite maximum. A drafting row instead gets token -1 and
 // writes its q = top_k_distribution(p, return_top_k) to returned_q (then token -1 entries; all of them when
 // there is no finite maximum): the caller draws the token from q on the host (sample_draft_token), exactly.
 // Sorted rows are ordered (logit descending, id ascending: a stable CUB segmented radix sort)
-// kProcessedSortRows at a time, which is p's order; Selected rows find the first k of that order without a
-// sort, and both compute the support (RowSupport) and q by the same code; every draw is a Gumbel-max over the
+// kProcessedSortRows at a time, which is p's order; Selected and Nucleus rows find the first k of that order
+// without a sort, and all compute the support (RowSupport), the nucleus and q by the same code; Nucleus rows
+// whose nucleus does not end within their k join the sort; every draw is a Gumbel-max over the
 // unsorted row. Equal to the host rule except where double rounding decides (exp, and sums taken in another
 // order than the host's: ulp-level; for q, p's total, before its entries are rounded to float). Sums: a
-// cut row's total (Sorted, or Selected with a top-k cut) is added in p's order by a block tree, the host adds
-// a top-k support in id order and a nucleus in p's order sequentially; the two device paths give the same
-// support a bit-identical total. An uncut drafting row's total is added in id order by a block tree (the
-// host: id order, sequentially); q's own sum (kept) is p's order, sequentially, as on the host.
+// cut row's total (Sorted, Selected with a top-k cut, or Nucleus) is added in p's order by a block tree, the
+// host adds a top-k support in id order and a nucleus in p's order sequentially; the device paths give the
+// same support a bit-identical total. The weight a nucleus is a share of (kept: the top k's, or the whole
+// support's without a top-k cut): the top k's is the support total's sum on every path; the whole support's
+// is added in p's order by a block tree on the Sorted path but in id order by a block tree on the Nucleus
+// path (the host: id order, sequentially), so the two paths can differ in its last bits, and through it in
+// where a nucleus ends when a cumulative share lies within ulps of top_p. An uncut drafting row's total is
+// added in id order by a block tree (the host: id order, sequentially); q's own sum (kept) is p's order,
+// sequentially, as on the host.
 // scratch holds processed_scratch_bytes(max_rows, n) bytes, max_rows >= num_rows.
 constexpr int kProcessedSortRows = 16;
 size_t processed_scratch_bytes(int max_rows, int n);
 void choose_processed(const float* logits, int n, const ProcessedRow* rows, int num_rows, int num_sorted_rows,
-                      int num_selected_rows, const int32_t* q_tokens, const float* q_probs, void* scratch, int max_rows,
-                      ChosenTokenRow* out, TokenProbRow* returned_q, cudaStream_t stream);
+                      int num_nucleus_rows, int num_selected_rows, const int32_t* q_tokens, const float* q_probs,
+                      void* scratch, int max_rows, ChosenTokenRow* out, TokenProbRow* returned_q, cudaStream_t stream);
 
 // y[rows, n] (+)= x[rows, k] W^T (+ bias) for rows <= 16, W bf16 row-major [n, k], k a multiple of 8.
 // Streams W once with 16-byte loads through the tensor cores; each output is reduced in a fixed order
