@@ -68,8 +68,9 @@ bench_shape() {
 # Kernel durations and DRAM traffic of one eager 8B decode step (batch 1) under Nsight Compute, summed per
 # kernel and grid; appended to bench.log. Clocks are left as the card runs them (--clock-control none).
 # The launch counts: a step is 9 kernels a layer (2 RMSNorm, 4 GEMMs, RoPE, attention split and merge)
-# plus the embedding, the final norm and the lm_head (291 for 32 layers); before it come the load-time
-# GEMM tuning (200) and the 16-token prefill's other kernels.
+# plus the embedding, the final norm and the lm_head (291 for 32 layers); skipped before it: the load-time
+# GEMM tuning (200), the 16-token prefill (291) and 27 other matched launches (counts last checked with 11
+# kernels a layer: 582 / 355).
 profile_decode() {
   local shape=$1 skip=$2 count=$3
   make_shape "$shape" || { fail "make_shapes $shape"; return; }
