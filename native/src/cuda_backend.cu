@@ -591,18 +591,24 @@ class CudaBackend final : public Backend {
     PEARL_CUDA_CHECK(cudaMemcpyAsync(meta_tokens(), host, ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
   }
 
-  // y (+)= x W^T (+ b). Up to 16 rows, and always in deterministic mode, the batch-invariant kernel (16 rows
-  // at a time); otherwise cuBLASLt.
-  void matmul(const bf16* x, int rows, const DeviceLinear& linear, float* y, bool accumulate) {
-    if (rows <= gpu::kSkinnyMaxRows || deterministic_) {
-      for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
-        const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
-        gpu::skinny_matmul(x + static_cast<size_t>(first) * linear.in, count, linear.in, linear.weight, linear.bias,
-                           linear.out, y + static_cast<size_t>(first) * linear.out, accumulate, linear.skinny_variant,
-                           programmatic_launch_, stream_);
-      }
-      return;
+  // Up to 16 rows, and always in deterministic mode, a product takes the batch-invariant skinny kernel, 16
+  // rows at a time (launch(first, count) per chunk); otherwise cuBLASLt. Returns whether it took the kernel.
+  template <typename Launch>
+  bool skinny_chunks(int rows, Launch launch) const {
+    if (rows > gpu::kSkinnyMaxRows && !deterministic_) return false;
+    for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
+      launch(static_cast<size_t>(first), std::min(gpu::kSkinnyMaxRows, rows - first));
     }
+    return true;
+  }
+
+  // y (+)= x W^T (+ b).
+  void matmul(const bf16* x, int rows, const DeviceLinear& linear, float* y, bool accumulate) {
+    const bool skinny = skinny_chunks(rows, [&](size_t first, int count) {
+      gpu::skinny_matmul(x + first * linear.in, count, linear.in, linear.weight, linear.bias, linear.out,
+                         y + first * linear.out, accumulate, linear.skinny_variant, programmatic_launch_, stream_);
+    });
+    if (skinny) return;
     cublas_->matmul(x, rows, linear.in, linear.weight, linear.out, y, accumulate, stream_);
     if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
   }
@@ -610,16 +616,12 @@ class CudaBackend final : public Backend {
   // out = bf16(silu(x W_gate^T) * (x W_up^T)) for the interleaved gate_up weight: in the skinny GEMM's
   // epilogue wherever matmul would take that kernel, else cuBLASLt's float product and silu_mul.
   void mlp_activation(const bf16* x, int rows, const DeviceLinear& gate_up, bf16* out) {
-    if (rows <= gpu::kSkinnyMaxRows || deterministic_) {
-      const size_t inter = static_cast<size_t>(gate_up.out) / 2;
-      for (int first = 0; first < rows; first += gpu::kSkinnyMaxRows) {
-        const int count = std::min(gpu::kSkinnyMaxRows, rows - first);
-        gpu::skinny_matmul_silu(x + static_cast<size_t>(first) * gate_up.in, count, gate_up.in, gate_up.weight,
-                                gate_up.bias, gate_up.out, out + static_cast<size_t>(first) * inter,
-                                gate_up.skinny_variant, programmatic_launch_, stream_);
-      }
-      return;
-    }
+    const size_t inter = static_cast<size_t>(gate_up.out) / 2;
+    const bool skinny = skinny_chunks(rows, [&](size_t first, int count) {
+      gpu::skinny_matmul_silu(x + first * gate_up.in, count, gate_up.in, gate_up.weight, gate_up.bias, gate_up.out,
+                              out + first * inter, gate_up.skinny_variant, programmatic_launch_, stream_);
+    });
+    if (skinny) return;
     matmul(x, rows, gate_up, gate_up_.as<float>(), false);
     gpu::silu_mul(gate_up_.as<float>(), rows, gate_up.out / 2, out, stream_);
   }

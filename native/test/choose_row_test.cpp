@@ -36,15 +36,6 @@ std::vector<float> logits_row(int variant) {
   return logits;
 }
 
-SamplingParams sampling(float temperature, int top_k, float top_p, uint64_t seed) {
-  SamplingParams params;
-  params.temperature = temperature;
-  params.top_k = top_k;
-  params.top_p = top_p;
-  params.seed = seed;
-  return params;
-}
-
 TokenChoice processed_choice(const SamplingParams& params, int64_t position) {
   TokenChoice choice{params.temperature, params.seed, position};
   choice.processed = true;
@@ -123,7 +114,7 @@ TEST(processed_rows_draw_what_process_logits_and_sample_token_draw) {
       for (const auto& [top_k, top_p] : {std::pair<int, float>{0, 0.9f}, {40, 1.0f}, {5, 0.8f}, {1, 1.0f},
                                          {kVocab + 5, 0.999f}, {0, 1.0f}}) {
         for (uint64_t seed = 1; seed <= 25; ++seed) {
-          const SamplingParams params = sampling(temperature, top_k, top_p, seed * 7919 + variant);
+          const SamplingParams params{temperature, top_k, top_p, seed * 7919 + variant};
           const int64_t position = static_cast<int64_t>(seed % 11) + 3;
           const ChosenToken chosen = pearl::ops::choose_row(logits.data(), kVocab, processed_choice(params, position));
           const Distribution p = pearl::process_logits(logits.data(), kVocab, params);
@@ -153,7 +144,7 @@ TEST(sampled_draft_windows_from_chosen_rows_equal_the_rule_on_distributions) {
   for (uint64_t seed = 0; seed < 150; ++seed) {
     const int variant = static_cast<int>(seed % 5);
     const float temperature = seed % 3 == 0 ? 0.0f : (seed % 3 == 1 ? 0.7f : 1.3f);
-    const SamplingParams params = sampling(temperature, seed % 4 == 0 ? 0 : 20, seed % 2 == 0 ? 0.85f : 1.0f, seed);
+    const SamplingParams params{temperature, seed % 4 == 0 ? 0 : 20, seed % 2 == 0 ? 0.85f : 1.0f, seed};
     const int num_draft = 3;
     const int64_t first_position = 40 + static_cast<int64_t>(seed);
     std::vector<std::vector<float>> rows;
@@ -214,7 +205,7 @@ TEST(sampled_draft_windows_from_chosen_rows_equal_the_rule_on_distributions) {
 
 TEST(greedy_windows_from_chosen_rows_equal_the_rule_on_distributions) {
   for (uint64_t seed = 0; seed < 60; ++seed) {
-    const SamplingParams params = sampling(seed % 2 == 0 ? 0.0f : 0.9f, 10, 0.9f, seed);
+    const SamplingParams params{seed % 2 == 0 ? 0.0f : 0.9f, 10, 0.9f, seed};
     std::vector<std::vector<float>> rows;
     std::vector<Distribution> target;
     std::vector<int32_t> drafts;
@@ -251,7 +242,7 @@ TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
       for (const auto& [top_k, top_p] : {std::pair<int, float>{0, 1.0f}, {0, 0.9f}, {40, 1.0f}, {7, 0.95f}}) {
         for (int k : {1, 2, 5, 16, 64, kVocab + 3}) {
           for (uint64_t seed = 1; seed <= 6; ++seed) {
-            const SamplingParams params = sampling(temperature, top_k, top_p, seed * 104729 + variant);
+            const SamplingParams params{temperature, top_k, top_p, seed * 104729 + variant};
             const int64_t position = 100 + static_cast<int64_t>(seed) * 3;
             TokenChoice choice = processed_choice(params, position);
             choice.return_top_k = k;
@@ -296,7 +287,7 @@ TEST(drafting_rows_return_the_top_k_of_p_and_draw_from_it) {
 }
 
 TEST(a_drafting_row_without_room_for_q_or_a_finite_maximum_is_refused) {
-  TokenChoice choice = processed_choice(sampling(1.0f, 0, 1.0f, 3), 5);
+  TokenChoice choice = processed_choice(SamplingParams{1.0f, 0, 1.0f, 3}, 5);
   choice.return_top_k = 4;
   const std::vector<float> logits = logits_row(0);
   CHECK_THROWS(pearl::ops::choose_row(logits.data(), kVocab, choice), "room for its q");
@@ -311,7 +302,7 @@ TEST(a_drafting_row_without_room_for_q_or_a_finite_maximum_is_refused) {
 TEST(rows_without_a_choice_are_refused) {
   std::vector<float> logits = logits_row(0);
   logits[3] = std::numeric_limits<float>::infinity();
-  CHECK_THROWS(pearl::ops::choose_row(logits.data(), kVocab, processed_choice(sampling(1.0f, 5, 1.0f, 1), 0)),
+  CHECK_THROWS(pearl::ops::choose_row(logits.data(), kVocab, processed_choice(SamplingParams{1.0f, 5, 1.0f, 1}, 0)),
                "no finite maximum");
   CHECK_THROWS(pearl::checked_choice(ChosenToken{}), "no token to choose");
   const ChosenToken fine{4, -1, 0.0};

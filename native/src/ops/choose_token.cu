@@ -138,6 +138,11 @@ struct RowSupport {
   int32_t valid;  // 0: no finite maximum (process_logits throws; the row gets token -1)
 };
 
+// The support of a row without a cut: every token of weight > 0 (no pivot can exclude one).
+__device__ __forceinline__ RowSupport whole_support(double max_logit, double total) {
+  return RowSupport{max_logit, total, 0xFFFFFFFFu, INT_MAX, 1};
+}
+
 __device__ __forceinline__ bool in_support(const RowSupport& support, float logit, int index, double weight) {
   if (!(weight > 0.0)) return false;
   const uint32_t key = descending_key(logit);
@@ -546,7 +551,7 @@ __global__ void __launch_bounds__(kSupportThreads) select_top_k_kernel(const flo
   __syncthreads();
   const auto weight = [&](int position) { return weight_at_key(top_keys[position]); };
   if (!top_k_cut && !top_p_cut) {
-    write_support(row, slot, RowSupport{max_logit, shared_total, 0xFFFFFFFFu, INT_MAX, 1}, top_ids, keep, weight,
+    write_support(row, slot, whole_support(max_logit, shared_total), top_ids, keep, weight,
                   shares, &shared_kept, supports, returned_q);
     return;
   }
@@ -602,7 +607,7 @@ __global__ void __launch_bounds__(kSupportThreads) uncut_support_kernel(const fl
   const double total = block_sum<Reduce>(temp.reduce, &shared_sum, n, [&](int i) {
     return weight_of(__ldg(row_logits + i), max_logit, inv_temperature);
   });
-  if (threadIdx.x == 0) supports[slot] = RowSupport{max_logit, total, 0xFFFFFFFFu, INT_MAX, 1};
+  if (threadIdx.x == 0) supports[slot] = whole_support(max_logit, total);
 }
 
 // q(token) for a draft row (q's tokens ascending), 0 outside q.
