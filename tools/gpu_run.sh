@@ -106,57 +106,114 @@ for name, (count, ns, dram) in sorted(groups.items(), key=lambda item: -item[1][
 PY
 }
 
-# Where a replayed 8B decode step (batch 1, CUDA graph) spends its time: Nsight Systems traces the graph's
-# kernels; per kernel name, the time per step and the gaps between kernels, medians over the bench's decode
-# steps. Appended to bench.log.
+# Where a replayed 8B decode step (batch 1, CUDA graph) spends its time, without Nsight Systems: the CUPTI
+# injection library of tools/cupti_trace records every kernel the bench runs, graph nodes included, and the
+# analysis below splits the trace into steps (each ends with choose_token_rows) and keeps the batch-1 decode
+# steps. Per kernel name and grid: the time per step and the idle gaps before it; then the largest gaps by
+# position in the step; medians over the decode steps. Appended to bench.log. CUPTI's own cost per kernel
+# makes the gaps an upper bound: compare the step span with the bench's untraced ms per step.
 timeline_decode() {
   local shape=$1
-  command -v nsys >/dev/null || { fail "nsys is not installed"; return; }
   make_shape "$shape" || { fail "make_shapes $shape"; return; }
-  note "nsys timeline of $shape"
-  rm -f "$SHAPES_DIR/timeline.nsys-rep" "$SHAPES_DIR/timeline.sqlite"
-  timeout 240 nsys profile --cuda-graph-trace=node --trace=cuda -o "$SHAPES_DIR/timeline" \
-    node --import tsx bench/gpu.ts --models "$SHAPES_DIR/$shape" --batch 1 --windows 2 --steps 16 \
-    --prefill-length 16 >"$SHAPES_DIR/timeline.log" 2>&1 &&
-    timeout 120 nsys export --type sqlite -o "$SHAPES_DIR/timeline.sqlite" "$SHAPES_DIR/timeline.nsys-rep" \
-      >>"$SHAPES_DIR/timeline.log" 2>&1 || {
+  note "CUPTI kernel timeline of $shape"
+  rm -f "$SHAPES_DIR/timeline.csv"
+  timeout 120 bash tools/cupti_trace/build.sh "$SHAPES_DIR/libcupti_trace.so" >"$SHAPES_DIR/timeline.log" 2>&1 &&
+    CUDA_INJECTION64_PATH="$SHAPES_DIR/libcupti_trace.so" PEARL_CUPTI_TRACE="$SHAPES_DIR/timeline.csv" \
+      timeout 240 node --import tsx bench/gpu.ts --models "$SHAPES_DIR/$shape" --batch 1 --windows 2 --steps 16 \
+      --prefill-length 16 >>"$SHAPES_DIR/timeline.log" 2>&1 || {
     tail -20 "$SHAPES_DIR/timeline.log"
-    fail "nsys $shape"
+    fail "CUPTI timeline $shape"
     return
   }
-  python3 - "$SHAPES_DIR/timeline.sqlite" >>"$OUT/bench.log" <<'PY'
-import collections, sqlite3, statistics, sys
-db = sqlite3.connect(sys.argv[1])
-rows = db.execute(
-    "SELECT k.start, k.end, s.value FROM CUPTI_ACTIVITY_KIND_KERNEL k JOIN StringIds s ON k.shortName = s.id "
-    "ORDER BY k.start").fetchall()
-# A step ends with choose_token_rows; decode steps at batch 1 are the most common step length.
+  grep "^cupti_trace:" "$SHAPES_DIR/timeline.log" >>"$OUT/bench.log"
+  python3 - "$SHAPES_DIR/timeline.csv" >>"$OUT/bench.log" <<'PY' || fail "timeline analysis $shape"
+import collections, csv, statistics, sys
+from statistics import median
+
+def short_name(name):
+    """The kernel's own name: argument and template lists (and "(anonymous namespace)") dropped, then the
+    return type and the namespaces."""
+    outside, depth = [], 0
+    for char in name:
+        if char in "(<":
+            depth += 1
+        elif char in ")>":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            outside.append(char)
+    words = "".join(outside).split()
+    return words[-1].split("::")[-1] if words else name
+
+Kernel = collections.namedtuple("Kernel", "start end graph short group")
+kernels = []
+with open(sys.argv[1], newline="") as trace:
+    for row in csv.DictReader(trace):
+        short = short_name(row["name"])
+        group = f'{short} ({row["grid_x"]}, {row["grid_y"]}, {row["grid_z"]})'
+        kernels.append(Kernel(int(row["start_ns"]), int(row["end_ns"]), int(row["graph_id"]), short, group))
+kernels.sort(key=lambda kernel: kernel.start)
 steps, current = [], []
-for start, end, name in rows:
-    current.append((start, end, name))
-    if name.startswith("choose_token_rows"):
+for kernel in kernels:
+    current.append(kernel)
+    if kernel.short.startswith("choose_token_rows"):
         steps.append(current)
         current = []
+if not steps:
+    sys.exit(f"cupti: no choose_token_rows kernel among the {len(kernels)} kernels of {sys.argv[1]}")
+# Decode steps at batch 1 are the most common step length. The verify steps (window 2) may have as many
+# kernels, but each bucket replays its own graph and the bench decodes first: keep the first graph's steps.
 length = statistics.mode(len(step) for step in steps)
-decode = [step for step in steps if len(step) == length][2:]
-print(f"nsys: {len(decode)} decode steps of {length} kernels")
-spans, gaps, per_name = [], [], collections.defaultdict(list)
+same_length = [index for index, step in enumerate(steps) if len(step) == length]
+graph = next((steps[index][0].graph for index in same_length if steps[index][0].graph), 0)
+kept = [index for index in same_length if all(kernel.graph == graph for kernel in steps[index])][2:]
+if not kept:
+    sys.exit(f"cupti: fewer than 3 steps of {length} kernels from graph {graph} in {sys.argv[1]}")
+decode = [steps[index] for index in kept]
+signatures = {tuple(kernel.group for kernel in step) for step in decode}
+print(f"cupti: {len(kernels)} kernels in {len(steps)} steps; {len(decode)} decode steps of {length} kernels "
+      f"(graph {graph}), {len(same_length) - len(kept)} other steps of that length left out, "
+      f"{len(signatures)} distinct kernel sequence(s) among those kept")
+
+spans, busy, gap_totals = [], [], []
+per_group = collections.defaultdict(lambda: {"us": [], "count": [], "gap": []})
+position_gaps = [[] for _ in range(length)]
 for step in decode:
-    spans.append((step[-1][1] - step[0][0]) / 1e3)
-    gap = 0
-    for (_, previous_end, _), (start, _, _) in zip(step, step[1:]):
-        gap += max(0, start - previous_end)
-    gaps.append(gap / 1e3)
-    totals = collections.Counter()
-    for start, end, name in step:
-        totals[name.split("<")[0]] += (end - start) / 1e3
-    for name, total in totals.items():
-        per_name[name].append(total)
-print(f"step span {statistics.median(spans):.1f} us, gaps between kernels {statistics.median(gaps):.1f} us")
-print("| kernel | us per step (median) |")
-print("| --- | --- |")
-for name, totals in sorted(per_name.items(), key=lambda item: -statistics.median(item[1])):
-    print(f"| {name} | {statistics.median(totals):.1f} |")
+    # Idle time is measured from the latest end so far: with programmatic dependent launch a kernel may
+    # start before the one launched before it ends.
+    busy_until, gaps = step[0].start, []
+    for kernel in step:
+        gaps.append(max(0, kernel.start - busy_until) / 1e3)
+        busy_until = max(busy_until, kernel.end)
+    spans.append((busy_until - step[0].start) / 1e3)
+    busy.append(sum(kernel.end - kernel.start for kernel in step) / 1e3)
+    gap_totals.append(sum(gaps))
+    us, count, gap_before = collections.Counter(), collections.Counter(), collections.Counter()
+    for position, (kernel, gap) in enumerate(zip(step, gaps)):
+        position_gaps[position].append(gap)
+        us[kernel.group] += (kernel.end - kernel.start) / 1e3
+        count[kernel.group] += 1
+        gap_before[kernel.group] += gap
+    for group in count:
+        per_group[group]["us"].append(us[group])
+        per_group[group]["count"].append(count[group])
+        per_group[group]["gap"].append(gap_before[group])
+between = [(steps[index][0].start - max(kernel.end for kernel in steps[index - 1])) / 1e3
+           for index in kept if index - 1 in kept]
+between_text = f", {median(between):.1f} us from one step's end to the next one's start" if between else ""
+print(f"step span {median(spans):.1f} us, kernel time {median(busy):.1f} us, gaps between kernels "
+      f"{median(gap_totals):.1f} us (medians of {len(decode)} decode steps of {length} kernels){between_text}")
+print("| kernel grid | per step | us per step (median) | us each | gap before, us per step (median) |")
+print("| --- | --- | --- | --- | --- |")
+for group, values in sorted(per_group.items(), key=lambda item: -median(item[1]["us"])):
+    count = median(values["count"])
+    print(f'| {group} | {count:g} | {median(values["us"]):.1f} | {median(values["us"]) / count:.2f} | '
+          f'{median(values["gap"]):.1f} |')
+print("| largest gaps: kernel before -> kernel after | position in step | us (median) |")
+print("| --- | --- | --- |")
+largest = sorted(range(1, length), key=lambda position: -median(position_gaps[position]))[:10]
+for position in largest:
+    before, after = decode[0][position - 1].group, decode[0][position].group
+    print(f"| {before} -> {after} | {position} | {median(position_gaps[position]):.2f} |")
 PY
 }
 
@@ -172,8 +229,8 @@ for stage in "${stages[@]}"; do
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
-    bench-1b) bench_shape llama-3.2-1b default,no-pdl ;;
-    bench-8b) bench_shape llama-3.1-8b default,no-pdl,deterministic,no-graphs ;;
+    bench-1b) bench_shape llama-3.2-1b default,registers ;;
+    bench-8b) bench_shape llama-3.1-8b default,registers,no-pdl ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 518 291 ;;
     timeline-8b) timeline_decode llama-3.1-8b ;;

@@ -65,6 +65,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   __shared__ float running_sum[kMaxGroup];
   __shared__ float reduce[kKeyGroups][kMaxGroup][kHeadDim];
 
+  allow_dependent_launch();
   const int row = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int slot = blockIdx.z;
@@ -77,6 +78,19 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   const int count = position >= 0 ? position - start + 1 : 0;
   const int num_splits = (count + kAttentionSplit - 1) / kAttentionSplit;
   const int64_t state_row = static_cast<int64_t>(row) * num_heads + first_head;
+  const int32_t* table = batch.block_tables + static_cast<int64_t>(batch.row_table[row]) * *batch.table_stride;
+  const int64_t kv_row_width = static_cast<int64_t>(kv.num_kv_heads) * kHeadDim;
+  // A split's keys: the element offset of each key's K/V row, from the block table.
+  const auto split_keys = [&](int split) { return min(kAttentionSplit, count - split * kAttentionSplit); };
+  const auto stage_key_offsets = [&](int split) {
+    const int first = start + split * kAttentionSplit;
+    if (static_cast<int>(threadIdx.x) < split_keys(split)) {
+      key_offsets[threadIdx.x] = kv_slot(table, kv.block_size, first + threadIdx.x) * kv_row_width;
+    }
+  };
+  // Block tables are written before the step; q and the newest K/V by the kernel before this one.
+  if (slot < num_splits) stage_key_offsets(slot);
+  wait_for_prerequisites();
 
   if (slot >= num_splits) {
     if (threadIdx.x < group) {
@@ -118,19 +132,14 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
     for (int j = 0; j < kVec; ++j) acc[h][j] = 0.0f;
   }
 
-  const int32_t* table = batch.block_tables + static_cast<int64_t>(batch.row_table[row]) * *batch.table_stride;
-  const int64_t kv_row_width = static_cast<int64_t>(kv.num_kv_heads) * kHeadDim;
   const bf16* k_base = kv.k + kv_head * kHeadDim + chunk * kVec;
   const bf16* v_base = kv.v + kv_head * kHeadDim + chunk * kVec;
 
   for (int split = slot; split < num_splits; split += kAttentionSlots) {
-    const int first = start + split * kAttentionSplit;
-    const int keys = min(kAttentionSplit, start + count - first);
+    const int keys = split_keys(split);
 
     // The barrier also publishes the running state set above, before the first split.
-    if (threadIdx.x < keys) {
-      key_offsets[threadIdx.x] = kv_slot(table, kv.block_size, first + threadIdx.x) * kv_row_width;
-    }
+    if (split != slot) stage_key_offsets(split);
     __syncthreads();
 
     uint4 k_raw[kPrefetch];
@@ -254,6 +263,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
 __global__ void attention_merge_kernel(const float* __restrict__ partial_acc, const float* __restrict__ partial_state,
                                        int num_heads, int head_dim, bf16* __restrict__ out) {
   allow_dependent_launch();
+  wait_for_prerequisites();
   const int row = blockIdx.x;
   const int head = blockIdx.y;
   const int d = threadIdx.x;
@@ -279,10 +289,10 @@ __global__ void attention_merge_kernel(const float* __restrict__ partial_acc, co
 template <int kHeadDim>
 void launch_split(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
                   const DeviceRows& batch, int sliding_window, float scale_log2, float* partial_acc,
-                  float* partial_state, cudaStream_t stream) {
+                  float* partial_state, bool programmatic, cudaStream_t stream) {
   const dim3 grid(rows, kv.num_kv_heads, kAttentionSlots);
-  attention_split_kernel<kHeadDim><<<grid, kThreads, 0, stream>>>(q, q_stride, num_heads, kv, batch, sliding_window,
-                                                                 scale_log2, partial_acc, partial_state);
+  launch_kernel(attention_split_kernel<kHeadDim>, grid, dim3(kThreads), 0, programmatic, stream, q, q_stride, num_heads,
+                kv, batch, sliding_window, scale_log2, partial_acc, partial_state);
 }
 
 }  // namespace
@@ -297,7 +307,8 @@ size_t attention_scratch_floats(int rows, int num_heads, int head_dim) {
 }
 
 void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
-               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, cudaStream_t stream) {
+               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, bool programmatic,
+               cudaStream_t stream) {
   if (rows == 0) return;
   const int head_dim = kv.head_dim;
   if (!attention_supports(head_dim, num_heads / kv.num_kv_heads)) {
@@ -312,28 +323,28 @@ void attention(const float* q, int64_t q_stride, int rows, int num_heads, const 
   switch (head_dim) {
     case 16:
       launch_split<16>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       stream);
+                       programmatic, stream);
       break;
     case 32:
       launch_split<32>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       stream);
+                       programmatic, stream);
       break;
     case 64:
       launch_split<64>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state,
-                       stream);
+                       programmatic, stream);
       break;
     case 128:
       launch_split<128>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
-                        partial_state, stream);
+                        partial_state, programmatic, stream);
       break;
     default:
       launch_split<256>(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc,
-                        partial_state, stream);
+                        partial_state, programmatic, stream);
       break;
   }
   check_launch("attention_split");
-  attention_merge_kernel<<<dim3(rows, num_heads), head_dim, 0, stream>>>(partial_acc, partial_state, num_heads,
-                                                                         head_dim, out);
+  launch_kernel(attention_merge_kernel, dim3(rows, num_heads), dim3(head_dim), 0, programmatic, stream, partial_acc,
+                partial_state, num_heads, head_dim, out);
   check_launch("attention_merge");
 }
 

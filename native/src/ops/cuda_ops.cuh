@@ -13,7 +13,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "cuda/check.h"
 
 namespace pearl::gpu {
 
@@ -48,15 +51,74 @@ void embedding(const bf16* table, int dim, const int32_t* tokens, int rows, floa
 // out[i, :] = bf16(weight * (x[j] * rsqrt(mean(x[j]^2) + eps))) with j = row_index[i] (or i when row_index
 // is null); x rows are `dim` floats apart.
 void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
-             cudaStream_t stream);
+             bool programmatic, cudaStream_t stream);
+
+// The MLP's gate and up projections share one matrix on the GPU, interleaved in groups of kGateUpGroup rows
+// (gate rows 4g..4g+3, then up rows 4g..4g+3), so that a skinny GEMM CTA of 8 columns holds a gate and its
+// up (skinny_matmul_silu). gate_up_row(i, up) is the row of intermediate position i's gate or up.
+constexpr int kGateUpGroup = 4;
+__host__ __device__ constexpr int gate_up_row(int i, bool up) {
+  return 2 * kGateUpGroup * (i / kGateUpGroup) + i % kGateUpGroup + (up ? kGateUpGroup : 0);
+}
+
+// The GPU's qkv weight pairs, in each q and k head, the two halves that RoPE's rotate_half rotates together
+// (dimensions i and i + head_dim / 2), interleaved in groups of 4 rows as gate_up_row interleaves gate and up:
+// dimension d of a head is row rope_pair_row(d, head_dim) of it. A qkv product's float output has that
+// layout too; v heads are as stored.
+__host__ __device__ constexpr int rope_pair_row(int d, int head_dim) {
+  return gate_up_row(d % (head_dim / 2), d >= head_dim / 2);
+}
+
+// Where RoPE puts a qkv row: rotated q heads as float into queries [rows, num_heads * head_dim] (what
+// attention reads), rotated k heads and v heads as bf16 into the row's slot of kv (nothing for a negative
+// slot: a padding row of a graph bucket). Row r is at positions[r].
+struct RopeOutputs {
+  const int32_t* positions = nullptr;
+  const float* inv_freq = nullptr;
+  const int32_t* slots = nullptr;
+  DeviceKvLayer kv;
+  float* queries = nullptr;
+  int num_heads = 0;
+};
+
+// Rotates pair i of q-or-k head `head` of row `row` (first = dimension i, second = i + head_dim / 2) by the
+// row's position and stores it (RopeOutputs).
+__device__ __forceinline__ void store_rotated(const RopeOutputs& out, int row, int head, int i, float first,
+                                              float second) {
+  const int head_dim = out.kv.head_dim;
+  const int half = head_dim / 2;
+  float s;
+  float c;
+  // The angle is a float32 product, as transformers computes it; sincosf reduces large angles exactly.
+  sincosf(out.inv_freq[i] * static_cast<float>(out.positions[row]), &s, &c);
+  const float rotated_first = first * c - second * s;
+  const float rotated_second = second * c + first * s;
+  if (head < out.num_heads) {
+    float* q = out.queries + (static_cast<int64_t>(row) * out.num_heads + head) * head_dim;
+    q[i] = rotated_first;
+    q[i + half] = rotated_second;
+    return;
+  }
+  const int slot = out.slots[row];
+  if (slot < 0) return;
+  bf16* k = out.kv.k + (static_cast<int64_t>(slot) * out.kv.num_kv_heads + head - out.num_heads) * head_dim;
+  k[i] = __float2bfloat16(rotated_first);
+  k[i + half] = __float2bfloat16(rotated_second);
+}
+
+// Dimension d of v head `v_head` of row `row` into the V cache (RopeOutputs).
+__device__ __forceinline__ void store_value(const RopeOutputs& out, int row, int v_head, int d, float value) {
+  const int slot = out.slots[row];
+  if (slot < 0) return;
+  out.kv.v[(static_cast<int64_t>(slot) * out.kv.num_kv_heads + v_head) * out.kv.head_dim + d] = __float2bfloat16(value);
+}
 
 // Qwen3's per-head RMSNorm of q and k (when q_norm is not null) and the rotary embedding ("rotate_half"
-// pairing) of the q and k heads of each qkv row, in place; then each row's K (rotated) and V go as bf16 into
-// its slot of kv (skipped for negative slots). On the CPU these are two ops (ops::rope, ops::kv_store); one
-// kernel here spares a launch per layer, and the bf16 values stored are the same.
-void rope_store_kv(float* qkv, int64_t stride, int rows, int num_heads, int head_dim, const int32_t* positions,
-                   const float* inv_freq, const float* q_norm, const float* k_norm, float eps, const int32_t* slots,
-                   const DeviceKvLayer& kv, cudaStream_t stream);
+// pairing) of the q and k heads of each row of a qkv product (rope_pair_row layout, rows `stride` floats
+// apart), stored with the v heads as RopeOutputs says. On the CPU these are two ops (ops::rope,
+// ops::kv_store); skinny_matmul_rope does the same in a GEMM's epilogue where there is no norm.
+void rope_store_kv(const float* qkv, int64_t stride, int rows, const float* q_norm, const float* k_norm, float eps,
+                   const RopeOutputs& out, bool programmatic, cudaStream_t stream);
 
 // Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states.
 constexpr int kAttentionSlots = 16;
@@ -68,18 +130,11 @@ size_t attention_scratch_floats(int rows, int num_heads, int head_dim);
 // into kAttentionSplit-key splits spread over kAttentionSlots CTAs per (row, KV head), whose partial
 // softmax states are merged by log-sum-exp. The grid depends on the row count only (graph safe).
 void attention(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
-               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, cudaStream_t stream);
+               const DeviceRows& batch, int sliding_window, float* scratch, bf16* out, bool programmatic,
+               cudaStream_t stream);
 
 // Whether attention supports this head size and grouping (the kernels are instantiated per head size).
 bool attention_supports(int head_dim, int group);
-
-// The MLP's gate and up projections share one matrix on the GPU, interleaved in groups of kGateUpGroup rows
-// (gate rows 4g..4g+3, then up rows 4g..4g+3), so that a skinny GEMM CTA of 8 columns holds a gate and its
-// up (skinny_matmul_silu). gate_up_row(i, up) is the row of intermediate position i's gate or up.
-constexpr int kGateUpGroup = 4;
-__host__ __device__ constexpr int gate_up_row(int i, bool up) {
-  return 2 * kGateUpGroup * (i / kGateUpGroup) + i % kGateUpGroup + (up ? kGateUpGroup : 0);
-}
 
 // silu(gate) * up, as every backend computes the MLP's activation before rounding it to bf16.
 __device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
@@ -197,6 +252,12 @@ void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const flo
 void skinny_matmul_silu(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, bf16* out,
                         int variant, bool programmatic, cudaStream_t stream);
 
+// rope_store_kv's stores (without a q/k norm) of y = x W^T (+ bias) for a qkv weight W [n, k] in the
+// rope_pair_row layout, computed in the GEMM's epilogue from the float sums skinny_matmul would write (the
+// same values rope_store_kv stores from them); y itself is not written.
+void skinny_matmul_rope(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n,
+                        const RopeOutputs& rope, int variant, bool programmatic, cudaStream_t stream);
+
 // The fastest skinny_matmul variant for one row of a [n, k] product, timed on `weights` (matrices of that
 // shape, used in turn so that none is read from L2), with each variant's median time.
 struct SkinnyTuning {
@@ -223,12 +284,35 @@ __device__ __forceinline__ float warp_max(float value) {
   return value;
 }
 
-// Programmatic dependent launch (sm_90). A skinny GEMM launched with it may start while the kernel before
-// it still runs: it issues its first weight loads (weights depend on nothing), then waits for that
-// kernel's results. The kernels that feed a GEMM let it launch as soon as they start. Both instructions
-// are no-ops when the launch did not ask for programmatic serialization.
+// Programmatic dependent launch (sm_90). A kernel launched as a programmatic dependent of the kernel before
+// it in the stream may start while that kernel still runs: it does what depends on nothing that kernel
+// writes (a GEMM's first weight loads, attention's block-table lookups), then waits for it to finish
+// (wait_for_prerequisites: the whole chain before it has finished then, since every kernel waits before it
+// finishes). The small kernels between the GEMMs let their dependents launch as soon as they start, so a
+// chain of them (RoPE, attention split, merge) and the GEMM after it are launched together and each one's
+// launch and independent loads overlap the kernels before it; a GEMM lets its dependent launch when its
+// CTAs have multiplied their last weights (letting it launch earlier measured slower: performance.md).
+// Both instructions are no-ops when the launch did not ask for programmatic serialization.
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void wait_for_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), as a programmatic dependent of the kernel before
+// it when `programmatic`.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, bool programmatic,
+                   cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  PEARL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 // Throws std::runtime_error naming `what` when the last launch failed.
 inline void check_launch(const char* what) {

@@ -15,8 +15,9 @@ __device__ __forceinline__ uint2 normed_bf16x4(const float4& x, const float4& w,
   return make_uint2(*reinterpret_cast<const uint32_t*>(&low), *reinterpret_cast<const uint32_t*>(&high));
 }
 
-// One CTA per row, latency-bound at decode sizes: each thread issues all its 16-byte loads of x and of the
-// weight before using any (one memory round trip instead of one per strided element), sums its squares
+// One CTA per row, latency-bound at decode sizes: each thread issues all its 16-byte loads of the weight
+// (before waiting for the kernel that writes x) and of x before using any (one memory round trip instead
+// of one per strided element), sums its squares
 // in a fixed order, and warps and the CTA combine in a fixed tree: the order depends on dim only. Rows
 // wider than kHeld * kThreads * 4 stream the rest.
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(const float* __restrict__ x,
@@ -38,8 +39,13 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(const float* __restri
 #pragma unroll
   for (int j = 0; j < kHeld; ++j) {
     const int i = j * kThreads + t;
-    held_x[j] = i < vectors ? in[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     held_w[j] = i < vectors ? __ldg(scale + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  wait_for_prerequisites();
+#pragma unroll
+  for (int j = 0; j < kHeld; ++j) {
+    const int i = j * kThreads + t;
+    held_x[j] = i < vectors ? in[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
   float sum = 0.0f;
 #pragma unroll
@@ -62,10 +68,11 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(const float* __restri
 }  // namespace
 
 void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
-             cudaStream_t stream) {
+             bool programmatic, cudaStream_t stream) {
   if (rows == 0) return;
   if (dim % 4 != 0) throw std::logic_error("rmsnorm: dim " + std::to_string(dim) + " is not a multiple of 4");
-  rmsnorm_kernel<<<rows, kThreads, 0, stream>>>(x, row_index, dim, weight, eps, out);
+  launch_kernel(rmsnorm_kernel, dim3(rows), dim3(kThreads), 0, programmatic, stream, x, row_index, dim, weight, eps,
+                out);
   check_launch("rmsnorm");
 }
 
