@@ -229,8 +229,8 @@ for stage in "${stages[@]}"; do
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
-    bench-1b) bench_shape llama-3.2-1b default,registers ;;
-    bench-8b) bench_shape llama-3.1-8b default,registers,no-pdl ;;
+    bench-1b) bench_shape llama-3.2-1b default,no-pdl ;;
+    bench-8b) bench_shape llama-3.1-8b default,no-pdl,deterministic,no-graphs ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 518 291 ;;
     timeline-8b) timeline_decode llama-3.1-8b ;;
