@@ -101,7 +101,7 @@ struct DeviceLayer {
   const float* post_attention_norm = nullptr;
   const float* q_norm = nullptr;  // qk_norm models only
   const float* k_norm = nullptr;
-  DeviceLinear qkv;  // q, k, v rows stacked, q and k heads' rows paired for RoPE (WeightUploader::qkv)
+  DeviceLinear qkv;  // q, k, v rows stacked, as on the CPU
   DeviceLinear o;
   DeviceLinear gate_up;  // gate and up rows interleaved (WeightUploader::gate_up)
   DeviceLinear down;
@@ -154,62 +154,39 @@ class WeightUploader {
     return linear;
   }
 
-  // The q, k and v projections stacked, each q and k head's rows in the order gpu::rope_pair_row gives
-  // (the halves that RoPE rotates together interleaved in groups of gpu::kGateUpGroup rows), so that a
-  // skinny GEMM CTA of 8 columns holds both elements of 4 pairs (skinny_matmul_rope); v rows as stored.
-  DeviceLinear qkv(const std::vector<std::string>& parts, bool with_bias, int head_dim) {
-    const size_t rotated_rows =
-        static_cast<size_t>(tensor(parts.at(0) + ".weight").shape[0] + tensor(parts.at(1) + ".weight").shape[0]);
-    return interleaved(parts, with_bias, static_cast<size_t>(head_dim), rotated_rows / static_cast<size_t>(head_dim));
-  }
-
   // The gate and up projections interleaved in groups of gpu::kGateUpGroup rows (gpu::gate_up_row), the
   // layout in which skinny_matmul_silu finds a gate and its up in one CTA and silu_mul reads cuBLASLt's
-  // output.
+  // output. Staged as plain stacked rows first, then regrouped on the device.
   DeviceLinear gate_up(const std::string& gate, const std::string& up, bool with_bias) {
-    const size_t rows = static_cast<size_t>(tensor(gate + ".weight").shape[0] + tensor(up + ".weight").shape[0]);
-    return interleaved({gate, up}, with_bias, rows, 1);
-  }
-
- private:
-  // `parts` stacked, then in each of the first `blocks` blocks of `block_rows` rows the first and second
-  // half interleaved in groups of gpu::kGateUpGroup rows (gpu::gate_up_row); the rows after them as
-  // stacked. Staged as plain stacked rows first, then regrouped on the device.
-  DeviceLinear interleaved(const std::vector<std::string>& parts, bool with_bias, size_t block_rows, size_t blocks) {
     std::vector<DeviceMemory> staging;
     WeightUploader stage(checkpoint_, staging);
-    const DeviceLinear plain = stage.stacked(parts, with_bias);
+    const DeviceLinear plain = stage.stacked({gate, up}, with_bias);
     DeviceLinear linear = plain;
-    const size_t rows = static_cast<size_t>(plain.out);
     const size_t in = static_cast<size_t>(plain.in);
-    bf16* weights = allocate<bf16>(rows * in);
-    regroup(plain.weight, weights, rows, in, block_rows, blocks);
+    const size_t half_rows = static_cast<size_t>(plain.out) / 2;
+    const size_t groups = half_rows / gpu::kGateUpGroup;
+    bf16* weights = allocate<bf16>(static_cast<size_t>(plain.out) * in);
+    const size_t group_bytes = gpu::kGateUpGroup * in * sizeof(bf16);
+    for (size_t part = 0; part < 2; ++part) {
+      PEARL_CUDA_CHECK(cudaMemcpy2D(weights + part * gpu::kGateUpGroup * in, 2 * group_bytes,
+                                    plain.weight + part * half_rows * in, group_bytes, group_bytes, groups,
+                                    cudaMemcpyDeviceToDevice));
+    }
     linear.weight = weights;
     if (with_bias) {
-      float* biases = allocate<float>(rows);
-      regroup(plain.bias, biases, rows, 1, block_rows, blocks);
+      float* biases = allocate<float>(static_cast<size_t>(plain.out));
+      const size_t bias_group_bytes = gpu::kGateUpGroup * sizeof(float);
+      for (size_t part = 0; part < 2; ++part) {
+        PEARL_CUDA_CHECK(cudaMemcpy2D(biases + part * gpu::kGateUpGroup, 2 * bias_group_bytes,
+                                      plain.bias + part * half_rows, bias_group_bytes, bias_group_bytes, groups,
+                                      cudaMemcpyDeviceToDevice));
+      }
       linear.bias = biases;
     }
     return linear;
   }
 
-  template <typename T>
-  static void regroup(const T* source, T* target, size_t rows, size_t width, size_t block_rows, size_t blocks) {
-    const size_t groups = block_rows / 2 / gpu::kGateUpGroup;
-    const size_t group_bytes = gpu::kGateUpGroup * width * sizeof(T);
-    for (size_t block = 0; block < blocks; ++block) {
-      const size_t first = block * block_rows * width;
-      for (size_t part = 0; part < 2; ++part) {
-        PEARL_CUDA_CHECK(cudaMemcpy2D(target + first + part * gpu::kGateUpGroup * width, 2 * group_bytes,
-                                      source + first + part * block_rows / 2 * width, group_bytes, group_bytes, groups,
-                                      cudaMemcpyDeviceToDevice));
-      }
-    }
-    const size_t done = blocks * block_rows * width;
-    PEARL_CUDA_CHECK(cudaMemcpy(target + done, source + done, (rows * width - done) * sizeof(T),
-                                cudaMemcpyDeviceToDevice));
-  }
-
+ private:
   const TensorInfo& tensor(const std::string& name) const {
     const TensorInfo* info = checkpoint_.find(name);
     if (info == nullptr) throw std::runtime_error("missing tensor " + name);  // validate_checkpoint ran first
@@ -395,7 +372,6 @@ class CudaBackend final : public Backend {
     x_ = DeviceMemory(rows * hidden * sizeof(float));
     normed_ = DeviceMemory(rows * hidden * sizeof(bf16));
     qkv_ = DeviceMemory(rows * static_cast<size_t>(qkv_width()) * sizeof(float));
-    queries_ = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(float));
     attended_ = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(bf16));
     gate_up_ = DeviceMemory(rows * 2 * inter * sizeof(float));
     activated_ = DeviceMemory(rows * inter * sizeof(bf16));
@@ -650,45 +626,22 @@ class CudaBackend final : public Backend {
     gpu::silu_mul(gate_up_.as<float>(), rows, gate_up.out / 2, out, stream_);
   }
 
-  // The qkv product of `count` rows of x, rotated: q into queries_, K/V into the cache (gpu::RopeOutputs). In
-  // the skinny GEMM's epilogue wherever matmul would take that kernel and no q/k norm comes between,
-  // else the product into qkv_ and rope_store_kv.
-  void project_qkv(const bf16* x, int count, const DeviceLayer& w, const gpu::DeviceKvLayer& kv,
-                   const gpu::DeviceRows& rows) {
-    const auto outputs = [&](size_t first) {
-      gpu::RopeOutputs out;
-      out.positions = rows.positions + first;
-      out.inv_freq = inv_freq_;
-      out.slots = rows.slots + first;
-      out.kv = kv;
-      out.queries = queries_.as<float>() + first * static_cast<size_t>(q_dim());
-      out.num_heads = config_.num_heads;
-      return out;
-    };
-    const DeviceLinear& qkv = w.qkv;
-    const bool fused = w.q_norm == nullptr && skinny_chunks(count, [&](size_t first, int chunk) {
-      gpu::skinny_matmul_rope(x + first * qkv.in, chunk, qkv.in, qkv.weight, qkv.bias, qkv.out, outputs(first),
-                              qkv.skinny_variant, programmatic_launch_, stream_);
-    });
-    if (fused) return;
-    matmul(x, count, qkv, qkv_.as<float>(), false);
-    gpu::rope_store_kv(qkv_.as<float>(), qkv_width(), count, w.q_norm, w.k_norm,
-                       static_cast<float>(config_.rms_norm_eps), outputs(0), programmatic_launch_, stream_);
-  }
-
   // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
   void run_layers(const gpu::DeviceRows& rows, int count) {
     const int hidden = config_.hidden_size;
     const float eps = static_cast<float>(config_.rms_norm_eps);
     float* x = x_.as<float>();
     bf16* normed = normed_.as<bf16>();
+    float* qkv = qkv_.as<float>();
     gpu::embedding(embed_, hidden, rows.tokens, count, x, stream_);
     for (int layer = 0; layer < config_.num_layers; ++layer) {
       const DeviceLayer& w = layers_[static_cast<size_t>(layer)];
       gpu::rmsnorm(x, nullptr, count, hidden, w.input_norm, eps, normed, programmatic_launch_, stream_);
+      matmul(normed, count, w.qkv, qkv, false);
       const gpu::DeviceKvLayer kv = kv_layer(layer);
-      project_qkv(normed, count, w, kv, rows);
-      gpu::attention(queries_.as<float>(), q_dim(), count, config_.num_heads, kv, rows, config_.sliding_window,
+      gpu::rope_store_kv(qkv, qkv_width(), count, config_.num_heads, config_.head_dim, rows.positions, inv_freq_,
+                         w.q_norm, w.k_norm, eps, rows.slots, kv, programmatic_launch_, stream_);
+      gpu::attention(qkv, qkv_width(), count, config_.num_heads, kv, rows, config_.sliding_window,
                      attention_scratch_.as<float>(), attended_.as<bf16>(), programmatic_launch_, stream_);
       matmul(attended_.as<bf16>(), count, w.o, x, true);
       gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, programmatic_launch_, stream_);
@@ -947,8 +900,7 @@ class CudaBackend final : public Backend {
 
   DeviceMemory x_;
   DeviceMemory normed_;
-  DeviceMemory qkv_;      // the qkv product where RoPE runs as a kernel of its own
-  DeviceMemory queries_;  // rotated q, what attention reads
+  DeviceMemory qkv_;
   DeviceMemory attended_;
   DeviceMemory gate_up_;
   DeviceMemory activated_;

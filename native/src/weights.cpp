@@ -71,10 +71,6 @@ class WeightLoader {
   }
 
   // Gate rows then up rows (LayerWeights::gate_up).
-  Linear qkv(const std::vector<std::string>& parts, bool with_bias, [[maybe_unused]] int head_dim) const {
-    return stacked(parts, with_bias);
-  }
-
   Linear gate_up(const std::string& gate, const std::string& up, bool with_bias) const {
     return stacked({gate, up}, with_bias);
   }

@@ -31,9 +31,8 @@ inline std::string layer_prefix(int layer) { return "model.layers." + std::to_st
 // Fills one decoder layer of a backend's weights from the checkpoint, so that every backend groups the
 // tensors the same way: `w` has LayerWeights's fields; loader.floats(name) loads a norm and
 // loader.stacked(parts, with_bias) the [rows_i, in] weights of `parts` (names without ".weight") stacked
-// in order, with their biases when with_bias; loader.qkv(parts, with_bias, head_dim) the attention's q, k
-// and v projections in one matrix and loader.gate_up(gate, up, with_bias) the MLP's gate and up projections
-// in one matrix, each in the row order that backend reads.
+// in order, with their biases when with_bias; loader.gate_up(gate, up, with_bias) the MLP's gate and up
+// projections in one matrix, in the row order that backend's MLP reads.
 template <typename Loader, typename Layer>
 void load_layer(const ModelConfig& config, int layer, Loader& loader, Layer& w) {
   const std::string p = layer_prefix(layer);
@@ -43,8 +42,7 @@ void load_layer(const ModelConfig& config, int layer, Loader& loader, Layer& w) 
     w.q_norm = loader.floats(p + "self_attn.q_norm.weight");
     w.k_norm = loader.floats(p + "self_attn.k_norm.weight");
   }
-  w.qkv = loader.qkv({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, config.qkv_bias,
-                     config.head_dim);
+  w.qkv = loader.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, config.qkv_bias);
   w.o = loader.stacked({p + "self_attn.o_proj"}, config.o_bias);
   w.gate_up = loader.gate_up(p + "mlp.gate_proj", p + "mlp.up_proj", config.mlp_bias);
   w.down = loader.stacked({p + "mlp.down_proj"}, config.mlp_bias);

@@ -53,72 +53,13 @@ void embedding(const bf16* table, int dim, const int32_t* tokens, int rows, floa
 void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
              bool programmatic, cudaStream_t stream);
 
-// The MLP's gate and up projections share one matrix on the GPU, interleaved in groups of kGateUpGroup rows
-// (gate rows 4g..4g+3, then up rows 4g..4g+3), so that a skinny GEMM CTA of 8 columns holds a gate and its
-// up (skinny_matmul_silu). gate_up_row(i, up) is the row of intermediate position i's gate or up.
-constexpr int kGateUpGroup = 4;
-__host__ __device__ constexpr int gate_up_row(int i, bool up) {
-  return 2 * kGateUpGroup * (i / kGateUpGroup) + i % kGateUpGroup + (up ? kGateUpGroup : 0);
-}
-
-// The GPU's qkv weight pairs, in each q and k head, the two halves that RoPE's rotate_half rotates together
-// (dimensions i and i + head_dim / 2), interleaved in groups of 4 rows as gate_up_row interleaves gate and up:
-// dimension d of a head is row rope_pair_row(d, head_dim) of it. A qkv product's float output has that
-// layout too; v heads are as stored.
-__host__ __device__ constexpr int rope_pair_row(int d, int head_dim) {
-  return gate_up_row(d % (head_dim / 2), d >= head_dim / 2);
-}
-
-// Where RoPE puts a qkv row: rotated q heads as float into queries [rows, num_heads * head_dim] (what
-// attention reads), rotated k heads and v heads as bf16 into the row's slot of kv (nothing for a negative
-// slot: a padding row of a graph bucket). Row r is at positions[r].
-struct RopeOutputs {
-  const int32_t* positions = nullptr;
-  const float* inv_freq = nullptr;
-  const int32_t* slots = nullptr;
-  DeviceKvLayer kv;
-  float* queries = nullptr;
-  int num_heads = 0;
-};
-
-// Rotates pair i of q-or-k head `head` of row `row` (first = dimension i, second = i + head_dim / 2) by the
-// row's position and stores it (RopeOutputs).
-__device__ __forceinline__ void store_rotated(const RopeOutputs& out, int row, int head, int i, float first,
-                                              float second) {
-  const int head_dim = out.kv.head_dim;
-  const int half = head_dim / 2;
-  float s;
-  float c;
-  // The angle is a float32 product, as transformers computes it; sincosf reduces large angles exactly.
-  sincosf(out.inv_freq[i] * static_cast<float>(out.positions[row]), &s, &c);
-  const float rotated_first = first * c - second * s;
-  const float rotated_second = second * c + first * s;
-  if (head < out.num_heads) {
-    float* q = out.queries + (static_cast<int64_t>(row) * out.num_heads + head) * head_dim;
-    q[i] = rotated_first;
-    q[i + half] = rotated_second;
-    return;
-  }
-  const int slot = out.slots[row];
-  if (slot < 0) return;
-  bf16* k = out.kv.k + (static_cast<int64_t>(slot) * out.kv.num_kv_heads + head - out.num_heads) * head_dim;
-  k[i] = __float2bfloat16(rotated_first);
-  k[i + half] = __float2bfloat16(rotated_second);
-}
-
-// Dimension d of v head `v_head` of row `row` into the V cache (RopeOutputs).
-__device__ __forceinline__ void store_value(const RopeOutputs& out, int row, int v_head, int d, float value) {
-  const int slot = out.slots[row];
-  if (slot < 0) return;
-  out.kv.v[(static_cast<int64_t>(slot) * out.kv.num_kv_heads + v_head) * out.kv.head_dim + d] = __float2bfloat16(value);
-}
-
 // Qwen3's per-head RMSNorm of q and k (when q_norm is not null) and the rotary embedding ("rotate_half"
-// pairing) of the q and k heads of each row of a qkv product (rope_pair_row layout, rows `stride` floats
-// apart), stored with the v heads as RopeOutputs says. On the CPU these are two ops (ops::rope,
-// ops::kv_store); skinny_matmul_rope does the same in a GEMM's epilogue where there is no norm.
-void rope_store_kv(const float* qkv, int64_t stride, int rows, const float* q_norm, const float* k_norm, float eps,
-                   const RopeOutputs& out, bool programmatic, cudaStream_t stream);
+// pairing) of the q and k heads of each qkv row, in place; then each row's K (rotated) and V go as bf16 into
+// its slot of kv (skipped for negative slots). On the CPU these are two ops (ops::rope, ops::kv_store); one
+// kernel here spares a launch per layer, and the bf16 values stored are the same.
+void rope_store_kv(float* qkv, int64_t stride, int rows, int num_heads, int head_dim, const int32_t* positions,
+                   const float* inv_freq, const float* q_norm, const float* k_norm, float eps, const int32_t* slots,
+                   const DeviceKvLayer& kv, bool programmatic, cudaStream_t stream);
 
 // Scratch of the split-KV attention: per (row, head) kAttentionSlots partial states.
 constexpr int kAttentionSlots = 16;
@@ -135,6 +76,14 @@ void attention(const float* q, int64_t q_stride, int rows, int num_heads, const 
 
 // Whether attention supports this head size and grouping (the kernels are instantiated per head size).
 bool attention_supports(int head_dim, int group);
+
+// The MLP's gate and up projections share one matrix on the GPU, interleaved in groups of kGateUpGroup rows
+// (gate rows 4g..4g+3, then up rows 4g..4g+3), so that a skinny GEMM CTA of 8 columns holds a gate and its
+// up (skinny_matmul_silu). gate_up_row(i, up) is the row of intermediate position i's gate or up.
+constexpr int kGateUpGroup = 4;
+__host__ __device__ constexpr int gate_up_row(int i, bool up) {
+  return 2 * kGateUpGroup * (i / kGateUpGroup) + i % kGateUpGroup + (up ? kGateUpGroup : 0);
+}
 
 // silu(gate) * up, as every backend computes the MLP's activation before rounding it to bf16.
 __device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
@@ -251,12 +200,6 @@ void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const flo
 // same values silu_mul gives from them. n a multiple of 8.
 void skinny_matmul_silu(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n, bf16* out,
                         int variant, bool programmatic, cudaStream_t stream);
-
-// rope_store_kv's stores (without a q/k norm) of y = x W^T (+ bias) for a qkv weight W [n, k] in the
-// rope_pair_row layout, computed in the GEMM's epilogue from the float sums skinny_matmul would write (the
-// same values rope_store_kv stores from them); y itself is not written.
-void skinny_matmul_rope(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n,
-                        const RopeOutputs& rope, int variant, bool programmatic, cudaStream_t stream);
 
 // The fastest skinny_matmul variant for one row of a [n, k] product, timed on `weights` (matrices of that
 // shape, used in turn so that none is read from L2), with each variant's median time.

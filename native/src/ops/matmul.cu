@@ -87,33 +87,15 @@ __device__ __forceinline__ void multiply_step(float (&acc)[kTiles][4], const Wei
 // physical 8t, 8t+1 | 8t+2, 8t+3 in the first product, 8t+4 .. 8t+7 in the second), which leaves every
 // dot product unchanged and keeps all loads 16 bytes wide.
 //
-// The Rope epilogue's stores for column j of the 8-column tile at tile_column and its partner, column j + 4:
-// a rotated pair of a q or k head (rope_pair_row), or two elements of a v head.
-__device__ __forceinline__ void store_rope_pair(const RopeOutputs& rope, int row, int tile_column, int j, float first,
-                                                float second) {
-  const int head_dim = rope.kv.head_dim;
-  const int rotated_columns = (rope.num_heads + rope.kv.num_kv_heads) * head_dim;
-  if (tile_column < rotated_columns) {
-    store_rotated(rope, row, tile_column / head_dim, tile_column % head_dim / 2 + j, first, second);
-    return;
-  }
-  const int v = tile_column - rotated_columns + j;
-  store_value(rope, row, v / head_dim, v % head_dim, first);
-  store_value(rope, row, v / head_dim, v % head_dim + 4, second);
-}
-
-// The epilogue writes the float sums (+ bias) to y (Epilogue::Store), or, where the weight pairs its rows
-// in groups of 4 (gate_up_row: in each 8-column tile, columns 0-3 and 4-7 are the two members of 4 pairs),
-// what the next kernel would have made of them: silu(gate) * up as bf16 into gated [rows, n / 2] (SiluMul,
-// the MLP's activation), or RoPE's rotation of q and k heads with the K/V cache writes (Rope, as
-// rope_store_kv; the qkv weight pairs each head's rotated halves, rope_pair_row). Same float sums either way.
-enum class Epilogue { Store, SiluMul, Rope };
-
-template <int kTiles, int kDepth, int kMinBlocks, Epilogue kEpilogue>
+// kGated: the weight interleaves a gate and an up projection (interleave_gate_up: in each 8-column tile,
+// columns 0-3 are gate rows and 4-7 the up rows of the same 4 intermediate positions), and the CTA writes
+// silu(gate) * up as bf16 into gated [rows, n / 2] instead of y: the MLP's activation without a kernel of
+// its own, from the same float sums.
+template <int kTiles, int kDepth, int kMinBlocks, bool kGated>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     skinny_matmul_kernel(const bf16* __restrict__ x, int rows, int k, const bf16* __restrict__ weight,
                          const float* __restrict__ bias, int n, float* __restrict__ y, bool accumulate,
-                         bf16* __restrict__ gated, RopeOutputs rope) {
+                         bf16* __restrict__ gated) {
   __shared__ float partial[kWarps][kTiles][32][4];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -173,7 +155,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     for (int w = 0; w < kWarps; ++w) sum += partial[w][tile][l][i];
     return bias != nullptr ? sum + bias[column_base + tile * 8 + column_in_tile] : sum;
   };
-  if constexpr (kEpilogue == Epilogue::SiluMul) {
+  if constexpr (kGated) {
     for (int index = threadIdx.x; index < kTiles * 16 * 4; index += kWarps * 32) {
       const int tile = index / 64;
       const int row = (index / 4) % 16;
@@ -182,15 +164,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       if (row >= rows || column >= n) continue;
       gated[static_cast<int64_t>(row) * (n / 2) + column / 8 * 4 + j] =
           __float2bfloat16(silu_times(output(tile, row, j), output(tile, row, j + 4)));
-    }
-  } else if constexpr (kEpilogue == Epilogue::Rope) {
-    for (int index = threadIdx.x; index < kTiles * 16 * 4; index += kWarps * 32) {
-      const int tile = index / 64;
-      const int row = (index / 4) % 16;
-      const int j = index % 4;
-      const int column = column_base + tile * 8 + j;
-      if (row >= rows || column >= n) continue;
-      store_rope_pair(rope, row, column_base + tile * 8, j, output(tile, row, j), output(tile, row, j + 4));
     }
   } else {
     for (int index = threadIdx.x; index < kTiles * 16 * 8; index += kWarps * 32) {
@@ -213,24 +186,22 @@ __global__ void add_bias_kernel(float* __restrict__ y, int n, const float* __res
   }
 }
 
-// Where a launch writes: y (float, overwritten or accumulated into), the bf16 activation `gated` of a
-// gate_up product, or a qkv product's rotated q and K/V (`rope`, when its queries are set).
+// Where a launch writes: y (float, overwritten or accumulated into), or for a gated product the bf16
+// activation `gated`.
 struct SkinnyOutput {
   float* y = nullptr;
   bool accumulate = false;
   bf16* gated = nullptr;
-  RopeOutputs rope;
 };
 
 template <int kTiles, int kDepth, int kMinBlocks>
 void launch_skinny(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n,
                    const SkinnyOutput& output, bool programmatic, cudaStream_t stream) {
   const dim3 grid((n + kTiles * 8 - 1) / (kTiles * 8));
-  const auto kernel = output.gated != nullptr        ? skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, Epilogue::SiluMul>
-                      : output.rope.queries != nullptr ? skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, Epilogue::Rope>
-                                                       : skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, Epilogue::Store>;
+  const auto kernel = output.gated != nullptr ? skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, true>
+                                              : skinny_matmul_kernel<kTiles, kDepth, kMinBlocks, false>;
   launch_kernel(kernel, grid, dim3(kWarps * 32), 0, programmatic, stream, x, rows, k, weight, bias, n, output.y,
-                output.accumulate, output.gated, output.rope);
+                output.accumulate, output.gated);
 }
 
 using SkinnyLauncher = void (*)(const bf16*, int, int, const bf16*, const float*, int, const SkinnyOutput&, bool,
@@ -276,8 +247,8 @@ void skinny_matmul(const bf16* x, int rows, int k, const bf16* weight, const flo
                    bool accumulate, int variant, bool programmatic, cudaStream_t stream) {
   if (rows == 0) return;
   check_skinny(rows, k, variant);
-  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n,
-                                                       SkinnyOutput{y, accumulate, nullptr, {}}, programmatic, stream);
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, SkinnyOutput{y, accumulate, nullptr},
+                                                       programmatic, stream);
   check_launch("skinny_matmul");
 }
 
@@ -286,24 +257,9 @@ void skinny_matmul_silu(const bf16* x, int rows, int k, const bf16* weight, cons
   if (rows == 0) return;
   check_skinny(rows, k, variant);
   if (n % 8 != 0) throw std::logic_error("skinny_matmul_silu needs n a multiple of 8 (got " + std::to_string(n) + ")");
-  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n,
-                                                       SkinnyOutput{nullptr, false, out, {}}, programmatic, stream);
+  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n, SkinnyOutput{nullptr, false, out},
+                                                       programmatic, stream);
   check_launch("skinny_matmul_silu");
-}
-
-void skinny_matmul_rope(const bf16* x, int rows, int k, const bf16* weight, const float* bias, int n,
-                        const RopeOutputs& rope, int variant, bool programmatic, cudaStream_t stream) {
-  if (rows == 0) return;
-  check_skinny(rows, k, variant);
-  const int head_dim = rope.kv.head_dim;
-  if (rope.queries == nullptr || head_dim % 8 != 0 || n != (rope.num_heads + 2 * rope.kv.num_kv_heads) * head_dim) {
-    throw std::logic_error("skinny_matmul_rope: n " + std::to_string(n) + " is not a qkv product of heads of " +
-                           std::to_string(head_dim));
-  }
-  kSkinnyVariants[static_cast<size_t>(variant)].launch(x, rows, k, weight, bias, n,
-                                                       SkinnyOutput{nullptr, false, nullptr, rope}, programmatic,
-                                                       stream);
-  check_launch("skinny_matmul_rope");
 }
 
 int skinny_variant_index(const std::string& name) {
