@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     }
   }
 
-  // Every weight of this CTA has arrived: the next kernel may launch (as a programmatic dependent) while the
-  // CTAs finish their sums, instead of after them.
+  // Every weight of this CTA has been multiplied: the next kernel may launch (as a programmatic dependent)
+  // while the CTAs finish their sums, instead of after them.
   allow_dependent_launch();
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile) {
