@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-// The same draws on the host and in CUDA kernels (ops/choose_token.cu).
+// The same draws on the host and in CUDA kernels (ops/choose_token.cu, ops/choose_processed.cu).
 #ifdef __CUDACC__
 #define PEARL_HOST_DEVICE __host__ __device__
 #else
