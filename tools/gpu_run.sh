@@ -237,5 +237,5 @@ for stage in "${stages[@]}"; do
     *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b, timeline-8b)" ;;
   esac
 done
-[ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:|^nsys:|^step span" "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:|^cupti:|^step span" "$OUT/bench.log"
 exit "$status"
