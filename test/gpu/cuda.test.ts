@@ -28,11 +28,11 @@ import {
 import { FIXTURE_NAMES, type Fixture, loadFixture, relativeError } from "../reference/fixtures.js";
 import type { LlamaF64 } from "../reference/llama_f64.js";
 import {
+  assertDrafted,
   assertEngineChoosesTokens,
   assertEngineDraftsFromTopK,
   assertEngineVerifiesSampledDrafts,
   processLogits,
-  sampleDraftToken,
   sampleToken,
   topKDistribution,
   verifyWindow,
@@ -373,15 +373,7 @@ function rowCase(row: MixedRow, index: number, position: number, vocab: number):
         assert.equal(result?.nextToken, sampleToken(p, sampling.seed, position), `sampled token, ${what}`);
         return;
       }
-      const expected = topKDistribution(p, Math.min(returnTopK, vocab));
-      assert.ok(result?.q, `drafting step returns q, ${what}`);
-      assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
-      assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
-      assert.equal(
-        result.nextToken,
-        sampleDraftToken(expected, sampling.seed, position),
-        `drafted token, ${what}`,
-      );
+      assertDrafted(result, topKDistribution(p, Math.min(returnTopK, vocab)), sampling.seed, position, what);
     },
   };
 }

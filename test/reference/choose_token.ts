@@ -6,7 +6,7 @@
 // drafting step, the top-k distribution q of p it returns and the token drawn from q.
 import assert from "node:assert/strict";
 
-import type { DraftDistribution, Engine, SamplingParams } from "../../lib/native.js";
+import type { DraftDistribution, Engine, SamplingParams, StepResult } from "../../lib/native.js";
 import { addPrefilled, logitsRow, only, stepLogits, tokenRange } from "./drive.js";
 
 const MASK_64 = (1n << 64n) - 1n;
@@ -168,6 +168,20 @@ export function topKDistribution(p: Processed, k: number): DraftDistribution {
 /** The drafted token: the Gumbel-max draw from q as sent (its float32 probabilities) at `position`. */
 export function sampleDraftToken(q: DraftDistribution, seed: number, position: number): number {
   return sampleToken({ tokens: Array.from(q.tokens), probs: Array.from(q.probs) }, seed, position);
+}
+
+/** A drafting row's result: q is `expected` exactly and its token the draw from q at `position`. */
+export function assertDrafted(
+  result: StepResult | undefined,
+  expected: DraftDistribution,
+  seed: number,
+  position: number,
+  what: string,
+): void {
+  assert.ok(result?.q, `drafting step returns q, ${what}`);
+  assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
+  assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
+  assert.equal(result.nextToken, sampleDraftToken(expected, seed, position), `drafted token, ${what}`);
 }
 
 /** The draw from norm(max(0, p - q)) at `position` (its own stream), p's own draw when that is empty. */
@@ -391,14 +405,7 @@ export async function assertEngineDraftsFromTopK(engine: Engine, prompt: readonl
         );
         await engine.truncate(drafting, prompt.length);
         const expected = topKDistribution(processLogits(row, sampling), k);
-        assert.ok(result.q, `drafting step returns q, ${what}`);
-        assert.deepEqual(result.q.tokens, expected.tokens, `q's tokens, ${what}`);
-        assert.deepEqual(result.q.probs, expected.probs, `q's probs, ${what}`);
-        assert.equal(
-          result.nextToken,
-          sampleDraftToken(expected, sampling.seed, position),
-          `drafted token, ${what}`,
-        );
+        assertDrafted(result, expected, sampling.seed, position, what);
         if (result.nextToken !== expected.tokens[0]) belowTheTop++;
       }
     }
