@@ -1,11 +1,12 @@
 // CUDA backend benchmark (`npm run bench:gpu -- --models DIR[,DIR...]`), through the same Engine API the
 // services use, so every figure includes the host side of a step (metadata upload, logits copy-back and
 // sampling on the host). Per model: checkpoint load time; per-token decode latency at several batch
-// sizes; the cost of verify windows of 2, 4, 8 and 16 tokens relative to one decode step; prefill
-// tokens/s; and each decode figure as a fraction of the bandwidth floor (bytes read per step over the
-// card's measured read bandwidth, taken from tools/make_shapes.py's --baseline-json when given). With
-// --sampling, the same decode and an 8-token verify window under each sampling setting, against greedy in the
-// same run: what picking tokens with top-k/top-p cuts and weighing sampled drafts costs.
+// sizes, one step at a time and pipelined (each step queued before the one it feeds settles); the cost of
+// verify windows of 2, 4, 8 and 16 tokens relative to one decode step; prefill tokens/s; and each decode
+// figure as a fraction of the bandwidth floor (bytes read per step over the card's measured read
+// bandwidth, taken from tools/make_shapes.py's --baseline-json when given). With --sampling, the same
+// decode and an 8-token verify window under each sampling setting, against greedy in the same run: what
+// picking tokens with top-k/top-p cuts and weighing sampled drafts costs.
 //
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
@@ -134,6 +135,9 @@ interface DecodeResult {
   batch: number;
   msPerStep: number;
   tokensPerS: number;
+  /** Steps queued behind the one in flight (feedNextToken). */
+  pipelinedMsPerStep: number;
+  pipelinedTokensPerS: number;
   floorMs?: number;
   fractionOfFloor?: number;
 }
@@ -159,9 +163,37 @@ async function decode(
     next = results.map((result) => result.nextToken);
     if (s >= 2) times.push(ms); // the first steps of a bucket capture its graph
   }
+  // Pipelined: each step feeds the tokens of the one before it and is queued before that one settles, so
+  // the round trip through the event loop overlaps the next forward pass. Time between settlements.
+  const fed = ids.map((seqId) => ({
+    seqId,
+    tokens: new Int32Array(0),
+    feedNextToken: true,
+    sampling,
+    returnTopK,
+  }));
+  const pipelinedTimes: number[] = [];
+  let inFlight = engine.step(fed);
+  let settled = process.hrtime.bigint();
+  for (let s = 0; s < steps! + 2; s++) {
+    const queued = engine.step(fed);
+    await inFlight;
+    const now = process.hrtime.bigint();
+    if (s >= 2) pipelinedTimes.push(Number(now - settled) / 1e6);
+    settled = now;
+    inFlight = queued;
+  }
+  await inFlight;
   for (const seqId of ids) await engine.release(seqId);
   const msPerStep = median(times);
-  const result: DecodeResult = { batch, msPerStep, tokensPerS: (batch * 1000) / msPerStep };
+  const pipelinedMsPerStep = median(pipelinedTimes);
+  const result: DecodeResult = {
+    batch,
+    msPerStep,
+    tokensPerS: (batch * 1000) / msPerStep,
+    pipelinedMsPerStep,
+    pipelinedTokensPerS: (batch * 1000) / pipelinedMsPerStep,
+  };
   if (readBandwidth) {
     result.floorMs =
       (bytesPerStep(dir, engine.info, batch, promptLength! + steps! / 2) / readBandwidth) * 1000;
@@ -292,14 +324,14 @@ function table(reports: ModelReport[]): string {
   const lines = [
     `card: ${baseline.device ?? "unknown"}; read bandwidth ${readBandwidth ? (readBandwidth / 1e12).toFixed(2) + " TB/s" : "not measured"}; prompt ${promptLength} tokens, ${steps} timed steps (median)`,
     "",
-    "| model | variant | batch | ms/step | tok/s | floor ms | % of floor | HF eager ms/token |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| model | variant | batch | ms/step | tok/s | pipelined ms/step | pipelined tok/s | floor ms | % of floor | HF eager ms/token |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const report of reports) {
     for (const result of report.decode) {
       const hf = report.hfEagerMsPerToken?.[String(result.batch)];
       lines.push(
-        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${result.fractionOfFloor ? (100 * result.fractionOfFloor).toFixed(0) + "%" : "-"} | ${hf?.toFixed(2) ?? "-"} |`,
+        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.pipelinedMsPerStep.toFixed(3)} | ${result.pipelinedTokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${result.fractionOfFloor ? (100 * result.fractionOfFloor).toFixed(0) + "%" : "-"} | ${hf?.toFixed(2) ?? "-"} |`,
       );
     }
   }

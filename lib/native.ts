@@ -40,6 +40,14 @@ export interface StepItem {
   commit?: boolean;
   /** A drafting service asks for q (sampled steps only). */
   returnTopK?: number;
+  /**
+   * The step's input is the nextToken this sequence's previous step returned, then `tokens` (often empty).
+   * The engine knows that token as soon as the previous step ends, so a caller may queue this step behind
+   * it without awaiting it: the next forward pass then starts at once instead of after the round trip
+   * through the event loop (pipelined decode). Only a step with output "sample" or "logits" leaves a token
+   * to feed; truncate, release, a failed step and output "none" forget it.
+   */
+  feedNextToken?: boolean;
 }
 
 export interface StepResult {

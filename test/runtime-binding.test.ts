@@ -113,6 +113,71 @@ describe("engine thread", () => {
     assert.ok(result.q.tokens.includes(result.nextToken), "the sampled token is in q's support");
     await engine.release(6);
   });
+
+  test("steps that feed the previous step's token can be queued before it settles", async () => {
+    const [reference, pipelined] = [90, 91];
+    const prompt = Int32Array.of(3, 1, 4, 1, 5);
+    const sampling = { temperature: 0.9, topK: 0, topP: 1, seed: 42 };
+    await engine.addSequence(reference);
+    let result = only(await engine.step([{ seqId: reference, tokens: prompt, sampling }]));
+    const expected = [result.nextToken];
+    for (let i = 0; i < 6; i++) {
+      result = only(
+        await engine.step([{ seqId: reference, tokens: Int32Array.of(result.nextToken), sampling }]),
+      );
+      expected.push(result.nextToken);
+    }
+
+    await engine.addSequence(pipelined);
+    // Nothing is awaited until all seven steps are queued: each feeds the token of the step before it.
+    const steps = [engine.step([{ seqId: pipelined, tokens: prompt, sampling }])];
+    for (let i = 0; i < 6; i++) {
+      steps.push(
+        engine.step([{ seqId: pipelined, tokens: new Int32Array(0), feedNextToken: true, sampling }]),
+      );
+    }
+    const results = (await Promise.all(steps)).map(only);
+    assert.deepEqual(
+      results.map((r) => r.nextToken),
+      expected,
+    );
+    assert.deepEqual(
+      results.map((r) => r.length),
+      [5, 6, 7, 8, 9, 10, 11],
+    );
+
+    // The fed token leads a verify window: the last committed token, then drafts the target agrees with.
+    const window = only(
+      await engine.step([
+        { seqId: reference, tokens: Int32Array.of(9, 9), numDraft: 2, feedNextToken: true },
+      ]),
+    );
+    assert.equal(window.length, 12 + window.accepted);
+    await engine.release(reference);
+    await engine.release(pipelined);
+  });
+
+  test("feeding a token the sequence does not have rejects, and the engine goes on", async () => {
+    const seqId = 92;
+    await engine.addSequence(seqId);
+    const feed: StepItem = { seqId, tokens: new Int32Array(0), feedNextToken: true };
+    await assert.rejects(engine.step([feed]), /sequence 92: feed_next_token: no token to feed/);
+    await engine.step([{ seqId, tokens: Int32Array.of(1, 2), output: "none" }]);
+    await assert.rejects(engine.step([feed]), /no token to feed/);
+    await engine.step([{ seqId, tokens: Int32Array.of(3) }]);
+    await engine.truncate(seqId, 2);
+    await assert.rejects(engine.step([feed]), /no token to feed/);
+    await engine.step([{ seqId, tokens: Int32Array.of(3) }]);
+    await assert.rejects(engine.step([{ seqId, tokens: Int32Array.of(vocab) }]), /out of range/);
+    await assert.rejects(engine.step([feed]), /no token to feed/, "a failed step forgets the token");
+    await assert.rejects(
+      engine.step([{ ...feed, feedNextToken: 1 as unknown as boolean }]),
+      /items\[0\]\.feedNextToken must be a boolean/,
+    );
+    assert.equal(only(await engine.step([{ seqId, tokens: Int32Array.of(3) }])).length, 4);
+    assert.equal(only(await engine.step([feed])).length, 5);
+    await engine.release(seqId);
+  });
 });
 
 describe("close", () => {

@@ -159,6 +159,11 @@ uint64_t ToSafeUint(Napi::Env env, const Napi::Value& value, const std::string& 
   return static_cast<uint64_t>(number);
 }
 
+bool ToBool(Napi::Env env, const Napi::Value& value, const std::string& field) {
+  if (!value.IsBoolean()) ThrowType(env, field + " must be a boolean");
+  return value.As<Napi::Boolean>().Value();
+}
+
 std::string ToString(Napi::Env env, const Napi::Value& value, const std::string& field) {
   if (!value.IsString()) ThrowType(env, field + " must be a string");
   return value.As<Napi::String>().Utf8Value();
@@ -206,9 +211,7 @@ pearl::EngineOptions ToEngineOptions(Napi::Env env, const Napi::Value& value) {
     options.num_threads = ToInt(env, object.Get("numThreads"), "options.numThreads");
   }
   if (Has(object, "deterministic")) {
-    const Napi::Value deterministic = object.Get("deterministic");
-    if (!deterministic.IsBoolean()) ThrowType(env, "options.deterministic must be a boolean");
-    options.deterministic = deterministic.As<Napi::Boolean>().Value();
+    options.deterministic = ToBool(env, object.Get("deterministic"), "options.deterministic");
   }
   if (Has(object, "devices")) {
     const Napi::Array devices = ToArray(env, object.Get("devices"), "options.devices");
@@ -254,12 +257,11 @@ pearl::StepItem ToStepItem(Napi::Env env, const Napi::Value& value, const std::s
   }
   if (Has(object, "output")) item.output = ToStepOutput(env, object.Get("output"), field + ".output");
   if (Has(object, "sampling")) item.sampling = ToSamplingParams(env, object.Get("sampling"), field + ".sampling");
-  if (Has(object, "commit")) {
-    const Napi::Value commit = object.Get("commit");
-    if (!commit.IsBoolean()) ThrowType(env, field + ".commit must be a boolean");
-    item.commit = commit.As<Napi::Boolean>().Value();
-  }
+  if (Has(object, "commit")) item.commit = ToBool(env, object.Get("commit"), field + ".commit");
   if (Has(object, "returnTopK")) item.return_top_k = ToInt(env, object.Get("returnTopK"), field + ".returnTopK");
+  if (Has(object, "feedNextToken")) {
+    item.feed_next_token = ToBool(env, object.Get("feedNextToken"), field + ".feedNextToken");
+  }
   return item;
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "backend.h"
@@ -78,11 +79,35 @@ class EngineImpl : public Engine {
   void add_sequence(uint64_t seq_id) override { cache_.add_sequence(seq_id); }
   bool has_sequence(uint64_t seq_id) const override { return cache_.has_sequence(seq_id); }
   int64_t sequence_length(uint64_t seq_id) const override { return cache_.length(seq_id); }
-  void truncate(uint64_t seq_id, int64_t length) override { cache_.truncate(seq_id, length); }
-  void release(uint64_t seq_id) override { cache_.release(seq_id); }
+  void truncate(uint64_t seq_id, int64_t length) override {
+    cache_.truncate(seq_id, length);
+    next_tokens_.erase(seq_id);
+  }
+  void release(uint64_t seq_id) override {
+    cache_.release(seq_id);
+    next_tokens_.erase(seq_id);
+  }
   CacheStats cache_stats() const override { return cache_.stats(); }
 
   std::vector<StepResult> step(const std::vector<StepItem>& items) override {
+    try {
+      const bool feeds = std::any_of(items.begin(), items.end(), [](const StepItem& item) { return item.feed_next_token; });
+      return feeds ? checked_step(with_fed_tokens(items)) : checked_step(items);
+    } catch (...) {
+      for (const StepItem& item : items) next_tokens_.erase(item.seq_id);
+      throw;
+    }
+  }
+
+ private:
+  static const EngineOptions& validated(const EngineOptions& options) {
+    if (options.block_size <= 0) throw std::runtime_error("block_size must be positive");
+    if (options.num_blocks < 0) throw std::runtime_error("num_blocks must be >= 0 (0 picks a default)");
+    if (options.num_threads < 0) throw std::runtime_error("num_threads must be >= 0 (0 uses every core)");
+    return options;
+  }
+
+  std::vector<StepResult> checked_step(const std::vector<StepItem>& items) {
     validate(items);
     std::vector<int64_t> old_lengths;
     for (const StepItem& item : items) old_lengths.push_back(cache_.length(item.seq_id));
@@ -95,12 +120,20 @@ class EngineImpl : public Engine {
     }
   }
 
- private:
-  static const EngineOptions& validated(const EngineOptions& options) {
-    if (options.block_size <= 0) throw std::runtime_error("block_size must be positive");
-    if (options.num_blocks < 0) throw std::runtime_error("num_blocks must be >= 0 (0 picks a default)");
-    if (options.num_threads < 0) throw std::runtime_error("num_threads must be >= 0 (0 uses every core)");
-    return options;
+  // The items with each fed token in front of its tokens.
+  std::vector<StepItem> with_fed_tokens(const std::vector<StepItem>& items) const {
+    std::vector<StepItem> fed = items;
+    for (StepItem& item : fed) {
+      if (!item.feed_next_token) continue;
+      const auto next = next_tokens_.find(item.seq_id);
+      if (next == next_tokens_.end()) {
+        invalid_item(item, "feed_next_token: no token to feed (the sequence's last step returned none, failed, or was "
+                           "followed by a truncate)");
+      }
+      item.tokens.insert(item.tokens.begin(), next->second);
+      item.feed_next_token = false;
+    }
+    return fed;
   }
 
   // Whether the item's logits must reach the host: only a Logits step returns them. Every token, p(draft),
@@ -275,6 +308,11 @@ class EngineImpl : public Engine {
           result.q = ops::returned_q(returned.data() + q_offset[i], batch.choices[window_output[i]].return_top_k);
         }
       }
+      if (result.next_token >= 0) {
+        next_tokens_[item.seq_id] = result.next_token;
+      } else {
+        next_tokens_.erase(item.seq_id);
+      }
       const int64_t new_length = old_lengths[i] + count - item.num_draft + result.accepted;
       cache_.truncate(item.seq_id, new_length);
       if (item.commit) cache_.commit(item.seq_id, old_lengths[i], new_length);
@@ -289,6 +327,7 @@ class EngineImpl : public Engine {
   std::unique_ptr<Backend> backend_;
   KvCacheManager cache_;
   ModelInfo info_;
+  std::unordered_map<uint64_t, int32_t> next_tokens_;  // what feed_next_token feeds, per sequence
 };
 
 }  // namespace

@@ -55,6 +55,12 @@ struct StepItem {
   // A drafting service asks for q: when > 0 and sampling.temperature > 0, the next token is sampled from
   // the top-`return_top_k` truncated distribution and that distribution is returned with it.
   int return_top_k = 0;
+  // The step's input is the next_token this sequence's previous step returned, then `tokens` (which may be
+  // empty). The engine knows that token as soon as the previous step ends, so a caller may queue this step
+  // behind it without waiting for its result: the next forward pass starts at once instead of after the
+  // caller's round trip (pipelined decode). Only a step with output Sample or Logits leaves a token to
+  // feed; truncate, release, a failed step and a step with output None forget it.
+  bool feed_next_token = false;
 };
 
 struct StepResult {
@@ -130,7 +136,9 @@ class Engine {
 
   // One batched forward over all items (each seq_id at most once). Validates everything first and throws
   // without changing any state on bad input (unknown sequence, token id out of range, empty tokens,
-  // past max_position_embeddings, out of KV blocks, bad num_draft or draft_dists).
+  // past max_position_embeddings, out of KV blocks, bad num_draft or draft_dists, no token to feed), except
+  // that the items' sequences forget their token to feed: a step queued behind a failed one must not feed
+  // an older token.
   virtual std::vector<StepResult> step(const std::vector<StepItem>& items) = 0;
 
   virtual CacheStats cache_stats() const = 0;
