@@ -282,12 +282,14 @@ class CudaBackend final : public Backend {
     const int padded_rows = bucket > 0 ? bucket : rows;
     stage_rows(batch, padded_rows);
     stage_choices(batch, bucket);
+    ops::ChosenToken* landing = reserve_chosen_landing(batch.logit_rows.size());
     if (bucket > 0) {
-      forward_graph(batch, bucket, logits, chosen, q_entries);
+      forward_graph(batch, bucket, logits, landing, q_entries);
     } else {
-      forward_eager(batch, logits, chosen, q_entries);
+      forward_eager(batch, logits, landing, q_entries);
     }
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::copy(landing, landing + batch.logit_rows.size(), chosen);
     draw_drafted_tokens(chosen, q_entries);
   }
 
@@ -470,6 +472,18 @@ class CudaBackend final : public Backend {
     const size_t choice_bytes = static_cast<size_t>(row_capacity_) * sizeof(gpu::TokenChoiceRow);
     device_choices_ = DeviceMemory(choice_bytes);
     choice_staging_ = PinnedMemory(choice_bytes);
+  }
+
+  // The chosen tokens come back through pinned memory: a copy into the caller's pageable memory would hold
+  // the engine thread inside cudaMemcpyAsync until the step ends and then stage through a driver buffer,
+  // later than the step's synchronize returns.
+  ops::ChosenToken* reserve_chosen_landing(size_t outputs) {
+    if (outputs > chosen_landing_capacity_) {
+      PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      chosen_landing_capacity_ = std::max({outputs, static_cast<size_t>(kGraphMaxRows), 2 * chosen_landing_capacity_});
+      chosen_landing_ = PinnedMemory(chosen_landing_capacity_ * sizeof(ops::ChosenToken));
+    }
+    return chosen_landing_.as<ops::ChosenToken>();
   }
 
   // How each logits row picks its token, in the order compute_logits sees the rows: by row of the bucket
@@ -921,6 +935,8 @@ class CudaBackend final : public Backend {
   PinnedMemory staging_;
   DeviceMemory device_choices_;  // per logits row: how it picks its token (stage_choices)
   PinnedMemory choice_staging_;
+  PinnedMemory chosen_landing_;  // where each step's chosen tokens arrive (reserve_chosen_landing)
+  size_t chosen_landing_capacity_ = 0;
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
   std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
   std::vector<ops::TokenChoice> step_choices_;      // per output (their q's live in the step's items)
