@@ -10,7 +10,7 @@
 //
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
-//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl,unfused-norm]
+//     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl]
 //     [--sampling greedy,whole,top-p,top-k,top-k-top-p,draft-q16,draft-q16-top-p]
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
@@ -61,8 +61,6 @@ const VARIANTS = {
   tiles4: { deterministic: false, env: { PEARL_CUDA_SKINNY_VARIANT: "tiles4" } },
   // GEMMs launched after the kernel before them ends, not overlapping it.
   "no-pdl": { deterministic: false, env: { PEARL_CUDA_PDL: "0" } },
-  // Every RMSNorm a kernel of its own, none folded into the matrix product that reads it.
-  "unfused-norm": { deterministic: false, env: { PEARL_CUDA_FUSED_NORM: "0" } },
 } satisfies Record<string, VariantSetup>;
 type Variant = keyof typeof VARIANTS;
 const variants = args.variants.split(",").map((name) => {
