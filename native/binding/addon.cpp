@@ -46,6 +46,9 @@ struct Job {
   NativeEngine* owner;
   Napi::Promise::Deferred deferred;
   Work work;
+  // A step job's items: it runs as begin_step and, later, finish_step, so that the next step can begin
+  // while this one is on the device.
+  std::shared_ptr<const std::vector<pearl::StepItem>> step_items;
   ResultBuilder build;
   std::string error;
   bool failed = false;
@@ -55,6 +58,8 @@ struct Job {
 };
 
 void SettleJob(Napi::Env env, Napi::Function, void*, Job* job);
+pearl::Engine& Loaded(std::unique_ptr<pearl::Engine>& engine);
+Napi::Array ToJs(Napi::Env env, std::vector<pearl::StepResult>& results);
 using CompletionQueue = Napi::TypedThreadSafeFunction<void, Job, SettleJob>;
 
 // The engine thread and its queue. Shared between the NativeEngine and the TSFN finalizer.
@@ -92,36 +97,94 @@ class EngineThread {
   bool completions_finalized = false;
 
  private:
+  // Jobs run in submission order. A step job is begun (Engine::begin_step) and finished later, so that the
+  // step queued behind it can begin while it is still on the device when the engine allows that
+  // (can_begin_behind); meanwhile the thread polls the queue and the step. Any other job waits until no step
+  // is in flight.
   void Run() {
 #ifdef __linux__
     pthread_setname_np(pthread_self(), "pearl-engine");
 #endif
+    std::deque<std::unique_ptr<Job>> begun;
     for (;;) {
       std::unique_ptr<Job> job;
+      bool job_waiting = false;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (begun.empty()) wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (stopping_) break;
-        job = std::move(queue_.front());
-        queue_.pop_front();
+        if (!queue_.empty() && (begun.empty() || CanBeginBehind(*queue_.front()))) {
+          job = std::move(queue_.front());
+          queue_.pop_front();
+        }
+        job_waiting = !queue_.empty();
       }
-      try {
-        job->build = job->work(engine_);
-      } catch (const std::exception& error) {
-        job->failed = true;
-        job->error = error.what();
-      } catch (...) {
-        job->failed = true;
-        job->error = "unknown native error";
+      if (job && job->step_items) {
+        if (Attempt(*job, [&] { Loaded(engine_).begin_step(*job->step_items); })) {
+          begun.push_back(std::move(job));
+        } else {
+          Complete(std::move(job));
+        }
+      } else if (job) {
+        Attempt(*job, [&] { job->build = job->work(engine_); });
+        const bool ends_thread = job->ends_thread;
+        Complete(std::move(job));
+        if (ends_thread) break;
+      } else if (job_waiting || engine_->step_finished()) {
+        FinishOldest(begun);
+      } else {
+        std::this_thread::yield();
       }
-      if (job->failed && job->ends_thread_on_failure) job->ends_thread = true;
-      const bool ends_thread = job->ends_thread;
-      // napi_closing means the environment is going away: nobody is left to settle the Promise.
-      if (completions.NonBlockingCall(job.get()) == napi_ok) job.release();
-      if (ends_thread) break;
     }
+    while (!begun.empty()) FinishOldest(begun);
     // The engine is created and destroyed on this thread (a CUDA context is bound to it).
     engine_.reset();
+  }
+
+  bool CanBeginBehind(const Job& job) const {
+    return job.step_items && engine_ && engine_->can_begin_behind(*job.step_items);
+  }
+
+  // Runs `body`; a thrown error fails the job. Returns whether it succeeded.
+  template <typename Body>
+  static bool Attempt(Job& job, Body body) {
+    try {
+      body();
+      return true;
+    } catch (const std::exception& error) {
+      job.error = error.what();
+    } catch (...) {
+      job.error = "unknown native error";
+    }
+    job.failed = true;
+    if (job.ends_thread_on_failure) job.ends_thread = true;
+    return false;
+  }
+
+  // Settles the oldest begun step. When it fails, so has every step begun behind it (Engine::finish_step).
+  void FinishOldest(std::deque<std::unique_ptr<Job>>& begun) {
+    std::unique_ptr<Job> job = std::move(begun.front());
+    begun.pop_front();
+    std::shared_ptr<std::vector<pearl::StepResult>> results;
+    const bool finished = Attempt(*job, [&] {
+      results = std::make_shared<std::vector<pearl::StepResult>>(Loaded(engine_).finish_step());
+    });
+    const std::string error = job->error;
+    if (finished) job->build = [results](Napi::Env env) -> Napi::Value { return ToJs(env, *results); };
+    Complete(std::move(job));
+    if (finished) return;
+    for (auto& behind : begun) {
+      behind->failed = true;
+      behind->error = "the step before it failed: " + error;
+      Complete(std::move(behind));
+    }
+    begun.clear();
+  }
+
+  // Hands the job to the main thread, which settles its Promise.
+  void Complete(std::unique_ptr<Job> job) {
+    // napi_closing means the environment is going away: nobody is left to settle the Promise.
+    if (completions.NonBlockingCall(job.get()) == napi_ok) job.release();
   }
 
   std::mutex mutex_;
@@ -498,10 +561,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     for (uint32_t i = 0; i < array.Length(); ++i) {
       items->push_back(ToStepItem(env, array.Get(i), "items[" + std::to_string(i) + "]"));
     }
-    return Submit(env, MakeJob(env, [items](std::unique_ptr<pearl::Engine>& engine) -> ResultBuilder {
-                    auto results = std::make_shared<std::vector<pearl::StepResult>>(Loaded(engine).step(*items));
-                    return [results](Napi::Env result_env) -> Napi::Value { return ToJs(result_env, *results); };
-                  }));
+    // The engine thread runs it as begin_step and finish_step (EngineThread::Run), not as work.
+    auto job = MakeJob(env, Work{});
+    job->step_items = std::move(items);
+    return Submit(env, std::move(job));
   }
 
   Napi::Value CacheStatsMethod(const Napi::CallbackInfo& info) {

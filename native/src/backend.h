@@ -28,6 +28,9 @@ struct ForwardBatch {
   std::vector<int32_t> logit_rows;          // rows with an output, in output order
   std::vector<ops::TokenChoice> choices;    // per output: how to pick its token (draft q's owned by the step)
   std::vector<uint8_t> full_logits;         // per output: 1 when the caller needs its logits too
+  // Empty, or per row: -1, or the output of the step in flight (begin_forward) whose token, picked on the
+  // device, the row takes instead of tokens[r].
+  std::vector<int32_t> fed_outputs;
 };
 
 class Backend {
@@ -49,6 +52,21 @@ class Backend {
                        ops::TokenProb* q_entries) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
+
+  // Overlapped steps: begin_forward does what forward does but returns once the work is queued on the
+  // device, and finish_forward waits for the oldest begun step and completes the outputs given to its
+  // begin_forward. While one step is in flight, a second may begin if both are overlappable: at most
+  // max_overlapped_rows() rows, every output a one-pass choice (no processed draw, no logits, no q), and
+  // then its rows may take the first step's tokens on the device (fed_outputs). A backend whose work is
+  // done on the calling thread overlaps nothing (0), and its begin_forward is forward.
+  virtual int max_overlapped_rows() const { return 0; }
+  virtual void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                             ops::TokenProb* q_entries) {
+    forward(batch, logits, chosen, q_entries);
+  }
+  // Whether the oldest begun step has finished on the device (finish_forward would not wait).
+  virtual bool forward_finished() { return true; }
+  virtual void finish_forward() {}
 };
 
 // The default capacity when EngineOptions::num_blocks is 0: room for 64 sequences of

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -78,6 +79,20 @@ class CudaAllocation {
 
 using DeviceMemory = CudaAllocation<allocate_device, cudaFree>;
 using PinnedMemory = CudaAllocation<allocate_pinned, cudaFreeHost>;
+
+// What a begun step holds until finish_forward: its own pinned staging, so that the step begun behind it
+// never rewrites what one of its queued copies has yet to read, where its chosen tokens land, and the
+// event that marks its end. Two: a step in flight and one begun behind it.
+struct StepSlot {
+  PinnedMemory staging;         // rows and block tables (stage_rows)
+  PinnedMemory choice_staging;  // how each logits row picks its token (stage_choices)
+  PinnedMemory landing;         // the chosen tokens (reserve_chosen_landing)
+  size_t landing_capacity = 0;
+  cudaEvent_t done = nullptr;
+  ops::ChosenToken* chosen = nullptr;  // the caller's outputs
+  ops::TokenProb* q_entries = nullptr;
+  size_t outputs = 0;
+};
 
 // Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN.
 uint16_t float_to_bf16_bits(float value) {
@@ -245,11 +260,15 @@ class CudaBackend final : public Backend {
     tune_matmuls();
     allocate_scratch();
     allocate_cache(options);
+    for (StepSlot& slot : slots_) PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
   }
 
   ~CudaBackend() override {
     cudaSetDevice(device_);
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    for (StepSlot& slot : slots_) {
+      if (slot.done != nullptr) cudaEventDestroy(slot.done);
+    }
     clear_graphs();
     cublas_.reset();
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -275,22 +294,58 @@ class CudaBackend final : public Backend {
 
   void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
                ops::TokenProb* q_entries) override {
-    const int rows = static_cast<int>(batch.tokens.size());
-    if (rows == 0) return;
+    begin_forward(batch, logits, chosen, q_entries);
+    finish_forward();
+  }
+
+  // Overlappable steps replay a graph, so a fed row's source is the bucket row of its output.
+  int max_overlapped_rows() const override { return graphs_enabled_ ? kGraphMaxRows : 0; }
+
+  void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                     ops::TokenProb* q_entries) override {
+    if (begun_.size() == slots_.size()) throw std::logic_error("cuda backend: more steps begun than it can hold");
     PEARL_CUDA_CHECK(cudaSetDevice(device_));
-    const int bucket = graph_bucket(rows);
-    const int padded_rows = bucket > 0 ? bucket : rows;
-    stage_rows(batch, padded_rows);
-    stage_choices(batch, bucket);
-    ops::ChosenToken* landing = reserve_chosen_landing(batch.logit_rows.size());
-    if (bucket > 0) {
-      forward_graph(batch, bucket, logits, landing, q_entries);
-    } else {
-      forward_eager(batch, logits, landing, q_entries);
+    const size_t slot_index = next_slot_;
+    StepSlot& slot = slots_[slot_index];
+    const int rows = static_cast<int>(batch.tokens.size());
+    if (rows > 0) {
+      const int bucket = graph_bucket(rows);
+      const int padded_rows = bucket > 0 ? bucket : rows;
+      const bool fed = stage_rows(batch, padded_rows, slot);
+      stage_choices(batch, bucket, slot);
+      ops::ChosenToken* landing = reserve_chosen_landing(slot, batch.logit_rows.size());
+      if (fed) {
+        gpu::feed_chosen_tokens(device_tokens_.as<gpu::ChosenTokenRow>(), meta_fed_from(), padded_rows, meta_tokens(),
+                                stream_);
+      }
+      if (bucket > 0) {
+        forward_graph(batch, bucket, logits, landing, q_entries);
+      } else {
+        forward_eager(batch, logits, landing, q_entries);
+      }
     }
-    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::copy(landing, landing + batch.logit_rows.size(), chosen);
-    draw_drafted_tokens(chosen, q_entries);
+    PEARL_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
+    slot.chosen = chosen;
+    slot.q_entries = q_entries;
+    slot.outputs = batch.logit_rows.size();
+    last_logit_rows_ = batch.logit_rows;
+    begun_.push_back(slot_index);
+    next_slot_ = (next_slot_ + 1) % slots_.size();
+  }
+
+  bool forward_finished() override {
+    return begun_.empty() || cudaEventQuery(slots_[begun_.front()].done) != cudaErrorNotReady;
+  }
+
+  void finish_forward() override {
+    if (begun_.empty()) throw std::logic_error("cuda backend: no step to finish");
+    StepSlot& slot = slots_[begun_.front()];
+    begun_.pop_front();
+    PEARL_CUDA_CHECK(cudaEventSynchronize(slot.done));
+    const ops::ChosenToken* landing = slot.landing.as<ops::ChosenToken>();
+    std::copy(landing, landing + slot.outputs, slot.chosen);
+    // Only a step nothing began behind can have drafting rows, so the step's choices are still the last staged.
+    draw_drafted_tokens(slot.chosen, slot.q_entries);
   }
 
  private:
@@ -437,14 +492,16 @@ class CudaBackend final : public Backend {
     return 0;
   }
 
-  // Step metadata, one int32 array in device memory (and its pinned staging copy):
-  // [tokens | positions | slots | row_table | logit_index] (row_capacity_ each), table stride, block tables.
+  // Step metadata, one int32 array in device memory (and a pinned staging copy per step slot):
+  // [tokens | positions | slots | row_table | logit_index | fed_from] (row_capacity_ each), table stride,
+  // block tables.
   int32_t* meta_tokens() const { return meta_.as<int32_t>(); }
   int32_t* meta_positions() const { return meta_tokens() + row_capacity_; }
   int32_t* meta_slots() const { return meta_tokens() + 2 * row_capacity_; }
   int32_t* meta_row_table() const { return meta_tokens() + 3 * row_capacity_; }
   int32_t* meta_logit_index() const { return meta_tokens() + 4 * row_capacity_; }
-  int32_t* meta_stride() const { return meta_tokens() + 5 * row_capacity_; }
+  int32_t* meta_fed_from() const { return meta_tokens() + 5 * row_capacity_; }
+  int32_t* meta_stride() const { return meta_tokens() + 6 * row_capacity_; }
   int32_t* meta_tables() const { return meta_stride() + 1; }
 
   gpu::DeviceRows device_rows(int first_row) const {
@@ -463,35 +520,37 @@ class CudaBackend final : public Backend {
     if (rows <= row_capacity_ && table_ints <= table_capacity_) return;
     row_capacity_ = std::max({rows, kGraphMaxRows, 2 * row_capacity_});
     table_capacity_ = std::max<int64_t>({table_ints, int64_t{1024}, 2 * table_capacity_});
-    const size_t bytes = (5 * static_cast<size_t>(row_capacity_) + 1 + static_cast<size_t>(table_capacity_)) *
+    const size_t bytes = (6 * static_cast<size_t>(row_capacity_) + 1 + static_cast<size_t>(table_capacity_)) *
                          sizeof(int32_t);
     PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
     clear_graphs();
     meta_ = DeviceMemory(bytes);
-    staging_ = PinnedMemory(bytes);
     const size_t choice_bytes = static_cast<size_t>(row_capacity_) * sizeof(gpu::TokenChoiceRow);
     device_choices_ = DeviceMemory(choice_bytes);
-    choice_staging_ = PinnedMemory(choice_bytes);
+    for (StepSlot& slot : slots_) {
+      slot.staging = PinnedMemory(bytes);
+      slot.choice_staging = PinnedMemory(choice_bytes);
+    }
   }
 
   // The chosen tokens come back through pinned memory: a copy into the caller's pageable memory would hold
   // the engine thread inside cudaMemcpyAsync until the step ends and then stage through a driver buffer,
-  // later than the step's synchronize returns.
-  ops::ChosenToken* reserve_chosen_landing(size_t outputs) {
-    if (outputs > chosen_landing_capacity_) {
+  // later than the step's event.
+  ops::ChosenToken* reserve_chosen_landing(StepSlot& slot, size_t outputs) {
+    if (outputs > slot.landing_capacity) {
       PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      chosen_landing_capacity_ = std::max({outputs, static_cast<size_t>(kGraphMaxRows), 2 * chosen_landing_capacity_});
-      chosen_landing_ = PinnedMemory(chosen_landing_capacity_ * sizeof(ops::ChosenToken));
+      slot.landing_capacity = std::max({outputs, static_cast<size_t>(kGraphMaxRows), 2 * slot.landing_capacity});
+      slot.landing = PinnedMemory(slot.landing_capacity * sizeof(ops::ChosenToken));
     }
-    return chosen_landing_.as<ops::ChosenToken>();
+    return slot.landing.as<ops::ChosenToken>();
   }
 
   // How each logits row picks its token, in the order compute_logits sees the rows: by row of the bucket
   // for a graph step (rows without an output take the argmax), by output in chunk order for an eager one.
   // Processed rows are redrawn after compute_logits (choose_processed_rows): their staging is sized here, and
   // drafting rows get their q's place (the same offset on the device as in the caller's q_entries).
-  void stage_choices(const ForwardBatch& batch, int bucket) {
-    gpu::TokenChoiceRow* host = choice_staging_.as<gpu::TokenChoiceRow>();
+  void stage_choices(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
+    gpu::TokenChoiceRow* host = slot.choice_staging.as<gpu::TokenChoiceRow>();
     const auto device_form = [&](size_t output) {
       const ops::TokenChoice& choice = batch.choices[output];
       return gpu::TokenChoiceRow{choice.temperature, static_cast<int32_t>(choice.position), choice.seed,
@@ -563,21 +622,26 @@ class CudaBackend final : public Backend {
   }
 
   // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
-  void stage_rows(const ForwardBatch& batch, int padded_rows) {
+  // Returns whether a row takes its token from the step in flight (feed_chosen_tokens must run).
+  bool stage_rows(const ForwardBatch& batch, int padded_rows, const StepSlot& slot) {
     const int rows = static_cast<int>(batch.tokens.size());
     size_t stride = 1;
     for (const auto& table : batch.block_tables) stride = std::max(stride, table.size());
     const int64_t table_ints = static_cast<int64_t>(batch.block_tables.size()) * static_cast<int64_t>(stride);
     reserve_meta(padded_rows, table_ints);
 
-    int32_t* host = staging_.as<int32_t>();
+    int32_t* host = slot.staging.as<int32_t>();
     const auto offset = [this](int32_t* device_pointer) { return device_pointer - meta_tokens(); };
+    bool fed = false;
     for (int r = 0; r < padded_rows; ++r) {
       const bool real = r < rows;
       host[offset(meta_tokens()) + r] = real ? batch.tokens[static_cast<size_t>(r)] : 0;
       host[offset(meta_positions()) + r] = real ? batch.positions[static_cast<size_t>(r)] : -1;
       host[offset(meta_slots()) + r] = real ? batch.slots[static_cast<size_t>(r)] : -1;
       host[offset(meta_row_table()) + r] = real ? batch.row_table[static_cast<size_t>(r)] : 0;
+      const int32_t fed_output = real && !batch.fed_outputs.empty() ? batch.fed_outputs[static_cast<size_t>(r)] : -1;
+      host[offset(meta_fed_from()) + r] = fed_output < 0 ? -1 : last_logit_rows_.at(static_cast<size_t>(fed_output));
+      fed = fed || fed_output >= 0;
     }
     // Eager steps gather their logit rows chunk by chunk: the chunk-local row of every logit output,
     // grouped by chunk in output order.
@@ -603,6 +667,7 @@ class CudaBackend final : public Backend {
     }
     const size_t ints = static_cast<size_t>(offset(meta_tables()) + table_ints);
     PEARL_CUDA_CHECK(cudaMemcpyAsync(meta_tokens(), host, ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    return fed;
   }
 
   // Up to 16 rows, and always in deterministic mode, a product takes the batch-invariant skinny kernel, 16
@@ -932,11 +997,11 @@ class CudaBackend final : public Backend {
   int row_capacity_ = 0;
   int64_t table_capacity_ = 0;
   DeviceMemory meta_;
-  PinnedMemory staging_;
   DeviceMemory device_choices_;  // per logits row: how it picks its token (stage_choices)
-  PinnedMemory choice_staging_;
-  PinnedMemory chosen_landing_;  // where each step's chosen tokens arrive (reserve_chosen_landing)
-  size_t chosen_landing_capacity_ = 0;
+  std::array<StepSlot, 2> slots_;
+  std::deque<size_t> begun_;  // slots of the steps in flight, oldest first
+  size_t next_slot_ = 0;
+  std::vector<int32_t> last_logit_rows_;  // the last begun step's device_tokens_ row of each output
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
   std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
   std::vector<ops::TokenChoice> step_choices_;      // per output (their q's live in the step's items)

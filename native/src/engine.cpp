@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -90,11 +91,53 @@ class EngineImpl : public Engine {
   CacheStats cache_stats() const override { return cache_.stats(); }
 
   std::vector<StepResult> step(const std::vector<StepItem>& items) override {
+    if (!in_flight_.empty()) throw std::logic_error("step: steps begun by begin_step are still in flight");
+    begin_step(items);
+    return finish_step();
+  }
+
+  bool can_begin_behind(const std::vector<StepItem>& items) const override {
+    return in_flight_.size() == 1 && in_flight_.front().overlappable && overlappable(items);
+  }
+
+  void begin_step(const std::vector<StepItem>& items) override {
+    if (!in_flight_.empty() && !can_begin_behind(items)) {
+      throw std::logic_error("begin_step: the step cannot begin while the one in flight has not finished");
+    }
     try {
-      const bool feeds = std::any_of(items.begin(), items.end(), [](const StepItem& item) { return item.feed_next_token; });
-      return feeds ? checked_step(with_fed_tokens(items)) : checked_step(items);
+      StepInFlight step;
+      step.items = items;
+      step.overlappable = overlappable(items);
+      resolve_fed_tokens(step);
+      validate(step.items);
+      for (const StepItem& item : step.items) step.old_lengths.push_back(cache_.length(item.seq_id));
+      try {
+        launch(step);
+      } catch (...) {
+        undo(step);
+        throw;
+      }
+      in_flight_.push_back(std::move(step));
     } catch (...) {
       for (const StepItem& item : items) next_tokens_.erase(item.seq_id);
+      throw;
+    }
+  }
+
+  bool step_finished() override { return backend_->forward_finished(); }
+
+  std::vector<StepResult> finish_step() override {
+    if (in_flight_.empty()) throw std::logic_error("finish_step: no step in flight");
+    StepInFlight& step = in_flight_.front();
+    try {
+      backend_->finish_forward();
+      if (!step.failure.empty()) throw std::runtime_error(step.failure);
+      std::vector<StepResult> results = complete(step);
+      if (in_flight_.size() > 1) hand_over_tokens(results, in_flight_[1]);
+      in_flight_.pop_front();
+      return results;
+    } catch (...) {
+      abandon_in_flight();
       throw;
     }
   }
@@ -107,33 +150,105 @@ class EngineImpl : public Engine {
     return options;
   }
 
-  std::vector<StepResult> checked_step(const std::vector<StepItem>& items) {
-    validate(items);
+  // A step between begin_step and finish_step: its items (fed tokens in place), where the backend writes
+  // its outputs, and what turning them into results needs.
+  struct StepInFlight {
+    // Items whose fed token the step before picks on the device: items[item] takes the token of that step's
+    // items[source_item].
+    struct DeviceFed {
+      size_t item;
+      size_t source_item;
+    };
+    std::vector<StepItem> items;
     std::vector<int64_t> old_lengths;
-    for (const StepItem& item : items) old_lengths.push_back(cache_.length(item.seq_id));
-    try {
-      return run(items, old_lengths);
-    } catch (...) {
-      // Leave every sequence as it was (blocks taken for this step go back to the pool).
-      for (size_t i = 0; i < items.size(); ++i) cache_.truncate(items[i].seq_id, old_lengths[i]);
-      throw;
+    bool overlappable = false;
+    std::vector<DeviceFed> device_fed;
+    std::string failure;  // set when the step before picked no token for one of device_fed
+    std::vector<ops::TokenChoice> choices;  // per output
+    std::vector<size_t> window_output;      // the output of each item's first window row
+    std::vector<size_t> first_logit_row;    // in the host logits, which hold full outputs only
+    std::vector<size_t> q_offset;           // a drafting item's q in the returned q entries
+    std::vector<float> logits;
+    std::vector<ops::ChosenToken> chosen;
+    std::vector<ops::TokenProb> returned;
+  };
+
+  // Whether a step may run while another is in flight (Backend::begin_forward): a one-pass decode or prefill
+  // of few rows without drafts, so its sequences' lengths after it are known before it ends and nothing of it
+  // needs the host between the device's passes.
+  bool overlappable(const std::vector<StepItem>& items) const {
+    if (items.empty()) return false;
+    size_t rows = 0;
+    for (const StepItem& item : items) {
+      const SamplingParams& s = item.sampling;
+      const bool processed_draw = s.temperature > 0.0f && (s.top_k > 0 || s.top_p < 1.0f);
+      if (item.num_draft != 0 || item.output != StepOutput::Sample || returns_q(item) || processed_draw) return false;
+      rows += item.tokens.size() + (item.feed_next_token ? 1 : 0);
+    }
+    return rows <= static_cast<size_t>(backend_->max_overlapped_rows());
+  }
+
+  // Puts each fed token in front of its item's tokens: known on the host, or, for a sequence of the step in
+  // flight, a placeholder that the device replaces with that step's token (hand_over_tokens records it here).
+  void resolve_fed_tokens(StepInFlight& step) const {
+    for (size_t i = 0; i < step.items.size(); ++i) {
+      StepItem& item = step.items[i];
+      if (!item.feed_next_token) continue;
+      item.feed_next_token = false;
+      int32_t token = 0;
+      const std::vector<StepItem>* before = in_flight_.empty() ? nullptr : &in_flight_.front().items;
+      const auto source = before == nullptr ? std::vector<StepItem>::const_iterator{}
+                                            : std::find_if(before->begin(), before->end(), [&](const StepItem& other) {
+                                                return other.seq_id == item.seq_id;
+                                              });
+      if (before != nullptr && source != before->end()) {
+        step.device_fed.push_back({i, static_cast<size_t>(source - before->begin())});
+      } else {
+        const auto next = next_tokens_.find(item.seq_id);
+        if (next == next_tokens_.end()) {
+          invalid_item(item, "feed_next_token: no token to feed (the sequence's last step returned none, failed, or "
+                             "was followed by a truncate)");
+        }
+        token = next->second;
+      }
+      item.tokens.insert(item.tokens.begin(), token);
     }
   }
 
-  // The items with each fed token in front of its tokens.
-  std::vector<StepItem> with_fed_tokens(const std::vector<StepItem>& items) const {
-    std::vector<StepItem> fed = items;
-    for (StepItem& item : fed) {
-      if (!item.feed_next_token) continue;
-      const auto next = next_tokens_.find(item.seq_id);
-      if (next == next_tokens_.end()) {
-        invalid_item(item, "feed_next_token: no token to feed (the sequence's last step returned none, failed, or was "
-                           "followed by a truncate)");
+  // The step in flight finished with `results`; the step behind it learns the tokens it took on the device.
+  void hand_over_tokens(const std::vector<StepResult>& results, StepInFlight& behind) {
+    for (const StepInFlight::DeviceFed& fed : behind.device_fed) {
+      const int32_t token = results[fed.source_item].next_token;
+      StepItem& item = behind.items[fed.item];
+      if (token < 0) {
+        behind.failure = "step: sequence " + std::to_string(item.seq_id) + ": the step before picked no token to feed";
+        continue;
       }
-      item.tokens.insert(item.tokens.begin(), next->second);
-      item.feed_next_token = false;
+      item.tokens.front() = token;
+      cache_.set_token(item.seq_id, behind.old_lengths[fed.item], token);
     }
-    return fed;
+  }
+
+  // Leaves every sequence of the step as it was before it (blocks it took go back to the pool).
+  void undo(const StepInFlight& step) {
+    for (size_t i = 0; i < step.items.size(); ++i) cache_.truncate(step.items[i].seq_id, step.old_lengths[i]);
+  }
+
+  // After a failure: every step in flight is waited for and undone, newest first, and its sequences forget
+  // their token to feed.
+  void abandon_in_flight() {
+    for (size_t i = 1; i < in_flight_.size(); ++i) {
+      try {
+        backend_->finish_forward();
+      } catch (...) {
+        // The first failure is the one reported.
+      }
+    }
+    for (auto step = in_flight_.rbegin(); step != in_flight_.rend(); ++step) {
+      undo(*step);
+      for (const StepItem& item : step->items) next_tokens_.erase(item.seq_id);
+    }
+    in_flight_.clear();
   }
 
   // Whether the item's logits must reach the host: only a Logits step returns them. Every token, p(draft),
@@ -225,22 +340,30 @@ class EngineImpl : public Engine {
     }
   }
 
-  std::vector<StepResult> run(const std::vector<StepItem>& items, const std::vector<int64_t>& old_lengths) {
+  // Appends every item's tokens to its sequence and begins the backend's forward pass over them.
+  void launch(StepInFlight& step) {
+    const std::vector<StepItem>& items = step.items;
+    const std::vector<int64_t>& old_lengths = step.old_lengths;
     // Prefix-cache matches first, so that this step's allocations cannot evict a block another item
-    // is about to reuse. The row before the drafts (and every draft) is always computed.
+    // is about to reuse. The row before the drafts (and every draft) is always computed, and so is a token
+    // the device has yet to feed.
     std::vector<int64_t> matched(items.size(), 0);
+    std::vector<bool> device_fed(items.size(), false);
+    for (const StepInFlight::DeviceFed& fed : step.device_fed) device_fed[fed.item] = true;
     for (size_t i = 0; i < items.size(); ++i) {
       const StepItem& item = items[i];
-      if (!item.commit || item.output == StepOutput::Logits || !cache_.can_match_prefix(item.seq_id)) continue;
+      if (!item.commit || item.output == StepOutput::Logits || device_fed[i] || !cache_.can_match_prefix(item.seq_id)) {
+        continue;
+      }
       const int64_t committed_tokens = static_cast<int64_t>(item.tokens.size()) - item.num_draft;
       matched[i] = cache_.match_prefix(item.seq_id, item.tokens.data(), committed_tokens - 1);
     }
 
     ForwardBatch batch;
     std::vector<int32_t> slots;
-    std::vector<size_t> window_output(items.size(), 0);    // the output of each item's first window row
-    std::vector<size_t> first_logit_row(items.size(), 0);  // in the host logits, which hold full outputs only
-    std::vector<size_t> q_offset(items.size(), 0);         // a drafting item's q in the returned q entries
+    step.window_output.assign(items.size(), 0);
+    step.first_logit_row.assign(items.size(), 0);
+    step.q_offset.assign(items.size(), 0);
     size_t full_outputs = 0;
     size_t q_entries = 0;
     for (size_t i = 0; i < items.size(); ++i) {
@@ -256,10 +379,10 @@ class EngineImpl : public Engine {
         batch.slots.push_back(slots[static_cast<size_t>(t - matched[i])]);
         batch.row_table.push_back(static_cast<int32_t>(i));
       }
-      first_logit_row[i] = full_outputs;
+      step.first_logit_row[i] = full_outputs;
       const int64_t window_from = count - item.num_draft - 1;
       const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : window_from;
-      window_output[i] = batch.logit_rows.size() + static_cast<size_t>(window_from - logit_from);
+      step.window_output[i] = batch.logit_rows.size() + static_cast<size_t>(window_from - logit_from);
       if (item.output != StepOutput::None) {
         const bool full = needs_host_logits(item);
         for (int64_t t = logit_from; t < count; ++t) {
@@ -270,18 +393,38 @@ class EngineImpl : public Engine {
                                                                   old_lengths[i] + t + 1));
           batch.full_logits.push_back(full ? 1 : 0);
           if (full) ++full_outputs;
-          if (batch.choices.back().return_top_k > 0) q_offset[i] = q_entries;
+          if (batch.choices.back().return_top_k > 0) step.q_offset[i] = q_entries;
           q_entries += static_cast<size_t>(batch.choices.back().return_top_k);
         }
       }
     }
+    if (!step.device_fed.empty()) {
+      const StepInFlight& before = in_flight_.front();
+      batch.fed_outputs.assign(batch.tokens.size(), -1);
+      size_t row = 0;
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (device_fed[i]) {
+          const auto fed = std::find_if(step.device_fed.begin(), step.device_fed.end(),
+                                        [&](const StepInFlight::DeviceFed& entry) { return entry.item == i; });
+          batch.fed_outputs[row] = static_cast<int32_t>(before.window_output[fed->source_item]);
+        }
+        row += items[i].tokens.size() - static_cast<size_t>(matched[i]);
+      }
+    }
 
+    step.choices = batch.choices;
+    step.logits.resize(full_outputs * static_cast<size_t>(config_.vocab_size));
+    step.chosen.resize(batch.logit_rows.size());
+    step.returned.resize(q_entries);
+    backend_->begin_forward(batch, step.logits.data(), step.chosen.data(), step.returned.data());
+  }
+
+  // The results of a step whose forward pass has finished: verdicts, then each sequence cut after its last
+  // accepted token and its committed tokens published.
+  std::vector<StepResult> complete(const StepInFlight& step) {
+    const std::vector<StepItem>& items = step.items;
+    const std::vector<int64_t>& old_lengths = step.old_lengths;
     const size_t vocab = static_cast<size_t>(config_.vocab_size);
-    std::vector<float> logits(full_outputs * vocab);
-    std::vector<ops::ChosenToken> chosen(batch.logit_rows.size());
-    std::vector<ops::TokenProb> returned(q_entries);
-    backend_->forward(batch, logits.data(), chosen.data(), returned.data());
-
     std::vector<StepResult> results;
     results.reserve(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
@@ -291,21 +434,22 @@ class EngineImpl : public Engine {
       result.seq_id = item.seq_id;
       if (item.output != StepOutput::None) {
         if (item.output == StepOutput::Logits) {
-          const float* item_logits = logits.data() + first_logit_row[i] * vocab;
+          const float* item_logits = step.logits.data() + step.first_logit_row[i] * vocab;
           result.logits.assign(item_logits, item_logits + static_cast<size_t>(count) * vocab);
         }
         // Rows of the window: the last committed token's row, then one per draft. A drafting step's window is
         // its last row alone, whose token the backend drew from the q it returned.
         const int64_t first_position = old_lengths[i] + count - item.num_draft;
         const auto target = [&](int row) {
-          return checked_choice(chosen[window_output[i] + static_cast<size_t>(row)]);
+          return checked_choice(step.chosen[step.window_output[i] + static_cast<size_t>(row)]);
         };
         const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
                                               item.draft_dists, item.sampling.seed, first_position);
         result.accepted = verdict.accepted;
         result.next_token = verdict.next_token;
         if (returns_q(item)) {
-          result.q = ops::returned_q(returned.data() + q_offset[i], batch.choices[window_output[i]].return_top_k);
+          result.q = ops::returned_q(step.returned.data() + step.q_offset[i],
+                                     step.choices[step.window_output[i]].return_top_k);
         }
       }
       if (result.next_token >= 0) {
@@ -314,7 +458,8 @@ class EngineImpl : public Engine {
         next_tokens_.erase(item.seq_id);
       }
       const int64_t new_length = old_lengths[i] + count - item.num_draft + result.accepted;
-      cache_.truncate(item.seq_id, new_length);
+      // Only rejected drafts are cut: a step begun behind this one may have appended after it.
+      if (result.accepted < item.num_draft) cache_.truncate(item.seq_id, new_length);
       if (item.commit) cache_.commit(item.seq_id, old_lengths[i], new_length);
       result.length = new_length;
       results.push_back(std::move(result));
@@ -328,6 +473,7 @@ class EngineImpl : public Engine {
   KvCacheManager cache_;
   ModelInfo info_;
   std::unordered_map<uint64_t, int32_t> next_tokens_;  // what feed_next_token feeds, per sequence
+  std::deque<StepInFlight> in_flight_;                 // begun steps, oldest first (at most two)
 };
 
 }  // namespace

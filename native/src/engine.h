@@ -141,6 +141,19 @@ class Engine {
   // an older token.
   virtual std::vector<StepResult> step(const std::vector<StepItem>& items) = 0;
 
+  // step() in two halves, so that a step can begin while the one before it runs on the device (overlapped
+  // steps; the Node binding's engine thread does this when its queue allows). begin_step validates and
+  // launches (throwing as step() does); finish_step waits for the oldest begun step and returns its results.
+  // A second step may begin only while exactly one is in flight and can_begin_behind(items) says so: both
+  // one-pass decode or prefill steps of few rows without drafts, on a backend that overlaps (the CPU backend
+  // does not). Its items may feed the tokens the first step picks (feed_next_token): the device hands them
+  // over. When finish_step throws, every step in flight has failed and been undone.
+  virtual bool can_begin_behind(const std::vector<StepItem>& items) const = 0;
+  virtual void begin_step(const std::vector<StepItem>& items) = 0;
+  // Whether finish_step would return without waiting for the device.
+  virtual bool step_finished() = 0;
+  virtual std::vector<StepResult> finish_step() = 0;
+
   virtual CacheStats cache_stats() const = 0;
 };
 

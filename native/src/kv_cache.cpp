@@ -190,6 +190,15 @@ std::optional<KvCacheManager::BlockCopy> KvCacheManager::append(uint64_t seq_id,
   return copy;
 }
 
+void KvCacheManager::set_token(uint64_t seq_id, int64_t position, int32_t token) {
+  Sequence& seq = sequence(seq_id);
+  if (position < seq.committed || position >= static_cast<int64_t>(seq.tokens.size())) {
+    throw std::logic_error("set_token: position " + std::to_string(position) + " of sequence " + std::to_string(seq_id) +
+                           " is committed or not appended");
+  }
+  seq.tokens[static_cast<size_t>(position)] = token;
+}
+
 void KvCacheManager::truncate(uint64_t seq_id, int64_t length) {
   Sequence& seq = sequence(seq_id);
   const int64_t current = static_cast<int64_t>(seq.tokens.size());

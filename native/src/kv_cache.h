@@ -55,6 +55,9 @@ class KvCacheManager {
   // was shared or published (copy-on-write). Throws, changing nothing, when blocks run out.
   std::optional<BlockCopy> append(uint64_t seq_id, const int32_t* tokens, int64_t count, std::vector<int32_t>* slots);
 
+  // The token at `position`, appended and not yet committed, becomes `token`: a token the device fed to a
+  // step before the host knew it.
+  void set_token(uint64_t seq_id, int64_t position, int32_t token);
   // Keeps positions [0, length).
   void truncate(uint64_t seq_id, int64_t length);
   void release(uint64_t seq_id);

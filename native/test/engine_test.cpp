@@ -300,6 +300,30 @@ TEST(verify_steps_accept_the_targets_own_tokens) {
   CHECK_EQ(step_one(*engine, item(1, {generated[9]})).next_token, generated[10]);
 }
 
+TEST(begun_steps_finish_in_order_and_the_cpu_backend_overlaps_none) {
+  Fixture fixture{TinySpec{}};
+  const auto prompt = prompt_tokens(9, fixture.model.spec.vocab, 4);
+  auto reference = fixture.engine();
+  reference->add_sequence(1);
+  const StepResult expected = step_one(*reference, item(1, prompt));
+
+  auto engine = fixture.engine();
+  engine->add_sequence(1);
+  StepItem fed = item(1, {});
+  fed.feed_next_token = true;
+  CHECK(!engine->can_begin_behind({fed}));  // nothing in flight
+  engine->begin_step({item(1, prompt)});
+  CHECK(!engine->can_begin_behind({fed}));  // the CPU backend computes on the calling thread
+  CHECK_THROWS(engine->begin_step({fed}), "cannot begin while the one in flight has not finished");
+  CHECK_THROWS(engine->step({fed}), "still in flight");
+  CHECK(engine->step_finished());
+  const StepResult first = engine->finish_step().at(0);
+  CHECK_EQ(first.next_token, expected.next_token);
+  CHECK_EQ(first.length, expected.length);
+  CHECK_THROWS(engine->finish_step(), "no step in flight");
+  CHECK_EQ(step_one(*engine, fed).next_token, step_one(*reference, item(1, {expected.next_token})).next_token);
+}
+
 TEST(seeded_speculative_output_equals_autoregressive_output) {
   Fixture fixture{TinySpec{}};
   const int vocab = fixture.model.spec.vocab;

@@ -125,6 +125,17 @@ TEST(uncommitted_tokens_are_never_published) {
   CHECK_EQ(cache.committed_length(3), int64_t{8});
 }
 
+TEST(a_fed_token_is_set_before_it_is_committed) {
+  KvCacheManager cache(8, 4);
+  cache.add_sequence(1);
+  append(cache, 1, iota_tokens(3));
+  cache.commit(1, 0, 2);
+  cache.set_token(1, 2, 7);
+  CHECK_EQ(cache.tokens(1)[2], 7);
+  CHECK_THROWS(cache.set_token(1, 1, 7), "is committed or not appended");
+  CHECK_THROWS(cache.set_token(1, 3, 7), "is committed or not appended");
+}
+
 TEST(lru_reuses_the_oldest_cached_block) {
   KvCacheManager cache(4, 2);
   const auto a = iota_tokens(4, 10);

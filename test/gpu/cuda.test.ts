@@ -615,3 +615,68 @@ describe("cuda default mode, steps of at most 16 rows", () => {
     assert.deepEqual(outcome.speculative, outcome.targetOnly);
   });
 });
+
+describe("cuda overlapped steps (feedNextToken, queued behind the step in flight)", () => {
+  const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+  const WHOLE: SamplingParams = { temperature: 0.8, topK: 0, topP: 1, seed: 99 };
+  const TOP_K: SamplingParams = { temperature: 0.8, topK: 20, topP: 1, seed: 5 };
+  let engine: Engine;
+
+  before(async () => {
+    engine = await Engine.load({ modelDir: EMBEDDED_TARGET, backend: "cuda" });
+  });
+  after(async () => engine?.close());
+
+  /**
+   * Three sequences through one script of steps: decode steps that feed the previous token (greedy and
+   * whole-softmax rows, which may begin behind the step in flight and take its tokens on the device), a
+   * top-k step (which may not), a step mixing a fed row with given tokens, and a truncate after which
+   * feeding is refused. `queued`: every call is made before any is awaited; otherwise one at a time.
+   */
+  async function script(seqIds: number[], queued: boolean): Promise<(number[] | string)[]> {
+    const vocab = engine.info.vocabSize;
+    const fed = (sampling: SamplingParams): StepItem[] =>
+      seqIds.map((seqId) => ({ seqId, tokens: new Int32Array(0), feedNextToken: true, sampling }));
+    const calls: (() => Promise<StepResult[] | void>)[] = [
+      ...seqIds.map((seqId) => () => engine.addSequence(seqId)),
+      () =>
+        engine.step(
+          seqIds.map((seqId, i) => ({
+            seqId,
+            tokens: Int32Array.from(tokenRange(7 + 5 * i, 9 + i, vocab)),
+            commit: false,
+          })),
+        ),
+      ...Array.from({ length: 6 }, (_, i) => () => engine.step(fed(i % 2 ? WHOLE : GREEDY))),
+      () => engine.step(fed(TOP_K)),
+      ...Array.from({ length: 3 }, () => () => engine.step(fed(GREEDY))),
+      () =>
+        engine.step([
+          { seqId: seqIds[0]!, tokens: Int32Array.of(3), feedNextToken: true },
+          { seqId: seqIds[1]!, tokens: Int32Array.of(17, 4) },
+          { seqId: seqIds[2]!, tokens: new Int32Array(0), feedNextToken: true, sampling: WHOLE },
+        ]),
+      ...Array.from({ length: 2 }, () => () => engine.step(fed(GREEDY))),
+      () => engine.truncate(seqIds[1]!, 12),
+      () => engine.step(fed(GREEDY)),
+      ...seqIds.map((seqId) => () => engine.release(seqId)),
+    ];
+    const outcome = (result: StepResult[] | void): number[] | string =>
+      result ? result.flatMap((r) => [r.nextToken, r.length]) : "done";
+    // The two runs use different sequence ids.
+    const failure = (error: Error): string => error.message.replace(/sequence \d+/g, "sequence N");
+    if (queued) return Promise.all(calls.map((call) => call().then(outcome, failure)));
+    const outcomes: (number[] | string)[] = [];
+    for (const call of calls) outcomes.push(await call().then(outcome, failure));
+    return outcomes;
+  }
+
+  test("queued steps give what the same steps give one at a time", async () => {
+    const oneAtATime = await script([1, 2, 3], false);
+    const queued = await script([4, 5, 6], true);
+    assert.deepEqual(queued, oneAtATime);
+    assert.match(String(oneAtATime.at(-4)), /sequence N: feed_next_token: no token to feed/);
+    const decoded = oneAtATime.filter((outcome) => Array.isArray(outcome)).length;
+    assert.equal(decoded, 14, "every step but the last one after the truncate returned results");
+  });
+});

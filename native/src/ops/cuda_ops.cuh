@@ -48,6 +48,7 @@ struct DeviceKvLayer {
 // out[r, :] = float(table[tokens[r], :]).
 void embedding(const bf16* table, int dim, const int32_t* tokens, int rows, float* out, cudaStream_t stream);
 
+
 // out[i, :] = bf16(weight * (x[j] * rsqrt(mean(x[j]^2) + eps))) with j = row_index[i] (or i when row_index
 // is null); x rows are `dim` floats apart.
 void rmsnorm(const float* x, const int32_t* row_index, int rows, int dim, const float* weight, float eps, bf16* out,
@@ -106,6 +107,12 @@ struct ChosenTokenRow {
   int32_t residual_token;
   double draft_prob;
 };
+
+// tokens[r] = chosen[fed_from[r]].token for every row with fed_from[r] >= 0: the input of a step that
+// continues the one before it on the device (ops/embedding.cu). A row whose source picked no token gets
+// token 0; the engine fails that step.
+void feed_chosen_tokens(const ChosenTokenRow* chosen, const int32_t* fed_from, int rows, int32_t* tokens,
+                        cudaStream_t stream);
 
 // out[r] = what choices[r] picks from logits row r (n floats) by ops::choose_token's one-pass rule: the
 // argmax, or at temperature > 0 the Gumbel-max draw with the same counter-based noise; -1 when nothing can
