@@ -17,6 +17,7 @@
 
 #include "cuda/check.h"
 #include "cuda/cublaslt.h"
+#include "cuda/step_upload.h"
 #include "ops/cuda_ops.cuh"
 #include "ops/ops.h"
 #include "sampling.h"
@@ -311,13 +312,19 @@ class CudaBackend final : public Backend {
     if (rows > 0) {
       const int bucket = graph_bucket(rows);
       const int padded_rows = bucket > 0 ? bucket : rows;
-      const bool fed = stage_rows(batch, padded_rows, slot);
-      stage_choices(batch, bucket, slot);
+      gpu::StepUpload upload;
+      upload.meta_words = stage_rows(batch, padded_rows, slot);
+      upload.staged_meta = slot.staging.as<int32_t>();
+      upload.meta = meta_tokens();
+      upload.rows = padded_rows;
+      upload.fed_from_offset = static_cast<int>(meta_fed_from() - meta_tokens());
+      upload.chosen = device_tokens_.as<gpu::ChosenTokenRow>();
+      static_assert(sizeof(gpu::TokenChoiceRow) % sizeof(int32_t) == 0, "choices travel as 32-bit words");
+      upload.choice_words = stage_choices(batch, bucket, slot) * static_cast<int>(sizeof(gpu::TokenChoiceRow) / 4);
+      upload.staged_choices = slot.choice_staging.as<int32_t>();
+      upload.choices = reinterpret_cast<int32_t*>(device_choices_.as<gpu::TokenChoiceRow>());
+      gpu::upload_step(upload, stream_);
       ops::ChosenToken* landing = reserve_chosen_landing(slot, batch.logit_rows.size());
-      if (fed) {
-        gpu::feed_chosen_tokens(device_tokens_.as<gpu::ChosenTokenRow>(), meta_fed_from(), padded_rows, meta_tokens(),
-                                stream_);
-      }
       if (bucket > 0) {
         forward_graph(batch, bucket, logits, landing, q_entries);
       } else {
@@ -549,7 +556,8 @@ class CudaBackend final : public Backend {
   // for a graph step (rows without an output take the argmax), by output in chunk order for an eager one.
   // Processed rows are redrawn after compute_logits (choose_processed_rows): their staging is sized here, and
   // drafting rows get their q's place (the same offset on the device as in the caller's q_entries).
-  void stage_choices(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
+  // Returns the rows it staged.
+  int stage_choices(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
     gpu::TokenChoiceRow* host = slot.choice_staging.as<gpu::TokenChoiceRow>();
     const auto device_form = [&](size_t output) {
       const ops::TokenChoice& choice = batch.choices[output];
@@ -587,9 +595,7 @@ class CudaBackend final : public Backend {
         for (int32_t output : group) host[count++] = device_form(static_cast<size_t>(output));
       }
     }
-    if (count == 0) return;
-    PEARL_CUDA_CHECK(cudaMemcpyAsync(device_choices_.as<gpu::TokenChoiceRow>(), host,
-                                     count * sizeof(gpu::TokenChoiceRow), cudaMemcpyHostToDevice, stream_));
+    return static_cast<int>(count);
   }
 
   // Rows drawn from their processed distribution (a top-k/top-p cut, or a sampled-draft window) while
@@ -621,9 +627,9 @@ class CudaBackend final : public Backend {
     device_returned_q_ = DeviceMemory(returned_entry_capacity_ * sizeof(gpu::TokenProbRow));
   }
 
-  // Writes the rows (padded to padded_rows with rows that touch nothing) and block tables to the device.
-  // Returns whether a row takes its token from the step in flight (feed_chosen_tokens must run).
-  bool stage_rows(const ForwardBatch& batch, int padded_rows, const StepSlot& slot) {
+  // Stages the rows (padded to padded_rows with rows that touch nothing) and block tables in the slot's
+  // staging, in the layout of meta_; returns the 32-bit words staged (gpu::upload_step copies them).
+  int stage_rows(const ForwardBatch& batch, int padded_rows, const StepSlot& slot) {
     const int rows = static_cast<int>(batch.tokens.size());
     size_t stride = 1;
     for (const auto& table : batch.block_tables) stride = std::max(stride, table.size());
@@ -632,7 +638,6 @@ class CudaBackend final : public Backend {
 
     int32_t* host = slot.staging.as<int32_t>();
     const auto offset = [this](int32_t* device_pointer) { return device_pointer - meta_tokens(); };
-    bool fed = false;
     for (int r = 0; r < padded_rows; ++r) {
       const bool real = r < rows;
       host[offset(meta_tokens()) + r] = real ? batch.tokens[static_cast<size_t>(r)] : 0;
@@ -641,7 +646,6 @@ class CudaBackend final : public Backend {
       host[offset(meta_row_table()) + r] = real ? batch.row_table[static_cast<size_t>(r)] : 0;
       const int32_t fed_output = real && !batch.fed_outputs.empty() ? batch.fed_outputs[static_cast<size_t>(r)] : -1;
       host[offset(meta_fed_from()) + r] = fed_output < 0 ? -1 : last_logit_rows_.at(static_cast<size_t>(fed_output));
-      fed = fed || fed_output >= 0;
     }
     // Eager steps gather their logit rows chunk by chunk: the chunk-local row of every logit output,
     // grouped by chunk in output order.
@@ -665,9 +669,7 @@ class CudaBackend final : public Backend {
       std::fill(tables + table.size(), tables + stride, 0);
       tables += stride;
     }
-    const size_t ints = static_cast<size_t>(offset(meta_tables()) + table_ints);
-    PEARL_CUDA_CHECK(cudaMemcpyAsync(meta_tokens(), host, ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    return fed;
+    return static_cast<int>(offset(meta_tables()) + table_ints);
   }
 
   // Up to 16 rows, and always in deterministic mode, a product takes the batch-invariant skinny kernel, 16

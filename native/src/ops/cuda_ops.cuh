@@ -108,11 +108,6 @@ struct ChosenTokenRow {
   double draft_prob;
 };
 
-// tokens[r] = chosen[fed_from[r]].token for every row with fed_from[r] >= 0: the input of a step that
-// continues the one before it on the device (ops/embedding.cu). A row whose source picked no token gets
-// token 0; the engine fails that step.
-void feed_chosen_tokens(const ChosenTokenRow* chosen, const int32_t* fed_from, int rows, int32_t* tokens,
-                        cudaStream_t stream);
 
 // out[r] = what choices[r] picks from logits row r (n floats) by ops::choose_token's one-pass rule: the
 // argmax, or at temperature > 0 the Gumbel-max draw with the same counter-based noise; -1 when nothing can
