@@ -140,6 +140,7 @@ interface DecodeResult {
   pipelinedTokensPerS: number;
   floorMs?: number;
   fractionOfFloor?: number;
+  pipelinedFractionOfFloor?: number;
 }
 
 async function decode(
@@ -198,6 +199,7 @@ async function decode(
     result.floorMs =
       (bytesPerStep(dir, engine.info, batch, promptLength! + steps! / 2) / readBandwidth) * 1000;
     result.fractionOfFloor = result.floorMs / msPerStep;
+    result.pipelinedFractionOfFloor = result.floorMs / pipelinedMsPerStep;
   }
   return result;
 }
@@ -320,18 +322,24 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
   }
 }
 
+function percentOfFloor(result: DecodeResult): string {
+  const percent = (fraction: number) => `${(100 * fraction).toFixed(0)}%`;
+  if (!result.fractionOfFloor || !result.pipelinedFractionOfFloor) return "-";
+  return `${percent(result.fractionOfFloor)} (${percent(result.pipelinedFractionOfFloor)})`;
+}
+
 function table(reports: ModelReport[]): string {
   const lines = [
     `card: ${baseline.device ?? "unknown"}; read bandwidth ${readBandwidth ? (readBandwidth / 1e12).toFixed(2) + " TB/s" : "not measured"}; prompt ${promptLength} tokens, ${steps} timed steps (median)`,
     "",
-    "| model | variant | batch | ms/step | tok/s | pipelined ms/step | pipelined tok/s | floor ms | % of floor | HF eager ms/token |",
+    "| model | variant | batch | ms/step | tok/s | pipelined ms/step | pipelined tok/s | floor ms | % of floor (pipelined) | HF eager ms/token |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const report of reports) {
     for (const result of report.decode) {
       const hf = report.hfEagerMsPerToken?.[String(result.batch)];
       lines.push(
-        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.pipelinedMsPerStep.toFixed(3)} | ${result.pipelinedTokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${result.fractionOfFloor ? (100 * result.fractionOfFloor).toFixed(0) + "%" : "-"} | ${hf?.toFixed(2) ?? "-"} |`,
+        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.pipelinedMsPerStep.toFixed(3)} | ${result.pipelinedTokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${percentOfFloor(result)} | ${hf?.toFixed(2) ?? "-"} |`,
       );
     }
   }
