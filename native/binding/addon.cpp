@@ -1,6 +1,8 @@
 // Node binding for pearl::Engine. Each NativeEngine owns one engine thread with a FIFO job queue: every
 // method parses its arguments on the main thread, queues a job and returns a Promise that a
-// ThreadSafeFunction settles on the main thread, so the event loop never waits for the model.
+// ThreadSafeFunction settles on the main thread, so the event loop never waits for the model. A step
+// queued behind a step that is still on the device may begin before that one is settled (overlapped steps,
+// EngineThread::Run), so a caller that queues its next decode step early keeps the device busy.
 //
 // Lifetimes: the wrapper keeps itself alive (ObjectWrap::Ref) while it has jobs in flight, and the TSFN is
 // referenced only then, so an idle engine does not keep the process alive. The thread state is shared
