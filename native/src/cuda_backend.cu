@@ -82,8 +82,8 @@ using DeviceMemory = CudaAllocation<allocate_device, cudaFree>;
 using PinnedMemory = CudaAllocation<allocate_pinned, cudaFreeHost>;
 
 // What a begun step holds until finish_forward: its own pinned staging, so that the step begun behind it
-// never rewrites what one of its queued copies has yet to read, where its chosen tokens land, and the
-// event that marks its end. Two: a step in flight and one begun behind it.
+// never rewrites what its queued upload (gpu::upload_step) has yet to read, where its chosen tokens land,
+// and the event that marks its end. Two: a step in flight and one begun behind it.
 struct StepSlot {
   PinnedMemory staging;         // rows and block tables (stage_rows)
   PinnedMemory choice_staging;  // how each logits row picks its token (stage_choices)
@@ -311,19 +311,7 @@ class CudaBackend final : public Backend {
     const int rows = static_cast<int>(batch.tokens.size());
     if (rows > 0) {
       const int bucket = graph_bucket(rows);
-      const int padded_rows = bucket > 0 ? bucket : rows;
-      gpu::StepUpload upload;
-      upload.meta_words = stage_rows(batch, padded_rows, slot);
-      upload.staged_meta = slot.staging.as<int32_t>();
-      upload.meta = meta_tokens();
-      upload.rows = padded_rows;
-      upload.fed_from_offset = static_cast<int>(meta_fed_from() - meta_tokens());
-      upload.chosen = device_tokens_.as<gpu::ChosenTokenRow>();
-      static_assert(sizeof(gpu::TokenChoiceRow) % sizeof(int32_t) == 0, "choices travel as 32-bit words");
-      upload.choice_words = stage_choices(batch, bucket, slot) * static_cast<int>(sizeof(gpu::TokenChoiceRow) / 4);
-      upload.staged_choices = slot.choice_staging.as<int32_t>();
-      upload.choices = reinterpret_cast<int32_t*>(device_choices_.as<gpu::TokenChoiceRow>());
-      gpu::upload_step(upload, stream_);
+      upload(batch, bucket, slot);
       ops::ChosenToken* landing = reserve_chosen_landing(slot, batch.logit_rows.size());
       if (bucket > 0) {
         forward_graph(batch, bucket, logits, landing, q_entries);
@@ -338,6 +326,24 @@ class CudaBackend final : public Backend {
     last_logit_rows_ = batch.logit_rows;
     begun_.push_back(slot_index);
     next_slot_ = (next_slot_ + 1) % slots_.size();
+  }
+
+  // Stages the step's rows and token choices in the slot and queues the kernel that brings them to the
+  // device (with the tokens a step in flight hands over).
+  void upload(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
+    const int padded_rows = bucket > 0 ? bucket : static_cast<int>(batch.tokens.size());
+    static_assert(sizeof(gpu::TokenChoiceRow) % sizeof(int32_t) == 0, "choices travel as 32-bit words");
+    gpu::StepUpload step;
+    step.meta_words = stage_rows(batch, padded_rows, slot);
+    step.staged_meta = slot.staging.as<int32_t>();
+    step.meta = meta_tokens();
+    step.rows = padded_rows;
+    step.fed_from_offset = static_cast<int>(meta_fed_from() - meta_tokens());
+    step.chosen = device_tokens_.as<gpu::ChosenTokenRow>();
+    step.choice_words = stage_choices(batch, bucket, slot) * static_cast<int>(sizeof(gpu::TokenChoiceRow) / 4);
+    step.staged_choices = slot.choice_staging.as<int32_t>();
+    step.choices = reinterpret_cast<int32_t*>(device_choices_.as<gpu::TokenChoiceRow>());
+    gpu::upload_step(step, stream_);
   }
 
   bool forward_finished() override {
