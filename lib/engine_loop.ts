@@ -73,6 +73,11 @@ export class LoopDriver {
     return this.stopping;
   }
 
+  /** Whether a message has asked for a new turn since the current one began. */
+  get wakePending(): boolean {
+    return this.wakeRequested;
+  }
+
   start(): void {
     this.done = this.run().catch((error: unknown) => {
       this.failure = errorMessage(error);
@@ -196,6 +201,17 @@ export function samplingParamsOf(sampling: SamplingParamsProto | undefined): Sam
   };
 }
 
+/** Tokens the item appends: its tokens, and the one it feeds from its sequence's previous step. */
+export function fedTokens(item: StepItem): number {
+  return item.tokens.length + (item.feedNextToken ? 1 : 0);
+}
+
+/** A step's results, in the order of its work (an Error for an item that failed), and its report. */
+export interface StepOutcome {
+  results: (StepResult | Error)[];
+  report: StepReport;
+}
+
 /** One session's part of a batched step. */
 export interface SessionWork<Session> {
   session: Session;
@@ -222,6 +238,8 @@ export abstract class SessionLoop<
   protected readonly loop: LoopDriver;
   private readonly stepTimes: StepTimes;
   private steps = 0;
+  /** performance.now() when the last step settled. */
+  private lastSettled = 0;
 
   constructor(
     private readonly role: "draft" | "target",
@@ -344,12 +362,20 @@ export abstract class SessionLoop<
     });
   }
 
-  /** One batched step, timed: a real batched step feeds the step-time figures and the metrics. */
-  protected async step(work: Work[]): Promise<{ results: (StepResult | Error)[]; report: StepReport }> {
+  /**
+   * One batched step, timed: a real batched step feeds the step-time figures and the metrics. A step
+   * queued behind another one starts when that one settles, and is timed from there. With
+   * `isolateFailures` false, a failing batch rejects instead of being stepped item by item.
+   */
+  protected async step(work: Work[], isolateFailures = true): Promise<StepOutcome> {
     const items = work.map((w) => w.item);
-    const started = performance.now();
-    const { results, batched } = await stepIsolatingFailures(this.engine, items, this.logger);
-    const ms = performance.now() - started;
+    const queued = performance.now();
+    const { results, batched } = isolateFailures
+      ? await stepIsolatingFailures(this.engine, items, this.logger)
+      : { results: await this.engine.step(items), batched: true };
+    const settled = performance.now();
+    const ms = settled - Math.max(queued, this.lastSettled);
+    this.lastSettled = settled;
     if (batched) {
       this.stepTimes.record(items.length, ms);
       this.metrics.observeStep(items.length, ms / 1000);
@@ -359,9 +385,52 @@ export abstract class SessionLoop<
       step: this.steps,
       ms,
       batchSize: items.length,
-      tokens: items.reduce((sum, item) => sum + item.tokens.length, 0),
+      tokens: items.reduce((sum, item) => sum + fedTokens(item), 0),
     };
     return { results, report };
+  }
+
+  /**
+   * Steps `work` and keeps going: before a step's results come back, the step after it (continuation of
+   * its work; sessions whose next input is the token it picks, fed by the engine) is already queued, so the
+   * engine starts it without waiting for this loop's round trip between two steps. A message from a stream
+   * (wake) stops that: the queued step is awaited and the next turn sees the change. A queued step whose
+   * batch fails changes nothing (the engine undoes it, and fails the one queued behind it): its sessions
+   * step again on the next turn, failures isolated.
+   */
+  protected async stepPipelined(
+    work: Work[],
+    continuation: (work: Work[]) => Work[],
+    apply: (work: Work[], outcome: StepOutcome) => void,
+  ): Promise<void> {
+    let running: { work: Work[]; outcome: Promise<StepOutcome | undefined> } = {
+      work,
+      outcome: this.step(work),
+    };
+    for (;;) {
+      const next = continuation(running.work);
+      const queued = next.length > 0 ? { work: next, outcome: this.queueStep(next) } : undefined;
+      const outcome = await running.outcome;
+      if (outcome) apply(running.work, outcome);
+      if (!queued) return;
+      if (!outcome || this.loop.wakePending || this.loop.isStopping) {
+        const last = await queued.outcome;
+        if (outcome && last) apply(queued.work, last);
+        return;
+      }
+      running = queued;
+    }
+  }
+
+  private async queueStep(work: Work[]): Promise<StepOutcome | undefined> {
+    try {
+      return await this.step(work, false);
+    } catch (error) {
+      this.logger.debug(`queued ${this.role} step failed; its sessions step again`, {
+        error: errorMessage(error),
+      });
+      return undefined;
+    }
   }
 
   /**

@@ -21,10 +21,12 @@ import type { TargetOpen, TargetPropose, Verdict } from "../../proto/gen/pearl/v
 import type { TargetServiceConfig } from "../../lib/config.js";
 import {
   type EngineLoopParts,
+  fedTokens,
   type LoopSession,
   samplingParamsOf,
   SessionLoop,
   type SessionSink,
+  type StepOutcome,
 } from "../../lib/engine_loop.js";
 import { Counter, Gauge } from "../../lib/metrics.js";
 import type { DraftDistribution, SamplingParams, StepItem } from "../../lib/native.js";
@@ -397,12 +399,51 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     return sameKind < 0 ? proposals : proposals.slice(0, sameKind);
   }
 
-  /** Steps the work that fits the KV cache (makeRoom). */
+  /** Steps the work that fits the KV cache (makeRoom); autoregressive sessions decode pipelined. */
   protected override async runStep(work: Work[]): Promise<void> {
     const fitting = await this.makeRoom(work);
     if (fitting.length === 0) return;
-    const { results, report: step } = await this.step(fitting);
-    for (const [w, result] of this.succeeded(fitting, results)) {
+    await this.stepPipelined(
+      fitting,
+      (stepped) => this.nextDecodes(stepped),
+      (stepped, outcome) => this.apply(stepped, outcome),
+    );
+  }
+
+  /**
+   * The decode step after `work`, queued before `work`'s results are known, when `work` is all decodes of
+   * autoregressive sessions that go on: each feeds the token its session's step emits. Any other kind of
+   * work (a prefill's last chunk, a verification, a session about to finish) ends the pipeline, so that the
+   * next turn collects every session with work again. A session that finishes on the fed token (an end of
+   * sequence) is closing by the time the queued step's results come back, which are then dropped.
+   */
+  private nextDecodes(work: Work[]): Work[] {
+    const next: Work[] = [];
+    for (const w of work) {
+      const session = w.session;
+      const decodes = w.kind === "verify" && w.proposals.length === 0 && session.autoregressive;
+      // After its step the session holds one more token; the next step must have one left to emit.
+      if (!decodes || session.state !== "running" || session.maxLength - session.tokens.length < 2) return [];
+      next.push({
+        kind: "verify",
+        session,
+        proposals: [],
+        item: {
+          seqId: session.seqId,
+          tokens: new Int32Array(0),
+          feedNextToken: true,
+          numDraft: 0,
+          output: "sample",
+          sampling: session.sampling,
+        },
+      });
+    }
+    return next;
+  }
+
+  /** Takes in a step's results: each session's KV, and what it emits. */
+  private apply(work: Work[], { results, report: step }: StepOutcome): void {
+    for (const [w, result] of this.succeeded(work, results)) {
       const session = w.session;
       session.kvLength = result.length;
       if (w.kind === "prefill") {
@@ -411,7 +452,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
         continue;
       }
       const proposed = w.proposals.length;
-      this.metrics.stepTokens.inc({ kind: proposed > 0 ? "verify" : "decode" }, w.item.tokens.length);
+      this.metrics.stepTokens.inc({ kind: proposed > 0 ? "verify" : "decode" }, fedTokens(w.item));
       if (proposed > 0) {
         this.verifySteps.inc();
         this.proposed.inc(proposed);
