@@ -17,10 +17,12 @@ import type { StepReport, TokenDistribution } from "../../proto/gen/pearl/v1/com
 import type { DraftServiceConfig } from "../../lib/config.js";
 import {
   type EngineLoopParts,
+  fedTokens,
   type LoopSession,
   samplingParamsOf,
   SessionLoop,
   type SessionSink,
+  type StepOutcome,
 } from "../../lib/engine_loop.js";
 import type { SamplingParams, StepItem } from "../../lib/native.js";
 
@@ -202,19 +204,12 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
   protected override collectWork(): Work[] {
     const work: Work[] = [];
     let prefillBudget = this.config.prefillChunk;
-    const contextLimit = this.engine.info.maxPositionEmbeddings;
     for (const session of this.sessions.all()) {
       if (work.length >= this.config.maxBatch) return work;
       // A rollback that arrived during bookkeeping is settled first.
       if (session.state !== "active" || session.dirtyFrom < session.kvLength) continue;
       const unfed = session.tokens.length - session.kvLength;
-      const draftLimit = Math.min(
-        session.verifiedLength + session.lookahead,
-        session.maxPosition,
-        contextLimit,
-      );
-      const lastToken = session.tokens[session.tokens.length - 1]!;
-      const mayDraft = session.tokens.length < draftLimit && !this.eos.has(lastToken);
+      const mayDraft = this.mayDraft(session);
       const fedPastVerified = session.kvLength + unfed > session.verifiedLength;
       if (mayDraft && (unfed === 1 || unfed <= prefillBudget)) {
         if (unfed > 1) prefillBudget -= unfed;
@@ -245,14 +240,62 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
     };
   }
 
+  /** Steps the work; sessions that go on drafting draft pipelined (SessionLoop.stepPipelined). */
   protected override async runStep(work: Work[]): Promise<void> {
-    const { results, report } = await this.step(work);
+    await this.stepPipelined(
+      work,
+      (stepped) => this.nextDrafts(stepped),
+      (stepped, outcome) => this.apply(stepped, outcome),
+    );
+  }
+
+  /**
+   * The draft step after `work`, queued before `work`'s results are known, when `work` is all drafting
+   * steps of sessions that may still draft once those tokens are in: each feeds the token its session's
+   * step picks. Any other work (a prefill chunk, a session at its limit) ends the pipeline, so that the next
+   * turn collects every session with work again. Whether a fed token ends the sequence is not known yet:
+   * apply() drops what a queued step drafts after one.
+   */
+  private nextDrafts(work: Work[]): Work[] {
+    const next: Work[] = [];
+    for (const { session, item, rollbacks } of work) {
+      const goesOn =
+        item.output === "sample" &&
+        session.state === "active" &&
+        session.rollbacks === rollbacks &&
+        session.dirtyFrom === Infinity &&
+        session.tokens.length + 1 < this.draftLimit(session);
+      if (!goesOn) return [];
+      // After its step the KV holds what the item feeds; the fed token goes next.
+      const fedPosition = session.kvLength + fedTokens(item);
+      next.push({
+        session,
+        rollbacks,
+        item: {
+          seqId: session.seqId,
+          tokens: new Int32Array(0),
+          feedNextToken: true,
+          output: "sample",
+          sampling: session.sampling,
+          commit: fedPosition + 1 <= session.verifiedLength,
+          returnTopK: item.returnTopK ?? 0,
+        },
+      });
+    }
+    return next;
+  }
+
+  /** Takes in a step's results: the KV each session now holds and the tokens that continue its draft. */
+  private apply(work: Work[], { results, report }: StepOutcome): void {
     this.lastStep = report;
     for (const [{ session, item, rollbacks }, result] of this.succeeded(work, results)) {
-      this.metrics.stepTokens.inc({ kind: item.output === "none" ? "prefill" : "draft" }, item.tokens.length);
+      this.metrics.stepTokens.inc({ kind: item.output === "none" ? "prefill" : "draft" }, fedTokens(item));
       session.kvLength = result.length;
       // Rolled back while the step ran: the sampled token continues a sequence that no longer exists.
       if (session.rollbacks !== rollbacks || item.output === "none") continue;
+      // A queued step drafted past an end-of-sequence token: its token goes (the token it fed, the end, is
+      // the session's last and in the KV).
+      if (!this.mayDraft(session)) continue;
       session.tokens.push(result.nextToken);
       session.drafted += 1;
       session.distributions.push(
@@ -260,6 +303,21 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
       );
       this.flush(session);
     }
+  }
+
+  /** Positions a session may draft up to (exclusive). */
+  private draftLimit(session: DraftSession): number {
+    return Math.min(
+      session.verifiedLength + session.lookahead,
+      session.maxPosition,
+      this.engine.info.maxPositionEmbeddings,
+    );
+  }
+
+  /** Whether the session's next token is one to draft: below its limit, and not after an end-of-sequence. */
+  private mayDraft(session: DraftSession): boolean {
+    const lastToken = session.tokens[session.tokens.length - 1]!;
+    return session.tokens.length < this.draftLimit(session) && !this.eos.has(lastToken);
   }
 
   protected override summary(session: DraftSession): Record<string, unknown> {
