@@ -67,6 +67,49 @@ describe("services", () => {
     }
   });
 
+  test("a request that opens while another decodes on its own is served alongside it", async () => {
+    // The target's loop queues an autoregressive session's next step before the last one returns; a session
+    // that opens meanwhile must share the following steps, not wait until the running session ends.
+    const [longPrompt, shortPrompt] = randomPrompts(2, 8, 8, 11);
+    const long = stack.stream({
+      promptTokenIds: longPrompt!,
+      maxTokens: 240,
+      temperature: 0,
+      mode: MODES.ar,
+    });
+    let longTokens = 0;
+    const longDone = new Promise<void>((resolve, reject) => {
+      long.on("data", (response: { tokenIds: number[] }) => (longTokens += response.tokenIds.length));
+      long.on("end", resolve);
+      long.on("error", reject);
+    });
+    await new Promise<void>((resolve) => long.once("data", () => resolve()));
+    const short = stack.stream({
+      promptTokenIds: shortPrompt!,
+      maxTokens: 8,
+      temperature: 0,
+      mode: MODES.ar,
+    });
+    let longAtShortStart = -1;
+    let shortTokens = 0;
+    await new Promise<void>((resolve, reject) => {
+      short.on("data", (response: { tokenIds: number[] }) => {
+        if (longAtShortStart < 0) longAtShortStart = longTokens;
+        shortTokens += response.tokenIds.length;
+      });
+      short.on("end", resolve);
+      short.on("error", reject);
+    });
+    const longMeanwhile = longTokens - longAtShortStart;
+    assert.ok(shortTokens >= 1);
+    // Sharing steps, the long request emits about one token per token of the short one.
+    assert.ok(
+      longMeanwhile <= 4 * shortTokens + 8,
+      `the long request emitted ${longMeanwhile} tokens while the short one emitted its ${shortTokens}`,
+    );
+    await longDone;
+  });
+
   test("counters agree with usage, with each other and across services", async () => {
     const [gatewayBefore, targetBefore] = await Promise.all([
       stack.metrics("gateway"),
