@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -196,13 +197,9 @@ class EngineImpl : public Engine {
       if (!item.feed_next_token) continue;
       item.feed_next_token = false;
       int32_t token = 0;
-      const std::vector<StepItem>* before = in_flight_.empty() ? nullptr : &in_flight_.front().items;
-      const auto source = before == nullptr ? std::vector<StepItem>::const_iterator{}
-                                            : std::find_if(before->begin(), before->end(), [&](const StepItem& other) {
-                                                return other.seq_id == item.seq_id;
-                                              });
-      if (before != nullptr && source != before->end()) {
-        step.device_fed.push_back({i, static_cast<size_t>(source - before->begin())});
+      const std::optional<size_t> source = item_in_flight(item.seq_id);
+      if (source) {
+        step.device_fed.push_back({i, *source});
       } else {
         const auto next = next_tokens_.find(item.seq_id);
         if (next == next_tokens_.end()) {
@@ -213,6 +210,16 @@ class EngineImpl : public Engine {
       }
       item.tokens.insert(item.tokens.begin(), token);
     }
+  }
+
+  // The sequence's item in the step in flight, if it has one.
+  std::optional<size_t> item_in_flight(uint64_t seq_id) const {
+    if (in_flight_.empty()) return std::nullopt;
+    const std::vector<StepItem>& items = in_flight_.front().items;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].seq_id == seq_id) return i;
+    }
+    return std::nullopt;
   }
 
   // The step in flight finished with `results`; the step behind it learns the tokens it took on the device.
