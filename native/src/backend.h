@@ -48,22 +48,19 @@ class Backend {
   // order, and its token is the draw from that q. Sampling, verification and drafting thus need no logits on
   // the host. A row's results must not depend on the other rows. A row that cannot be chosen from gets token
   // -1 and an empty q (the CPU backend throws process_logits' error instead).
-  virtual void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
-                       ops::TokenProb* q_entries) = 0;
+  //
+  // The outputs are complete once finish_forward has returned for this step: begin_forward may return as soon
+  // as the work is queued on the device, and finish_forward waits for the oldest begun step. While one step is
+  // in flight, a second may begin if both are overlappable: at most max_overlapped_rows() rows, every output
+  // a one-pass choice (no processed draw, no logits, no q), and then its rows may take the first step's
+  // tokens on the device (fed_outputs). A backend whose work is done on the calling thread completes the
+  // outputs in begin_forward and overlaps nothing (0).
+  virtual void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                             ops::TokenProb* q_entries) = 0;
   // Copy-on-write: block `destination` gets all of `source`'s K/V.
   virtual void copy_block(int32_t source, int32_t destination) = 0;
 
-  // Overlapped steps: begin_forward does what forward does but returns once the work is queued on the
-  // device, and finish_forward waits for the oldest begun step and completes the outputs given to its
-  // begin_forward. While one step is in flight, a second may begin if both are overlappable: at most
-  // max_overlapped_rows() rows, every output a one-pass choice (no processed draw, no logits, no q), and
-  // then its rows may take the first step's tokens on the device (fed_outputs). A backend whose work is
-  // done on the calling thread overlaps nothing (0), and its begin_forward is forward.
   virtual int max_overlapped_rows() const { return 0; }
-  virtual void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
-                             ops::TokenProb* q_entries) {
-    forward(batch, logits, chosen, q_entries);
-  }
   // Whether the oldest begun step has finished on the device (finish_forward would not wait).
   virtual bool forward_finished() { return true; }
   virtual void finish_forward() {}

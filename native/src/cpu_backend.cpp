@@ -39,8 +39,8 @@ void CpuBackend::copy_block(int32_t source, int32_t destination) {
   }
 }
 
-void CpuBackend::forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
-                         ops::TokenProb* q_entries) {
+void CpuBackend::begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                               ops::TokenProb* q_entries) {
   const int rows = static_cast<int>(batch.tokens.size());
   if (rows == 0) return;
   const int hidden = config_.hidden_size;

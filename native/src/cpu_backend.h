@@ -16,7 +16,8 @@ class CpuBackend : public Backend {
 
   const char* name() const override { return "cpu"; }
   int num_blocks() const override { return num_blocks_; }
-  void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen, ops::TokenProb* q_entries) override;
+  void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
+                     ops::TokenProb* q_entries) override;
   void copy_block(int32_t source, int32_t destination) override;
 
  private:

@@ -293,12 +293,6 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
-               ops::TokenProb* q_entries) override {
-    begin_forward(batch, logits, chosen, q_entries);
-    finish_forward();
-  }
-
   // Overlappable steps replay a graph, so a fed row's source is the bucket row of its output.
   int max_overlapped_rows() const override { return graphs_enabled_ ? kGraphMaxRows : 0; }
 
