@@ -319,8 +319,20 @@ export abstract class SessionLoop<
   /** What the next step does: the sessions with work, each with its step item. */
   protected abstract collectWork(): Work[];
 
-  /** Runs one step over the work (step), then acts on its results (succeeded). */
-  protected abstract runStep(work: Work[]): Promise<void>;
+  /**
+   * The step that follows `work`, queued before `work`'s results are known (stepPipelined): sessions whose
+   * next input is the token their item picks, fed by the engine. Empty when the loop should collect work
+   * again after this step.
+   */
+  protected abstract continuation(work: Work[]): Work[];
+
+  /** Acts on a step's results (succeeded). */
+  protected abstract apply(work: Work[], outcome: StepOutcome): void;
+
+  /** Runs the work, pipelined (stepPipelined). */
+  protected async runStep(work: Work[]): Promise<void> {
+    await this.stepPipelined(work);
+  }
 
   /** What the session's log line reports besides its ids, end and duration. */
   protected abstract summary(session: Session): Record<string, unknown>;
@@ -392,30 +404,26 @@ export abstract class SessionLoop<
 
   /**
    * Steps `work` and keeps going: before a step's results come back, the step after it (continuation of
-   * its work; sessions whose next input is the token it picks, fed by the engine) is already queued, so the
+   * its work) is already queued, so the
    * engine starts it without waiting for this loop's round trip between two steps. A message from a stream
    * (wake) stops that: the queued step is awaited and the next turn sees the change. A queued step whose
    * batch fails changes nothing (the engine undoes it, and fails the one queued behind it): its sessions
    * step again on the next turn, failures isolated.
    */
-  protected async stepPipelined(
-    work: Work[],
-    continuation: (work: Work[]) => Work[],
-    apply: (work: Work[], outcome: StepOutcome) => void,
-  ): Promise<void> {
+  protected async stepPipelined(work: Work[]): Promise<void> {
     let running: { work: Work[]; outcome: Promise<StepOutcome | undefined> } = {
       work,
       outcome: this.step(work),
     };
     for (;;) {
-      const next = continuation(running.work);
+      const next = this.continuation(running.work);
       const queued = next.length > 0 ? { work: next, outcome: this.queueStep(next) } : undefined;
       const outcome = await running.outcome;
-      if (outcome) apply(running.work, outcome);
+      if (outcome) this.apply(running.work, outcome);
       if (!queued) return;
       if (!outcome || this.loop.wakePending || this.loop.isStopping) {
         const last = await queued.outcome;
-        if (outcome && last) apply(queued.work, last);
+        if (outcome && last) this.apply(queued.work, last);
         return;
       }
       running = queued;

@@ -240,15 +240,6 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
     };
   }
 
-  /** Steps the work; sessions that go on drafting draft pipelined (SessionLoop.stepPipelined). */
-  protected override async runStep(work: Work[]): Promise<void> {
-    await this.stepPipelined(
-      work,
-      (stepped) => this.nextDrafts(stepped),
-      (stepped, outcome) => this.apply(stepped, outcome),
-    );
-  }
-
   /**
    * The draft step after `work`, queued before `work`'s results are known, when `work` is all drafting
    * steps of sessions that may still draft once those tokens are in: each feeds the token its session's
@@ -256,7 +247,7 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
    * turn collects every session with work again. Whether a fed token ends the sequence is not known yet:
    * apply() drops what a queued step drafts after one.
    */
-  private nextDrafts(work: Work[]): Work[] {
+  protected override continuation(work: Work[]): Work[] {
     const next: Work[] = [];
     for (const { session, item, rollbacks } of work) {
       const goesOn =
@@ -286,7 +277,7 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
   }
 
   /** Takes in a step's results: the KV each session now holds and the tokens that continue its draft. */
-  private apply(work: Work[], { results, report }: StepOutcome): void {
+  protected override apply(work: Work[], { results, report }: StepOutcome): void {
     this.lastStep = report;
     for (const [{ session, item, rollbacks }, result] of this.succeeded(work, results)) {
       this.metrics.stepTokens.inc({ kind: item.output === "none" ? "prefill" : "draft" }, fedTokens(item));

@@ -403,11 +403,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   protected override async runStep(work: Work[]): Promise<void> {
     const fitting = await this.makeRoom(work);
     if (fitting.length === 0) return;
-    await this.stepPipelined(
-      fitting,
-      (stepped) => this.nextDecodes(stepped),
-      (stepped, outcome) => this.apply(stepped, outcome),
-    );
+    await this.stepPipelined(fitting);
   }
 
   /**
@@ -417,7 +413,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
    * next turn collects every session with work again. A session that finishes on the fed token (an end of
    * sequence) is closing by the time the queued step's results come back, which are then dropped.
    */
-  private nextDecodes(work: Work[]): Work[] {
+  protected override continuation(work: Work[]): Work[] {
     const next: Work[] = [];
     for (const w of work) {
       const session = w.session;
@@ -442,7 +438,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   }
 
   /** Takes in a step's results: each session's KV, and what it emits. */
-  private apply(work: Work[], { results, report: step }: StepOutcome): void {
+  protected override apply(work: Work[], { results, report: step }: StepOutcome): void {
     for (const [w, result] of this.succeeded(work, results)) {
       const session = w.session;
       session.kvLength = result.length;
