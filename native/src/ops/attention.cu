@@ -45,8 +45,10 @@ __device__ __forceinline__ void load_key_slices(const bf16* base, const int64_t*
 // Thread t works on key t / kLanesPerKey (+ multiples of kKeyGroups), slice t % kLanesPerKey, in both the
 // score and the value phase. Short contexts make this kernel latency-bound, so each split looks up its
 // block table once and every thread issues all its K and V loads of a split (kMaxPrefetch at a time)
-// before the first use; the arithmetic and its order per output are those of a plain key loop.
-template <int kHeadDim>
+// before the first use; the arithmetic and its order per output are those of a plain key loop. kGroup is the
+// model's query heads per KV head rounded up to a power of two: every head loop is unrolled over it, so a
+// Llama (4) does not pay for the largest grouping's registers, products and shuffles.
+template <int kHeadDim, int kGroup>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* __restrict__ q, int64_t q_stride,
                                                                   int num_heads, DeviceKvLayer kv, DeviceRows batch,
                                                                   int sliding_window, float scale_log2,
@@ -59,11 +61,11 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   constexpr int kPrefetch = kSteps < kMaxPrefetch ? kSteps : kMaxPrefetch;
   static_assert(kWarps * kKeysPerWarp == kKeyGroups && kSteps % kPrefetch == 0, "split layout");
   __shared__ int64_t key_offsets[kAttentionSplit];  // element offset of each key's K/V row in this split
-  __shared__ float scores[kMaxGroup][kAttentionSplit];
-  __shared__ float alpha[kMaxGroup];
-  __shared__ float running_max[kMaxGroup];
-  __shared__ float running_sum[kMaxGroup];
-  __shared__ float reduce[kKeyGroups][kMaxGroup][kHeadDim];
+  __shared__ float scores[kGroup][kAttentionSplit];
+  __shared__ float alpha[kGroup];
+  __shared__ float running_max[kGroup];
+  __shared__ float running_sum[kGroup];
+  __shared__ float reduce[kKeyGroups][kGroup][kHeadDim];
 
   allow_dependent_launch();
   const int row = blockIdx.x;
@@ -100,16 +102,16 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
     }
     return;
   }
-  if (threadIdx.x < kMaxGroup) {
+  if (threadIdx.x < kGroup) {
     running_max[threadIdx.x] = -INFINITY;
     running_sum[threadIdx.x] = 0.0f;
   }
 
   const int chunk = threadIdx.x % kLanesPerKey;
   const int key_group = threadIdx.x / kLanesPerKey;
-  float q_regs[kMaxGroup][kVec];
+  float q_regs[kGroup][kVec];
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
+  for (int h = 0; h < kGroup; ++h) {
     if (h < group) {
       const float4* q_head = reinterpret_cast<const float4*>(q + row * q_stride +
                                                              static_cast<int64_t>(first_head + h) * kHeadDim +
@@ -125,9 +127,9 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
     }
   }
 
-  float acc[kMaxGroup][kVec];
+  float acc[kGroup][kVec];
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
+  for (int h = 0; h < kGroup; ++h) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc[h][j] = 0.0f;
   }
@@ -155,20 +157,20 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
       }
       if ((step * kWarps + warp) * kKeysPerWarp >= keys) continue;  // the warp has no key in this pass
       const int key = key_group + step * kKeyGroups;
-      float s[kMaxGroup];
+      float s[kGroup];
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) s[h] = 0.0f;
+      for (int h = 0; h < kGroup; ++h) s[h] = 0.0f;
       if (key < keys) {
         float k_values[kVec];
         unpack_bf16x8(k_raw[step % kPrefetch], k_values);
 #pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h) {
+        for (int h = 0; h < kGroup; ++h) {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) s[h] += q_regs[h][j] * k_values[j];
         }
       }
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
+      for (int h = 0; h < kGroup; ++h) {
 #pragma unroll
         for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
           s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
       }
       if (chunk == 0 && key < keys) {
 #pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h) {
+        for (int h = 0; h < kGroup; ++h) {
           if (h < group) scores[h][key] = s[h];
         }
       }
@@ -209,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
 
     // Values: each thread owns one 16-byte slice of the head for the keys of its key group.
 #pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) {
+    for (int h = 0; h < kGroup; ++h) {
       if (h < group) {
         const float rescale = alpha[h];
 #pragma unroll
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
       float v_values[kVec];
       unpack_bf16x8(v_raw[step % kPrefetch], v_values);
 #pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h) {
+      for (int h = 0; h < kGroup; ++h) {
         if (h < group) {
           const float p = scores[h][key];
 #pragma unroll
@@ -238,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const float* 
   }
 
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
+  for (int h = 0; h < kGroup; ++h) {
     if (h < group) {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) reduce[key_group][h][chunk * kVec + j] = acc[h][j];
@@ -268,31 +270,54 @@ __global__ void attention_merge_kernel(const float* __restrict__ partial_acc, co
   const int head = blockIdx.y;
   const int d = threadIdx.x;
   const int64_t base = (static_cast<int64_t>(row) * num_heads + head) * kAttentionSlots;
+  // Every slot's state and share are loaded before the first is used: one memory round trip, not two.
+  float2 states[kAttentionSlots];
+  float accs[kAttentionSlots];
+#pragma unroll
+  for (int s = 0; s < kAttentionSlots; ++s) {
+    states[s] = reinterpret_cast<const float2*>(partial_state)[base + s];
+    accs[s] = partial_acc[(base + s) * head_dim + d];
+  }
   float max_all = -INFINITY;
-  for (int s = 0; s < kAttentionSlots; ++s) max_all = fmaxf(max_all, partial_state[(base + s) * 2]);
+#pragma unroll
+  for (int s = 0; s < kAttentionSlots; ++s) max_all = fmaxf(max_all, states[s].x);
   float value = 0.0f;
   if (max_all != -INFINITY) {
     float sum = 0.0f;
     float weighted = 0.0f;
+#pragma unroll
     for (int s = 0; s < kAttentionSlots; ++s) {
-      const float slot_max = partial_state[(base + s) * 2];
-      if (slot_max == -INFINITY) continue;
-      const float weight = exp2f(slot_max - max_all);
-      sum += partial_state[(base + s) * 2 + 1] * weight;
-      weighted += partial_acc[(base + s) * head_dim + d] * weight;
+      if (states[s].x == -INFINITY) continue;  // a slot past the context: its share was never written
+      const float weight = exp2f(states[s].x - max_all);
+      sum += states[s].y * weight;
+      weighted += accs[s] * weight;
     }
     value = weighted / sum;
   }
   out[(static_cast<int64_t>(row) * num_heads + head) * head_dim + d] = __float2bfloat16(value);
 }
 
+template <int kHeadDim, int kGroup>
+void launch_split_group(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
+                        const DeviceRows& batch, int sliding_window, float scale_log2, float* partial_acc,
+                        float* partial_state, bool programmatic, cudaStream_t stream) {
+  const dim3 grid(rows, kv.num_kv_heads, kAttentionSlots);
+  launch_kernel(attention_split_kernel<kHeadDim, kGroup>, grid, dim3(kThreads), 0, programmatic, stream, q, q_stride,
+                num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state);
+}
+
+// The kernel for the smallest power of two of query heads per KV head that holds the model's.
 template <int kHeadDim>
 void launch_split(const float* q, int64_t q_stride, int rows, int num_heads, const DeviceKvLayer& kv,
                   const DeviceRows& batch, int sliding_window, float scale_log2, float* partial_acc,
                   float* partial_state, bool programmatic, cudaStream_t stream) {
-  const dim3 grid(rows, kv.num_kv_heads, kAttentionSlots);
-  launch_kernel(attention_split_kernel<kHeadDim>, grid, dim3(kThreads), 0, programmatic, stream, q, q_stride, num_heads,
-                kv, batch, sliding_window, scale_log2, partial_acc, partial_state);
+  const int group = num_heads / kv.num_kv_heads;
+  const auto launch = group <= 1   ? launch_split_group<kHeadDim, 1>
+                      : group <= 2 ? launch_split_group<kHeadDim, 2>
+                      : group <= 4 ? launch_split_group<kHeadDim, 4>
+                                   : launch_split_group<kHeadDim, 8>;
+  launch(q, q_stride, rows, num_heads, kv, batch, sliding_window, scale_log2, partial_acc, partial_state, programmatic,
+         stream);
 }
 
 }  // namespace
