@@ -572,13 +572,13 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < batch.choices.size(); ++i) {
       const ops::TokenChoice& choice = batch.choices[i];
       if (choice.return_top_k > 0) {
-        if (!draws_processed(choice)) {
+        if (!ops::draws_processed(choice)) {
           throw std::invalid_argument("cuda backend: a row returning q must be processed, with temperature > 0");
         }
         returned_q_offset_[i] = returned_entries;
         returned_entries += static_cast<size_t>(choice.return_top_k);
       }
-      if (!draws_processed(choice)) continue;
+      if (!ops::draws_processed(choice)) continue;
       ++processed_rows;
       if (choice.draft_token >= 0) draft_entries += choice.draft_dist->tokens.size();
     }
@@ -596,12 +596,6 @@ class CudaBackend final : public Backend {
       }
     }
     return static_cast<int>(count);
-  }
-
-  // Rows drawn from their processed distribution (a top-k/top-p cut, or a sampled-draft window) while
-  // sampling; greedy ones are the one-pass argmax whatever their cut.
-  static bool draws_processed(const ops::TokenChoice& choice) {
-    return choice.processed && choice.temperature > 0.0f;
   }
 
   // Room for a step's processed rows, their drafts' q entries and the entries of the q's drafting rows
@@ -844,7 +838,7 @@ class CudaBackend final : public Backend {
                                           gpu::ProcessedPath::Selected, gpu::ProcessedPath::Whole}) {
       for (size_t i = 0; i < outputs.size(); ++i) {
         const ops::TokenChoice& choice = step_choices_[static_cast<size_t>(outputs[i])];
-        if (!draws_processed(choice)) continue;
+        if (!ops::draws_processed(choice)) continue;
         gpu::ProcessedRow row;
         row.logits_row = source_rows[i];
         row.temperature = choice.temperature;

@@ -176,14 +176,14 @@ class EngineImpl : public Engine {
 
   // Whether a step may run while another is in flight (Backend::begin_forward): a one-pass decode or prefill
   // of few rows without drafts, so its sequences' lengths after it are known before it ends and nothing of it
-  // needs the host between the device's passes.
+  // needs the host between the device's passes (its one output row is not drawn from a processed
+  // distribution, by the rule the backend applies to the row's choice).
   bool overlappable(const std::vector<StepItem>& items) const {
     if (items.empty()) return false;
     size_t rows = 0;
     for (const StepItem& item : items) {
-      const SamplingParams& s = item.sampling;
-      const bool processed_draw = s.temperature > 0.0f && (s.top_k > 0 || s.top_p < 1.0f);
-      if (item.num_draft != 0 || item.output != StepOutput::Sample || returns_q(item) || processed_draw) return false;
+      if (item.num_draft != 0 || item.output != StepOutput::Sample) return false;
+      if (ops::draws_processed(window_choice(item, 0, 0))) return false;
       rows += item.tokens.size() + (item.feed_next_token ? 1 : 0);
     }
     return rows <= static_cast<size_t>(backend_->max_overlapped_rows());

@@ -75,6 +75,11 @@ struct TokenChoice {
   int return_top_k = 0;  // drafting rows: the size of the q they return (entries of the q output they fill)
 };
 
+// Whether a row is drawn from its processed distribution (a top-k/top-p cut, a sampled-draft window, a
+// returned q) rather than by the one-pass choice over the whole softmax; greedy rows are the argmax whatever
+// their cut.
+inline bool draws_processed(const TokenChoice& choice) { return choice.processed && choice.temperature > 0.0f; }
+
 // What a backend returns per output row: everything verification needs, so the logits can stay with it.
 // Laid out as gpu::ChosenTokenRow (cuda_ops.cuh), which the CUDA backend copies into it.
 struct ChosenToken {
