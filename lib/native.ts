@@ -97,6 +97,8 @@ export interface EngineOptions {
   blockSize?: number;
   numBlocks?: number;
   numThreads?: number;
+  /** CUDA device ordinals, one per tensor-parallel rank (rank i on devices[i]); a repeated ordinal puts
+   * several ranks on one GPU. Default: device 0 alone. cuda backend only. */
   devices?: number[];
   /** Batch-invariant numerics, so greedy pearl/sd output equals ar whatever shares a step. The cpu backend
    * always is; on cuda every matrix product then takes the batch-invariant kernel (slower on steps of
@@ -117,6 +119,7 @@ interface NativeEngine {
 
 interface Addon {
   NativeEngine: new () => NativeEngine;
+  cudaDeviceCount(): number;
 }
 
 const ADDON_RELATIVE_PATH = "native/build/Release/pearl_addon.node";
@@ -141,6 +144,12 @@ function loadAddon(): Addon {
   }
   addon = createRequire(import.meta.url)(path) as Addon;
   return addon;
+}
+
+/** CUDA devices this process (and any child it starts with the same environment) can use; 0 without a
+ * GPU or driver, and in a build without CUDA. */
+export function cudaDeviceCount(): number {
+  return loadAddon().cudaDeviceCount();
 }
 
 export class Engine {

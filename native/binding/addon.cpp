@@ -29,6 +29,9 @@
 #endif
 
 #include "engine.h"
+#ifdef PEARL_WITH_CUDA
+#include "cuda_backend.h"
+#endif
 
 namespace {
 
@@ -603,8 +606,19 @@ void SettleJob(Napi::Env env, Napi::Function, void*, Job* job) {
   owned->owner->Settle(env, std::move(owned));
 }
 
+// CUDA devices this process sees (after CUDA_VISIBLE_DEVICES), so that `pearl serve` can place the models
+// before it starts them; 0 in a build without CUDA, where backend "auto" means cpu.
+Napi::Value CudaDeviceCount(const Napi::CallbackInfo& info) {
+#ifdef PEARL_WITH_CUDA
+  return Napi::Number::New(info.Env(), pearl::cuda_device_count());
+#else
+  return Napi::Number::New(info.Env(), 0);
+#endif
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEngine", NativeEngine::Define(env));
+  exports.Set("cudaDeviceCount", Napi::Function::New(env, CudaDeviceCount, "cudaDeviceCount"));
   return exports;
 }
 
