@@ -11,13 +11,17 @@ import {
   DEFAULT_PORTS,
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
+  type ModelServiceConfig,
+  PLACEMENT_OPTIONS,
   readOptions,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
+import { cudaDeviceCount } from "../lib/native.js";
 import { packageRoot } from "../lib/paths.js";
+import { checkDevices, describePlacement } from "../lib/placement.js";
 import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DecodingMode, GatewayClient, type GenerateRequest } from "../proto/gen/pearl/v1/gateway.js";
@@ -57,6 +61,12 @@ function runUntilSignal(service: RunningService): void {
     process.stdin.on("end", stop);
     process.stdin.resume();
   }
+}
+
+/** A service started alone takes the GPUs it is given; refuse ones that cannot work before loading. */
+function checkServiceDevices(config: ModelServiceConfig): void {
+  if (config.devices.length === 0) return;
+  checkDevices(config, cudaDeviceCount(), { devices: "--devices", backend: "--backend" });
 }
 
 async function startOrExit(start: () => Promise<RunningService>, role: string): Promise<void> {
@@ -171,7 +181,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
 // ---- the command line -----------------------------------------------------------------------------------
 
 /** The settings of the stack that `generate --local` and `bench --local` start for themselves. */
-const LOCAL_SERVICE_KEYS = ["modelDir", "backend", "numThreads", "deterministic"];
+const LOCAL_SERVICE_KEYS = ["modelDir", "backend", "numThreads", "devices", "deterministic"];
 const LOCAL_GATEWAY_KEYS = ["lookahead", "verifyWindow", "minGamma", "maxGamma", "sdGamma"];
 
 function addLocalStackOptions(command: Command): void {
@@ -189,6 +199,7 @@ function addLocalStackOptions(command: Command): void {
     command,
     GATEWAY_OPTIONS.filter((spec) => LOCAL_GATEWAY_KEYS.includes(spec.key)),
   );
+  addOptions(command, PLACEMENT_OPTIONS);
 }
 
 const program = new Command("pearl")
@@ -201,6 +212,7 @@ const serve = program
 addOptions(serve, DRAFT_SERVICE_OPTIONS, "draft-", SHARED_KEYS);
 addOptions(serve, TARGET_SERVICE_OPTIONS, "target-", SHARED_KEYS);
 addOptions(serve, GATEWAY_OPTIONS, "", new Set(["draftAddress", "targetAddress"]));
+addOptions(serve, PLACEMENT_OPTIONS);
 serve.action(async (_options, command: Command) => {
   const logger = createLogger("pearl");
   let stack: RunningStack;
@@ -208,6 +220,8 @@ serve.action(async (_options, command: Command) => {
   try {
     const config = readStack(command.opts());
     host = config.gateway.host;
+    const placement = describePlacement({ draft: config.draft.devices, target: config.target.devices });
+    logger.info(placement.text, placement.fields);
     stack = await startStack(config, logger, false);
   } catch (error) {
     logger.error("failed to start", { error: errorMessage(error) });
@@ -244,14 +258,20 @@ const draft = program.command("draft").description("run the draft service");
 addOptions(draft, DRAFT_SERVICE_OPTIONS);
 draft.action(async (_options, command: Command) => {
   const config = readOptions(command.opts(), DRAFT_SERVICE_OPTIONS);
-  await startOrExit(() => startDraftService(config), "draft");
+  await startOrExit(async () => {
+    checkServiceDevices(config);
+    return startDraftService(config);
+  }, "draft");
 });
 
 const target = program.command("target").description("run the target service");
 addOptions(target, TARGET_SERVICE_OPTIONS);
 target.action(async (_options, command: Command) => {
   const config = readOptions(command.opts(), TARGET_SERVICE_OPTIONS);
-  await startOrExit(() => startTargetService(config), "target");
+  await startOrExit(async () => {
+    checkServiceDevices(config);
+    return startTargetService(config);
+  }, "target");
 });
 
 const gateway = program.command("gateway").description("run the gateway service");
@@ -389,13 +409,15 @@ const bench = program
   .addOption(new Option("--json", "print the rows as JSON").default(false));
 addLocalStackOptions(bench);
 bench.action(async (options: BenchCommandOptions, command: Command) => {
-  const stack = options.local
-    ? await startLocalStack(command.opts(), createLogger("pearl", "warn"), {
-        metrics: true,
-        profileBatchSizes: [1, 2, 4, 8],
-      })
-    : undefined;
+  let stack: Awaited<ReturnType<typeof startLocalStack>> | undefined;
   try {
+    // Inside the try: a stack that cannot start (a missing model, a placement refused) is a message too.
+    stack = options.local
+      ? await startLocalStack(command.opts(), createLogger("pearl", "warn"), {
+          metrics: true,
+          profileBatchSizes: [1, 2, 4, 8],
+        })
+      : undefined;
     const { rows, outputsAgree } = await runBench(
       stack?.gatewayAddress ?? options.gateway,
       {

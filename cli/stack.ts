@@ -1,20 +1,23 @@
 // The whole stack as child processes: draft and target, then the gateway pointed at them. Used by
 // `pearl serve`, and by `pearl generate --local` and `pearl bench --local` for a stack of their own.
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   DRAFT_SERVICE_OPTIONS,
   type DraftServiceConfig,
   GATEWAY_OPTIONS,
   type GatewayConfig,
+  PLACEMENT_OPTIONS,
   readOptions,
   TARGET_SERVICE_OPTIONS,
   type TargetServiceConfig,
   toArgs,
 } from "../lib/config.js";
 import { clientAddress } from "../lib/grpc.js";
-import type { Logger } from "../lib/logging.js";
+import { errorMessage, type Logger } from "../lib/logging.js";
+import { cudaDeviceCount } from "../lib/native.js";
 import { packageRoot } from "../lib/paths.js";
+import { placeModels } from "../lib/placement.js";
 import { type ServicePorts, type ServiceProcess, spawnService } from "../lib/service_process.js";
 
 export interface StackConfig {
@@ -130,14 +133,41 @@ export async function startStack(stack: StackConfig, logger: Logger, quiet: bool
   }
 }
 
+/** num_key_value_heads of a Hugging Face config.json (num_attention_heads when absent, as in Llama 1). */
+export function readKvHeads(modelDir: string): number {
+  const path = join(modelDir, "config.json");
+  let config: Record<string, unknown>;
+  try {
+    config = JSON.parse(readFileSync(path, "utf8")) as Record<string, unknown>;
+  } catch (error) {
+    throw new Error(`cannot read ${path} to place the target on GPUs: ${errorMessage(error)}`);
+  }
+  const heads = config.num_key_value_heads ?? config.num_attention_heads;
+  if (typeof heads !== "number" || !Number.isInteger(heads) || heads < 1) {
+    throw new Error(`${path}: num_key_value_heads must be a positive integer to place the target on GPUs`);
+  }
+  return heads;
+}
+
+/** The stack's settings, with each model's GPUs decided here, before any service starts. */
 export function readStack(values: Record<string, unknown>): StackConfig {
   const gateway = readOptions(values, GATEWAY_OPTIONS);
   const shared = { host: gateway.host, logLevel: gateway.logLevel };
-  return withDefaultModels({
+  const stack = withDefaultModels({
     draft: { ...readOptions(values, DRAFT_SERVICE_OPTIONS, "draft-"), ...shared },
     target: { ...readOptions(values, TARGET_SERVICE_OPTIONS, "target-"), ...shared },
     gateway,
   });
+  const placement = placeModels({
+    gpuCount: cudaDeviceCount(),
+    draft: stack.draft,
+    target: stack.target,
+    targetKvHeads: () => readKvHeads(stack.target.modelDir),
+    allowSharedDevices: readOptions(values, PLACEMENT_OPTIONS).allowSharedDevices,
+  });
+  stack.draft.devices = placement.draft;
+  stack.target.devices = placement.target;
+  return stack;
 }
 
 /**

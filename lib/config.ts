@@ -16,6 +16,9 @@ export interface ModelServiceConfig {
   backend: Backend;
   /** CPU backend threads; 0: all cores. */
   numThreads: number;
+  /** CUDA device ordinals, one per tensor-parallel rank; empty: automatic (`pearl serve` places the
+   * models, a service started alone takes the engine's default GPU). */
+  devices: number[];
   /** KV cache capacity in blocks; 0: the engine's default. */
   numBlocks: number;
   blockSize: number;
@@ -156,6 +159,21 @@ function parseHttpPort(raw: string): number {
   return raw === "off" ? -1 : parsePort(raw);
 }
 
+/** "0" or "1,2,3"; "" and "auto" mean automatic placement. */
+export function parseDevices(raw: string): number[] {
+  const list = raw.trim();
+  if (list === "" || list === "auto") return [];
+  return list.split(",").map((part) => {
+    const ordinal = part.trim();
+    if (!/^\d+$/.test(ordinal) || !Number.isSafeInteger(Number(ordinal))) {
+      throw new InvalidArgumentError(
+        `expected CUDA device ordinals separated by commas (e.g. 0 or 1,2,3) or auto, got "${raw}"`,
+      );
+    }
+    return Number(ordinal);
+  });
+}
+
 function parseBatchSizes(raw: string): number[] {
   if (raw === "" || raw === "off") return [];
   return raw.split(",").map((part) => integerIn(1, 4096)(part.trim()));
@@ -205,6 +223,17 @@ function modelServiceSpecs(
       description: "CPU backend threads (0: all cores)",
       defaultValue: 0,
       parse: integerIn(0, 1024),
+    },
+    {
+      key: "devices",
+      flag: "devices",
+      valueName: "list",
+      env: `${env}DEVICES`,
+      description:
+        "CUDA devices, comma-separated, one per tensor-parallel rank (e.g. 1,2,3: tensor parallelism over " +
+        "3 GPUs; cuda backend only; default: placed by pearl serve, GPU 0 for a service started alone)",
+      defaultValue: [],
+      parse: parseDevices,
     },
     {
       key: "numBlocks",
@@ -482,6 +511,29 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
   LOG_LEVEL_SPEC,
 ];
 
+/** How `pearl serve` (and `generate --local`, `bench --local`) places the draft and the target on GPUs,
+ * beyond each one's --devices. */
+export interface PlacementConfig {
+  /** Lets the draft's and the target's GPU groups overlap, and one group name a GPU twice (several
+   * tensor-parallel ranks on one GPU, which exercises the tensor-parallel code on a single card). */
+  allowSharedDevices: boolean;
+}
+
+export const PLACEMENT_OPTIONS: OptionSpec<PlacementConfig>[] = [
+  {
+    key: "allowSharedDevices",
+    flag: "allow-shared-devices",
+    valueName: "bool",
+    valueOptional: true,
+    env: "PEARL_ALLOW_SHARED_DEVICES",
+    description:
+      "let --draft-devices and --target-devices overlap, or a list name a GPU twice (the models then " +
+      "compete for that GPU, which costs PEARL its parallelism)",
+    defaultValue: false,
+    parse: parseBoolean,
+  },
+];
+
 function defaults<Config>(specs: OptionSpec<Config>[]): Config {
   return Object.fromEntries(specs.map((spec) => [spec.key, spec.defaultValue])) as Config;
 }
@@ -499,6 +551,10 @@ export function gatewayDefaults(): GatewayConfig {
 }
 
 // ---- commander glue -----------------------------------------------------------------------------------
+
+function isEmptyDefault<Config>(spec: OptionSpec<Config>): boolean {
+  return spec.defaultValue === "" || (Array.isArray(spec.defaultValue) && spec.defaultValue.length === 0);
+}
 
 function camelCase(flag: string): string {
   return flag.replace(/-([a-z])/g, (_, letter: string) => letter.toUpperCase());
@@ -524,7 +580,7 @@ export function addOptions<Config>(
       .env(spec.env)
       .argParser((raw: string) => spec.parse(raw));
     // An empty default means "not set" (readOptions falls back to it); --help need not show it.
-    if (spec.defaultValue !== "") {
+    if (!isEmptyDefault(spec)) {
       option.default(
         spec.defaultValue,
         Array.isArray(spec.defaultValue) ? spec.defaultValue.join(",") : undefined,
@@ -558,7 +614,9 @@ export function toArgs<Config>(config: Config, specs: OptionSpec<Config>[]): str
     if (Array.isArray(value)) raw = value.length > 0 ? value.join(",") : "off";
     else if (spec.key === "httpPort" && value === -1) raw = "off";
     else raw = String(value);
-    if (raw === "" && spec.defaultValue === "") continue;
+    // A text or list left at an empty default stays out: the child falls back to the same default ("off"
+    // means an empty list to --profile, but is no device list).
+    if (isEmptyDefault(spec) && (raw === "" || (Array.isArray(value) && value.length === 0))) continue;
     args.push(`--${spec.flag}`, raw);
   }
   return args;

@@ -37,6 +37,7 @@ export async function loadEngine(config: ModelServiceConfig, role: string, logge
     blockSize: config.blockSize,
     numBlocks: config.numBlocks,
     numThreads: config.numThreads,
+    devices: config.devices,
     deterministic: config.deterministic,
   };
   const engine = await Engine.load(options);
@@ -44,6 +45,7 @@ export async function loadEngine(config: ModelServiceConfig, role: string, logge
     modelDir: config.modelDir,
     architecture: engine.info.architecture,
     backend: engine.info.backend,
+    devices: options.devices,
     deterministic: options.deterministic,
     dtype: engine.info.dtype,
     parameters: engine.info.numParameters,
