@@ -10,17 +10,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda/check.h"
+#include "cuda/collective.h"
 #include "cuda/cublaslt.h"
+#include "cuda/device_memory.h"
+#include "cuda/device_weights.h"
 #include "cuda/step_upload.h"
 #include "ops/cuda_ops.cuh"
 #include "ops/ops.h"
 #include "sampling.h"
+#include "tensor_parallel.h"
 #include "weights.h"
 
 namespace pearl {
@@ -28,6 +34,10 @@ namespace pearl {
 namespace {
 
 using gpu::bf16;
+using gpu::DeviceLayer;
+using gpu::DeviceLinear;
+using gpu::DeviceMemory;
+using gpu::PinnedMemory;
 
 constexpr int kChunkRows = 256;    // rows per pass through the layers; bounds the activation scratch
 constexpr int kLogitRows = 64;     // rows per lm_head product; bounds the logits buffer
@@ -38,241 +48,150 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 constexpr double kDefaultCacheFraction = 0.45;  // of the memory left free after weights and scratch
 constexpr int64_t kDefaultCacheSequences = 64;  // full-context sequences the default cache is sized for
 
+using GraphSet = std::array<cudaGraphExec_t, kGraphBuckets.size()>;
+
 bool env_flag(const char* name, bool fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
   return std::strcmp(value, "0") != 0 && std::strcmp(value, "false") != 0;
 }
 
-cudaError_t allocate_device(void** pointer, size_t bytes) { return cudaMalloc(pointer, bytes); }
-cudaError_t allocate_pinned(void** pointer, size_t bytes) { return cudaMallocHost(pointer, bytes); }
-
-// Owns one CUDA allocation; Allocate/Free pick device memory or pinned host memory.
-template <cudaError_t (*Allocate)(void**, size_t), cudaError_t (*Free)(void*)>
-class CudaAllocation {
- public:
-  CudaAllocation() = default;
-  explicit CudaAllocation(size_t bytes) {
-    if (bytes > 0) PEARL_CUDA_CHECK(Allocate(&pointer_, bytes));
-  }
-  ~CudaAllocation() { release(); }
-  CudaAllocation(CudaAllocation&& other) noexcept : pointer_(other.pointer_) { other.pointer_ = nullptr; }
-  CudaAllocation& operator=(CudaAllocation&& other) noexcept {
-    if (this != &other) {
-      release();
-      pointer_ = other.pointer_;
-      other.pointer_ = nullptr;
-    }
-    return *this;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(pointer_);
-  }
-
- private:
-  void release() {
-    if (pointer_ != nullptr) Free(pointer_);
-    pointer_ = nullptr;
-  }
-  void* pointer_ = nullptr;
-};
-
-using DeviceMemory = CudaAllocation<allocate_device, cudaFree>;
-using PinnedMemory = CudaAllocation<allocate_pinned, cudaFreeHost>;
-
 // What a begun step holds until finish_forward: its own pinned staging, so that the step begun behind it
 // never rewrites what its queued upload (gpu::upload_step) has yet to read, where its chosen tokens land,
-// and the event that marks its end. Two: a step in flight and one begun behind it.
+// and the events that mark its end (one per stream). Two: a step in flight and one begun behind it.
 struct StepSlot {
-  PinnedMemory staging;         // rows and block tables (stage_rows)
+  PinnedMemory staging;         // rows and block tables (stage_rows), read by every rank
   PinnedMemory choice_staging;  // how each logits row picks its token (stage_choices)
-  PinnedMemory landing;         // the chosen tokens (reserve_chosen_landing)
+  PinnedMemory landing;         // rank 0's chosen tokens (reserve_chosen_landing)
   size_t landing_capacity = 0;
-  cudaEvent_t done = nullptr;
+  std::vector<cudaEvent_t> done;  // per stream
   ops::ChosenToken* chosen = nullptr;  // the caller's outputs
   ops::TokenProb* q_entries = nullptr;
   size_t outputs = 0;
 };
 
-// Round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN.
-uint16_t float_to_bf16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-struct DeviceLinear {
-  const bf16* weight = nullptr;
-  const float* bias = nullptr;  // null: no bias
-  int in = 0;
-  int out = 0;
-  int skinny_variant = 0;  // the skinny GEMM launch shape measured fastest for [out, in]
+// Step metadata, one int32 array per rank in device memory (and a pinned staging copy per step slot), in
+// 32-bit words: [tokens | positions | slots | row_table | logit_index | fed_from] (rows each), table stride,
+// block tables.
+struct MetaLayout {
+  int rows = 0;
+  size_t tokens() const { return 0; }
+  size_t positions() const { return static_cast<size_t>(rows); }
+  size_t slots() const { return 2 * static_cast<size_t>(rows); }
+  size_t row_table() const { return 3 * static_cast<size_t>(rows); }
+  size_t logit_index() const { return 4 * static_cast<size_t>(rows); }
+  size_t fed_from() const { return 5 * static_cast<size_t>(rows); }
+  size_t stride() const { return 6 * static_cast<size_t>(rows); }
+  size_t tables() const { return stride() + 1; }
 };
 
-struct DeviceLayer {
-  const float* input_norm = nullptr;
-  const float* post_attention_norm = nullptr;
-  const float* q_norm = nullptr;  // qk_norm models only
-  const float* k_norm = nullptr;
-  DeviceLinear qkv;  // q, k, v rows stacked, as on the CPU
-  DeviceLinear o;
-  DeviceLinear gate_up;  // gate and up rows interleaved (WeightUploader::gate_up)
-  DeviceLinear down;
+// One tensor-parallel rank: its GPU, its share of the weights and of the KV cache (its KV heads), and the
+// activations and step buffers its kernels use. Rank 0 alone draws processed rows and returns the outputs;
+// every rank picks the one-pass token of every row from the same gathered logits, so a fed row finds the
+// same token on every rank.
+struct Rank {
+  int index = 0;
+  int device = 0;
+  int stream_index = 0;  // into CudaBackend::streams_
+  cudaStream_t stream = nullptr;
+
+  gpu::DeviceWeights weights;
+  std::unique_ptr<gpu::CublasLtGemm> cublas;
+
+  DeviceMemory x;  // the residual stream, float32 [rows, hidden], the same on every rank between layers
+  DeviceMemory normed;
+  DeviceMemory qkv;
+  DeviceMemory attended;
+  DeviceMemory gate_up;
+  DeviceMemory activated;
+  DeviceMemory attention_scratch;
+  DeviceMemory local_logits;     // several ranks: this rank's vocabulary columns [kLogitRows, local_vocab]
+  DeviceMemory gathered_logits;  // several ranks: every rank's local logits, rank by rank
+  DeviceMemory logits;           // [kLogitRows, vocab]
+  DeviceMemory tokens;           // per logits row: its gpu::ChosenTokenRow
+  DeviceMemory choose_scratch;
+
+  DeviceMemory kv_cache;  // per layer: K then V, each [num_blocks, block_size, local_kv_heads, head_dim]
+  DeviceMemory meta;
+  DeviceMemory choices;  // per logits row: how it picks its token (stage_choices)
+
+  // Rank 0 only: processed rows (choose_processed_rows).
+  DeviceMemory processed_scratch;
+  DeviceMemory processed;
+  DeviceMemory drafts;
+  DeviceMemory returned_q;
+
+  ~Rank() { cudaSetDevice(device); }  // the members' device memory is freed on its own device
 };
 
-// Copies checkpoint tensors to the GPU: matrices as bf16 (bf16 checkpoints straight from the mapping),
-// norms and biases as float32.
-class WeightUploader {
- public:
-  WeightUploader(const Checkpoint& checkpoint, std::vector<DeviceMemory>& owned)
-      : checkpoint_(checkpoint), owned_(owned) {}
-
-  const float* floats(const std::string& name) {
-    const std::vector<float> values = load_f32(tensor(name));
-    float* device = allocate<float>(values.size());
-    PEARL_CUDA_CHECK(cudaMemcpy(device, values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice));
-    return device;
-  }
-
-  const bf16* matrix(const std::string& name) {
-    const TensorInfo& info = tensor(name);
-    bf16* device = allocate<bf16>(static_cast<size_t>(info.num_elements));
-    upload_bf16(info, device);
-    return device;
-  }
-
-  // Several [rows_i, in] matrices stacked in order, with their biases when present.
-  DeviceLinear stacked(const std::vector<std::string>& parts, bool with_bias) {
-    DeviceLinear linear;
-    for (const std::string& part : parts) {
-      const TensorInfo& weight = tensor(part + ".weight");
-      linear.in = static_cast<int>(weight.shape[1]);
-      linear.out += static_cast<int>(weight.shape[0]);
-    }
-    bf16* weights = allocate<bf16>(static_cast<size_t>(linear.out) * static_cast<size_t>(linear.in));
-    float* biases = with_bias ? allocate<float>(static_cast<size_t>(linear.out)) : nullptr;
-    size_t row = 0;
-    for (const std::string& part : parts) {
-      const TensorInfo& weight = tensor(part + ".weight");
-      upload_bf16(weight, weights + row * static_cast<size_t>(linear.in));
-      if (with_bias) {
-        const std::vector<float> bias = load_f32(tensor(part + ".bias"));
-        PEARL_CUDA_CHECK(
-            cudaMemcpy(biases + row, bias.data(), bias.size() * sizeof(float), cudaMemcpyHostToDevice));
-      }
-      row += static_cast<size_t>(weight.shape[0]);
-    }
-    linear.weight = weights;
-    linear.bias = biases;
-    return linear;
-  }
-
-  // The gate and up projections interleaved in groups of gpu::kGateUpGroup rows (gpu::gate_up_row), the
-  // layout in which skinny_matmul_silu finds a gate and its up in one CTA and silu_mul reads cuBLASLt's
-  // output. Staged as plain stacked rows first, then regrouped on the device.
-  DeviceLinear gate_up(const std::string& gate, const std::string& up, bool with_bias) {
-    std::vector<DeviceMemory> staging;
-    WeightUploader stage(checkpoint_, staging);
-    const DeviceLinear plain = stage.stacked({gate, up}, with_bias);
-    DeviceLinear linear = plain;
-    const size_t in = static_cast<size_t>(plain.in);
-    const size_t half_rows = static_cast<size_t>(plain.out) / 2;
-    const size_t groups = half_rows / gpu::kGateUpGroup;
-    bf16* weights = allocate<bf16>(static_cast<size_t>(plain.out) * in);
-    const size_t group_bytes = gpu::kGateUpGroup * in * sizeof(bf16);
-    for (size_t part = 0; part < 2; ++part) {
-      PEARL_CUDA_CHECK(cudaMemcpy2D(weights + part * gpu::kGateUpGroup * in, 2 * group_bytes,
-                                    plain.weight + part * half_rows * in, group_bytes, group_bytes, groups,
-                                    cudaMemcpyDeviceToDevice));
-    }
-    linear.weight = weights;
-    if (with_bias) {
-      float* biases = allocate<float>(static_cast<size_t>(plain.out));
-      const size_t bias_group_bytes = gpu::kGateUpGroup * sizeof(float);
-      for (size_t part = 0; part < 2; ++part) {
-        PEARL_CUDA_CHECK(cudaMemcpy2D(biases + part * gpu::kGateUpGroup, 2 * bias_group_bytes,
-                                      plain.bias + part * half_rows, bias_group_bytes, bias_group_bytes, groups,
-                                      cudaMemcpyDeviceToDevice));
-      }
-      linear.bias = biases;
-    }
-    return linear;
-  }
-
- private:
-  const TensorInfo& tensor(const std::string& name) const {
-    const TensorInfo* info = checkpoint_.find(name);
-    if (info == nullptr) throw std::runtime_error("missing tensor " + name);  // validate_checkpoint ran first
-    return *info;
-  }
-
-  template <typename T>
-  T* allocate(size_t count) {
-    owned_.emplace_back(count * sizeof(T));
-    return owned_.back().as<T>();
-  }
-
-  static void upload_bf16(const TensorInfo& info, bf16* device) {
-    if (info.dtype == DType::BF16) {
-      PEARL_CUDA_CHECK(cudaMemcpy(device, info.data, info.num_bytes, cudaMemcpyHostToDevice));
-      return;
-    }
-    const std::vector<float> values = load_f32(info);
-    std::vector<uint16_t> rounded(values.size());
-    for (size_t i = 0; i < values.size(); ++i) rounded[i] = float_to_bf16_bits(values[i]);
-    PEARL_CUDA_CHECK(cudaMemcpy(device, rounded.data(), rounded.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
-  }
-
-  const Checkpoint& checkpoint_;
-  std::vector<DeviceMemory>& owned_;
-};
-
-int select_device(const EngineOptions& options) {
-  if (options.devices.size() > 1) {
-    throw std::runtime_error("backend \"cuda\" runs on one GPU; tensor parallelism over " +
-                             std::to_string(options.devices.size()) + " devices is not implemented");
-  }
-  const int device = options.devices.empty() ? 0 : options.devices[0];
+// The ranks' devices: the engine option's list, or device 0.
+std::vector<int> rank_devices(const EngineOptions& options) {
+  std::vector<int> devices = options.devices.empty() ? std::vector<int>{0} : options.devices;
   const int count = cuda_device_count();
-  if (device < 0 || device >= count) {
-    throw std::runtime_error("backend \"cuda\": device " + std::to_string(device) + " does not exist (" +
-                             std::to_string(count) + " CUDA devices visible)");
+  for (int device : devices) {
+    if (device < 0 || device >= count) {
+      throw std::runtime_error("backend \"cuda\": device " + std::to_string(device) + " does not exist (" +
+                               std::to_string(count) + " CUDA devices visible)");
+    }
   }
-  return device;
+  return devices;
 }
 
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const ModelConfig& config, const Checkpoint& checkpoint, const EngineOptions& options)
       : config_(config),
-        device_(select_device(options)),
+        plan_(plan_shards(config, static_cast<int>(std::max<size_t>(1, options.devices.size())))),
         block_size_(options.block_size),
         deterministic_(options.deterministic),
         graphs_enabled_(env_flag("PEARL_CUDA_GRAPHS", true)),
         log_tuning_(env_flag("PEARL_CUDA_LOG_TUNING", false)),
         programmatic_launch_(env_flag("PEARL_CUDA_PDL", true)) {
     check_supported();
-    PEARL_CUDA_CHECK(cudaSetDevice(device_));
-    PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    load_weights(checkpoint);
+    create_ranks(rank_devices(options));
+    validate_checkpoint(config_, checkpoint);
+    for (auto& rank : ranks_) {
+      PEARL_CUDA_CHECK(cudaSetDevice(rank->device));
+      rank->weights = gpu::upload_rank_weights(config_, checkpoint, plan_, rank->index);
+    }
     tune_matmuls();
     allocate_scratch();
     allocate_cache(options);
-    for (StepSlot& slot : slots_) PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
+    if (ranks_.size() > 1) {
+      std::vector<int> devices;
+      std::vector<cudaStream_t> streams;
+      for (const auto& rank : ranks_) {
+        devices.push_back(rank->device);
+        streams.push_back(rank->stream);
+      }
+      const size_t max_floats = std::max(static_cast<size_t>(std::max(kChunkRows, kGraphMaxRows)) * config_.hidden_size,
+                                         static_cast<size_t>(kLogitRows) * plan_.local_vocab());
+      collective_ = gpu::Collective::create(devices, streams, deterministic_, max_floats);
+    }
+    for (StepSlot& slot : slots_) {
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        slot.done.push_back(nullptr);
+        PEARL_CUDA_CHECK(cudaEventCreateWithFlags(&slot.done.back(), cudaEventDisableTiming));
+      }
+    }
   }
 
   ~CudaBackend() override {
-    cudaSetDevice(device_);
-    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-    for (StepSlot& slot : slots_) {
-      if (slot.done != nullptr) cudaEventDestroy(slot.done);
+    for (size_t s = 0; s < streams_.size(); ++s) {
+      cudaSetDevice(stream_devices_[s]);
+      cudaStreamSynchronize(streams_[s]);
+      for (StepSlot& slot : slots_) {
+        if (s < slot.done.size() && slot.done[s] != nullptr) cudaEventDestroy(slot.done[s]);
+      }
     }
     clear_graphs();
-    cublas_.reset();
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    collective_.reset();
+    ranks_.clear();
+    for (size_t s = 0; s < streams_.size(); ++s) {
+      cudaSetDevice(stream_devices_[s]);
+      cudaStreamDestroy(streams_[s]);
+    }
   }
 
   CudaBackend(const CudaBackend&) = delete;
@@ -282,15 +201,16 @@ class CudaBackend final : public Backend {
   int num_blocks() const override { return num_blocks_; }
 
   void copy_block(int32_t source, int32_t destination) override {
-    PEARL_CUDA_CHECK(cudaSetDevice(device_));
-    const size_t block_elements = static_cast<size_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
-    for (int layer = 0; layer < config_.num_layers; ++layer) {
-      const gpu::DeviceKvLayer kv = kv_layer(layer);
-      PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.k + destination * block_elements, kv.k + source * block_elements,
-                                       block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
-      PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.v + destination * block_elements, kv.v + source * block_elements,
-                                       block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
-    }
+    const size_t block_elements = static_cast<size_t>(block_size_) * plan_.local_kv_heads() * config_.head_dim;
+    for_each_rank([&](Rank& rank) {
+      for (int layer = 0; layer < config_.num_layers; ++layer) {
+        const gpu::DeviceKvLayer kv = kv_layer(rank, layer);
+        PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.k + destination * block_elements, kv.k + source * block_elements,
+                                         block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, rank.stream));
+        PEARL_CUDA_CHECK(cudaMemcpyAsync(kv.v + destination * block_elements, kv.v + source * block_elements,
+                                         block_elements * sizeof(bf16), cudaMemcpyDeviceToDevice, rank.stream));
+      }
+    });
   }
 
   // Overlappable steps replay a graph, so a fed row's source is the bucket row of its output.
@@ -299,7 +219,6 @@ class CudaBackend final : public Backend {
   void begin_forward(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen,
                      ops::TokenProb* q_entries) override {
     if (begun_.size() == slots_.size()) throw std::logic_error("cuda backend: more steps begun than it can hold");
-    PEARL_CUDA_CHECK(cudaSetDevice(device_));
     const size_t slot_index = next_slot_;
     StepSlot& slot = slots_[slot_index];
     const int rows = static_cast<int>(batch.tokens.size());
@@ -313,7 +232,10 @@ class CudaBackend final : public Backend {
         forward_eager(batch, logits, landing, q_entries);
       }
     }
-    PEARL_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
+    for (size_t s = 0; s < streams_.size(); ++s) {
+      PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+      PEARL_CUDA_CHECK(cudaEventRecord(slot.done[s], streams_[s]));
+    }
     slot.chosen = chosen;
     slot.q_entries = q_entries;
     slot.outputs = batch.logit_rows.size();
@@ -322,33 +244,19 @@ class CudaBackend final : public Backend {
     next_slot_ = (next_slot_ + 1) % slots_.size();
   }
 
-  // Stages the step's rows and token choices in the slot and queues the kernel that brings them to the
-  // device (with the tokens a step in flight hands over).
-  void upload(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
-    const int padded_rows = bucket > 0 ? bucket : static_cast<int>(batch.tokens.size());
-    static_assert(sizeof(gpu::TokenChoiceRow) % sizeof(int32_t) == 0, "choices travel as 32-bit words");
-    gpu::StepUpload step;
-    step.meta_words = stage_rows(batch, padded_rows, slot);
-    step.staged_meta = slot.staging.as<int32_t>();
-    step.meta = meta_tokens();
-    step.rows = padded_rows;
-    step.fed_from_offset = static_cast<int>(meta_fed_from() - meta_tokens());
-    step.chosen = device_tokens_.as<gpu::ChosenTokenRow>();
-    step.choice_words = stage_choices(batch, bucket, slot) * static_cast<int>(sizeof(gpu::TokenChoiceRow) / 4);
-    step.staged_choices = slot.choice_staging.as<int32_t>();
-    step.choices = reinterpret_cast<int32_t*>(device_choices_.as<gpu::TokenChoiceRow>());
-    gpu::upload_step(step, stream_);
-  }
-
   bool forward_finished() override {
-    return begun_.empty() || cudaEventQuery(slots_[begun_.front()].done) != cudaErrorNotReady;
+    if (begun_.empty()) return true;
+    for (cudaEvent_t done : slots_[begun_.front()].done) {
+      if (cudaEventQuery(done) == cudaErrorNotReady) return false;
+    }
+    return true;
   }
 
   void finish_forward() override {
     if (begun_.empty()) throw std::logic_error("cuda backend: no step to finish");
     StepSlot& slot = slots_[begun_.front()];
     begun_.pop_front();
-    PEARL_CUDA_CHECK(cudaEventSynchronize(slot.done));
+    for (cudaEvent_t done : slot.done) PEARL_CUDA_CHECK(cudaEventSynchronize(done));
     const ops::ChosenToken* landing = slot.landing.as<ops::ChosenToken>();
     std::copy(landing, landing + slot.outputs, slot.chosen);
     // Only a step nothing began behind can have drafting rows, so the step's choices are still the last staged.
@@ -376,47 +284,76 @@ class CudaBackend final : public Backend {
     if (block_size_ <= 0) fail("block_size must be positive");
   }
 
-  void load_weights(const Checkpoint& checkpoint) {
-    validate_checkpoint(config_, checkpoint);
-    WeightUploader upload(checkpoint, weights_);
-    embed_ = upload.matrix("model.embed_tokens.weight");
-    layers_.resize(static_cast<size_t>(config_.num_layers));
-    for (int layer = 0; layer < config_.num_layers; ++layer) {
-      load_layer(config_, layer, upload, layers_[static_cast<size_t>(layer)]);
+  // One rank per listed device. Ranks that share a GPU share its stream (their collectives are plain kernels
+  // in stream order); ranks on distinct GPUs each get a stream of their own.
+  void create_ranks(const std::vector<int>& devices) {
+    for (size_t r = 0; r < devices.size(); ++r) {
+      auto rank = std::make_unique<Rank>();
+      rank->index = static_cast<int>(r);
+      rank->device = devices[r];
+      const auto shared = std::find(stream_devices_.begin(), stream_devices_.end(), devices[r]);
+      if (shared != stream_devices_.end()) {
+        rank->stream_index = static_cast<int>(shared - stream_devices_.begin());
+      } else {
+        PEARL_CUDA_CHECK(cudaSetDevice(devices[r]));
+        cudaStream_t stream = nullptr;
+        PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        rank->stream_index = static_cast<int>(streams_.size());
+        streams_.push_back(stream);
+        stream_devices_.push_back(devices[r]);
+        graphs_.push_back(GraphSet{});
+      }
+      rank->stream = streams_[static_cast<size_t>(rank->stream_index)];
+      ranks_.push_back(std::move(rank));
     }
-    final_norm_ = upload.floats("model.norm.weight");
-    lm_head_.in = config_.hidden_size;
-    lm_head_.out = config_.vocab_size;
-    lm_head_.weight = config_.tie_word_embeddings ? embed_ : upload.matrix("lm_head.weight");
+  }
 
-    const std::vector<float> inv_freq = ops::rope_inv_freq(config_.rope, config_.head_dim);
-    weights_.emplace_back(inv_freq.size() * sizeof(float));
-    inv_freq_ = weights_.back().as<float>();
-    PEARL_CUDA_CHECK(
-        cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
+  Rank& lead() const { return *ranks_.front(); }
+
+  template <typename Work>
+  void for_each_rank(Work work) {
+    for (auto& rank : ranks_) {
+      PEARL_CUDA_CHECK(cudaSetDevice(rank->device));
+      work(*rank);
+    }
+  }
+
+  void synchronize_streams() {
+    for (size_t s = 0; s < streams_.size(); ++s) {
+      PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+      PEARL_CUDA_CHECK(cudaStreamSynchronize(streams_[s]));
+    }
   }
 
   // Every weight shape gets the skinny GEMM variant that streams it fastest on this card (they all give
-  // bit-identical results, so the choice cannot change an output).
+  // bit-identical results, so the choice cannot change an output). Ranks hold the same shapes: rank 0 is timed.
   void tune_matmuls() {
-    std::vector<DeviceLinear*> linears;
-    for (DeviceLayer& layer : layers_) {
-      for (DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) linears.push_back(linear);
+    std::map<std::pair<int, int>, std::vector<DeviceLinear*>> by_shape;
+    std::map<std::pair<int, int>, std::vector<const bf16*>> lead_weights;
+    for (auto& rank : ranks_) {
+      std::vector<DeviceLinear*> linears;
+      for (DeviceLayer& layer : rank->weights.layers) {
+        for (DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) linears.push_back(linear);
+      }
+      linears.push_back(&rank->weights.lm_head);
+      for (DeviceLinear* linear : linears) {
+        by_shape[{linear->in, linear->out}].push_back(linear);
+        if (rank->index == 0) lead_weights[{linear->in, linear->out}].push_back(linear->weight);
+      }
     }
-    linears.push_back(&lm_head_);
     // PEARL_CUDA_SKINNY_VARIANT pins one variant everywhere (tests compare them; benchmarks isolate one).
     const char* pinned = std::getenv("PEARL_CUDA_SKINNY_VARIANT");
     if (pinned != nullptr && *pinned != '\0') {
       const int variant = gpu::skinny_variant_index(pinned);
-      for (DeviceLinear* linear : linears) linear->skinny_variant = variant;
+      for (auto& [shape, group] : by_shape) {
+        for (DeviceLinear* linear : group) linear->skinny_variant = variant;
+      }
       return;
     }
-    std::map<std::pair<int, int>, std::vector<DeviceLinear*>> by_shape;
-    for (DeviceLinear* linear : linears) by_shape[{linear->in, linear->out}].push_back(linear);
+    PEARL_CUDA_CHECK(cudaSetDevice(lead().device));
     for (const auto& [shape, group] : by_shape) {
-      std::vector<const bf16*> weights;
-      for (const DeviceLinear* linear : group) weights.push_back(linear->weight);
-      const gpu::SkinnyTuning tuning = gpu::tune_skinny_matmul(weights, shape.first, shape.second, stream_);
+      const gpu::SkinnyTuning tuning = gpu::tune_skinny_matmul(lead_weights[shape], shape.first, shape.second,
+                                                               lead().stream);
       for (DeviceLinear* linear : group) linear->skinny_variant = tuning.variant;
       if (log_tuning_) {
         std::string line = "pearl cuda: skinny GEMM [" + std::to_string(shape.second) + " x " +
@@ -432,60 +369,83 @@ class CudaBackend final : public Backend {
   void allocate_scratch() {
     const size_t rows = static_cast<size_t>(std::max(kChunkRows, kGraphMaxRows));
     const size_t hidden = static_cast<size_t>(config_.hidden_size);
-    const size_t inter = static_cast<size_t>(config_.intermediate_size);
-    x_ = DeviceMemory(rows * hidden * sizeof(float));
-    normed_ = DeviceMemory(rows * hidden * sizeof(bf16));
-    qkv_ = DeviceMemory(rows * static_cast<size_t>(qkv_width()) * sizeof(float));
-    attended_ = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(bf16));
-    gate_up_ = DeviceMemory(rows * 2 * inter * sizeof(float));
-    activated_ = DeviceMemory(rows * inter * sizeof(bf16));
-    attention_scratch_ = DeviceMemory(
-        gpu::attention_scratch_floats(static_cast<int>(rows), config_.num_heads, config_.head_dim) * sizeof(float));
-    device_logits_ = DeviceMemory(static_cast<size_t>(kLogitRows) * config_.vocab_size * sizeof(float));
-    device_tokens_ = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(gpu::ChosenTokenRow));
-    choose_scratch_ = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));
-    processed_scratch_ = DeviceMemory(gpu::processed_scratch_bytes(kLogitRows, config_.vocab_size));
+    const size_t inter = static_cast<size_t>(plan_.local_intermediate());
+    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+    const size_t local_vocab = static_cast<size_t>(plan_.local_vocab());
+    for_each_rank([&](Rank& rank) {
+      rank.x = DeviceMemory(rows * hidden * sizeof(float));
+      rank.normed = DeviceMemory(rows * hidden * sizeof(bf16));
+      rank.qkv = DeviceMemory(rows * static_cast<size_t>(qkv_width()) * sizeof(float));
+      rank.attended = DeviceMemory(rows * static_cast<size_t>(q_dim()) * sizeof(bf16));
+      rank.gate_up = DeviceMemory(rows * 2 * inter * sizeof(float));
+      rank.activated = DeviceMemory(rows * inter * sizeof(bf16));
+      rank.attention_scratch = DeviceMemory(
+          gpu::attention_scratch_floats(static_cast<int>(rows), plan_.local_heads(), config_.head_dim) * sizeof(float));
+      if (ranks_.size() > 1) {
+        rank.local_logits = DeviceMemory(static_cast<size_t>(kLogitRows) * local_vocab * sizeof(float));
+        rank.gathered_logits =
+            DeviceMemory(ranks_.size() * static_cast<size_t>(kLogitRows) * local_vocab * sizeof(float));
+      }
+      rank.logits = DeviceMemory(static_cast<size_t>(kLogitRows) * vocab * sizeof(float));
+      rank.tokens = DeviceMemory(static_cast<size_t>(kLogitRows) * sizeof(gpu::ChosenTokenRow));
+      rank.choose_scratch = DeviceMemory(gpu::choose_token_scratch_bytes(kLogitRows, config_.vocab_size));
+      if (rank.index == 0) {
+        rank.processed_scratch = DeviceMemory(gpu::processed_scratch_bytes(kLogitRows, config_.vocab_size));
+      }
+      rank.cublas = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
+    });
     reserve_processed(kLogitRows, kLogitRows * kDraftEntriesPerRow, kLogitRows * kDraftEntriesPerRow);
-    cublas_ = std::make_unique<gpu::CublasLtGemm>(kCublasWorkspaceBytes);
   }
 
+  // The same block count on every rank (one block table serves them all): what the fullest GPU affords,
+  // shared among the ranks on it.
   void allocate_cache(const EngineOptions& options) {
     const int64_t layer_block_elements =
-        static_cast<int64_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
+        static_cast<int64_t>(block_size_) * plan_.local_kv_heads() * config_.head_dim;
     const int64_t bytes_per_block = 2 * config_.num_layers * layer_block_elements * static_cast<int64_t>(sizeof(bf16));
     if (options.num_blocks > 0) {
       num_blocks_ = options.num_blocks;
     } else {
-      size_t free_bytes = 0;
-      size_t total_bytes = 0;
-      PEARL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-      const int64_t affordable =
-          static_cast<int64_t>(static_cast<double>(free_bytes) * kDefaultCacheFraction) / bytes_per_block;
+      int64_t affordable = std::numeric_limits<int64_t>::max();
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        size_t free_bytes = 0;
+        size_t total_bytes = 0;
+        PEARL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+        const int64_t sharing = std::count_if(ranks_.begin(), ranks_.end(), [s](const auto& rank) {
+          return rank->stream_index == static_cast<int>(s);
+        });
+        affordable = std::min(affordable, static_cast<int64_t>(static_cast<double>(free_bytes) * kDefaultCacheFraction) /
+                                              (bytes_per_block * sharing));
+      }
       const int64_t wanted =
           kDefaultCacheSequences * ((config_.max_position_embeddings + block_size_ - 1) / block_size_);
       num_blocks_ = static_cast<int>(std::max<int64_t>(1, std::min(wanted, affordable)));
     }
     layer_elements_ = static_cast<size_t>(num_blocks_) * static_cast<size_t>(layer_block_elements);
     const size_t bytes = 2 * static_cast<size_t>(config_.num_layers) * layer_elements_ * sizeof(bf16);
-    try {
-      kv_cache_ = DeviceMemory(bytes);
-    } catch (const std::exception& error) {
-      throw std::runtime_error("backend \"cuda\": a KV cache of " + std::to_string(num_blocks_) + " blocks (" +
-                               std::to_string(bytes >> 20) + " MiB) does not fit on device " +
-                               std::to_string(device_) + ": " + error.what());
-    }
+    for_each_rank([&](Rank& rank) {
+      try {
+        rank.kv_cache = DeviceMemory(bytes);
+      } catch (const std::exception& error) {
+        throw std::runtime_error("backend \"cuda\": a KV cache of " + std::to_string(num_blocks_) + " blocks (" +
+                                 std::to_string(bytes >> 20) + " MiB) does not fit on device " +
+                                 std::to_string(rank.device) + ": " + error.what());
+      }
+    });
   }
 
-  int q_dim() const { return config_.num_heads * config_.head_dim; }
-  int kv_dim() const { return config_.num_kv_heads * config_.head_dim; }
+  // A rank's widths: its query and KV heads.
+  int q_dim() const { return plan_.local_heads() * config_.head_dim; }
+  int kv_dim() const { return plan_.local_kv_heads() * config_.head_dim; }
   int qkv_width() const { return q_dim() + 2 * kv_dim(); }
 
-  gpu::DeviceKvLayer kv_layer(int layer) const {
+  gpu::DeviceKvLayer kv_layer(const Rank& rank, int layer) const {
     gpu::DeviceKvLayer kv;
-    kv.k = kv_cache_.as<bf16>() + (2 * static_cast<size_t>(layer)) * layer_elements_;
+    kv.k = rank.kv_cache.as<bf16>() + (2 * static_cast<size_t>(layer)) * layer_elements_;
     kv.v = kv.k + layer_elements_;
     kv.block_size = block_size_;
-    kv.num_kv_heads = config_.num_kv_heads;
+    kv.num_kv_heads = plan_.local_kv_heads();
     kv.head_dim = config_.head_dim;
     return kv;
   }
@@ -499,41 +459,55 @@ class CudaBackend final : public Backend {
     return 0;
   }
 
-  // Step metadata, one int32 array in device memory (and a pinned staging copy per step slot):
-  // [tokens | positions | slots | row_table | logit_index | fed_from] (row_capacity_ each), table stride,
-  // block tables.
-  int32_t* meta_tokens() const { return meta_.as<int32_t>(); }
-  int32_t* meta_positions() const { return meta_tokens() + row_capacity_; }
-  int32_t* meta_slots() const { return meta_tokens() + 2 * row_capacity_; }
-  int32_t* meta_row_table() const { return meta_tokens() + 3 * row_capacity_; }
-  int32_t* meta_logit_index() const { return meta_tokens() + 4 * row_capacity_; }
-  int32_t* meta_fed_from() const { return meta_tokens() + 5 * row_capacity_; }
-  int32_t* meta_stride() const { return meta_tokens() + 6 * row_capacity_; }
-  int32_t* meta_tables() const { return meta_stride() + 1; }
+  int32_t* meta(const Rank& rank, size_t offset) const { return rank.meta.as<int32_t>() + offset; }
 
-  gpu::DeviceRows device_rows(int first_row) const {
+  gpu::DeviceRows device_rows(const Rank& rank, int first_row) const {
     gpu::DeviceRows rows;
-    rows.tokens = meta_tokens() + first_row;
-    rows.positions = meta_positions() + first_row;
-    rows.slots = meta_slots() + first_row;
-    rows.row_table = meta_row_table() + first_row;
-    rows.block_tables = meta_tables();
-    rows.table_stride = meta_stride();
+    rows.tokens = meta(rank, meta_layout_.tokens()) + first_row;
+    rows.positions = meta(rank, meta_layout_.positions()) + first_row;
+    rows.slots = meta(rank, meta_layout_.slots()) + first_row;
+    rows.row_table = meta(rank, meta_layout_.row_table()) + first_row;
+    rows.block_tables = meta(rank, meta_layout_.tables());
+    rows.table_stride = meta(rank, meta_layout_.stride());
     return rows;
+  }
+
+  // Stages the step's rows and token choices in the slot and queues, on every rank, the kernel that brings them
+  // to its device (with the tokens a step in flight hands over).
+  void upload(const ForwardBatch& batch, int bucket, const StepSlot& slot) {
+    const int padded_rows = bucket > 0 ? bucket : static_cast<int>(batch.tokens.size());
+    static_assert(sizeof(gpu::TokenChoiceRow) % sizeof(int32_t) == 0, "choices travel as 32-bit words");
+    const int meta_words = stage_rows(batch, padded_rows, slot);
+    const int choice_words =
+        stage_choices(batch, bucket, slot) * static_cast<int>(sizeof(gpu::TokenChoiceRow) / 4);
+    for_each_rank([&](Rank& rank) {
+      gpu::StepUpload step;
+      step.meta_words = meta_words;
+      step.staged_meta = slot.staging.as<int32_t>();
+      step.meta = meta(rank, 0);
+      step.rows = padded_rows;
+      step.fed_from_offset = static_cast<int>(meta_layout_.fed_from());
+      step.chosen = rank.tokens.as<gpu::ChosenTokenRow>();
+      step.choice_words = choice_words;
+      step.staged_choices = slot.choice_staging.as<int32_t>();
+      step.choices = reinterpret_cast<int32_t*>(rank.choices.as<gpu::TokenChoiceRow>());
+      gpu::upload_step(step, rank.stream);
+    });
   }
 
   // Grows the metadata arrays; graphs captured with the old addresses are dropped.
   void reserve_meta(int rows, int64_t table_ints) {
-    if (rows <= row_capacity_ && table_ints <= table_capacity_) return;
-    row_capacity_ = std::max({rows, kGraphMaxRows, 2 * row_capacity_});
+    if (rows <= meta_layout_.rows && table_ints <= table_capacity_) return;
+    meta_layout_.rows = std::max({rows, kGraphMaxRows, 2 * meta_layout_.rows});
     table_capacity_ = std::max<int64_t>({table_ints, int64_t{1024}, 2 * table_capacity_});
-    const size_t bytes = (6 * static_cast<size_t>(row_capacity_) + 1 + static_cast<size_t>(table_capacity_)) *
-                         sizeof(int32_t);
-    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const size_t bytes = (meta_layout_.tables() + static_cast<size_t>(table_capacity_)) * sizeof(int32_t);
+    synchronize_streams();
     clear_graphs();
-    meta_ = DeviceMemory(bytes);
-    const size_t choice_bytes = static_cast<size_t>(row_capacity_) * sizeof(gpu::TokenChoiceRow);
-    device_choices_ = DeviceMemory(choice_bytes);
+    const size_t choice_bytes = static_cast<size_t>(meta_layout_.rows) * sizeof(gpu::TokenChoiceRow);
+    for_each_rank([&](Rank& rank) {
+      rank.meta = DeviceMemory(bytes);
+      rank.choices = DeviceMemory(choice_bytes);
+    });
     for (StepSlot& slot : slots_) {
       slot.staging = PinnedMemory(bytes);
       slot.choice_staging = PinnedMemory(choice_bytes);
@@ -545,7 +519,7 @@ class CudaBackend final : public Backend {
   // later than the step's event.
   ops::ChosenToken* reserve_chosen_landing(StepSlot& slot, size_t outputs) {
     if (outputs > slot.landing_capacity) {
-      PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      synchronize_streams();
       slot.landing_capacity = std::max({outputs, static_cast<size_t>(kGraphMaxRows), 2 * slot.landing_capacity});
       slot.landing = PinnedMemory(slot.landing_capacity * sizeof(ops::ChosenToken));
     }
@@ -599,30 +573,32 @@ class CudaBackend final : public Backend {
   }
 
   // Room for a step's processed rows, their drafts' q entries and the entries of the q's drafting rows
-  // return. Each call of choose_processed_rows stages its rows in a fresh part of the pinned buffers, so no
-  // copy still in flight reads a rewritten entry; the step's final synchronize frees them all. Grows (rarely:
-  // the load-time size covers kLogitRows rows of kDraftEntriesPerRow entries) before any work of the step is
-  // enqueued, never inside a capture.
+  // return (rank 0's buffers). Each call of choose_processed_rows stages its rows in a fresh part of the
+  // pinned buffers, so no copy still in flight reads a rewritten entry; the step's final synchronize frees
+  // them all. Grows (rarely: the load-time size covers kLogitRows rows of kDraftEntriesPerRow entries) before
+  // any work of the step is enqueued, never inside a capture.
   void reserve_processed(size_t rows, size_t draft_entries, size_t returned_entries) {
     if (rows <= processed_capacity_ && draft_entries <= draft_entry_capacity_ &&
         returned_entries <= returned_entry_capacity_) {
       return;
     }
-    PEARL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    synchronize_streams();
     processed_capacity_ = std::max(rows, 2 * processed_capacity_);
     draft_entry_capacity_ = std::max(draft_entries, 2 * draft_entry_capacity_);
     returned_entry_capacity_ = std::max(returned_entries, 2 * returned_entry_capacity_);
     const size_t row_bytes = processed_capacity_ * sizeof(gpu::ProcessedRow);
-    processed_staging_ = PinnedMemory(row_bytes);
-    device_processed_ = DeviceMemory(row_bytes);
     const size_t entry_bytes = draft_entry_capacity_ * (sizeof(int32_t) + sizeof(float));
+    processed_staging_ = PinnedMemory(row_bytes);
     draft_staging_ = PinnedMemory(entry_bytes);
-    device_drafts_ = DeviceMemory(entry_bytes);
-    device_returned_q_ = DeviceMemory(returned_entry_capacity_ * sizeof(gpu::TokenProbRow));
+    Rank& rank = lead();
+    PEARL_CUDA_CHECK(cudaSetDevice(rank.device));
+    rank.processed = DeviceMemory(row_bytes);
+    rank.drafts = DeviceMemory(entry_bytes);
+    rank.returned_q = DeviceMemory(returned_entry_capacity_ * sizeof(gpu::TokenProbRow));
   }
 
   // Stages the rows (padded to padded_rows with rows that touch nothing) and block tables in the slot's
-  // staging, in the layout of meta_; returns the 32-bit words staged (gpu::upload_step copies them).
+  // staging, in meta_layout_; returns the 32-bit words staged (gpu::upload_step copies them).
   int stage_rows(const ForwardBatch& batch, int padded_rows, const StepSlot& slot) {
     const int rows = static_cast<int>(batch.tokens.size());
     size_t stride = 1;
@@ -631,15 +607,15 @@ class CudaBackend final : public Backend {
     reserve_meta(padded_rows, table_ints);
 
     int32_t* host = slot.staging.as<int32_t>();
-    const auto offset = [this](int32_t* device_pointer) { return device_pointer - meta_tokens(); };
+    const MetaLayout& at = meta_layout_;
     for (int r = 0; r < padded_rows; ++r) {
       const bool real = r < rows;
-      host[offset(meta_tokens()) + r] = real ? batch.tokens[static_cast<size_t>(r)] : 0;
-      host[offset(meta_positions()) + r] = real ? batch.positions[static_cast<size_t>(r)] : -1;
-      host[offset(meta_slots()) + r] = real ? batch.slots[static_cast<size_t>(r)] : -1;
-      host[offset(meta_row_table()) + r] = real ? batch.row_table[static_cast<size_t>(r)] : 0;
+      host[at.tokens() + r] = real ? batch.tokens[static_cast<size_t>(r)] : 0;
+      host[at.positions() + r] = real ? batch.positions[static_cast<size_t>(r)] : -1;
+      host[at.slots() + r] = real ? batch.slots[static_cast<size_t>(r)] : -1;
+      host[at.row_table() + r] = real ? batch.row_table[static_cast<size_t>(r)] : 0;
       const int32_t fed_output = real && !batch.fed_outputs.empty() ? batch.fed_outputs[static_cast<size_t>(r)] : -1;
-      host[offset(meta_fed_from()) + r] = fed_output < 0 ? -1 : last_logit_rows_.at(static_cast<size_t>(fed_output));
+      host[at.fed_from() + r] = fed_output < 0 ? -1 : last_logit_rows_.at(static_cast<size_t>(fed_output));
     }
     // Eager steps gather their logit rows chunk by chunk: the chunk-local row of every logit output,
     // grouped by chunk in output order.
@@ -647,7 +623,7 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < batch.logit_rows.size(); ++i) {
       logit_groups_[static_cast<size_t>(batch.logit_rows[i] / kChunkRows)].push_back(static_cast<int32_t>(i));
     }
-    int32_t* logit_index = host + offset(meta_logit_index());
+    int32_t* logit_index = host + at.logit_index();
     for (const auto& group : logit_groups_) {
       for (int32_t output : group) *logit_index++ = batch.logit_rows[static_cast<size_t>(output)] % kChunkRows;
     }
@@ -656,14 +632,14 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < batch.logit_rows.size(); ++i) {
       if (batch.full_logits[i]) full_logits_row_[i] = full_rows++;
     }
-    host[offset(meta_stride())] = static_cast<int32_t>(stride);
-    int32_t* tables = host + offset(meta_tables());
+    host[at.stride()] = static_cast<int32_t>(stride);
+    int32_t* tables = host + at.tables();
     for (const auto& table : batch.block_tables) {
       std::copy(table.begin(), table.end(), tables);
       std::fill(tables + table.size(), tables + stride, 0);
       tables += stride;
     }
-    return static_cast<int>(offset(meta_tables()) + table_ints);
+    return static_cast<int>(at.tables() + static_cast<size_t>(table_ints));
   }
 
   // Up to 16 rows, and always in deterministic mode, a product takes the batch-invariant skinny kernel, 16
@@ -677,65 +653,120 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  // y (+)= x W^T (+ b).
-  void matmul(const bf16* x, int rows, const DeviceLinear& linear, float* y, bool accumulate) {
+  // y (+)= x W^T (+ b) on the rank's stream.
+  void matmul(Rank& rank, const bf16* x, int rows, const DeviceLinear& linear, float* y, bool accumulate) {
     const bool skinny = skinny_chunks(rows, [&](size_t first, int count) {
       gpu::skinny_matmul(x + first * linear.in, count, linear.in, linear.weight, linear.bias, linear.out,
-                         y + first * linear.out, accumulate, linear.skinny_variant, programmatic_launch_, stream_);
+                         y + first * linear.out, accumulate, linear.skinny_variant, programmatic_launch_, rank.stream);
     });
     if (skinny) return;
-    cublas_->matmul(x, rows, linear.in, linear.weight, linear.out, y, accumulate, stream_);
-    if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, stream_);
+    rank.cublas->matmul(x, rows, linear.in, linear.weight, linear.out, y, accumulate, rank.stream);
+    if (linear.bias != nullptr) gpu::add_bias(y, rows, linear.out, linear.bias, rank.stream);
   }
 
   // out = bf16(silu(x W_gate^T) * (x W_up^T)) for the interleaved gate_up weight: in the skinny GEMM's
   // epilogue wherever matmul would take that kernel, else cuBLASLt's float product and silu_mul.
-  void mlp_activation(const bf16* x, int rows, const DeviceLinear& gate_up, bf16* out) {
+  void mlp_activation(Rank& rank, const bf16* x, int rows, const DeviceLinear& gate_up, bf16* out) {
     const size_t inter = static_cast<size_t>(gate_up.out) / 2;
     const bool skinny = skinny_chunks(rows, [&](size_t first, int count) {
       gpu::skinny_matmul_silu(x + first * gate_up.in, count, gate_up.in, gate_up.weight, gate_up.bias, gate_up.out,
-                              out + first * inter, gate_up.skinny_variant, programmatic_launch_, stream_);
+                              out + first * inter, gate_up.skinny_variant, programmatic_launch_, rank.stream);
     });
     if (skinny) return;
-    matmul(x, rows, gate_up, gate_up_.as<float>(), false);
-    gpu::silu_mul(gate_up_.as<float>(), rows, gate_up.out / 2, out, stream_);
+    matmul(rank, x, rows, gate_up, rank.gate_up.as<float>(), false);
+    gpu::silu_mul(rank.gate_up.as<float>(), rows, gate_up.out / 2, out, rank.stream);
   }
 
-  // Every layer over `count` rows; leaves the final hidden states (before the last norm) in x_.
-  void run_layers(const gpu::DeviceRows& rows, int count) {
+  // A row-parallel product's output joins the residual stream: alone, a rank adds it in place; in a group,
+  // rank 0 adds its partial to x and the others write theirs over their copy of x, and the all-reduce then
+  // leaves x + the sum of every partial on every rank.
+  void row_parallel(Rank& rank, const bf16* x, int rows, const DeviceLinear& linear) {
+    matmul(rank, x, rows, linear, rank.x.as<float>(), rank.index == 0);
+  }
+
+  void reduce_residual(int rows) {
+    if (!collective_) return;
+    std::vector<float*> buffers;
+    for (const auto& rank : ranks_) buffers.push_back(rank->x.as<float>());
+    collective_->all_reduce_sum(buffers, static_cast<size_t>(rows) * config_.hidden_size);
+  }
+
+  // Every layer over `count` rows on every rank; leaves the final hidden states (before the last norm) in x.
+  // Each phase is queued on all ranks before the collective that joins them.
+  void run_layers(int first_row, int count) {
     const int hidden = config_.hidden_size;
     const float eps = static_cast<float>(config_.rms_norm_eps);
-    float* x = x_.as<float>();
-    bf16* normed = normed_.as<bf16>();
-    float* qkv = qkv_.as<float>();
-    gpu::embedding(embed_, hidden, rows.tokens, count, x, stream_);
+    for_each_rank([&](Rank& rank) {
+      gpu::embedding(rank.weights.embed, hidden, device_rows(rank, first_row).tokens, count, rank.x.as<float>(),
+                     rank.stream);
+    });
     for (int layer = 0; layer < config_.num_layers; ++layer) {
-      const DeviceLayer& w = layers_[static_cast<size_t>(layer)];
-      gpu::rmsnorm(x, nullptr, count, hidden, w.input_norm, eps, normed, programmatic_launch_, stream_);
-      matmul(normed, count, w.qkv, qkv, false);
-      const gpu::DeviceKvLayer kv = kv_layer(layer);
-      gpu::rope_store_kv(qkv, qkv_width(), count, config_.num_heads, config_.head_dim, rows.positions, inv_freq_,
-                         w.q_norm, w.k_norm, eps, rows.slots, kv, programmatic_launch_, stream_);
-      gpu::attention(qkv, qkv_width(), count, config_.num_heads, kv, rows, config_.sliding_window,
-                     attention_scratch_.as<float>(), attended_.as<bf16>(), programmatic_launch_, stream_);
-      matmul(attended_.as<bf16>(), count, w.o, x, true);
-      gpu::rmsnorm(x, nullptr, count, hidden, w.post_attention_norm, eps, normed, programmatic_launch_, stream_);
-      mlp_activation(normed, count, w.gate_up, activated_.as<bf16>());
-      matmul(activated_.as<bf16>(), count, w.down, x, true);
+      for_each_rank([&](Rank& rank) {
+        const DeviceLayer& w = rank.weights.layers[static_cast<size_t>(layer)];
+        const gpu::DeviceRows rows = device_rows(rank, first_row);
+        bf16* normed = rank.normed.as<bf16>();
+        float* qkv = rank.qkv.as<float>();
+        gpu::rmsnorm(rank.x.as<float>(), nullptr, count, hidden, w.input_norm, eps, normed, programmatic_launch_,
+                     rank.stream);
+        matmul(rank, normed, count, w.qkv, qkv, false);
+        const gpu::DeviceKvLayer kv = kv_layer(rank, layer);
+        gpu::rope_store_kv(qkv, qkv_width(), count, plan_.local_heads(), config_.head_dim, rows.positions,
+                           rank.weights.inv_freq, w.q_norm, w.k_norm, eps, rows.slots, kv, programmatic_launch_,
+                           rank.stream);
+        gpu::attention(qkv, qkv_width(), count, plan_.local_heads(), kv, rows, config_.sliding_window,
+                       rank.attention_scratch.as<float>(), rank.attended.as<bf16>(), programmatic_launch_,
+                       rank.stream);
+        row_parallel(rank, rank.attended.as<bf16>(), count, w.o);
+      });
+      reduce_residual(count);
+      for_each_rank([&](Rank& rank) {
+        const DeviceLayer& w = rank.weights.layers[static_cast<size_t>(layer)];
+        bf16* normed = rank.normed.as<bf16>();
+        gpu::rmsnorm(rank.x.as<float>(), nullptr, count, hidden, w.post_attention_norm, eps, normed,
+                     programmatic_launch_, rank.stream);
+        mlp_activation(rank, normed, count, w.gate_up, rank.activated.as<bf16>());
+        row_parallel(rank, rank.activated.as<bf16>(), count, w.down);
+      });
+      reduce_residual(count);
     }
   }
 
-  // Final norm of x_ rows (row_index, or the first `count` rows when null), lm_head into device_logits_,
-  // and the token each of those rows picks (choices, one per row) into device_tokens_.
-  void compute_logits(const int32_t* row_index, int count, const gpu::TokenChoiceRow* choices) {
-    gpu::rmsnorm(x_.as<float>(), row_index, count, config_.hidden_size, final_norm_,
-                 static_cast<float>(config_.rms_norm_eps), normed_.as<bf16>(), programmatic_launch_, stream_);
-    matmul(normed_.as<bf16>(), count, lm_head_, device_logits_.as<float>(), false);
-    gpu::choose_token(device_logits_.as<float>(), count, config_.vocab_size, choices, choose_scratch_.as<void>(),
-                      device_tokens_.as<gpu::ChosenTokenRow>(), stream_);
+  // Final norm of the x rows (logit_index from `logit_offset` of the step's metadata, or the first `count`
+  // rows when negative), lm_head into each rank's logits (in a group: each rank's vocabulary columns,
+  // gathered and put in vocabulary order on every rank), and the token each of those rows picks (choices
+  // from `choice_offset`, one per row) into each rank's tokens.
+  void compute_logits(int logit_offset, int count, int choice_offset) {
+    const bool split = collective_ != nullptr;
+    for_each_rank([&](Rank& rank) {
+      const int32_t* row_index = logit_offset < 0 ? nullptr : meta(rank, meta_layout_.logit_index()) + logit_offset;
+      gpu::rmsnorm(rank.x.as<float>(), row_index, count, config_.hidden_size, rank.weights.final_norm,
+                   static_cast<float>(config_.rms_norm_eps), rank.normed.as<bf16>(), programmatic_launch_,
+                   rank.stream);
+      matmul(rank, rank.normed.as<bf16>(), count, rank.weights.lm_head,
+             split ? rank.local_logits.as<float>() : rank.logits.as<float>(), false);
+    });
+    if (split) {
+      std::vector<const float*> send;
+      std::vector<float*> gathered;
+      for (const auto& rank : ranks_) {
+        send.push_back(rank->local_logits.as<float>());
+        gathered.push_back(rank->gathered_logits.as<float>());
+      }
+      collective_->all_gather(send, gathered, static_cast<size_t>(count) * plan_.local_vocab());
+      for_each_rank([&](Rank& rank) {
+        gpu::assemble_vocab_shards(rank.gathered_logits.as<float>(), count,
+                                   plan_.local_vocab(), config_.vocab_size, rank.logits.as<float>(), rank.stream);
+      });
+    }
+    for_each_rank([&](Rank& rank) {
+      gpu::choose_token(rank.logits.as<float>(), count, config_.vocab_size,
+                        rank.choices.as<gpu::TokenChoiceRow>() + choice_offset, rank.choose_scratch.as<void>(),
+                        rank.tokens.as<gpu::ChosenTokenRow>(), rank.stream);
+    });
   }
 
-  // Copies device rows source_rows[i] (`width` elements each) to host rows destinations[i], merging runs.
+  // Copies rank 0's device rows source_rows[i] (`width` elements each) to host rows destinations[i], merging
+  // runs.
   template <typename T>
   void copy_rows(const T* device, size_t width, const std::vector<int32_t>& source_rows,
                  const std::vector<int32_t>& destinations, T* host) {
@@ -748,23 +779,24 @@ class CudaBackend final : public Backend {
       }
       PEARL_CUDA_CHECK(cudaMemcpyAsync(host + static_cast<size_t>(destinations[i]) * width,
                                        device + static_cast<size_t>(source_rows[i]) * width,
-                                       run * width * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+                                       run * width * sizeof(T), cudaMemcpyDeviceToHost, lead().stream));
       i += run;
     }
   }
 
-  // Outputs `outputs` sit in rows source_rows of device_logits_ / device_tokens_: processed rows are redrawn,
-  // then every choice comes back, logits only for the outputs that asked for them, and the q of drafting rows
+  // Outputs `outputs` sit in rows source_rows of rank 0's logits / tokens: processed rows are redrawn, then
+  // every choice comes back, logits only for the outputs that asked for them, and the q of drafting rows
   // (return_top_k entries each, no vocabulary-sized row).
   void copy_outputs(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs, float* logits,
                     ops::ChosenToken* chosen, ops::TokenProb* q_entries) {
+    PEARL_CUDA_CHECK(cudaSetDevice(lead().device));
     choose_processed_rows(source_rows, outputs);
     static_assert(sizeof(ops::ChosenToken) == sizeof(gpu::ChosenTokenRow) &&
                       offsetof(ops::ChosenToken, token) == offsetof(gpu::ChosenTokenRow, token) &&
                       offsetof(ops::ChosenToken, residual_token) == offsetof(gpu::ChosenTokenRow, residual_token) &&
                       offsetof(ops::ChosenToken, draft_prob) == offsetof(gpu::ChosenTokenRow, draft_prob),
                   "ops::ChosenToken and gpu::ChosenTokenRow must share one layout");
-    copy_rows(device_tokens_.as<gpu::ChosenTokenRow>(), 1, source_rows, outputs,
+    copy_rows(lead().tokens.as<gpu::ChosenTokenRow>(), 1, source_rows, outputs,
               reinterpret_cast<gpu::ChosenTokenRow*>(chosen));
     std::vector<int32_t> full_sources;
     std::vector<int32_t> full_destinations;
@@ -774,7 +806,7 @@ class CudaBackend final : public Backend {
       full_sources.push_back(source_rows[i]);
       full_destinations.push_back(full_row);
     }
-    copy_rows(device_logits_.as<float>(), static_cast<size_t>(config_.vocab_size), full_sources, full_destinations,
+    copy_rows(lead().logits.as<float>(), static_cast<size_t>(config_.vocab_size), full_sources, full_destinations,
               logits);
     copy_returned_q(outputs, q_entries);
   }
@@ -786,13 +818,13 @@ class CudaBackend final : public Backend {
                       offsetof(ops::TokenProb, token) == offsetof(gpu::TokenProbRow, token) &&
                       offsetof(ops::TokenProb, prob) == offsetof(gpu::TokenProbRow, prob),
                   "ops::TokenProb and gpu::TokenProbRow must share one layout");
-    const gpu::TokenProbRow* device = device_returned_q_.as<gpu::TokenProbRow>();
+    const gpu::TokenProbRow* device = lead().returned_q.as<gpu::TokenProbRow>();
     size_t begin = 0;
     size_t end = 0;
     const auto flush = [&] {
       if (end == begin) return;
       PEARL_CUDA_CHECK(cudaMemcpyAsync(q_entries + begin, device + begin, (end - begin) * sizeof(gpu::TokenProbRow),
-                                       cudaMemcpyDeviceToHost, stream_));
+                                       cudaMemcpyDeviceToHost, lead().stream));
     };
     for (int32_t output : outputs) {
       const size_t k = static_cast<size_t>(step_choices_[static_cast<size_t>(output)].return_top_k);
@@ -818,12 +850,12 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // Redraws the processed outputs among `outputs` (logits in rows source_rows of device_logits_) by
-  // ops::choose_row's rule, over the tokens compute_logits's one-pass kernel wrote for them. It runs here,
-  // after the step's graph or eager work and outside any capture, and only when the step has such rows: the
-  // sort and the extra passes then cost nothing to greedy and whole-softmax steps, and the per-bucket graphs
-  // stay what they were (a graph per (bucket, has-cut-rows) would capture a sort of every bucket row, most
-  // of them not cut).
+  // Redraws the processed outputs among `outputs` (logits in rows source_rows of rank 0's logits) by
+  // ops::choose_row's rule, over the tokens compute_logits's one-pass kernel wrote for them. It runs on rank 0
+  // only (a step with such rows feeds no step behind it), after the step's graph or eager work and outside
+  // any capture, and only when the step has such rows: the sort and the extra passes then cost nothing to
+  // greedy and whole-softmax steps, and the per-bucket graphs stay what they were (a graph per (bucket,
+  // has-cut-rows) would capture a sort of every bucket row, most of them not cut).
   void choose_processed_rows(const std::vector<int32_t>& source_rows, const std::vector<int32_t>& outputs) {
     gpu::ProcessedRow* rows = processed_staging_.as<gpu::ProcessedRow>() + processed_used_;
     int32_t* draft_tokens = draft_staging_.as<int32_t>();
@@ -870,23 +902,24 @@ class CudaBackend final : public Backend {
       }
     }
     if (count == 0) return;
-    gpu::ProcessedRow* device_rows = device_processed_.as<gpu::ProcessedRow>() + processed_used_;
+    Rank& rank = lead();
+    gpu::ProcessedRow* device_rows = rank.processed.as<gpu::ProcessedRow>() + processed_used_;
     PEARL_CUDA_CHECK(cudaMemcpyAsync(device_rows, rows, static_cast<size_t>(count) * sizeof(gpu::ProcessedRow),
-                                     cudaMemcpyHostToDevice, stream_));
+                                     cudaMemcpyHostToDevice, rank.stream));
     processed_used_ += static_cast<size_t>(count);
-    int32_t* device_draft_tokens = device_drafts_.as<int32_t>();
+    int32_t* device_draft_tokens = rank.drafts.as<int32_t>();
     float* device_draft_probs = reinterpret_cast<float*>(device_draft_tokens + draft_entry_capacity_);
     const size_t entries = draft_entries_used_ - first_entry;
     if (entries > 0) {
       PEARL_CUDA_CHECK(cudaMemcpyAsync(device_draft_tokens + first_entry, draft_tokens + first_entry,
-                                       entries * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+                                       entries * sizeof(int32_t), cudaMemcpyHostToDevice, rank.stream));
       PEARL_CUDA_CHECK(cudaMemcpyAsync(device_draft_probs + first_entry, draft_probs + first_entry,
-                                       entries * sizeof(float), cudaMemcpyHostToDevice, stream_));
+                                       entries * sizeof(float), cudaMemcpyHostToDevice, rank.stream));
     }
-    gpu::choose_processed(device_logits_.as<float>(), config_.vocab_size, device_rows, count, sorted_rows,
+    gpu::choose_processed(rank.logits.as<float>(), config_.vocab_size, device_rows, count, sorted_rows,
                           nucleus_rows, selected_rows, device_draft_tokens, device_draft_probs,
-                          processed_scratch_.as<void>(), kLogitRows, device_tokens_.as<gpu::ChosenTokenRow>(),
-                          device_returned_q_.as<gpu::TokenProbRow>(), stream_);
+                          rank.processed_scratch.as<void>(), kLogitRows, rank.tokens.as<gpu::ChosenTokenRow>(),
+                          rank.returned_q.as<gpu::TokenProbRow>(), rank.stream);
   }
 
   void forward_eager(const ForwardBatch& batch, float* logits, ops::ChosenToken* chosen, ops::TokenProb* q_entries) {
@@ -894,12 +927,11 @@ class CudaBackend final : public Backend {
     int32_t logit_offset = 0;
     for (int first = 0; first < rows; first += kChunkRows) {
       const int count = std::min(kChunkRows, rows - first);
-      run_layers(device_rows(first), count);
+      run_layers(first, count);
       const std::vector<int32_t>& group = logit_groups_[static_cast<size_t>(first / kChunkRows)];
       for (size_t begin = 0; begin < group.size(); begin += kLogitRows) {
         const int n = static_cast<int>(std::min<size_t>(kLogitRows, group.size() - begin));
-        compute_logits(meta_logit_index() + logit_offset + begin, n,
-                       device_choices_.as<gpu::TokenChoiceRow>() + logit_offset + begin);
+        compute_logits(logit_offset + static_cast<int>(begin), n, logit_offset + static_cast<int>(begin));
         std::vector<int32_t> source_rows(static_cast<size_t>(n));
         for (int i = 0; i < n; ++i) source_rows[static_cast<size_t>(i)] = i;
         copy_outputs(source_rows,
@@ -913,91 +945,98 @@ class CudaBackend final : public Backend {
 
   // The whole step over `bucket` rows, logits of every row included (the row count is fixed per graph).
   void enqueue_bucket(int bucket) {
-    run_layers(device_rows(0), bucket);
-    compute_logits(nullptr, bucket, device_choices_.as<gpu::TokenChoiceRow>());
+    run_layers(0, bucket);
+    compute_logits(-1, bucket, 0);
   }
 
   void forward_graph(const ForwardBatch& batch, int bucket, float* logits, ops::ChosenToken* chosen,
                      ops::TokenProb* q_entries) {
     const size_t index = static_cast<size_t>(
         std::find(kGraphBuckets.begin(), kGraphBuckets.end(), bucket) - kGraphBuckets.begin());
-    if (graphs_[index] == nullptr) {
-      // The first step of a bucket runs eagerly (cuBLASLt plans and lazy module loads happen outside any
-      // capture), then the same work is captured for later steps.
+    if (graphs_.front()[index] == nullptr) {
+      // The first step of a bucket runs eagerly (cuBLASLt plans, lazy module loads and NCCL's first use of a
+      // size happen outside any capture), then the same work is captured for later steps.
       enqueue_bucket(bucket);
       capture(bucket, index);
     } else {
-      PEARL_CUDA_CHECK(cudaGraphLaunch(graphs_[index], stream_));
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        PEARL_CUDA_CHECK(cudaGraphLaunch(graphs_[s][index], streams_[s]));
+      }
     }
     std::vector<int32_t> outputs(batch.logit_rows.size());
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i] = static_cast<int32_t>(i);
     copy_outputs(batch.logit_rows, outputs, logits, chosen, q_entries);
   }
 
+  // One graph per stream, captured together: the collectives between the ranks' kernels are in them.
   void capture(int bucket, size_t index) {
-    cudaGraph_t graph = nullptr;
-    PEARL_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    std::vector<cudaGraph_t> captured(streams_.size(), nullptr);
+    const auto end_all = [&] {
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        cudaSetDevice(stream_devices_[s]);
+        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+        cudaStreamIsCapturing(streams_[s], &status);
+        if (status != cudaStreamCaptureStatusNone) cudaStreamEndCapture(streams_[s], &captured[s]);
+      }
+    };
     try {
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        PEARL_CUDA_CHECK(cudaStreamBeginCapture(streams_[s], cudaStreamCaptureModeThreadLocal));
+      }
       enqueue_bucket(bucket);
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        PEARL_CUDA_CHECK(cudaStreamEndCapture(streams_[s], &captured[s]));
+      }
+      for (size_t s = 0; s < streams_.size(); ++s) {
+        PEARL_CUDA_CHECK(cudaSetDevice(stream_devices_[s]));
+        PEARL_CUDA_CHECK(cudaGraphInstantiate(&graphs_[s][index], captured[s], 0));
+      }
     } catch (...) {
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph != nullptr) cudaGraphDestroy(graph);
+      end_all();
+      for (cudaGraph_t graph : captured) {
+        if (graph != nullptr) cudaGraphDestroy(graph);
+      }
       throw;
     }
-    PEARL_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    const cudaError_t instantiated = cudaGraphInstantiate(&graphs_[index], graph, 0);
-    cudaGraphDestroy(graph);
-    PEARL_CUDA_CHECK(instantiated);
+    for (cudaGraph_t graph : captured) cudaGraphDestroy(graph);
   }
 
   void clear_graphs() {
-    for (cudaGraphExec_t& graph : graphs_) {
-      if (graph != nullptr) cudaGraphExecDestroy(graph);
-      graph = nullptr;
+    for (size_t s = 0; s < graphs_.size(); ++s) {
+      cudaSetDevice(stream_devices_[s]);
+      for (cudaGraphExec_t& graph : graphs_[s]) {
+        if (graph != nullptr) cudaGraphExecDestroy(graph);
+        graph = nullptr;
+      }
     }
   }
 
   ModelConfig config_;
-  int device_;
+  ShardPlan plan_;
   int block_size_;
   bool deterministic_;
   bool graphs_enabled_;
   bool log_tuning_;
   bool programmatic_launch_;  // the layers' kernels overlap the kernel before them (PEARL_CUDA_PDL=0 turns it off)
-  cudaStream_t stream_ = nullptr;
 
-  std::vector<DeviceMemory> weights_;
-  const bf16* embed_ = nullptr;
-  std::vector<DeviceLayer> layers_;
-  const float* final_norm_ = nullptr;
-  DeviceLinear lm_head_;
-  float* inv_freq_ = nullptr;
-
-  DeviceMemory x_;
-  DeviceMemory normed_;
-  DeviceMemory qkv_;
-  DeviceMemory attended_;
-  DeviceMemory gate_up_;
-  DeviceMemory activated_;
-  DeviceMemory attention_scratch_;
-  DeviceMemory device_logits_;
-  DeviceMemory device_tokens_;  // per logits row: its gpu::ChosenTokenRow
-  DeviceMemory choose_scratch_;
-  DeviceMemory processed_scratch_;
-  std::unique_ptr<gpu::CublasLtGemm> cublas_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  std::vector<cudaStream_t> streams_;  // one per distinct device of the ranks
+  std::vector<int> stream_devices_;
+  std::vector<GraphSet> graphs_;  // per stream
+  std::unique_ptr<gpu::Collective> collective_;  // several ranks only
 
   int num_blocks_ = 0;
   size_t layer_elements_ = 0;
-  DeviceMemory kv_cache_;  // per layer: K then V, each [num_blocks, block_size, kv_heads, head_dim]
 
-  int row_capacity_ = 0;
+  MetaLayout meta_layout_;
   int64_t table_capacity_ = 0;
-  DeviceMemory meta_;
-  DeviceMemory device_choices_;  // per logits row: how it picks its token (stage_choices)
   std::array<StepSlot, 2> slots_;
   std::deque<size_t> begun_;  // slots of the steps in flight, oldest first
   size_t next_slot_ = 0;
-  std::vector<int32_t> last_logit_rows_;  // the last begun step's device_tokens_ row of each output
+  std::vector<int32_t> last_logit_rows_;  // the last begun step's tokens row of each output
   std::vector<std::vector<int32_t>> logit_groups_;  // eager steps: logit outputs per chunk
   std::vector<int32_t> full_logits_row_;            // per output: its row in the host logits, or -1
   std::vector<ops::TokenChoice> step_choices_;      // per output (their q's live in the step's items)
@@ -1005,15 +1044,10 @@ class CudaBackend final : public Backend {
   size_t draft_entry_capacity_ = 0;                 // q entries it holds: tokens, then as many probs
   size_t processed_used_ = 0;                       // of this step
   size_t draft_entries_used_ = 0;
-  size_t returned_entry_capacity_ = 0;              // returned q entries device_returned_q_ holds
+  size_t returned_entry_capacity_ = 0;              // returned q entries rank 0's returned_q holds
   std::vector<size_t> returned_q_offset_;           // per output: where a drafting row's q goes (device and host)
   PinnedMemory processed_staging_;
-  DeviceMemory device_processed_;
   PinnedMemory draft_staging_;
-  DeviceMemory device_drafts_;
-  DeviceMemory device_returned_q_;
-
-  std::array<cudaGraphExec_t, kGraphBuckets.size()> graphs_{};
 };
 
 }  // namespace

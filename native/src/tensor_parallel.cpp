@@ -65,6 +65,53 @@ ShardPlan plan_shards(const ModelConfig& config, int ranks) {
   return plan;
 }
 
+TensorSlice rank_slice(const ModelConfig& config, const ShardPlan& plan, int rank, const std::string& name,
+                       const std::vector<int64_t>& shape) {
+  const auto ends_with = [&name](const char* suffix) {
+    const std::string tail(suffix);
+    return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  TensorSlice whole;
+  whole.rows = shape.empty() ? 0 : shape[0];
+  whole.cols = shape.size() >= 2 ? shape[1] : 1;
+  if (plan.ranks == 1) return whole;
+  const int64_t head_dim = config.head_dim;
+  const auto by_rows = [&](int64_t per_rank) {
+    TensorSlice slice = whole;
+    slice.row_begin = rank * per_rank;
+    slice.rows = per_rank;
+    return slice;
+  };
+  const auto by_columns = [&](int64_t per_rank) {
+    TensorSlice slice = whole;
+    slice.col_begin = rank * per_rank;
+    slice.cols = per_rank;
+    return slice;
+  };
+  const auto rank_zero_only = [&] {
+    TensorSlice slice = whole;
+    if (rank != 0) slice.rows = 0;
+    return slice;
+  };
+  const bool weight = ends_with(".weight");
+  if (ends_with("self_attn.q_proj.weight") || ends_with("self_attn.q_proj.bias")) {
+    return by_rows(plan.local_heads() * head_dim);
+  }
+  if (ends_with("self_attn.k_proj.weight") || ends_with("self_attn.k_proj.bias") ||
+      ends_with("self_attn.v_proj.weight") || ends_with("self_attn.v_proj.bias")) {
+    return by_rows(plan.local_kv_heads() * head_dim);
+  }
+  if (ends_with("self_attn.o_proj.weight")) return by_columns(plan.local_heads() * head_dim);
+  if (ends_with("mlp.gate_proj.weight") || ends_with("mlp.gate_proj.bias") || ends_with("mlp.up_proj.weight") ||
+      ends_with("mlp.up_proj.bias")) {
+    return by_rows(plan.local_intermediate());
+  }
+  if (ends_with("mlp.down_proj.weight")) return by_columns(plan.local_intermediate());
+  if (!weight && (ends_with("self_attn.o_proj.bias") || ends_with("mlp.down_proj.bias"))) return rank_zero_only();
+  if (name == "lm_head.weight") return by_rows(plan.local_vocab());
+  return whole;
+}
+
 void read_bf16_block(const TensorInfo& tensor, int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols,
                      uint16_t* out) {
   const int64_t tensor_rows = tensor.shape.empty() ? 0 : tensor.shape[0];

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "model_config.h"
@@ -38,6 +39,23 @@ struct ShardPlan {
 // The plan for `ranks` ranks; throws naming the limit for more than kMaxTensorParallel ranks or more ranks than
 // the model has KV heads (a rank would hold padding only). One rank pads nothing.
 ShardPlan plan_shards(const ModelConfig& config, int ranks);
+
+// The part of a checkpoint tensor one rank holds: rows [row_begin, row_begin + rows) by columns
+// [col_begin, col_begin + cols) of its [rows, cols] (or [rows]) shape, padding included (rows or columns past
+// the tensor's extent are zeros). A row-parallel bias (o_proj, down_proj) is added once, by rank 0: the other
+// ranks hold none of it (rows == 0).
+struct TensorSlice {
+  int64_t row_begin = 0;
+  int64_t rows = 0;
+  int64_t col_begin = 0;
+  int64_t cols = 1;
+};
+
+// The slice of tensor `name` (Hugging Face name, `shape` as stored) that `rank` holds under `plan`: q/k/v by
+// heads, gate/up by intermediate rows, o_proj and down_proj by input columns, lm_head.weight by vocabulary
+// rows; norms and the embedding whole on every rank.
+TensorSlice rank_slice(const ModelConfig& config, const ShardPlan& plan, int rank, const std::string& name,
+                       const std::vector<int64_t>& shape);
 
 // Rows [row_begin, row_begin + rows) by columns [col_begin, col_begin + cols) of a 1-D ([n], one column) or
 // 2-D tensor as bf16 bits, row-major into out (rows * cols entries), rounded to nearest even from F32 and F16;

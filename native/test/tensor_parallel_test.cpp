@@ -142,4 +142,43 @@ TEST(vector_ranges_pad_with_zeros) {
   CHECK_EQ(bf16_value(rows[1]), 0.0f);
 }
 
+TEST(rank_slices_cover_every_sharded_tensor_once_and_row_parallel_biases_on_rank_zero) {
+  const pearl::ModelConfig config = llama_like(32, 8, 14336, 128256);
+  for (int ranks : {1, 2, 3}) {
+    const pearl::ShardPlan plan = pearl::plan_shards(config, ranks);
+    int64_t q_rows = 0;
+    int64_t o_cols = 0;
+    int64_t gate_rows = 0;
+    int64_t down_cols = 0;
+    int64_t vocab_rows = 0;
+    int64_t bias_holders = 0;
+    for (int rank = 0; rank < ranks; ++rank) {
+      const auto slice = [&](const char* name, std::vector<int64_t> shape) {
+        return pearl::rank_slice(config, plan, rank, name, shape);
+      };
+      const pearl::TensorSlice q = slice("model.layers.0.self_attn.q_proj.weight", {4096, 4096});
+      CHECK_EQ(q.row_begin, q_rows);
+      q_rows += q.rows;
+      const pearl::TensorSlice o = slice("model.layers.0.self_attn.o_proj.weight", {4096, 4096});
+      CHECK_EQ(o.rows, 4096);
+      CHECK_EQ(o.col_begin, o_cols);
+      o_cols += o.cols;
+      gate_rows += slice("model.layers.3.mlp.gate_proj.weight", {14336, 4096}).rows;
+      down_cols += slice("model.layers.3.mlp.down_proj.weight", {4096, 14336}).cols;
+      vocab_rows += slice("lm_head.weight", {128256, 4096}).rows;
+      bias_holders += slice("model.layers.0.self_attn.o_proj.bias", {4096}).rows > 0 ? 1 : 0;
+      const pearl::TensorSlice norm = slice("model.layers.0.input_layernorm.weight", {4096});
+      CHECK_EQ(norm.rows, 4096);
+      CHECK_EQ(slice("model.embed_tokens.weight", {128256, 4096}).rows, 128256);
+      CHECK_EQ(slice("model.layers.0.self_attn.k_proj.weight", {1024, 4096}).rows, plan.local_kv_heads() * 128);
+    }
+    CHECK_EQ(q_rows, int64_t{plan.heads} * 128);
+    CHECK_EQ(o_cols, int64_t{plan.heads} * 128);
+    CHECK_EQ(gate_rows, int64_t{plan.intermediate});
+    CHECK_EQ(down_cols, int64_t{plan.intermediate});
+    CHECK_EQ(vocab_rows, int64_t{plan.vocab});
+    CHECK_EQ(bias_holders, int64_t{1});
+  }
+}
+
 int main() { return check::run_all(); }
