@@ -11,12 +11,21 @@
 //   npm run bench:gpu -- --models /tmp/shapes/llama-3.2-1b,/tmp/shapes/llama-3.1-8b \
 //     [--baseline hf_baseline.json] [--json out.json] [--batch 1,4,16,64] [--steps 32] \
 //     [--prompt-length 128] [--prefill-length 2048] [--variants default,no-graphs,deterministic,tiles4,no-pdl]
-//     [--sampling greedy,whole,top-p,top-k,top-k-top-p,draft-q16,draft-q16-top-p]
+//     [--sampling greedy,whole,top-p,top-k,top-k-top-p,draft-q16,draft-q16-top-p] [--tp 1,2,4]
+//
+// --tp runs each model tensor-parallel over GPUs 0..k-1 for each k listed (a size the machine lacks GPUs for
+// is skipped with a note); its floor is the bytes each GPU reads, the collectives' latency not counted.
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
 
-import { type DraftDistribution, Engine, type ModelInfo, type SamplingParams } from "../lib/native.js";
+import {
+  cudaDeviceCount,
+  type DraftDistribution,
+  Engine,
+  type ModelInfo,
+  type SamplingParams,
+} from "../lib/native.js";
 
 function positiveIntegers(name: string, value: string): number[] {
   const numbers = value.split(",").map(Number);
@@ -38,6 +47,7 @@ const { values: args } = parseArgs({
     "prefill-length": { type: "string", default: "2048" },
     variants: { type: "string", default: "default" },
     sampling: { type: "string", default: "" },
+    tp: { type: "string", default: "1" },
   },
 });
 if (!args.models)
@@ -48,6 +58,7 @@ const windowSizes = positiveIntegers("windows", args.windows);
 const [steps] = positiveIntegers("steps", args.steps);
 const [promptLength] = positiveIntegers("prompt-length", args["prompt-length"]);
 const [prefillLength] = positiveIntegers("prefill-length", args["prefill-length"]);
+const tensorParallelSizes = positiveIntegers("tp", args.tp);
 /** What a variant changes: the engine's deterministic option and the environment the engine loads in. */
 interface VariantSetup {
   deterministic: boolean;
@@ -119,16 +130,16 @@ async function timed<T>(body: () => Promise<T>): Promise<[T, number]> {
   return [value, Number(process.hrtime.bigint() - start) / 1e6];
 }
 
-/** Bytes a decode step must read: every weight once (the lm_head included, the embedding table only when
- * it is the lm_head) plus the KV of every row's context. */
-function bytesPerStep(dir: string, info: ModelInfo, batch: number, context: number): number {
+/** Bytes a decode step must read on each of `ranks` GPUs: every weight once (the lm_head included, the
+ * embedding table only when it is the lm_head) plus the KV of every row's context, split evenly. */
+function bytesPerStep(dir: string, info: ModelInfo, batch: number, context: number, ranks: number): number {
   const config = JSON.parse(readFileSync(join(dir, "config.json"), "utf8")) as {
     tie_word_embeddings?: boolean;
   };
   const embedding = info.vocabSize * info.hiddenSize;
   const readParameters = info.numParameters - (config.tie_word_embeddings ? 0 : embedding);
   const kvPerToken = 2 * info.numLayers * info.numKvHeads * info.headDim * 2;
-  return readParameters * 2 + batch * context * kvPerToken;
+  return (readParameters * 2 + batch * context * kvPerToken) / ranks;
 }
 
 interface DecodeResult {
@@ -147,6 +158,7 @@ async function decode(
   engine: Engine,
   dir: string,
   batch: number,
+  ranks: number,
   { sampling, returnTopK }: SamplingSetup = SAMPLING_SETTINGS.greedy,
 ): Promise<DecodeResult> {
   const vocab = engine.info.vocabSize;
@@ -197,7 +209,7 @@ async function decode(
   };
   if (readBandwidth) {
     result.floorMs =
-      (bytesPerStep(dir, engine.info, batch, promptLength! + steps! / 2) / readBandwidth) * 1000;
+      (bytesPerStep(dir, engine.info, batch, promptLength! + steps! / 2, ranks) / readBandwidth) * 1000;
     result.fractionOfFloor = result.floorMs / msPerStep;
     result.pipelinedFractionOfFloor = result.floorMs / pipelinedMsPerStep;
   }
@@ -260,6 +272,8 @@ interface SamplingResult {
 interface ModelReport {
   model: string;
   variant: Variant;
+  /** Tensor-parallel ranks, on GPUs 0..tp-1. */
+  tp: number;
   loadS: number;
   parameters: number;
   decode: DecodeResult[];
@@ -269,7 +283,7 @@ interface ModelReport {
   hfEagerMsPerToken?: Record<string, number>;
 }
 
-async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
+async function benchModel(dir: string, variant: Variant, tp: number): Promise<ModelReport> {
   const saved = new Map<string, string | undefined>();
   const { deterministic, env }: VariantSetup = VARIANTS[variant];
   for (const [key, value] of Object.entries(env)) {
@@ -278,11 +292,16 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
   }
   try {
     const [engine, loadMs] = await timed(() =>
-      Engine.load({ modelDir: dir, backend: "cuda", deterministic }),
+      Engine.load({
+        modelDir: dir,
+        backend: "cuda",
+        deterministic,
+        devices: Array.from({ length: tp }, (_, i) => i),
+      }),
     );
     try {
       const decodeResults: DecodeResult[] = [];
-      for (const batch of batchSizes) decodeResults.push(await decode(engine, dir, batch));
+      for (const batch of batchSizes) decodeResults.push(await decode(engine, dir, batch, tp));
       const oneRow = decodeResults.find((result) => result.batch === 1)?.msPerStep;
       const verifyResults = [];
       for (const window of windowSizes) {
@@ -294,7 +313,7 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
         const setup: SamplingSetup = SAMPLING_SETTINGS[setting];
         const decodeMs: Record<string, number> = {};
         for (const batch of [1, 16]) {
-          decodeMs[batch] = (await decode(engine, dir, batch, setup)).msPerStep;
+          decodeMs[batch] = (await decode(engine, dir, batch, tp, setup)).msPerStep;
         }
         // A drafting step verifies nothing: its setting has no verify window.
         const verify8Ms = setup.returnTopK ? undefined : await verify(engine, 8, setup.sampling);
@@ -303,6 +322,7 @@ async function benchModel(dir: string, variant: Variant): Promise<ModelReport> {
       return {
         model: basename(dir),
         variant,
+        tp,
         loadS: loadMs / 1000,
         parameters: engine.info.numParameters,
         decode: decodeResults,
@@ -332,14 +352,14 @@ function table(reports: ModelReport[]): string {
   const lines = [
     `card: ${baseline.device ?? "unknown"}; read bandwidth ${readBandwidth ? (readBandwidth / 1e12).toFixed(2) + " TB/s" : "not measured"}; prompt ${promptLength} tokens, ${steps} timed steps (median)`,
     "",
-    "| model | variant | batch | ms/step | tok/s | pipelined ms/step | pipelined tok/s | floor ms | % of floor (pipelined) | HF eager ms/token |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| model | variant | TP | batch | ms/step | tok/s | pipelined ms/step | pipelined tok/s | floor ms | % of floor (pipelined) | HF eager ms/token |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ];
   for (const report of reports) {
     for (const result of report.decode) {
       const hf = report.hfEagerMsPerToken?.[String(result.batch)];
       lines.push(
-        `| ${report.model} | ${report.variant} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.pipelinedMsPerStep.toFixed(3)} | ${result.pipelinedTokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${percentOfFloor(result)} | ${hf?.toFixed(2) ?? "-"} |`,
+        `| ${report.model} | ${report.variant} | ${report.tp} | ${result.batch} | ${result.msPerStep.toFixed(3)} | ${result.tokensPerS.toFixed(0)} | ${result.pipelinedMsPerStep.toFixed(3)} | ${result.pipelinedTokensPerS.toFixed(0)} | ${result.floorMs?.toFixed(3) ?? "-"} | ${percentOfFloor(result)} | ${hf?.toFixed(2) ?? "-"} |`,
       );
     }
   }
@@ -374,11 +394,18 @@ function table(reports: ModelReport[]): string {
 }
 
 const reports: ModelReport[] = [];
+const gpus = cudaDeviceCount();
 for (const dir of modelDirs) {
-  for (const variant of variants) {
-    const report = await benchModel(dir, variant);
-    reports.push(report);
-    console.log(JSON.stringify(report));
+  for (const tp of tensorParallelSizes) {
+    if (tp > gpus) {
+      console.log(`${basename(dir)}: TP ${tp} skipped, this machine has ${gpus} GPU(s)`);
+      continue;
+    }
+    for (const variant of variants) {
+      const report = await benchModel(dir, variant, tp);
+      reports.push(report);
+      console.log(JSON.stringify(report));
+    }
   }
 }
 if (args.json) writeFileSync(args.json, JSON.stringify({ baseline, reports }, null, 1));

@@ -3,8 +3,8 @@
 # of real shapes (with the transformers baseline, kept beside them), benchmark them. Results go under $OUT
 # (default ./gpu-results): card.txt, build.log, test.log, shapes.log, bench.log, bench-<shape>.json.
 #
-#   bash tools/gpu_run.sh [stage ...]   stages: build test bench-1b bench-8b bench-qwen profile-8b timeline-8b
-#                                       (default: all, in that order)
+#   bash tools/gpu_run.sh [stage ...]   stages: build shapes-8b test bench-1b bench-8b bench-tp bench-qwen
+#                                       profile-8b timeline-8b (default: all, in that order)
 #
 # Node must be on PATH (the device recipe unpacks it from .gpu/); npm need not be: the stages run the
 # commands of package.json's build:cuda, test:gpu and bench:gpu scripts directly. Each stage has its own time limit so
@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
 export PEARL_CUDA_LOG_TUNING=1  # each engine prints its skinny-GEMM timings per weight shape (bench.log)
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench-1b bench-8b bench-qwen profile-8b timeline-8b)
+[ ${#stages[@]} -eq 0 ] && stages=(build shapes-8b test bench-1b bench-8b bench-tp bench-qwen profile-8b timeline-8b)
 status=0
 
 note() { echo "[gpu_run $(date +%H:%M:%S)] $*"; }
@@ -231,19 +231,23 @@ for stage in "${stages[@]}"; do
     build)
       run_stage 420 "$OUT/build.log" node node_modules/cmake-js/bin/cmake-js compile -d native --CDPEARL_CUDA=ON || { fail "build"; break; }
       ;;
+    shapes-8b) make_shape llama-3.1-8b || fail "make_shapes llama-3.1-8b" ;;
     test)
       # test/gpu/*.test.ts includes serve.test.ts: `pearl serve` on cuda (PEARL_TEST_BACKEND, default cuda)
-      # answering REST requests, two stacks started.
-      run_stage 300 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
+      # answering REST requests, two stacks started, and tensor_parallel.test.ts, which splits the 8B shape
+      # when shapes-8b has written it (PEARL_SHAPES_DIR).
+      PEARL_SHAPES_DIR="$SHAPES_DIR" run_stage 480 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
       grep -E "^# (tests|pass|fail)" "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
     bench-1b) bench_shape llama-3.2-1b default,no-pdl ;;
     bench-8b) bench_shape llama-3.1-8b default,no-pdl,deterministic,no-graphs ;;
+    # Tensor parallelism over GPUs 0..k-1 (sizes beyond the machine's GPU count are skipped).
+    bench-tp) bench_shape llama-3.1-8b default --tp 1,2,4 --batch 1,16,64 --windows 8 ;;
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 518 291 ;;
     timeline-8b) timeline_decode llama-3.1-8b ;;
-    *) fail "unknown stage $stage (build, test, bench-1b, bench-8b, bench-qwen, profile-8b, timeline-8b)" ;;
+    *) fail "unknown stage $stage (build, shapes-8b, test, bench-1b, bench-8b, bench-tp, bench-qwen, profile-8b, timeline-8b)" ;;
   esac
 done
 [ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:|^cupti:|^step span" "$OUT/bench.log"

@@ -43,14 +43,21 @@ export async function speculativeGreedy(options: {
   newTokens: number;
   /** The cuda backend's deterministic mode, for both engines. */
   deterministic: boolean;
+  /** The target's (and its reference's) devices: tensor parallelism over several (default: GPU 0). */
+  targetDevices?: number[];
 }): Promise<SpeculativeOutcome> {
-  const { deterministic } = options;
+  const { deterministic, targetDevices } = options;
   const prompts = referencePrompts(options.sessions);
   // The target-only reference runs on an engine of its own: on the same engine its committed prompts would
   // be prefix-cache hits for the speculative run, which would then prefill only the prompts' tails (a
   // different row count, so outside deterministic mode a different GEMM and different rounding of those
   // K/V) and could flip a near-tie that has nothing to do with speculation.
-  const reference = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda", deterministic });
+  const reference = await Engine.load({
+    modelDir: join(MODELS, "target"),
+    backend: "cuda",
+    deterministic,
+    devices: targetDevices,
+  });
   const targetOnly: number[][] = [];
   try {
     for (const [i, prompt] of prompts.entries()) {
@@ -59,7 +66,12 @@ export async function speculativeGreedy(options: {
   } finally {
     await reference.close();
   }
-  const target = await Engine.load({ modelDir: join(MODELS, "target"), backend: "cuda", deterministic });
+  const target = await Engine.load({
+    modelDir: join(MODELS, "target"),
+    backend: "cuda",
+    deterministic,
+    devices: targetDevices,
+  });
   const draft = await Engine.load({ modelDir: join(MODELS, "draft"), backend: "cuda", deterministic });
   try {
     const sessions: Session[] = prompts.map((prompt, i) => ({
