@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import OpenAI from "openai";
 
-import type { Backend } from "../../lib/native.js";
+import { type Backend, cudaDeviceCount } from "../../lib/native.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import type { Usage } from "../../services/gateway/openai.js";
 import { EMBEDDED_MODELS, PearlServe } from "../helpers/pearl_serve.js";
@@ -111,6 +111,26 @@ function assertDrafted(results: Completion[], what: string): void {
   );
 }
 
+/** Every prompt in every mode in flight at once gives the text ar gives alone (the target deterministic). */
+async function assertConcurrentLikeAr(client: OpenAI): Promise<void> {
+  const alone: Completion[] = [];
+  for (const prompt of PROMPTS) alone.push(await complete(client, prompt, "ar"));
+  const requests = MODES.flatMap((decoding) => PROMPTS.map((prompt, i) => ({ decoding, prompt, i })));
+  const results = await Promise.all(
+    requests.map(async (request) => ({
+      ...request,
+      result: await complete(client, request.prompt, request.decoding),
+    })),
+  );
+  for (const { decoding, prompt, i, result } of results) {
+    assertLikeAr(result, alone[i]!, `${decoding} on ${JSON.stringify(prompt)}, concurrent`);
+  }
+  assertDrafted(
+    results.filter(({ decoding }) => decoding !== "ar").map(({ result }) => result),
+    "pearl and sd, concurrent",
+  );
+}
+
 describe(`pearl serve on ${BACKEND}: greedy REST completions equal ar`, () => {
   test("the prompts are short enough for default-mode exactness on cuda", () => {
     const tokenizer = TextTokenizer.load(join(EMBEDDED_MODELS, "target"))!;
@@ -169,22 +189,42 @@ describe(`pearl serve on ${BACKEND}: greedy REST completions equal ar`, () => {
     });
 
     test("concurrent ar, pearl and sd requests give the text ar gives alone", async () => {
-      const alone: Completion[] = [];
-      for (const prompt of PROMPTS) alone.push(await complete(client, prompt, "ar"));
-      const requests = MODES.flatMap((decoding) => PROMPTS.map((prompt, i) => ({ decoding, prompt, i })));
-      const results = await Promise.all(
-        requests.map(async (request) => ({
-          ...request,
-          result: await complete(client, request.prompt, request.decoding),
-        })),
-      );
-      for (const { decoding, prompt, i, result } of results) {
-        assertLikeAr(result, alone[i]!, `${decoding} on ${JSON.stringify(prompt)}, concurrent`);
-      }
-      assertDrafted(
-        results.filter(({ decoding }) => decoding !== "ar").map(({ result }) => result),
-        "pearl and sd, concurrent",
-      );
+      await assertConcurrentLikeAr(client);
     });
+  });
+});
+
+// The draft on GPU 0 and the target tensor-parallel over GPUs 1 and 2 where the machine has three, else both
+// of the target's ranks on GPU 0 beside the draft (the same sharding and protocol, collectives as kernels).
+describe("pearl serve on cuda, the target tensor-parallel over 2 ranks", { skip: BACKEND !== "cuda" }, () => {
+  const targetDevices = cudaDeviceCount() >= 3 ? "1,2" : "0,0";
+  let serve: PearlServe;
+  let client: OpenAI;
+
+  before(async () => {
+    ({ serve, client } = await startServe([
+      "--target-deterministic",
+      "--draft-devices",
+      "0",
+      "--target-devices",
+      targetDevices,
+      "--allow-shared-devices",
+    ]));
+  });
+  after(async () => {
+    if (serve) assert.equal(await serve.stop(), 0);
+  });
+
+  test(`the placement log names the target's devices ${targetDevices}`, () => {
+    const placement = serve.logRecords(
+      `placement: draft on GPU 0, target on GPUs ${targetDevices} (tensor parallel 2)`,
+    )[0];
+    assert.ok(placement, "pearl serve logs its placement");
+    assert.equal(placement.targetDevices, targetDevices);
+    assert.equal(placement.targetTensorParallel, 2);
+  });
+
+  test("concurrent ar, pearl and sd requests give the text ar gives alone", async () => {
+    await assertConcurrentLikeAr(client);
   });
 });
