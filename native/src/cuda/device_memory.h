@@ -1,5 +1,5 @@
 // Owned CUDA allocations: device memory, and pinned host memory that every GPU of the process can address
-// (a tensor-parallel step's kernels on each GPU read the same staged metadata).
+// (portable and mapped: a tensor-parallel step's kernels on each GPU read the same staged metadata).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,7 +12,7 @@ namespace pearl::gpu {
 
 inline cudaError_t allocate_device(void** pointer, size_t bytes) { return cudaMalloc(pointer, bytes); }
 inline cudaError_t allocate_pinned(void** pointer, size_t bytes) {
-  return cudaHostAlloc(pointer, bytes, cudaHostAllocPortable);
+  return cudaHostAlloc(pointer, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
 }
 
 // Owns one CUDA allocation; Allocate/Free pick device memory or pinned host memory. Device memory belongs to
