@@ -236,8 +236,9 @@ for stage in "${stages[@]}"; do
       # test/gpu/*.test.ts includes serve.test.ts: `pearl serve` on cuda (PEARL_TEST_BACKEND, default cuda)
       # answering REST requests, two stacks started, and tensor_parallel.test.ts, which splits the 8B shape
       # when shapes-8b has written it (PEARL_SHAPES_DIR).
+      run_stage 60 "$OUT/test.log" native/build/cuda_ops_test || fail "CUDA op tests"
       PEARL_SHAPES_DIR="$SHAPES_DIR" run_stage 480 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
-      grep -E "^# (tests|pass|fail)" "$OUT/test.log"
+      grep -E "^# (tests|pass|fail)|^[0-9]+ tests, " "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
     bench-1b) bench_shape llama-3.2-1b default,no-pdl ;;
