@@ -14,7 +14,8 @@
 //     [--sampling greedy,whole,top-p,top-k,top-k-top-p,draft-q16,draft-q16-top-p] [--tp 1,2,4]
 //
 // --tp runs each model tensor-parallel over GPUs 0..k-1 for each k listed (a size the machine lacks GPUs for
-// is skipped with a note); its floor is the bytes each GPU reads, the collectives' latency not counted.
+// is skipped with a note); its floor is the bytes each GPU reads over the bandwidth plus two all-reduces of the
+// residual stream per layer, each timed alone (measureAllReduce).
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
@@ -23,6 +24,7 @@ import {
   cudaDeviceCount,
   type DraftDistribution,
   Engine,
+  measureAllReduce,
   type ModelInfo,
   type SamplingParams,
 } from "../lib/native.js";
@@ -150,6 +152,8 @@ interface DecodeResult {
   pipelinedMsPerStep: number;
   pipelinedTokensPerS: number;
   floorMs?: number;
+  /** TP > 1: one all-reduce of the step's residual stream, measured alone (the floor counts two a layer). */
+  allReduceUs?: number;
   fractionOfFloor?: number;
   pipelinedFractionOfFloor?: number;
 }
@@ -283,7 +287,22 @@ interface ModelReport {
   hfEagerMsPerToken?: Record<string, number>;
 }
 
+/** A tensor-parallel step also waits for two all-reduces of its rows' residual stream per layer. */
+function addCollectiveFloor(
+  result: DecodeResult,
+  devices: number[],
+  info: ModelInfo,
+  deterministic: boolean,
+): void {
+  result.allReduceUs = measureAllReduce(devices, result.batch * info.hiddenSize, deterministic);
+  if (result.floorMs === undefined) return;
+  result.floorMs += (2 * info.numLayers * result.allReduceUs) / 1000;
+  result.fractionOfFloor = result.floorMs / result.msPerStep;
+  result.pipelinedFractionOfFloor = result.floorMs / result.pipelinedMsPerStep;
+}
+
 async function benchModel(dir: string, variant: Variant, tp: number): Promise<ModelReport> {
+  const devices = Array.from({ length: tp }, (_, i) => i);
   const saved = new Map<string, string | undefined>();
   const { deterministic, env }: VariantSetup = VARIANTS[variant];
   for (const [key, value] of Object.entries(env)) {
@@ -296,12 +315,15 @@ async function benchModel(dir: string, variant: Variant, tp: number): Promise<Mo
         modelDir: dir,
         backend: "cuda",
         deterministic,
-        devices: Array.from({ length: tp }, (_, i) => i),
+        devices,
       }),
     );
     try {
       const decodeResults: DecodeResult[] = [];
       for (const batch of batchSizes) decodeResults.push(await decode(engine, dir, batch, tp));
+      if (tp > 1) {
+        for (const result of decodeResults) addCollectiveFloor(result, devices, engine.info, deterministic);
+      }
       const oneRow = decodeResults.find((result) => result.batch === 1)?.msPerStep;
       const verifyResults = [];
       for (const window of windowSizes) {

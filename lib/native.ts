@@ -120,6 +120,7 @@ interface NativeEngine {
 interface Addon {
   NativeEngine: new () => NativeEngine;
   cudaDeviceCount(): number;
+  measureAllReduce(devices: number[], floats: number, deterministic: boolean): number;
 }
 
 const ADDON_RELATIVE_PATH = "native/build/Release/pearl_addon.node";
@@ -150,6 +151,13 @@ function loadAddon(): Addon {
  * GPU or driver, and in a build without CUDA. */
 export function cudaDeviceCount(): number {
   return loadAddon().cudaDeviceCount();
+}
+
+/** Median microseconds of one all-reduce of `floats` float32 values over a tensor-parallel group on
+ * `devices` (the collective the cuda backend runs twice per layer), for a benchmark's floor. Blocks the
+ * event loop while it measures; throws in a build without CUDA. */
+export function measureAllReduce(devices: number[], floats: number, deterministic: boolean): number {
+  return loadAddon().measureAllReduce(devices, floats, deterministic);
 }
 
 export class Engine {

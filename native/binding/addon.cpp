@@ -616,9 +616,35 @@ Napi::Value CudaDeviceCount(const Napi::CallbackInfo& info) {
 #endif
 }
 
+// measureAllReduce(devices, floats, deterministic): median microseconds of one all-reduce over a
+// tensor-parallel group, for bench/gpu.ts's floor. Synchronous: a benchmark's probe, not a serving call.
+Napi::Value MeasureAllReduce(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    const Napi::Array list = ToArray(env, info[0], "devices");
+    std::vector<int> devices;
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      devices.push_back(ToInt(env, list.Get(i), "devices[" + std::to_string(i) + "]"));
+    }
+    const int floats = ToInt(env, info[1], "floats");
+    if (devices.empty() || floats <= 0) throw std::invalid_argument("measureAllReduce: devices and floats > 0 needed");
+#ifdef PEARL_WITH_CUDA
+    return Napi::Number::New(
+        env, pearl::all_reduce_microseconds(devices, static_cast<size_t>(floats), ToBool(env, info[2], "deterministic")));
+#else
+    throw std::runtime_error("measureAllReduce needs a build of pearl with CUDA");
+#endif
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& error) {
+    throw Napi::Error::New(env, error.what());
+  }
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeEngine", NativeEngine::Define(env));
   exports.Set("cudaDeviceCount", Napi::Function::New(env, CudaDeviceCount, "cudaDeviceCount"));
+  exports.Set("measureAllReduce", Napi::Function::New(env, MeasureAllReduce, "measureAllReduce"));
   return exports;
 }
 

@@ -1061,6 +1061,11 @@ int cuda_device_count() {
   return count;
 }
 
+double all_reduce_microseconds(const std::vector<int>& devices, size_t floats, bool deterministic) {
+  constexpr int kIterations = 50;
+  return gpu::time_all_reduce(devices, floats, deterministic, kIterations);
+}
+
 std::unique_ptr<Backend> create_cuda_backend(const ModelConfig& config, const Checkpoint& checkpoint,
                                              const EngineOptions& options) {
   return std::make_unique<CudaBackend>(config, checkpoint, options);

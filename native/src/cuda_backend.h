@@ -7,7 +7,9 @@
 // PEARL_CUDA_GRAPHS=0 turns graph replay off.
 #pragma once
 
+#include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "backend.h"
 
@@ -15,6 +17,10 @@ namespace pearl {
 
 // CUDA devices this process can use; 0 without a driver or a GPU.
 int cuda_device_count();
+
+// Median microseconds of one all-reduce of `floats` float32 values over a tensor-parallel group on `devices`
+// (deterministic: the fixed-order sum), for the benchmark's floor.
+double all_reduce_microseconds(const std::vector<int>& devices, size_t floats, bool deterministic);
 
 std::unique_ptr<Backend> create_cuda_backend(const ModelConfig& config, const Checkpoint& checkpoint,
                                              const EngineOptions& options);

@@ -1,6 +1,7 @@
 #include "cuda/collective.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -171,6 +172,52 @@ __global__ void assemble_vocab_shards_kernel(const float* gathered, int rows, in
 }
 
 }  // namespace
+
+double time_all_reduce(const std::vector<int>& devices, size_t count, bool deterministic, int iterations) {
+  std::vector<cudaStream_t> streams;
+  std::vector<float*> buffers;
+  const auto release = [&] {
+    for (size_t r = 0; r < devices.size(); ++r) {
+      cudaSetDevice(devices[r]);
+      if (r < buffers.size()) cudaFree(buffers[r]);
+      if (r < streams.size() && (r == 0 || devices[r] != devices[0])) cudaStreamDestroy(streams[r]);
+    }
+  };
+  try {
+    for (size_t r = 0; r < devices.size(); ++r) {
+      PEARL_CUDA_CHECK(cudaSetDevice(devices[r]));
+      cudaStream_t stream = streams.empty() ? nullptr : streams[0];
+      if (r == 0 || devices[r] != devices[0]) PEARL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      streams.push_back(stream);
+      float* buffer = nullptr;
+      PEARL_CUDA_CHECK(cudaMalloc(&buffer, count * sizeof(float)));
+      PEARL_CUDA_CHECK(cudaMemset(buffer, 0, count * sizeof(float)));
+      buffers.push_back(buffer);
+    }
+    const std::unique_ptr<Collective> collective = Collective::create(devices, streams, deterministic, count);
+    const auto synchronize = [&] {
+      for (size_t r = 0; r < devices.size(); ++r) {
+        PEARL_CUDA_CHECK(cudaSetDevice(devices[r]));
+        PEARL_CUDA_CHECK(cudaStreamSynchronize(streams[r]));
+      }
+    };
+    std::vector<double> microseconds;
+    for (int i = 0; i < iterations + 5; ++i) {
+      synchronize();
+      const auto start = std::chrono::steady_clock::now();
+      collective->all_reduce_sum(buffers, count);
+      synchronize();
+      const std::chrono::duration<double, std::micro> elapsed = std::chrono::steady_clock::now() - start;
+      if (i >= 5) microseconds.push_back(elapsed.count());
+    }
+    release();
+    std::sort(microseconds.begin(), microseconds.end());
+    return microseconds[microseconds.size() / 2];
+  } catch (...) {
+    release();
+    throw;
+  }
+}
 
 void assemble_vocab_shards(const float* gathered, int rows, int local_vocab, int vocab, float* out,
                            cudaStream_t stream) {

@@ -30,6 +30,10 @@ class Collective {
   virtual const char* kind() const = 0;
 };
 
+// Median microseconds, host to host, of one all_reduce_sum of `count` floats over ranks on `devices` (eager,
+// after a warm-up): the collective's share of a tensor-parallel step's floor.
+double time_all_reduce(const std::vector<int>& devices, size_t count, bool deterministic, int iterations);
+
 // out[row, c] (vocab columns per row) = logit column c of `row` from an all-gather of vocabulary shards:
 // gathered holds one block per rank of [rows, local_vocab], rank s's block holding columns [s * local_vocab, ...);
 // columns at or past vocab (the padding) are dropped.
