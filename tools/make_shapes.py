@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Random-weight checkpoints with the real shapes of Llama-3.2-1B, Llama-3.1-8B and Qwen2.5-7B, plus the
-Hugging Face transformers eager baseline on the same weights and the card's measured memory bandwidth.
+"""Random-weight checkpoints with the real shapes of Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-7B and Llama-3.1-70B,
+plus the Hugging Face transformers eager baseline on the same weights and the card's measured memory bandwidth.
 
 Run on the CUDA machine (PyTorch + transformers, no network; no weights are downloaded):
 
@@ -10,6 +10,9 @@ Run on the CUDA machine (PyTorch + transformers, no network; no weights are down
 Each shape becomes <out-dir>/<shape>/ (config.json + bf16 safetensors written by save_pretrained, sharded at
 5 GB) so that benchmarks go through pearl's real loader. Weights are N(0, 0.02) like transformers' own
 initializer: the numbers are meaningless, the bytes moved per step are what a real checkpoint moves.
+
+A shape whose weights exceed half the GPU's memory (70B: 141 GB) is written tensor by tensor from a model built
+on the meta device, without a baseline (it does not fit one GPU); it needs that much free disk.
 
 The baseline times transformers' eager generate() (batch 1, greedy, a fixed number of new tokens forced
 with min_new_tokens) with the model still on the GPU, so no second load is needed.
@@ -59,6 +62,21 @@ SHAPES = {
         intermediate_size=14336,
         num_hidden_layers=32,
         num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters=LLAMA3_ROPE_8B,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama-3.1-70b": lambda: LlamaConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=131072,
@@ -141,6 +159,44 @@ def hf_decode_ms_per_token(model, vocab_size: int, prompt_length: int, new_token
     return (with_decode - prefill_only) / (new_tokens - 1) * 1e3
 
 
+def write_streamed(config, out: Path, device: torch.device, shard_bytes: int = 5 << 30) -> dict:
+    """Writes a checkpoint too large for the GPU one tensor at a time: names and shapes from a model on the meta
+    device, each weight drawn on the GPU (N(0, 0.02); norms ones, as the initializer does), shards of ~5 GB and
+    the index save_pretrained would write."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    names = [(name, tuple(param.shape), param.numel()) for name, param in model.named_parameters()]
+    shards: list[list[tuple[str, tuple]]] = [[]]
+    shard_size = 0
+    for name, shape, count in names:
+        if shard_size and shard_size + 2 * count > shard_bytes:
+            shards.append([])
+            shard_size = 0
+        shard_size += 2 * count
+        shards[-1].append((name, shape))
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(shape, dtype=torch.bfloat16, device=device)
+            else:
+                tensor = torch.randn(shape, dtype=torch.bfloat16, device=device) * 0.02
+            tensors[name] = tensor.cpu()
+            weight_map[name] = file
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        log(f"{out.name}: wrote {file}")
+    parameters = sum(count for _, _, count in names)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 2 * parameters}, "weight_map": weight_map}, indent=1))
+    return {"parameters": parameters, "weight_bytes": 2 * parameters}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, type=Path)
@@ -173,6 +229,14 @@ def main() -> int:
     for name in names:
         config = SHAPES[name]()
         started = time.perf_counter()
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if 2 * parameters > torch.cuda.get_device_properties(device).total_memory // 2:
+            entry = write_streamed(config, args.out_dir / name, device)
+            entry["write_s"] = time.perf_counter() - started
+            log(f"{name}: wrote {args.out_dir / name} in {entry['write_s']:.1f} s (streamed; no HF baseline)")
+            report["shapes"][name] = entry
+            continue
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
         model.eval()
