@@ -230,13 +230,16 @@ export class Gateway {
       gamma: new Gauge({
         name: "pearl_draft_length_tokens",
         help:
-          "The draft length gamma the tuner chose from measured step times and acceptance " +
-          "(0: drafting does not pay now, pearl requests run on the target alone)",
+          "The draft length a pearl request arriving now gets, chosen from measured step times and " +
+          "acceptance at the batch size it joins (0: drafting does not pay there, it runs on the target " +
+          "alone); each running request's own length follows its own acceptance",
         registers,
       }),
       acceptance: new Gauge({
         name: "pearl_draft_acceptance_ratio",
-        help: "Recent rate at which the target accepts draft tokens (kept while nobody drafts)",
+        help:
+          "Recent rate at which the target accepts draft tokens, all requests together (kept while " +
+          "nobody drafts; each request starts from it)",
         registers,
       }),
     });

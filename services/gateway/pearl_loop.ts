@@ -22,9 +22,10 @@
 // Mode ar opens the target alone and lets it decode on its own every step. If the draft service fails or
 // disappears mid-request, the request continues exactly that way ("falls back to ar"): the target's
 // output does not depend on the draft, only its speed does, so the output is the same. A pearl request
-// also runs that way when the tuner finds that drafting does not pay at the present load (tuner.ts):
-// from its start, or from the verdict after the tuner changed its mind (it does not start drafting again
-// mid-request; requests that start later do).
+// also runs that way when the tuner (tuner.ts) finds that drafting does not pay: at the present batch
+// size, or for this request, whose draft agrees too rarely; from its start, or from the verdict after
+// the tuner changed its mind (it does not start drafting again mid-request; requests that start later
+// do). Each verdict asks the tuner for this request's plan, so its window follows its own acceptance.
 //
 // Why the output equals ar's: the target emits, at every position, its own token, and the engine's
 // acceptance rule (DESIGN §5) makes "accepted draft token" and "the target's own token" the same
@@ -38,7 +39,7 @@ import type { DecodingMode } from "../../lib/config.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Counter, Histogram } from "../../lib/metrics.js";
 import type { DraftLink, TargetLink } from "./links.js";
-import type { DecodingPlan, Tuner } from "./tuner.js";
+import type { DecodingPlan, SessionTuning, Tuner } from "./tuner.js";
 
 export interface GenerationRequest {
   requestId: string;
@@ -113,7 +114,9 @@ export class Generation {
   /** The draft never drafts at a position >= draftLimit: the target cannot use it there. */
   private readonly draftLimit: number;
   private mode: DecodingMode;
-  private plan: DecodingPlan;
+  private plan: DecodingPlan = { speculate: false, lookahead: 0, verifyWindow: 0 };
+  /** This session's part in the tuning, from start until the session is over on both services. */
+  private tuning: SessionTuning | undefined;
   private draftActive = false;
   private draftFallback = false;
   private speculationOff = false;
@@ -124,8 +127,6 @@ export class Generation {
   /** How many of `drafts` the target has already been sent. */
   private forwarded = 0;
   private done = false;
-  /** The tuner counts this session among the open ones (and among the drafting ones while draftActive). */
-  private counted = false;
   private lastVerdictAt: number | undefined;
   private draftTokens = 0;
   private acceptedTokens = 0;
@@ -142,7 +143,6 @@ export class Generation {
     this.maxLength = Math.min(this.promptLength + request.maxTokens, context.targetContextLength);
     this.draftLimit = Math.min(this.maxLength - 1, context.draftContextLength);
     this.mode = request.mode;
-    this.plan = context.tuner.plan(this.mode);
   }
 
   // ---- 1. start ---------------------------------------------------------------------------------------
@@ -154,10 +154,14 @@ export class Generation {
     }
     // With a single token to generate (or a draft context already full) there is nothing to draft.
     if (this.mode !== "ar" && this.draftLimit <= this.promptLength) this.mode = "ar";
+    const tuning = this.context.tuner.openSession(this.mode, this.request.requestId);
+    this.tuning = tuning;
+    this.plan = tuning.plan();
     if (this.mode !== "ar" && !this.plan.speculate) {
+      tuning.draftingStopped();
       this.speculationOff = true;
       this.mode = "ar";
-      this.context.logger.debug("request runs on the target alone: drafting does not pay at this load", {
+      this.context.logger.debug("request runs on the target alone: drafting does not pay now", {
         requestId: this.request.requestId,
       });
     }
@@ -174,8 +178,6 @@ export class Generation {
       { onEvent: (event) => this.onTargetEvent(event), onLinkLost: (error) => this.onTargetLost(error) },
     );
     const draft = this.context.draft;
-    this.counted = true;
-    this.context.tuner.sessionOpened(this.mode !== "ar" && draft !== undefined);
     if (this.mode === "ar" || !draft) return;
     this.draftActive = true;
     draft.open(
@@ -289,7 +291,7 @@ export class Generation {
     // What this session got since its previous verdict (the first one also waited for the prefill); sd's
     // sequential cycles say nothing about pearl's.
     if (this.lastVerdictAt !== undefined && this.mode !== "sd") {
-      this.context.tuner.observeCycle(this.draftActive, emitted.length, now - this.lastVerdictAt);
+      this.tuning?.observeCycle(emitted.length, now - this.lastVerdictAt);
     }
     this.lastVerdictAt = now;
     this.context.tuner.observeTargetStep(verdict.step);
@@ -320,7 +322,7 @@ export class Generation {
     this.targetSteps += 1;
     metrics.targetSteps.inc();
     if (verdict.proposed === 0) return;
-    this.context.tuner.observeVerification(verdict.proposed, verdict.accepted);
+    this.tuning?.observeVerification(verdict.proposed, verdict.accepted);
     this.draftTokens += verdict.proposed;
     this.acceptedTokens += verdict.accepted;
     metrics.verifySteps.inc();
@@ -365,14 +367,15 @@ export class Generation {
     this.forwardDrafts();
   }
 
-  /** Follows the measured step times: a new verify window goes to the target, a new lookahead rides on
-   * the next advance or correction; when drafting stops paying, the request goes on without it. */
+  /** Follows the measured step times and this request's acceptance: a new verify window goes to the
+   * target, a new lookahead rides on the next advance or correction; when drafting stops paying (at this
+   * batch size, or for this request's draft), the request goes on without it. */
   private retune(): void {
-    if (!this.draftActive) return;
-    const plan = this.context.tuner.plan(this.mode);
+    if (!this.draftActive || !this.tuning) return;
+    const plan = this.tuning.plan();
     if (!plan.speculate) {
       this.speculationOff = true;
-      this.stopDrafting("drafting does not pay at this load");
+      this.stopDrafting("drafting does not pay for this request now");
       return;
     }
     if (plan.verifyWindow !== this.plan.verifyWindow) {
@@ -461,15 +464,14 @@ export class Generation {
   /** The session is over on both services. */
   private release(): void {
     this.closeDraft();
-    if (!this.counted) return;
-    this.counted = false;
-    this.context.tuner.sessionClosed();
+    this.tuning?.closed();
+    this.tuning = undefined;
   }
 
   private closeDraft(): void {
     if (!this.draftActive) return;
     this.draftActive = false;
-    this.context.tuner.draftingStopped();
+    this.tuning?.draftingStopped();
     this.context.draft?.close(this.sessionId);
   }
 

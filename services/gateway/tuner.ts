@@ -1,37 +1,47 @@
-// How far the draft runs ahead and how many tokens the target verifies per step, and whether pearl
-// requests draft at all, chosen from what the services measure while they run.
+// How far each request's draft runs ahead, how many tokens the target verifies per step, and whether a
+// pearl request drafts at all, chosen from what the services measure while they run.
 //
 // PEARL's draft length is gamma = t_target_step / t_draft_step: the draft finishes the next window just
 // when the target finishes verifying the current one. That formula assumes a verify step costs the same
-// whatever its window; on a CPU, or at a large batch on a GPU, it does not, and the formula then feeds on
-// itself (longer windows, slower steps, longer windows). So the tuner models what it measures:
+// whatever its window, and that every request's draft is as good as every other's. On a CPU, or at a
+// large batch on a GPU, a verify step does not cost the same (the formula then feeds on itself: longer
+// windows, slower steps, longer windows), and requests differ: a draft that agrees with the target on
+// boilerplate code guesses badly on a sampled, high-temperature continuation. So the tuner models what it
+// measures:
 //
 //   - a step's time as a line in the tokens it carries, ms = fixed + perToken * tokens, for the draft and
 //     for the target, fitted to recent steps (exponentially weighted; the services' start-up profile seeds
 //     it) at whatever batch sizes they run now;
-//   - the acceptance rate a of draft tokens (recent verdicts).
+//   - the acceptance rate a of draft tokens, per request: each request's own verdicts, starting from the
+//     rate of all recent verdicts (the pair's), which its first few windows then move.
 //
 // A window of g drafts yields E(g) = (1 - a^(g+1)) / (1 - a) tokens per target step (Leviathan et al.).
-// In pearl the draft drafts the next window while the target verifies this one, so a cycle lasts
-// max(T(g), g * D): the tuner picks the g >= 1 with the most tokens per millisecond. When verification is
-// flat in g and a is near 1 this is exactly PEARL's t_target / t_draft.
+// In pearl the draft drafts the next windows while the target verifies these, so with the batch's windows
+// g_i a step cycle lasts max(T(sum of 1 + g_i), max g_i * D(drafting requests)) and yields sum E_i(g_i)
+// tokens. Each request, at each of its verdicts, takes the g_i >= 1 (or 0: it stops drafting) that gives
+// the batch the most tokens per millisecond, the others' windows as they are. That is per-request
+// acceptance weighed at the batch size it runs at: the tokens a request's drafted rows cost every request
+// in the step against the tokens they gain it. A request whose draft agrees badly stops drafting alone and
+// goes on on the target (its rows no longer slow the others), while the others keep drafting. For one
+// request whose verification is flat in g and a near 1 this is exactly PEARL's t_target / t_draft.
 //
-// Whether to draft at all (g = 0: the target decoding alone) that ideal model cannot tell: it knows
-// nothing of windows the draft has not filled yet, of waiting for the draft after a rejection, of the
-// gateway's round trip per verify step, or of a draft that shares the target's cores, and on a 2-core CPU
-// it promised pearl at 8 requests twice what it delivered. So the tuner measures what sessions get:
-// milliseconds per token between a session's verdicts, as a line in the load (sessions open on the
-// target), one line for sessions that draft and one for sessions on the target alone. The start-up
-// profile seeds the second (a decode step per token), the ideal model the first: being optimistic, it
-// gets drafting tried at a load where it was never measured. Drafting stops when the target alone
-// delivers SWITCH_GAIN times more at the present load, and starts again when drafting would (the load
-// dropped, say). New pearl requests then run on the target alone (reported as finished in ar, like any
-// request without the draft) and running ones stop drafting; they do not start again mid-request.
+// Whether drafting pays at all at a batch size (the sessions open on the target), that ideal model cannot
+// tell: it knows nothing of windows the draft has not filled yet, of waiting for the draft after a
+// rejection, of the gateway's round trip per verify step, or of a draft that shares the target's cores,
+// and on a 2-core CPU it promised pearl at 8 requests twice what it delivered. So the tuner also measures
+// what sessions get: milliseconds per token between a session's verdicts, as a line in the batch size, one
+// line for sessions that draft and one for sessions on the target alone. The start-up profile seeds the
+// second (a decode step per token), the ideal model the first: being optimistic, it gets drafting tried at
+// a batch size where it was never measured. Each batch size keeps its own decision: drafting stops there
+// when the target alone delivers SWITCH_GAIN times more, and starts again when drafting would. New pearl
+// requests at a batch size where it does not pay run on the target alone (reported as finished in ar,
+// like any request without the draft) and running ones stop drafting; no request starts drafting again
+// mid-request, but when the batch shrinks back, new requests take the smaller batch size's decision.
 //
 // While nobody drafts, nothing measures the draft, its acceptance rate or what drafting delivers: they
-// keep their last values, and the line's slope (measured over the loads it saw, or the model's) carries
-// them to other loads. Pins (--lookahead, --verify-window) and --min-gamma >= 1 keep drafting on; mode sd
-// always drafts.
+// keep their last values, and the line's slope (measured over the batch sizes it saw, or the model's)
+// carries them to other batch sizes. Pins (--lookahead, --verify-window) and --min-gamma >= 1 keep every
+// request drafting; mode sd always drafts, its window fixed when it opens.
 import type { ServiceInfo, StepReport } from "../../proto/gen/pearl/v1/common.js";
 import type { DecodingMode, GatewayConfig } from "../../lib/config.js";
 import type { Logger } from "../../lib/logging.js";
@@ -47,19 +57,43 @@ export interface DecodingPlan {
   verifyWindow: number;
 }
 
-/** Weight of the newest step in the step-time fits. */
+/** One request's part in the tuning: the PEARL loop reports its verdicts and asks for its plan. */
+export interface SessionTuning {
+  /** Its plan now (when it opens, too); speculate false means: do not draft, or stop for good. */
+  plan(): DecodingPlan;
+  /** One verify step's outcome: `accepted` of `proposed` drafts. */
+  observeVerification(proposed: number, accepted: number): void;
+  /** Its tokens from one verdict and the milliseconds since its previous verdict (pearl and ar sessions:
+   * sd's sequential cycles say nothing about pearl's). */
+  observeCycle(tokens: number, ms: number): void;
+  /** It goes on on the target alone. */
+  draftingStopped(): void;
+  /** It ended (both services dropped it). */
+  closed(): void;
+}
+
+/** Weight of the newest step in the step-time fits, and of the newest verdict in the acceptance rates. */
 const STEP_DECAY = 0.02;
 /** Weight of the newest token in the delivered-time fits (memory of some hundreds of tokens). */
 const TOKEN_DECAY = 0.003;
 /** Tokens' worth of belief in each delivered-time line's seed. */
 const SEED_TOKENS = 20;
-/** Loads change with every request that starts or ends: plan for their recent average. */
-const BATCH_SMOOTHING = 0.05;
-/** A new draft length must promise this much more throughput than the current one to replace it. */
+/** A decision must promise this much more throughput than the current one to replace it. */
 const SWITCH_GAIN = 1.1;
 /** Until verdicts say otherwise, assume a draft that is right this often, worth this many observations. */
 const PRIOR_ACCEPTANCE = 0.6;
 const PRIOR_TRIALS = 20;
+/** A request's own rate starts at the pair's, worth this many judged drafts: a few windows rejected at
+ * their first token (each one judged draft) halve it, one unlucky window does not. */
+const SESSION_PRIOR_TRIALS = 8;
+
+const NOT_DRAFTING: DecodingPlan = { speculate: false, lookahead: 0, verifyWindow: 0 };
+
+/** Tokens a verify step of g drafts yields when each is accepted with probability a (Leviathan et al.). */
+function tokensPerVerify(gamma: number, acceptance: number): number {
+  const a = Math.min(0.999, Math.max(0.001, acceptance));
+  return (1 - Math.pow(a, gamma + 1)) / (1 - a);
+}
 
 /** Exponentially weighted least squares of y against x. */
 class Line {
@@ -98,30 +132,73 @@ class Line {
   }
 }
 
+/** Accepted drafts among judged ones, exponentially weighted. Drafts after the first rejection of a
+ * window were never judged, so a window's trials are its accepted drafts plus that rejection. */
+class AcceptanceCounts {
+  constructor(
+    private accepted: number,
+    private trials: number,
+  ) {}
+
+  add(proposed: number, accepted: number): void {
+    if (proposed === 0) return;
+    const trials = accepted + (accepted < proposed ? 1 : 0);
+    const keep = Math.pow(1 - STEP_DECAY, trials);
+    this.accepted = this.accepted * keep + accepted;
+    this.trials = this.trials * keep + trials;
+  }
+
+  /** The rate, with `prior` counted as `priorTrials` more trials. */
+  rate(prior = 0, priorTrials = 0): number {
+    const trials = this.trials + priorTrials;
+    return trials > 0 ? (this.accepted + prior * priorTrials) / trials : prior;
+  }
+}
+
+/** A session as the tuner sees it. */
+interface Session {
+  readonly mode: DecodingMode;
+  readonly requestId: string;
+  drafting: boolean;
+  /** Draft tokens per verify step it runs with (0 while it does not draft). */
+  window: number;
+  readonly acceptance: AcceptanceCounts;
+}
+
+/** The target's step as the ideal model sees it: rows verified, tokens they yield, the longest window
+ * the draft must fill and how many sessions it drafts for. */
+interface Batch {
+  sessions: number;
+  rows: number;
+  tokens: number;
+  longestWindow: number;
+  drafting: number;
+}
+
 type Gauges = { lookahead: Gauge; verifyWindow: Gauge; gamma: Gauge; acceptance: Gauge };
 
 export class Tuner {
   /** Step ms against the tokens in the step. */
   private readonly target = new Line(STEP_DECAY);
   private readonly draft = new Line(STEP_DECAY);
-  /** A session's ms per token against the load, drafting (pearl) and on the target alone. */
+  /** A session's ms per token against the batch size, drafting (pearl) and on the target alone. */
   private readonly deliveredDrafting = new Line(TOKEN_DECAY);
   private readonly deliveredAlone = new Line(TOKEN_DECAY);
   private lastTargetStep = -1;
   private lastDraftStep = -1;
-  private targetBatch = 1;
-  private draftBatch = 1;
-  private openSessions = 0;
+  private readonly sessions = new Set<Session>();
   private draftingSessions = 0;
-  /** Sessions open on the target, smoothed. */
-  private load = 1;
-  private accepted = PRIOR_ACCEPTANCE * PRIOR_TRIALS;
-  private trials = PRIOR_TRIALS;
-  /** Pearl's draft length; 0: no drafting. */
-  private gamma: number;
+  /** Every verdict's, the prior of each new session's. */
+  private readonly pairAcceptance = new AcceptanceCounts(PRIOR_ACCEPTANCE * PRIOR_TRIALS, PRIOR_TRIALS);
+  /** Per batch size: whether drafting, as measured, delivers more than the target alone there. */
+  private readonly draftingPaysAt = new Map<number, boolean>();
+  /** Per batch size: the draft length last logged for a new pearl request there. */
+  private readonly loggedGamma = new Map<number, number>();
   private readonly pinned: boolean;
   /** The shortest draft length pearl may choose; 0 lets it stop drafting. */
   private readonly minGamma: number;
+  /** Until something is measured, draft as mode sd would. */
+  private readonly unmeasuredGamma: number;
 
   constructor(
     private readonly config: GatewayConfig,
@@ -133,9 +210,8 @@ export class Tuner {
     }
     this.pinned = config.lookahead > 0 || config.verifyWindow > 0;
     this.minGamma = this.pinned ? Math.max(1, config.minGamma) : config.minGamma;
-    // Until something is measured, draft as mode sd would.
-    this.gamma = Math.max(1, this.minGamma, Math.min(config.sdGamma, config.maxGamma));
-    this.publish();
+    this.unmeasuredGamma = Math.max(1, this.minGamma, Math.min(config.sdGamma, config.maxGamma));
+    this.publish(this.unmeasuredGamma);
   }
 
   /** Starts from the decode step times the services measured at start-up (one token per sequence). */
@@ -147,121 +223,237 @@ export class Tuner {
     for (const { batchSize, meanMs } of target.stepTimes) {
       // A decode step of the whole batch per token, and what the ideal model promises drafting there.
       this.deliveredAlone.add(batchSize, meanMs, SEED_TOKENS);
-      const gamma = this.bestDraftLength("pearl", batchSize, batchSize);
+      const gamma = this.bestUniformGamma("pearl", batchSize);
       if (gamma !== undefined) {
-        const rate = this.rate("pearl", gamma, batchSize, batchSize)!;
+        const rate = this.uniformRate("pearl", gamma, batchSize)!;
         this.deliveredDrafting.add(batchSize, 1 / rate, SEED_TOKENS);
       }
     }
-    this.retune(true);
+    this.retune();
   }
 
-  // ---- what the sessions tell it ----------------------------------------------------------------------
+  // ---- sessions -----------------------------------------------------------------------------------------
 
-  /** A session opened on the target, with a draft (pearl or sd) or without. */
-  sessionOpened(drafting: boolean): void {
-    this.openSessions += 1;
-    if (drafting) this.draftingSessions += 1;
+  /** A request opens on the target: mode pearl drafts if that pays now, sd always, ar never. */
+  openSession(mode: DecodingMode, requestId: string): SessionTuning {
+    const plan = this.plan(mode);
+    const session: Session = {
+      mode,
+      requestId,
+      drafting: plan.speculate,
+      window: plan.verifyWindow,
+      acceptance: new AcceptanceCounts(0, 0),
+    };
+    this.sessions.add(session);
+    if (session.drafting) this.draftingSessions += 1;
+    return {
+      plan: () => this.sessionPlan(session),
+      observeVerification: (proposed, accepted) => this.observeVerification(session, proposed, accepted),
+      observeCycle: (tokens, ms) => this.observeCycle(session, tokens, ms),
+      draftingStopped: () => this.draftingStopped(session),
+      closed: () => {
+        this.draftingStopped(session);
+        this.sessions.delete(session);
+      },
+    };
   }
 
-  /** A session stopped drafting and goes on on the target alone. */
-  draftingStopped(): void {
+  private draftingStopped(session: Session): void {
+    if (!session.drafting) return;
+    session.drafting = false;
+    session.window = 0;
     this.draftingSessions -= 1;
   }
 
-  /** A session ended (after it stopped drafting, if it did). */
-  sessionClosed(): void {
-    this.openSessions -= 1;
+  private observeVerification(session: Session, proposed: number, accepted: number): void {
+    session.acceptance.add(proposed, accepted);
+    this.pairAcceptance.add(proposed, accepted);
+    this.gauges.acceptance.set(this.acceptanceRate);
   }
 
-  /** A session's tokens from one verdict and the milliseconds since its previous verdict. `drafting`: a
-   * pearl session that drafts; false: one on the target alone (sd sessions do not report). */
-  observeCycle(drafting: boolean, tokens: number, ms: number): void {
+  private observeCycle(session: Session, tokens: number, ms: number): void {
     if (tokens === 0 || ms <= 0) return;
-    const load = Math.max(1, this.openSessions);
-    if (drafting) this.deliveredDrafting.add(load, ms / tokens, tokens);
+    const batchSize = Math.max(1, this.sessions.size);
+    if (session.drafting) this.deliveredDrafting.add(batchSize, ms / tokens, tokens);
     // Beside drafting sessions a session on the target alone waits for their verify steps.
-    else if (this.draftingSessions === 0) this.deliveredAlone.add(load, ms / tokens, tokens);
+    else if (this.draftingSessions === 0) this.deliveredAlone.add(batchSize, ms / tokens, tokens);
   }
+
+  // ---- steps --------------------------------------------------------------------------------------------
 
   observeTargetStep(report: StepReport | undefined): void {
     // Every session in a step reports it: count each step once.
     if (!report || report.step === this.lastTargetStep) return;
     this.lastTargetStep = report.step;
-    this.target.add(report.tokens, report.ms);
-    this.targetBatch += BATCH_SMOOTHING * (report.batchSize - this.targetBatch);
-    this.load += BATCH_SMOOTHING * (Math.max(1, this.openSessions) - this.load);
-    // Nobody drafts: the sessions that would are the target's.
-    if (this.draftingSessions === 0) this.draftBatch = this.targetBatch;
-    this.retune(false);
+    if (this.isDecodeStep(report)) this.target.add(report.tokens, report.ms);
+    this.retune();
   }
 
   observeDraftStep(report: StepReport | undefined): void {
     if (!report || report.step === this.lastDraftStep) return;
     this.lastDraftStep = report.step;
-    this.draft.add(report.tokens, report.ms);
-    this.draftBatch += BATCH_SMOOTHING * (report.batchSize - this.draftBatch);
+    if (this.isDecodeStep(report)) this.draft.add(report.tokens, report.ms);
   }
 
-  /** One verify step's outcome: `accepted` of `proposed` drafts. Drafts after the first rejection were
-   * never judged, so the trials are the accepted ones plus that rejection. */
-  observeVerification(proposed: number, accepted: number): void {
-    if (proposed === 0) return;
-    const trials = accepted + (accepted < proposed ? 1 : 0);
-    const keep = Math.pow(1 - STEP_DECAY, trials);
-    this.accepted = this.accepted * keep + accepted;
-    this.trials = this.trials * keep + trials;
-    this.gauges.acceptance.set(this.acceptanceRate);
+  /** The fits are of decode and verify steps. A step that carries more tokens than its rows' longest
+   * windows could holds a prefill chunk: its tokens share weight loads far better, and a few hundred of
+   * them would tilt the line (a large fixed part, no cost per row) against every verify step's. */
+  private isDecodeStep(report: StepReport): boolean {
+    const longestWindow = Math.max(this.config.maxGamma, this.config.verifyWindow, this.config.sdGamma);
+    return report.tokens <= report.batchSize * (longestWindow + 1);
   }
 
-  // ---- what it tells them -----------------------------------------------------------------------------
+  // ---- plans --------------------------------------------------------------------------------------------
 
+  /** What a request of this mode that opened now would run with. */
   plan(mode: DecodingMode): DecodingPlan {
+    if (mode === "ar") return NOT_DRAFTING;
     if (mode === "sd") {
       // Vanilla speculative decoding is asked for by name: it always drafts.
       const gamma =
         this.config.sdGamma > 0
           ? this.config.sdGamma
-          : (this.bestDraftLength("sd") ?? Math.max(1, this.gamma));
+          : (this.bestUniformGamma("sd", this.sessions.size + 1) ?? this.unmeasuredGamma);
       return { speculate: true, lookahead: gamma, verifyWindow: gamma };
     }
-    if (this.gamma === 0) return { speculate: false, lookahead: 0, verifyWindow: 0 };
-    const verifyWindow = this.config.verifyWindow > 0 ? this.config.verifyWindow : this.gamma;
+    return this.pearlPlan(this.newSessionGamma());
+  }
+
+  /** The pair's recent acceptance rate (every request's verdicts). */
+  get acceptanceRate(): number {
+    return this.pairAcceptance.rate();
+  }
+
+  private pearlPlan(gamma: number): DecodingPlan {
+    if (gamma === 0) return NOT_DRAFTING;
+    const verifyWindow = this.config.verifyWindow > 0 ? this.config.verifyWindow : gamma;
     // The target verifies one window while the draft drafts the next: two windows in flight.
-    const lookahead = this.config.lookahead > 0 ? this.config.lookahead : 2 * this.gamma;
+    const lookahead = this.config.lookahead > 0 ? this.config.lookahead : 2 * gamma;
     return { speculate: true, lookahead, verifyWindow };
   }
 
-  get acceptanceRate(): number {
-    return this.accepted / this.trials;
+  /** A new pearl request's draft length beside the sessions open now (0: it does not draft); a log line
+   * when it changed at this batch size. */
+  private newSessionGamma(): number {
+    const others = this.batch();
+    const batchSize = others.sessions + 1;
+    const gamma = this.draftingPays(batchSize)
+      ? (this.bestGamma(others, this.acceptanceRate) ?? this.unmeasuredGamma)
+      : 0;
+    if (this.loggedGamma.get(batchSize) !== gamma) {
+      this.loggedGamma.set(batchSize, gamma);
+      this.logDecision(batchSize, gamma, others);
+    }
+    return gamma;
   }
 
-  /** The ideal model's tokens per millisecond for one session with draft length g >= 1 when `batch`
-   * sessions share the target's steps and `draftBatch` the draft's (undefined before any measurement). */
-  private rate(
-    mode: "pearl" | "sd",
-    gamma: number,
-    batch = this.targetBatch,
-    draftBatch = this.draftBatch,
-  ): number | undefined {
+  /** A running session's plan, re-decided at every verdict: its own acceptance, this batch. */
+  private sessionPlan(session: Session): DecodingPlan {
+    if (!session.drafting) return NOT_DRAFTING;
+    if (session.mode === "sd") {
+      return { speculate: true, lookahead: session.window, verifyWindow: session.window };
+    }
+    const others = this.batch(session);
+    const batchSize = others.sessions + 1;
+    const acceptance = session.acceptance.rate(this.acceptanceRate, SESSION_PRIOR_TRIALS);
+    const batchAllows = this.draftingPays(batchSize);
+    const gamma = batchAllows ? (this.bestGamma(others, acceptance, session.window) ?? session.window) : 0;
+    if (gamma === 0) {
+      this.logger.debug("request stops drafting", {
+        requestId: session.requestId,
+        why: batchAllows
+          ? "its drafted rows cost the batch more than they gain it"
+          : "drafting does not pay at this batch size",
+        acceptanceRate: Number(acceptance.toFixed(3)),
+        batchSize,
+      });
+      return NOT_DRAFTING;
+    }
+    const plan = this.pearlPlan(gamma);
+    session.window = plan.verifyWindow;
+    return plan;
+  }
+
+  // ---- the ideal model ----------------------------------------------------------------------------------
+
+  /** The open sessions' step, without `except`. */
+  private batch(except?: Session): Batch {
+    const batch: Batch = { sessions: 0, rows: 0, tokens: 0, longestWindow: 0, drafting: 0 };
+    for (const session of this.sessions) {
+      if (session === except) continue;
+      const acceptance = session.acceptance.rate(this.acceptanceRate, SESSION_PRIOR_TRIALS);
+      this.addTo(batch, session.drafting ? session.window : 0, acceptance);
+    }
+    return batch;
+  }
+
+  private addTo(batch: Batch, window: number, acceptance: number): Batch {
+    batch.sessions += 1;
+    batch.rows += 1 + window;
+    batch.tokens += window > 0 ? tokensPerVerify(window, acceptance) : 1;
+    if (window > 0) {
+      batch.longestWindow = Math.max(batch.longestWindow, window);
+      batch.drafting += 1;
+    }
+    return batch;
+  }
+
+  /** Tokens per millisecond of a pearl batch (undefined before any measurement). */
+  private throughput(batch: Batch): number | undefined {
+    const verify = this.target.at(batch.rows);
+    if (verify === undefined) return undefined;
+    let cycle = verify;
+    if (batch.drafting > 0) {
+      const draftStep = this.draft.at(batch.drafting);
+      if (draftStep === undefined) return undefined;
+      cycle = Math.max(verify, batch.longestWindow * draftStep);
+    }
+    return batch.tokens / Math.max(cycle, 1e-6);
+  }
+
+  /**
+   * The draft length (0: none, where --min-gamma allows) of a session with this acceptance beside
+   * `others` that gives the batch the most tokens per millisecond. A session already running at `current`
+   * changes its window only for a gain of SWITCH_GAIN on its share of the batch's throughput (each change
+   * is a message to the target, and noise must not make windows flap); it stops drafting as soon as that
+   * gains the batch anything: stopping is for good, and the prior on its acceptance keeps an unlucky first
+   * window from deciding it.
+   */
+  private bestGamma(others: Batch, acceptance: number, current?: number): number | undefined {
+    const value = (gamma: number): number | undefined =>
+      this.throughput(this.addTo({ ...others }, gamma, acceptance));
+    let best: number | undefined;
+    let bestValue = 0;
+    for (let gamma = this.minGamma; gamma <= this.config.maxGamma; gamma++) {
+      const candidate = value(gamma);
+      if (candidate === undefined) return undefined;
+      if (best === undefined || candidate > bestValue) {
+        best = gamma;
+        bestValue = candidate;
+      }
+    }
+    if (current === undefined || best === current) return best;
+    const currentValue = value(current)!;
+    if (best === 0) return bestValue > currentValue ? 0 : current;
+    const share = currentValue / (others.sessions + 1);
+    return bestValue - currentValue >= (SWITCH_GAIN - 1) * share ? best : current;
+  }
+
+  /** One session's tokens per millisecond when `batch` sessions all draft g (mode sd: in turn with the
+   * target); undefined before any measurement. */
+  private uniformRate(mode: "pearl" | "sd", gamma: number, batch: number): number | undefined {
     const verify = this.target.at(batch * (gamma + 1));
-    const draftStep = this.draft.at(draftBatch);
+    const draftStep = this.draft.at(batch);
     if (verify === undefined || draftStep === undefined) return undefined;
-    const a = Math.min(0.999, Math.max(0.001, this.acceptanceRate));
-    const tokensPerCycle = (1 - Math.pow(a, gamma + 1)) / (1 - a);
     const cycle = mode === "pearl" ? Math.max(verify, gamma * draftStep) : verify + gamma * draftStep;
-    return tokensPerCycle / Math.max(cycle, 1e-6);
+    return tokensPerVerify(gamma, this.acceptanceRate) / Math.max(cycle, 1e-6);
   }
 
-  private bestDraftLength(
-    mode: "pearl" | "sd",
-    batch = this.targetBatch,
-    draftBatch = this.draftBatch,
-  ): number | undefined {
+  private bestUniformGamma(mode: "pearl" | "sd", batch: number): number | undefined {
     let best: number | undefined;
     let bestRate = 0;
     for (let gamma = Math.max(1, this.minGamma); gamma <= this.config.maxGamma; gamma++) {
-      const rate = this.rate(mode, gamma, batch, draftBatch);
+      const rate = this.uniformRate(mode, gamma, batch);
       if (rate !== undefined && rate > bestRate) {
         best = gamma;
         bestRate = rate;
@@ -270,58 +462,63 @@ export class Tuner {
     return best;
   }
 
-  /** Tokens per millisecond a session gets at the present load, drafting and on the target alone. */
-  private delivered(): { drafting: number; alone: number } | undefined {
-    const drafting = this.deliveredDrafting.at(this.load);
-    const alone = this.deliveredAlone.at(this.load);
+  // ---- what sessions get --------------------------------------------------------------------------------
+
+  /** Tokens per millisecond a session gets at this batch size, drafting and on the target alone. */
+  private delivered(batchSize: number): { drafting: number; alone: number } | undefined {
+    const drafting = this.deliveredDrafting.at(batchSize);
+    const alone = this.deliveredAlone.at(batchSize);
     if (drafting === undefined || alone === undefined) return undefined;
     return { drafting: 1 / Math.max(drafting, 1e-6), alone: 1 / Math.max(alone, 1e-6) };
   }
 
-  private retune(force: boolean): void {
-    const draftLength = this.bestDraftLength("pearl");
-    if (draftLength === undefined) return;
-    let candidate = draftLength;
-    const delivered = this.minGamma === 0 ? this.delivered() : undefined;
-    if (delivered) {
-      const drafting = this.gamma > 0;
-      const stop = delivered.alone > (force ? 1 : SWITCH_GAIN) * delivered.drafting;
-      const keepOff = !drafting && delivered.drafting <= (force ? 1 : SWITCH_GAIN) * delivered.alone;
-      if (stop || keepOff) candidate = 0;
-    }
-    if (candidate === this.gamma) return;
-    // Between draft lengths the model decides, and only for a clear gain.
-    if (!force && candidate > 0 && this.gamma > 0) {
-      const current = this.rate("pearl", this.gamma) ?? 0;
-      if (this.rate("pearl", candidate)! < SWITCH_GAIN * current) return;
-    }
-    this.gamma = candidate;
-    this.publish();
-    const plan = this.plan("pearl");
+  /** Whether drafting delivers more than the target alone at this batch size, as measured; a batch size
+   * keeps its last decision until the other side promises SWITCH_GAIN more. */
+  private draftingPays(batchSize: number): boolean {
+    if (this.minGamma > 0) return true;
+    const delivered = this.delivered(batchSize);
+    if (!delivered) return true;
+    const before = this.draftingPaysAt.get(batchSize);
+    const pays =
+      before === undefined
+        ? delivered.drafting >= delivered.alone
+        : before
+          ? delivered.alone <= SWITCH_GAIN * delivered.drafting
+          : delivered.drafting > SWITCH_GAIN * delivered.alone;
+    this.draftingPaysAt.set(batchSize, pays);
+    return pays;
+  }
+
+  /** After every target step: the gauges follow the decision for a request arriving now. */
+  private retune(): void {
+    this.publish(this.newSessionGamma());
+  }
+
+  private logDecision(batchSize: number, gamma: number, others: Batch): void {
+    const plan = this.pearlPlan(gamma);
+    const delivered = this.delivered(batchSize);
     const rounded = (value: number | undefined, digits = 3): number | null =>
       value === undefined ? null : Number(value.toFixed(digits));
     this.logger.info("draft length tuned", {
-      gamma: candidate,
+      batchSize,
+      gamma,
       speculate: plan.speculate,
       lookahead: plan.lookahead,
       verifyWindow: plan.verifyWindow,
       pinned: this.pinned,
       acceptanceRate: rounded(this.acceptanceRate),
-      // A verify step of this window (a plain decode step for 0).
-      targetVerifyMs: rounded(this.target.at(this.targetBatch * (candidate + 1))),
-      draftStepMs: rounded(this.draft.at(this.draftBatch)),
-      targetBatch: rounded(this.targetBatch, 2),
-      draftBatch: rounded(this.draftBatch, 2),
-      load: rounded(this.load, 2),
-      // Per session at this load, as measured: what drafting and the target alone deliver.
+      // A verify step of this batch with the new request's window (a plain decode row for 0).
+      targetVerifyMs: rounded(this.target.at(others.rows + 1 + plan.verifyWindow)),
+      draftStepMs: rounded(this.draft.at(others.drafting + 1)),
+      // Per session at this batch size, as measured: what drafting and the target alone deliver.
       draftingTokensPerMs: rounded(delivered?.drafting, 4),
       targetAloneTokensPerMs: rounded(delivered?.alone, 4),
     });
   }
 
-  private publish(): void {
-    const plan = this.plan("pearl");
-    this.gauges.gamma.set(this.gamma);
+  private publish(gamma: number): void {
+    const plan = this.pearlPlan(gamma);
+    this.gauges.gamma.set(gamma);
     this.gauges.lookahead.set(plan.lookahead);
     this.gauges.verifyWindow.set(plan.verifyWindow);
     this.gauges.acceptance.set(this.acceptanceRate);
