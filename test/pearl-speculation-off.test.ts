@@ -10,7 +10,6 @@ import { Counter, Histogram, Registry } from "../lib/metrics.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
 import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
-import type { SessionTuning } from "../services/gateway/tuner.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
 import { inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
 import { makeTuner, startupProfile } from "./helpers/tuner.js";
@@ -133,8 +132,10 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
     const draft = new DraftLink(stack.draft.address, logger);
     const prompt = PROMPTS[1]!;
     const maxTokens = 120;
-    // A second request, open beside it, for whom drafting turns out dismal.
-    let beside: SessionTuning | undefined;
+    // A second request, open beside it from the start and drafting too, for whom drafting turns out
+    // dismal.
+    const beside = tuner.openSession("pearl", "beside");
+    assert.equal(beside.plan().speculate, true);
     try {
       const ar = await stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: MODES.ar });
       const tokens: number[] = [];
@@ -175,8 +176,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
               tokens.push(...ids);
               if (tokens.length >= 20 && tokens.length - ids.length < 20) {
                 // What drafting sessions got at this batch size turned out dismal: a second per token.
-                beside = tuner.openSession("pearl", "beside");
-                for (let i = 0; i < 50; i++) beside.observeCycle(1, 1000);
+                for (let i = 0; i < 200; i++) beside.observeCycle(1, 1000);
               }
             },
             finished: (reason, result) => {
@@ -197,7 +197,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
       const drafts = await stack.draftInfo();
       assert.equal(drafts.activeSessions, 0, "the draft's session was closed");
     } finally {
-      beside?.closed();
+      beside.closed();
       target.shutdown();
       draft.shutdown();
     }

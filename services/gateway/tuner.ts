@@ -18,12 +18,13 @@
 // A window of g drafts yields E(g) = (1 - a^(g+1)) / (1 - a) tokens per target step (Leviathan et al.).
 // In pearl the draft drafts the next windows while the target verifies these, so with the batch's windows
 // g_i a step cycle lasts max(T(sum of 1 + g_i), max g_i * D(drafting requests)) and yields sum E_i(g_i)
-// tokens. Each request, at each of its verdicts, takes the g_i >= 1 (or 0: it stops drafting) that gives
-// the batch the most tokens per millisecond, the others' windows as they are. That is per-request
-// acceptance weighed at the batch size it runs at: the tokens a request's drafted rows cost every request
-// in the step against the tokens they gain it. A request whose draft agrees badly stops drafting alone and
-// goes on on the target (its rows no longer slow the others), while the others keep drafting. For one
-// request whose verification is flat in g and a near 1 this is exactly PEARL's t_target / t_draft.
+// tokens. Each request, at each of its verdicts, takes the g_i >= 1 that gives the batch the most tokens
+// per millisecond, the others' windows as they are: per-request acceptance weighed at the batch size it
+// runs at, the tokens a request's drafted rows cost every request in the step against the tokens they gain
+// it. When no window pays for its own acceptance though one would for the pair's, its draft is to blame:
+// it stops drafting alone and goes on on the target (its rows no longer slow the others), while the
+// others keep drafting. For one request whose verification is flat in g and a near 1 this is exactly
+// PEARL's t_target / t_draft.
 //
 // Whether drafting pays at all at a batch size (the sessions open on the target), that ideal model cannot
 // tell: it knows nothing of windows the draft has not filled yet, of waiting for the draft after a
@@ -33,7 +34,8 @@
 // line for sessions that draft and one for sessions on the target alone. The start-up profile seeds the
 // second (a decode step per token), the ideal model the first: being optimistic, it gets drafting tried at
 // a batch size where it was never measured. Each batch size keeps its own decision: drafting stops there
-// when the target alone delivers SWITCH_GAIN times more, and starts again when drafting would. New pearl
+// when the target alone delivers SWITCH_GAIN times more (once drafting sessions delivered EVIDENCE_TOKENS
+// there: a request's first cycles wait for the draft's prefill), and starts again when drafting would. New pearl
 // requests at a batch size where it does not pay run on the target alone (reported as finished in ar,
 // like any request without the draft) and running ones stop drafting; no request starts drafting again
 // mid-request, but when the batch shrinks back, new requests take the smaller batch size's decision.
@@ -78,6 +80,10 @@ const STEP_DECAY = 0.02;
 const TOKEN_DECAY = 0.003;
 /** Tokens' worth of belief in each delivered-time line's seed. */
 const SEED_TOKENS = 20;
+/** Tokens that drafting sessions must deliver at a batch size before what they got can stop drafting
+ * there: a request's first cycles wait for the draft's own prefill, and on a shared machine a handful of
+ * slow cycles must not end drafting at a batch size for good. */
+const EVIDENCE_TOKENS = 128;
 /** A decision must promise this much more throughput than the current one to replace it. */
 const SWITCH_GAIN = 1.1;
 /** Until verdicts say otherwise, assume a draft that is right this often, worth this many observations. */
@@ -192,8 +198,10 @@ export class Tuner {
   private readonly pairAcceptance = new AcceptanceCounts(PRIOR_ACCEPTANCE * PRIOR_TRIALS, PRIOR_TRIALS);
   /** Per batch size: whether drafting, as measured, delivers more than the target alone there. */
   private readonly draftingPaysAt = new Map<number, boolean>();
-  /** Per batch size: the draft length last logged for a new pearl request there. */
-  private readonly loggedGamma = new Map<number, number>();
+  /** Per batch size: tokens drafting sessions delivered there since drafting last started there. */
+  private readonly draftedAt = new Map<number, number>();
+  /** Per batch size: the draft length a new pearl request there gets, as last decided (and logged). */
+  private readonly newRequestGamma = new Map<number, number>();
   private readonly pinned: boolean;
   /** The shortest draft length pearl may choose; 0 lets it stop drafting. */
   private readonly minGamma: number;
@@ -274,7 +282,10 @@ export class Tuner {
   private observeCycle(session: Session, tokens: number, ms: number): void {
     if (tokens === 0 || ms <= 0) return;
     const batchSize = Math.max(1, this.sessions.size);
-    if (session.drafting) this.deliveredDrafting.add(batchSize, ms / tokens, tokens);
+    if (session.drafting) {
+      this.deliveredDrafting.add(batchSize, ms / tokens, tokens);
+      this.draftedAt.set(batchSize, (this.draftedAt.get(batchSize) ?? 0) + tokens);
+    }
     // Beside drafting sessions a session on the target alone waits for their verify steps.
     else if (this.draftingSessions === 0) this.deliveredAlone.add(batchSize, ms / tokens, tokens);
   }
@@ -333,15 +344,18 @@ export class Tuner {
   }
 
   /** A new pearl request's draft length beside the sessions open now (0: it does not draft); a log line
-   * when it changed at this batch size. */
+   * when it changed at this batch size. Like a running session's window, it changes only for a clear
+   * gain, so that a batch size's decision does not flap (nor its log). */
   private newSessionGamma(): number {
     const others = this.batch();
     const batchSize = others.sessions + 1;
+    const before = this.newRequestGamma.get(batchSize);
+    const current = before !== undefined && before > 0 ? before : undefined;
     const gamma = this.draftingPays(batchSize)
-      ? (this.bestGamma(others, this.acceptanceRate) ?? this.unmeasuredGamma)
+      ? (this.bestGamma(others, this.acceptanceRate, { current, mayStop: false }) ?? this.unmeasuredGamma)
       : 0;
-    if (this.loggedGamma.get(batchSize) !== gamma) {
-      this.loggedGamma.set(batchSize, gamma);
+    if (before !== gamma) {
+      this.newRequestGamma.set(batchSize, gamma);
       this.logDecision(batchSize, gamma, others);
     }
     return gamma;
@@ -357,12 +371,22 @@ export class Tuner {
     const batchSize = others.sessions + 1;
     const acceptance = session.acceptance.rate(this.acceptanceRate, SESSION_PRIOR_TRIALS);
     const batchAllows = this.draftingPays(batchSize);
-    const gamma = batchAllows ? (this.bestGamma(others, acceptance, session.window) ?? session.window) : 0;
+    let gamma = 0;
+    if (batchAllows) {
+      const current = session.window;
+      gamma = this.bestGamma(others, acceptance, { current, mayStop: true }) ?? current;
+      // The model found that no window pays, but the same request with the pair's acceptance would
+      // draft: its own draft is to blame, and it stops. If not even that would draft, the model is
+      // blaming the step costs, and whether drafting pays at a batch size is the measured decision's.
+      if (gamma === 0 && this.bestGamma(others, this.acceptanceRate, { current, mayStop: true }) === 0) {
+        gamma = this.bestGamma(others, acceptance, { current, mayStop: false }) ?? current;
+      }
+    }
     if (gamma === 0) {
       this.logger.debug("request stops drafting", {
         requestId: session.requestId,
         why: batchAllows
-          ? "its drafted rows cost the batch more than they gain it"
+          ? "its draft agrees too rarely: its rows cost the batch more than they gain it"
           : "drafting does not pay at this batch size",
         acceptanceRate: Number(acceptance.toFixed(3)),
         batchSize,
@@ -412,19 +436,27 @@ export class Tuner {
   }
 
   /**
-   * The draft length (0: none, where --min-gamma allows) of a session with this acceptance beside
-   * `others` that gives the batch the most tokens per millisecond. A session already running at `current`
-   * changes its window only for a gain of SWITCH_GAIN on its share of the batch's throughput (each change
-   * is a message to the target, and noise must not make windows flap); it stops drafting as soon as that
-   * gains the batch anything: stopping is for good, and the prior on its acceptance keeps an unlucky first
-   * window from deciding it.
+   * The draft length of a session with this acceptance beside `others` that gives the batch the most
+   * tokens per millisecond; 0 (no drafting) is a candidate when `mayStop` and --min-gamma allow. A
+   * session already running at `current` changes its window only for a gain of SWITCH_GAIN on its share
+   * of the batch's throughput (each change is a message to the target, and noise must not make windows
+   * flap); it stops drafting as soon as that gains the batch anything: stopping is for good, and the
+   * prior on its acceptance keeps an unlucky first window from deciding it.
    */
-  private bestGamma(others: Batch, acceptance: number, current?: number): number | undefined {
+  private bestGamma(
+    others: Batch,
+    acceptance: number,
+    { current, mayStop }: { current?: number; mayStop: boolean },
+  ): number | undefined {
     const value = (gamma: number): number | undefined =>
       this.throughput(this.addTo({ ...others }, gamma, acceptance));
     let best: number | undefined;
     let bestValue = 0;
-    for (let gamma = this.minGamma; gamma <= this.config.maxGamma; gamma++) {
+    for (
+      let gamma = mayStop ? this.minGamma : Math.max(1, this.minGamma);
+      gamma <= this.config.maxGamma;
+      gamma++
+    ) {
       const candidate = value(gamma);
       if (candidate === undefined) return undefined;
       if (best === undefined || candidate > bestValue) {
@@ -473,18 +505,21 @@ export class Tuner {
   }
 
   /** Whether drafting delivers more than the target alone at this batch size, as measured; a batch size
-   * keeps its last decision until the other side promises SWITCH_GAIN more. */
+   * keeps its last decision until the other side promises SWITCH_GAIN more, and drafting, once on, until
+   * EVIDENCE_TOKENS of it were measured there. */
   private draftingPays(batchSize: number): boolean {
     if (this.minGamma > 0) return true;
     const delivered = this.delivered(batchSize);
     if (!delivered) return true;
     const before = this.draftingPaysAt.get(batchSize);
+    const measured = (this.draftedAt.get(batchSize) ?? 0) >= EVIDENCE_TOKENS;
     const pays =
       before === undefined
         ? delivered.drafting >= delivered.alone
         : before
-          ? delivered.alone <= SWITCH_GAIN * delivered.drafting
+          ? !measured || delivered.alone <= SWITCH_GAIN * delivered.drafting
           : delivered.drafting > SWITCH_GAIN * delivered.alone;
+    if (pays && before === false) this.draftedAt.set(batchSize, 0);
     this.draftingPaysAt.set(batchSize, pays);
     return pays;
   }
