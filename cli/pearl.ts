@@ -28,7 +28,8 @@ import { DecodingMode, GatewayClient, type GenerateRequest } from "../proto/gen/
 import { startDraftService } from "../services/draft/server.js";
 import { startGatewayService } from "../services/gateway/server.js";
 import { startTargetService } from "../services/target/server.js";
-import { formatBench, runBench } from "./bench.js";
+import { formatBench, loadPrompts, runBench } from "./bench.js";
+import { ProgressBar } from "./progress.js";
 import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
 
 const SHARED_KEYS = new Set(["host", "logLevel"]);
@@ -350,19 +351,26 @@ function parseMode(raw: string): ModeName {
 interface BenchCommandOptions {
   modes: ModeName[];
   concurrency: number[];
+  temperatures: number[];
   requests: number;
+  rounds: number;
   maxTokens: number;
-  temperature: number;
+  prompts: string;
   promptTokens: number;
   gateway: string;
+  draftMetrics?: string;
+  targetMetrics?: string;
+  gatewayMetrics?: string;
   local: boolean;
   json: boolean;
+  progress: boolean;
 }
 
 const bench = program
   .command("bench")
   .description(
-    "measure tokens/s of each decoding mode through a running gateway (or, with --local, a stack of its own)",
+    "measure tokens/s of each decoding mode through a running gateway (or, with --local, a stack of its " +
+      "own), with speedups over ar and sd and the analytic ideal for the measured acceptance and step times",
   )
   .addOption(
     new Option("--modes <list>", "modes to measure")
@@ -372,23 +380,38 @@ const bench = program
   .addOption(
     new Option("--concurrency <list>", "requests in flight at once")
       .argParser(parseList(parsePositiveInteger))
-      .default([1, 8], "1,8"),
+      .default([1, 4, 16, 32], "1,4,16,32"),
   )
   .addOption(
-    new Option("--requests <n>", "requests per mode and concurrency")
+    new Option(
+      "--temperatures <list>",
+      "sampling temperatures (0: greedy; greedy outputs are compared across modes)",
+    )
+      .argParser(parseList(parseNumber))
+      .default([0, 0.8], "0,0.8"),
+  )
+  .addOption(
+    new Option("--requests <n>", "requests per mode, concurrency and temperature")
       .argParser(parsePositiveInteger)
-      .default(16),
+      .default(128),
+  )
+  .addOption(
+    new Option(
+      "--rounds <n>",
+      "turns the modes take at each concurrency and temperature, the requests split among them (each at " +
+        "least the concurrency): modes that alternate share the machine's quiet and busy moments",
+    )
+      .argParser(parsePositiveInteger)
+      .default(4),
   )
   .addOption(
     new Option("--max-tokens <n>", "tokens per request").argParser(parsePositiveInteger).default(128),
   )
   .addOption(
-    new Option(
-      "--temperature <t>",
-      "sampling temperature (0: greedy; outputs are then compared across modes)",
-    )
-      .argParser(parseNumber)
-      .default(0),
+    new Option("--prompts <file>", "prompts, used in turn, when the server has a tokenizer").default(
+      join(packageRoot(), "bench", "heldout_prompts.json"),
+      "bench/heldout_prompts.json: held-out code for the embedded pair",
+    ),
   )
   .addOption(
     new Option("--prompt-tokens <n>", "prompt length when the server has no tokenizer (random token ids)")
@@ -401,16 +424,38 @@ const bench = program
       .default(`localhost:${DEFAULT_PORTS.gatewayGrpc}`),
   )
   .addOption(
+    new Option("--draft-metrics <url>", "the running draft service's /metrics (adds draft step times)").env(
+      "PEARL_DRAFT_METRICS_URL",
+    ),
+  )
+  .addOption(
+    new Option(
+      "--target-metrics <url>",
+      "the running target service's /metrics (adds target step times)",
+    ).env("PEARL_TARGET_METRICS_URL"),
+  )
+  .addOption(
+    new Option(
+      "--gateway-metrics <url>",
+      "the running gateway's /metrics (adds acceptance and windows, and with step times the ideal)",
+    ).env("PEARL_GATEWAY_METRICS_URL"),
+  )
+  .addOption(
     new Option(
       "--local",
-      "start draft, target and gateway for the measurement (adds engine step times)",
+      "start draft, target and gateway for the measurement (adds every service's /metrics)",
     ).default(false),
   )
-  .addOption(new Option("--json", "print the rows as JSON").default(false));
+  .addOption(new Option("--json", "print the rows as JSON").default(false))
+  .addOption(
+    new Option("--no-progress", "no progress bar on stderr (there is none unless it is a terminal)"),
+  );
 addLocalStackOptions(bench);
 bench.action(async (options: BenchCommandOptions, command: Command) => {
   let stack: Awaited<ReturnType<typeof startLocalStack>> | undefined;
+  const progress = options.progress && process.stderr.isTTY ? new ProgressBar(process.stderr) : undefined;
   try {
+    const prompts = loadPrompts(options.prompts);
     // Inside the try: a stack that cannot start (a missing model, a placement refused) is a message too.
     stack = options.local
       ? await startLocalStack(command.opts(), createLogger("pearl", "warn"), {
@@ -418,24 +463,37 @@ bench.action(async (options: BenchCommandOptions, command: Command) => {
           profileBatchSizes: [1, 2, 4, 8],
         })
       : undefined;
+    const metricsUrl = (port: number | undefined): string | undefined =>
+      port !== undefined && port >= 0 ? `http://127.0.0.1:${port}/metrics` : undefined;
     const { rows, outputsAgree } = await runBench(
       stack?.gatewayAddress ?? options.gateway,
       {
         modes: options.modes,
         concurrencies: options.concurrency,
+        temperatures: options.temperatures,
         requests: options.requests,
+        rounds: options.rounds,
         maxTokens: options.maxTokens,
-        temperature: options.temperature,
+        prompts,
         promptTokens: options.promptTokens,
       },
-      { draft: stack?.draftPorts.httpPort, target: stack?.targetPorts.httpPort },
+      stack
+        ? {
+            draft: metricsUrl(stack.draftPorts.httpPort),
+            target: metricsUrl(stack.targetPorts.httpPort),
+            gateway: metricsUrl(stack.gatewayPorts.httpPort),
+          }
+        : { draft: options.draftMetrics, target: options.targetMetrics, gateway: options.gatewayMetrics },
+      (done, total, label) => progress?.update(done, total, label),
     );
+    progress?.finish();
     console.log(options.json ? JSON.stringify(rows) : formatBench(rows));
     if (!outputsAgree) {
       console.error("pearl bench: greedy outputs differ between modes");
       process.exitCode = 1;
     }
   } catch (error) {
+    progress?.finish();
     console.error(`pearl bench: ${errorMessage(error)}`);
     process.exitCode = 1;
   } finally {

@@ -171,8 +171,9 @@ export function readStack(values: Record<string, unknown>): StackConfig {
 }
 
 /**
- * A private stack for one command (generate, bench): ephemeral ports, quiet logs. `metrics` keeps the
- * draft and target /metrics endpoints (on ephemeral ports) for a caller that reads them.
+ * A private stack for one command (generate, bench): ephemeral ports, quiet logs. `metrics` keeps every
+ * service's /metrics endpoint (on ephemeral ports; the gateway's is its REST port) for a caller that reads
+ * them.
  */
 export async function startLocalStack(
   values: Record<string, unknown>,
@@ -186,7 +187,7 @@ export async function startLocalStack(
     config[role].profileBatchSizes = options.profileBatchSizes;
     config[role].logLevel = "warn";
   }
-  config.gateway = { ...config.gateway, grpcPort: 0, httpPort: -1, logLevel: "warn" };
+  config.gateway = { ...config.gateway, grpcPort: 0, httpPort: options.metrics ? 0 : -1, logLevel: "warn" };
   const stack = await startStack(config, logger, true);
   return { ...stack, gatewayAddress: clientAddress(config.gateway.host, stack.gatewayPorts.grpcPort) };
 }

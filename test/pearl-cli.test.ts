@@ -6,6 +6,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { credentials } from "@grpc/grpc-js";
+import type { BenchRow } from "../cli/bench.js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { pearlCommand } from "../lib/service_process.js";
 import { GatewayClient } from "../proto/gen/pearl/v1/gateway.js";
@@ -80,28 +81,40 @@ describe("pearl command", () => {
     assert.ok(output.usage.draftTokens > 0, "pearl drafted");
   });
 
-  test("pearl bench --local measures every mode, with the same greedy output in each", () => {
+  test("pearl bench --local measures every mode and temperature against ar and sd, and the ideal", () => {
     const result = runPearl([
       "bench",
       "--local",
       ...["--draft-model", fixtureDir("llama-gqa-f32"), "--target-model", fixtureDir("llama-gqa-f32")],
       ...["--draft-threads", "1", "--target-threads", "1"],
-      ...["--concurrency", "1,3", "--requests", "3", "--max-tokens", "12", "--json"],
+      ...["--concurrency", "1,3", "--temperatures", "0,0.8", "--requests", "4", "--rounds", "2"],
+      ...["--max-tokens", "12", "--json"],
     ]);
     assert.equal(result.status, 0, result.stderr);
-    const rows = JSON.parse(result.stdout) as {
-      mode: string;
-      concurrency: number;
-      tokens: number;
-      targetStepMs: number;
-    }[];
+    assert.equal(result.stderr, "", "no progress bar when stderr is not a terminal");
+    const rows = JSON.parse(result.stdout) as BenchRow[];
     assert.deepEqual(
-      rows.map((row) => `${row.concurrency}:${row.mode}`),
-      ["1:ar", "1:sd", "1:pearl", "3:ar", "3:sd", "3:pearl"],
+      rows.map((row) => `${row.temperature}:${row.concurrency}:${row.mode}`),
+      [0, 0.8].flatMap((t) =>
+        [1, 3].flatMap((c) => ["ar", "sd", "pearl"].map((mode) => `${t}:${c}:${mode}`)),
+      ),
     );
     for (const row of rows) {
-      assert.equal(row.tokens, 3 * 12);
-      assert.ok(row.targetStepMs > 0);
+      // Two rounds of 2 requests each, or of the concurrency where it is more.
+      assert.equal(row.requests, row.concurrency === 1 ? 4 : 6);
+      assert.equal(row.tokens, row.requests * 12);
+      assert.ok(row.targetStepMs! > 0);
+      const ar = rows.find(
+        (r) => r.mode === "ar" && r.concurrency === row.concurrency && r.temperature === row.temperature,
+      )!;
+      assert.equal(row.speedupOverAr, row.tokensPerSecond / ar.tokensPerSecond);
+    }
+    // The draft is the target itself: at temperature 0 every draft is accepted, and sd verifies its
+    // windows of --sd-gamma 4 (shorter only where a request ends).
+    for (const sd of rows.filter((row) => row.mode === "sd")) {
+      if (sd.temperature === 0) assert.equal(sd.tokenAcceptance, 1);
+      assert.ok(sd.meanWindow! > 1 && sd.meanWindow! <= 4, JSON.stringify(sd));
+      assert.ok(sd.draftStepMs! > 0 && sd.idealSpeedupOverAr! > 0, JSON.stringify(sd));
     }
   });
 
