@@ -134,6 +134,8 @@ export class Gateway {
   private readonly timeToFirstToken: Histogram;
   private readonly interTokenLatency: Histogram;
   private readonly requestLatency: Histogram;
+  private readonly promptTokens: Counter;
+  private readonly generationTokens: Counter;
   private readonly eosTokenIds: ReadonlySet<number>;
 
   private constructor(
@@ -223,6 +225,16 @@ export class Gateway {
       name: "pearl_e2e_request_latency_seconds",
       help: "From request to its last token",
       buckets: LATENCY_BUCKETS_SECONDS,
+      registers,
+    });
+    this.promptTokens = new Counter({
+      name: "pearl_prompt_tokens_total",
+      help: "Prompt tokens of the requests started",
+      registers,
+    });
+    this.generationTokens = new Counter({
+      name: "pearl_generation_tokens_total",
+      help: "Tokens the target committed for requests (their throughput)",
       registers,
     });
     this.tuner = new Tuner(config, logger, {
@@ -361,6 +373,7 @@ export class Gateway {
 
     const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
       tokens: (tokenIds, logprobs, promptLogprobs) => {
+        this.generationTokens.inc(tokenIds.length);
         const now = performance.now();
         if (lastTokenAt === undefined) {
           firstTokenAt = now;
@@ -418,6 +431,7 @@ export class Gateway {
     };
     signal?.addEventListener("abort", onAbort, { once: true });
     this.running.inc();
+    this.promptTokens.inc(request.promptTokenIds.length);
     generation.start();
     try {
       yield* queue;
