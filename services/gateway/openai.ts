@@ -167,6 +167,8 @@ interface ResponseContext {
   header: { id: string; created: number; model: string };
   /** max_tokens 0 (with echo): the prompt alone is returned; the one token each run makes is dropped. */
   promptOnly: boolean;
+  /** Runs per prompt: n, or best_of, which then ranks them. */
+  runsPerPrompt: number;
 }
 
 export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApiOptions): Promise<void> {
@@ -437,6 +439,7 @@ class OpenAIApi {
         model: this.model.id,
       },
       promptOnly,
+      runsPerPrompt,
     };
     try {
       if (body.stream) await this.stream(reply, runs, context, requestId);
@@ -456,14 +459,13 @@ class OpenAIApi {
     runs: AsyncGenerator<RunChunk>,
     context: ResponseContext,
   ): Promise<void> {
-    const { body, prompts, shape, options } = context;
+    const { body, prompts, shape, options, runsPerPrompt } = context;
     const results = await collectRuns(runs, context.plans.length);
-    const runsPerPrompt = results.length / prompts.length;
     const choices = prompts.flatMap((prompt, promptIndex) => {
       const ofPrompt = results.slice(promptIndex * runsPerPrompt, (promptIndex + 1) * runsPerPrompt);
       const promptScores = ofPrompt[0]!.promptLogprobs;
       const returned =
-        options.bestOf === undefined
+        runsPerPrompt === body.n
           ? ofPrompt
           : [...ofPrompt].sort((a, b) => cumulativeLogprob(b) - cumulativeLogprob(a)).slice(0, body.n);
       return returned.map((result, rank) => {
@@ -551,10 +553,12 @@ class OpenAIApi {
             send([shape.textChunkChoice(index, prompt.text, scoresOf(scored, format))]);
           }
         }
-        const scores =
-          chunk.logprobs && chunk.tokenIds.length > 0 ? scoresOf(scoredTokens(chunk.logprobs), format) : null;
-        if (!context.promptOnly && (chunk.text !== "" || scores !== null)) {
-          send([shape.textChunkChoice(index, chunk.text, scores)]);
+        if (!context.promptOnly) {
+          const scores =
+            chunk.logprobs && chunk.tokenIds.length > 0
+              ? scoresOf(scoredTokens(chunk.logprobs), format)
+              : null;
+          if (chunk.text !== "" || scores !== null) send([shape.textChunkChoice(index, chunk.text, scores)]);
         }
         if (chunk.finishReason === undefined) continue;
         lasts[run] = chunk;
