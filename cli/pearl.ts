@@ -1,7 +1,5 @@
 #!/usr/bin/env node
 // The pearl command: run the services (all three, or one each) and generate from the command line.
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
@@ -20,7 +18,7 @@ import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
 import { cudaDeviceCount } from "../lib/native.js";
-import { packageRoot } from "../lib/paths.js";
+import { packageVersion } from "../lib/paths.js";
 import { checkDevices, describePlacement } from "../lib/placement.js";
 import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
@@ -32,13 +30,6 @@ import { formatBench, runBench } from "./bench.js";
 import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
 
 const SHARED_KEYS = new Set(["host", "logLevel"]);
-
-function version(): string {
-  const manifest = JSON.parse(readFileSync(join(packageRoot(), "package.json"), "utf8")) as {
-    version: string;
-  };
-  return manifest.version;
-}
 
 /** Runs an in-process service until SIGINT or SIGTERM, then closes it gracefully. */
 function runUntilSignal(service: RunningService): void {
@@ -204,7 +195,7 @@ function addLocalStackOptions(command: Command): void {
 
 const program = new Command("pearl")
   .description("Parallel speculative decoding (PEARL) served as draft, target and gateway gRPC services")
-  .version(version());
+  .version(packageVersion());
 
 const serve = program
   .command("serve")

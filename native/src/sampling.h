@@ -26,6 +26,14 @@ struct Distribution {
 // Greedy (temperature 0) gives the one-hot argmax, ties to the lowest id.
 Distribution process_logits(const float* logits, int vocab_size, const SamplingParams& params);
 
+// Appends one row to `out`: the log-probability of `token` and the out.top_k most likely tokens'. Sampling
+// params (temperature > 0) score the processed distribution p = process_logits(logits, params), -inf
+// outside p's support (vLLM's "processed_logprobs"); greedy params score log_softmax(logits), since greedy
+// decoding applies no temperature or cut (nor does vLLM's). Prompt scores pass greedy params: raw, as vLLM's
+// prompt logprobs are in every mode. Throws where process_logits does (no finite maximum).
+void append_logprob_row(const float* logits, int vocab_size, const SamplingParams& params, int32_t token,
+                        Logprobs& out);
+
 // The one-hot distribution of a chosen token (process_logits' greedy case). Throws for -1 (nothing
 // could be chosen).
 Distribution chosen_token_distribution(int32_t token);

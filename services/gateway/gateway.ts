@@ -4,7 +4,7 @@
 // top of it.
 import { randomInt, randomUUID } from "node:crypto";
 import { connectivityState } from "@grpc/grpc-js";
-import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
+import { FinishReason, type ServiceInfo, type TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
 import { DECODING_MODES, type DecodingMode, type GatewayConfig } from "../../lib/config.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
 import {
@@ -19,6 +19,7 @@ import { modelPairDifferences } from "../../lib/model_pair.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
+import { MAX_TOP_LOGPROBS, sliceLogprobs } from "./logprobs.js";
 import { Generation, type GenerationRequest, type GenerationUsage, type LoopMetrics } from "./pearl_loop.js";
 import { StopStringMatcher } from "./stop_strings.js";
 import { Tuner } from "./tuner.js";
@@ -40,12 +41,20 @@ export interface GenerateInput {
   /** The output ends before the first of these strings (needs a tokenizer); the request then finishes
    * with reason stop. */
   stop?: string[];
+  /** Set (0 to 20): every chunk scores its tokens, with this many most likely tokens' beside. */
+  topLogprobs?: number;
+  /** The first chunk scores the prompt too. */
+  promptLogprobs?: boolean;
 }
 
 export interface GenerateChunk {
   tokenIds: number[];
   /** Their text, when the gateway has a tokenizer. */
   text: string;
+  /** The target's scores of tokenIds, when the request asked for them. */
+  logprobs?: TokenLogprobs;
+  /** On the first chunk, when the request asked for them: the prompt's tokens from the second on. */
+  promptLogprobs?: TokenLogprobs;
   /** Set on the last chunk only, with usage. */
   finishReason?: FinishReason;
   usage?: GenerationUsage & { seed: number };
@@ -125,6 +134,8 @@ export class Gateway {
   private readonly timeToFirstToken: Histogram;
   private readonly interTokenLatency: Histogram;
   private readonly requestLatency: Histogram;
+  private readonly promptTokens: Counter;
+  private readonly generationTokens: Counter;
   private readonly eosTokenIds: ReadonlySet<number>;
 
   private constructor(
@@ -214,6 +225,16 @@ export class Gateway {
       name: "pearl_e2e_request_latency_seconds",
       help: "From request to its last token",
       buckets: LATENCY_BUCKETS_SECONDS,
+      registers,
+    });
+    this.promptTokens = new Counter({
+      name: "pearl_prompt_tokens_total",
+      help: "Prompt tokens of the requests started",
+      registers,
+    });
+    this.generationTokens = new Counter({
+      name: "pearl_generation_tokens_total",
+      help: "Tokens the target committed for requests (their throughput)",
       registers,
     });
     this.tuner = new Tuner(config, logger, {
@@ -354,7 +375,8 @@ export class Gateway {
     let failure: Error | undefined;
 
     const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
-      tokens: (tokenIds) => {
+      tokens: (tokenIds, logprobs, promptLogprobs) => {
+        this.generationTokens.inc(tokenIds.length);
         const now = performance.now();
         if (lastTokenAt === undefined) {
           firstTokenAt = now;
@@ -362,7 +384,7 @@ export class Gateway {
         } else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
         lastTokenAt = now;
         if (!stopMatcher || !decoder) {
-          queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
+          queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "", logprobs, promptLogprobs });
           return;
         }
         // Token by token, so that the output ends with the token that completed the stop string,
@@ -372,12 +394,17 @@ export class Gateway {
           const scan = stopMatcher.push(decoder.push(tokenIds.slice(i, i + 1)));
           text += scan.text;
           if (scan.stopped) {
-            queue.push({ tokenIds: tokenIds.slice(0, i + 1), text });
+            queue.push({
+              tokenIds: tokenIds.slice(0, i + 1),
+              text,
+              logprobs: logprobs && sliceLogprobs(logprobs, 0, i + 1),
+              promptLogprobs,
+            });
             generation.finishAtStopString(tokenIds.length - i - 1);
             return;
           }
         }
-        queue.push({ tokenIds, text });
+        queue.push({ tokenIds, text, logprobs, promptLogprobs });
       },
       finished: (reason, usage) => {
         let text = decoder?.flush() ?? "";
@@ -407,6 +434,7 @@ export class Gateway {
     };
     signal?.addEventListener("abort", onAbort, { once: true });
     this.running.inc();
+    this.promptTokens.inc(request.promptTokenIds.length);
     generation.start();
     try {
       yield* queue;
@@ -517,6 +545,15 @@ export class Gateway {
     }
     const mode = input.mode ?? this.config.defaultMode;
     if (!DECODING_MODES.includes(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    const topLogprobs = input.topLogprobs;
+    if (
+      topLogprobs !== undefined &&
+      !(Number.isInteger(topLogprobs) && topLogprobs >= 0 && topLogprobs <= MAX_TOP_LOGPROBS)
+    ) {
+      throw new InvalidRequestError(
+        `top_logprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${topLogprobs}`,
+      );
+    }
     const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
     if (!Number.isFinite(draftTemperature) || draftTemperature < 0) {
       throw new InvalidRequestError(`draft_temperature must be >= 0, got ${draftTemperature}`);
@@ -529,6 +566,8 @@ export class Gateway {
       mode,
       draftTemperature,
       draftTopK: this.config.draftTopK,
+      topLogprobs,
+      promptLogprobs: input.promptLogprobs,
     };
   }
 

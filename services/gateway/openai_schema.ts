@@ -1,9 +1,10 @@
 // The OpenAI request bodies pearl accepts, checked field by field so that every mistake is answered with
 // a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
 // are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
-// not implement (n > 1, logprobs, tools, penalties...) are refused rather than silently dropped.
+// not implement (tools, penalties...) are refused rather than silently dropped.
 import { DECODING_MODES, type DecodingMode } from "../../lib/config.js";
 import type { ChatMessage } from "../../lib/chat_template.js";
+import { MAX_TOP_LOGPROBS } from "./logprobs.js";
 
 export class OpenAIError extends Error {
   constructor(
@@ -38,11 +39,20 @@ export interface GenerationFields {
   mode: DecodingMode | undefined;
   stream: boolean;
   includeUsage: boolean;
+  /** Choices per prompt. */
+  n: number;
+  /** Set: every choice scores its tokens, with this many most likely tokens' beside. */
+  logprobs: number | undefined;
 }
 
 export interface CompletionRequest extends GenerationFields {
-  /** Text, or token ids. */
-  prompt: string | number[];
+  /** One or more prompts, each text or token ids; n choices each. */
+  prompts: (string | number[])[];
+  /** The text starts with the prompt (and, with logprobs, the scores with the prompt's scores). */
+  echo: boolean;
+  /** Set: this many choices run per prompt, and the n of the highest cumulative log-probability are
+   * returned. */
+  bestOf: number | undefined;
 }
 
 export interface ChatCompletionRequest extends GenerationFields {
@@ -50,6 +60,8 @@ export interface ChatCompletionRequest extends GenerationFields {
 }
 
 export const MAX_STOP_STRINGS = 4;
+/** Choices a request may ask for, over n (or best_of) and its prompts: each is a session on both services. */
+export const MAX_CHOICES = 128;
 
 type Body = Record<string, unknown>;
 
@@ -130,12 +142,7 @@ const isEmpty = (value: unknown): boolean =>
   (typeof value === "object" && value !== null && Object.keys(value).length === 0);
 
 function refuseUnsupported(body: Body): void {
-  refuseUnless(body, "n", isOne, "pearl returns one choice per request (n must be 1)");
-  refuseUnless(body, "best_of", isOne, "pearl returns one choice per request (best_of must be 1)");
-  refuseUnless(body, "echo", isFalse, "the prompt is not echoed");
   refuseUnless(body, "suffix", isEmpty, "insertion (suffix) is not supported");
-  refuseUnless(body, "logprobs", isFalse, "log probabilities are not returned");
-  refuseUnless(body, "top_logprobs", isZero, "log probabilities are not returned");
   refuseUnless(body, "presence_penalty", isZero, "penalties would change the target's distribution");
   refuseUnless(body, "frequency_penalty", isZero, "penalties would change the target's distribution");
   refuseUnless(body, "logit_bias", isEmpty, "logit bias would change the target's distribution");
@@ -187,7 +194,11 @@ function includeUsage(body: Body, stream: boolean): boolean {
   return optionalBoolean(options as Body, "include_usage", "stream_options.include_usage") ?? false;
 }
 
-function generationFields(body: Body, maxTokens: number | undefined): GenerationFields {
+function generationFields(
+  body: Body,
+  maxTokens: number | undefined,
+  logprobs: number | undefined,
+): GenerationFields {
   refuseUnsupported(body);
   const stream = optionalBoolean(body, "stream") ?? false;
   return {
@@ -202,8 +213,12 @@ function generationFields(body: Body, maxTokens: number | undefined): Generation
     mode: decodingMode(body),
     stream,
     includeUsage: includeUsage(body, stream),
+    n: optionalNumber(body, "n", { integer: true, min: 1, max: MAX_CHOICES }) ?? 1,
+    logprobs,
   };
 }
+
+const topLogprobsRule: NumberRule = { integer: true, min: 0, max: MAX_TOP_LOGPROBS };
 
 function normalizeTopK(topK: number | undefined): number | undefined {
   return topK === -1 ? 0 : topK;
@@ -213,50 +228,71 @@ const maxTokensRule: NumberRule = { integer: true, min: 1 };
 
 export function parseCompletionRequest(raw: unknown): CompletionRequest {
   const body = requestObject(raw);
-  const fields = generationFields(body, optionalNumber(body, "max_tokens", maxTokensRule));
-  return { ...fields, prompt: completionPrompt(body) };
+  const echo = optionalBoolean(body, "echo") ?? false;
+  // Only the prompt's scores are wanted (lm-evaluation-harness's loglikelihood requests): max_tokens 0.
+  const maxTokens = optionalNumber(body, "max_tokens", { integer: true, min: echo ? 0 : 1 });
+  // The legacy API's logprobs is the count of most likely tokens; false (some clients) means none.
+  const logprobs =
+    present(body, "logprobs") === false ? undefined : optionalNumber(body, "logprobs", topLogprobsRule);
+  const fields = generationFields(body, maxTokens, logprobs);
+  const prompts = completionPrompts(body);
+  const bestOf = optionalNumber(body, "best_of", { integer: true, min: fields.n, max: MAX_CHOICES });
+  if (bestOf !== undefined && bestOf > 1 && fields.stream) {
+    throw invalidRequest(
+      "best_of cannot be used with stream: the best choices are known only at the end",
+      "best_of",
+    );
+  }
+  const choices = prompts.length * (bestOf ?? fields.n);
+  if (choices > MAX_CHOICES) {
+    throw invalidRequest(
+      `${prompts.length} prompts with ${bestOf ?? fields.n} choices each make ${choices} choices, more than ` +
+        `the ${MAX_CHOICES} a request may ask for`,
+      bestOf !== undefined ? "best_of" : "n",
+    );
+  }
+  return { ...fields, prompts, echo, bestOf };
 }
 
-/** A string, token ids, or a list holding exactly one of those (pearl answers one prompt per request). */
-function completionPrompt(body: Body): string | number[] {
-  let prompt = present(body, "prompt");
+/** A string, token ids, or a non-empty list of either (several prompts). */
+function completionPrompts(body: Body): (string | number[])[] {
+  const prompt = present(body, "prompt");
   if (prompt === undefined) throw invalidRequest("missing required field: prompt", "prompt");
-  if (
-    Array.isArray(prompt) &&
-    prompt.length === 1 &&
-    (typeof prompt[0] === "string" || Array.isArray(prompt[0]))
-  ) {
-    prompt = prompt[0];
-  }
-  if (typeof prompt === "string") {
-    if (prompt === "") throw invalidRequest("prompt must not be empty", "prompt");
-    return prompt;
-  }
-  if (
-    Array.isArray(prompt) &&
-    prompt.length > 0 &&
-    prompt.every((id) => Number.isSafeInteger(id) && id >= 0)
-  ) {
-    return prompt as number[];
-  }
-  if (Array.isArray(prompt) && prompt.length > 1 && prompt.every((item) => typeof item === "string")) {
-    throw invalidRequest("pearl takes one prompt per request, got a list of several", "prompt");
-  }
-  throw invalidRequest(
-    `prompt must be a non-empty string or a non-empty list of token ids, got ${describe(prompt)}`,
-    "prompt",
-  );
+  const isList = Array.isArray(prompt) && prompt.length > 0;
+  const prompts: unknown[] =
+    isList && prompt.every((item) => typeof item === "string" || Array.isArray(item)) ? prompt : [prompt];
+  return prompts.map((item, index) => {
+    const param = prompts.length > 1 ? `prompt[${index}]` : "prompt";
+    if (typeof item === "string") {
+      if (item === "") throw invalidRequest(`${param} must not be empty`, param);
+      return item;
+    }
+    if (Array.isArray(item) && item.length > 0 && item.every((id) => Number.isSafeInteger(id) && id >= 0)) {
+      return item as number[];
+    }
+    throw invalidRequest(
+      `${param} must be a non-empty string or a non-empty list of token ids, got ${describe(item)}`,
+      param,
+    );
+  });
 }
 
 const CHAT_ROLES = new Set(["system", "developer", "user", "assistant"]);
 
 export function parseChatCompletionRequest(raw: unknown): ChatCompletionRequest {
   const body = requestObject(raw);
+  refuseUnless(body, "echo", isFalse, "the chat API does not echo the messages");
+  refuseUnless(body, "best_of", isOne, "the chat API has no best_of (use n)");
   // max_completion_tokens replaces max_tokens in the chat API; either is accepted.
   const maxTokens =
     optionalNumber(body, "max_completion_tokens", maxTokensRule) ??
     optionalNumber(body, "max_tokens", maxTokensRule);
-  const fields = generationFields(body, maxTokens);
+  const logprobs = optionalBoolean(body, "logprobs") ?? false;
+  const topLogprobs = optionalNumber(body, "top_logprobs", topLogprobsRule);
+  if (!logprobs && topLogprobs !== undefined && topLogprobs > 0) {
+    throw invalidRequest("top_logprobs needs logprobs: true", "top_logprobs");
+  }
+  const fields = generationFields(body, maxTokens, logprobs ? (topLogprobs ?? 0) : undefined);
   return { ...fields, messages: chatMessages(body) };
 }
 
@@ -318,4 +354,47 @@ function messageContent(content: unknown, param: string): string {
       return text;
     })
     .join("");
+}
+
+/** POST /tokenize (vLLM's): a completion prompt or chat messages. */
+export type TokenizeRequest = { model: string | undefined; returnTokenStrs: boolean } & (
+  | { prompt: string; addSpecialTokens: boolean }
+  | { messages: ChatMessage[]; addGenerationPrompt: boolean; addSpecialTokens: boolean }
+);
+
+function optionalModel(body: Body): string | undefined {
+  return present(body, "model") === undefined ? undefined : requiredString(body, "model");
+}
+
+export function parseTokenizeRequest(raw: unknown): TokenizeRequest {
+  const body = requestObject(raw);
+  const common = {
+    model: optionalModel(body),
+    returnTokenStrs: optionalBoolean(body, "return_token_strs") ?? false,
+  };
+  if (present(body, "messages") !== undefined) {
+    return {
+      ...common,
+      messages: chatMessages(body),
+      addGenerationPrompt: optionalBoolean(body, "add_generation_prompt") ?? true,
+      // The template writes the special tokens itself.
+      addSpecialTokens: optionalBoolean(body, "add_special_tokens") ?? false,
+    };
+  }
+  return {
+    ...common,
+    prompt: requiredString(body, "prompt"),
+    addSpecialTokens: optionalBoolean(body, "add_special_tokens") ?? true,
+  };
+}
+
+/** POST /detokenize (vLLM's). */
+export function parseDetokenizeRequest(raw: unknown): { model: string | undefined; tokens: number[] } {
+  const body = requestObject(raw);
+  const tokens = present(body, "tokens");
+  if (tokens === undefined) throw invalidRequest("missing required field: tokens", "tokens");
+  if (!Array.isArray(tokens) || !tokens.every((id) => Number.isSafeInteger(id) && id >= 0)) {
+    throw invalidRequest(`tokens must be a list of token ids, got ${describe(tokens)}`, "tokens");
+  }
+  return { model: optionalModel(body), tokens: tokens as number[] };
 }

@@ -33,7 +33,7 @@
 // a pure function of (seed, position).
 import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftEvent, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
-import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+import type { TokenDistribution, TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { DecodingMode } from "../../lib/config.js";
 import type { Logger } from "../../lib/logging.js";
@@ -50,6 +50,10 @@ export interface GenerationRequest {
   draftTemperature: number;
   /** Size of a sampled draft's sparse distribution q. */
   draftTopK: number;
+  /** Set: the target scores every committed token, with this many most likely tokens' beside. */
+  topLogprobs?: number;
+  /** The first tokens come with the prompt's scores. */
+  promptLogprobs?: boolean;
 }
 
 export interface GenerationUsage {
@@ -69,7 +73,8 @@ export interface GenerationUsage {
 
 /** Where the loop reports to (the gateway turns it into a response stream). */
 export interface GenerationOutput {
-  tokens(tokenIds: number[]): void;
+  /** `logprobs` when the request asked for them; `promptLogprobs` with the first tokens, when asked. */
+  tokens(tokenIds: number[], logprobs?: TokenLogprobs, promptLogprobs?: TokenLogprobs): void;
   finished(finishReason: FinishReason, usage: GenerationUsage): void;
   failed(error: Error): void;
 }
@@ -174,6 +179,8 @@ export class Generation {
         maxTokens: this.request.maxTokens,
         autoregressive: this.mode === "ar",
         verifyWindow: this.plan.verifyWindow,
+        topLogprobs: this.request.topLogprobs,
+        promptLogprobs: this.request.promptLogprobs,
       },
       { onEvent: (event) => this.onTargetEvent(event), onLinkLost: (error) => this.onTargetLost(error) },
     );
@@ -295,7 +302,7 @@ export class Generation {
     }
     this.lastVerdictAt = now;
     this.context.tuner.observeTargetStep(verdict.step);
-    if (emitted.length > 0) this.output.tokens(emitted);
+    if (emitted.length > 0) this.output.tokens(emitted, verdict.logprobs, verdict.promptLogprobs);
     // The gateway may have ended the request on these tokens (a stop string).
     if (this.done) return;
 

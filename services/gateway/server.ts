@@ -53,6 +53,8 @@ function toResponse(chunk: GenerateChunk): GenerateResponse {
     tokenIds: chunk.tokenIds,
     text: chunk.text,
     finishReason: chunk.finishReason ?? FinishReason.FINISH_REASON_UNSPECIFIED,
+    logprobs: chunk.logprobs,
+    promptLogprobs: chunk.promptLogprobs,
     usage: chunk.usage && {
       promptTokens: chunk.usage.promptTokens,
       completionTokens: chunk.usage.completionTokens,
@@ -115,6 +117,8 @@ async function serveGenerate(
         mode: MODE_NAMES[request.mode],
         draftTemperature: request.draftTemperature,
         stop: request.stop,
+        topLogprobs: request.topLogprobs,
+        promptLogprobs: request.promptLogprobs,
       },
       abort.signal,
     );

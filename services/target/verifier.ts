@@ -16,7 +16,16 @@
 // the most recently admitted session gives its KV back and queues to be recomputed from its committed
 // tokens. Its output does not change: logits do not depend on the batch, and sampling depends only on the
 // seed and the position.
-import { FinishReason, type StepReport, type TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+//
+// Log-probabilities (TargetOpen.top_logprobs) come from the rows that chose the emitted tokens: in a verify
+// window row i holds the target's distribution at the position of the i-th emitted token, bit for bit the
+// row plain decoding computes there, so the scores are the same in every mode.
+import {
+  FinishReason,
+  type StepReport,
+  type TokenDistribution,
+  type TokenLogprobs,
+} from "../../proto/gen/pearl/v1/common.js";
 import type { TargetOpen, TargetPropose, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { TargetServiceConfig } from "../../lib/config.js";
 import {
@@ -29,7 +38,7 @@ import {
   type StepOutcome,
 } from "../../lib/engine_loop.js";
 import { Counter, Gauge } from "../../lib/metrics.js";
-import type { DraftDistribution, SamplingParams, StepItem } from "../../lib/native.js";
+import type { DraftDistribution, Logprobs, SamplingParams, StepItem } from "../../lib/native.js";
 import { decideEmission } from "./emission.js";
 
 export interface TargetEventSink extends SessionSink {
@@ -66,6 +75,10 @@ interface TargetSession extends LoopSession<TargetEventSink> {
   proposedTokens: number;
   acceptedTokens: number;
   preemptions: number;
+  /** Set: verdicts score their tokens, with this many most likely tokens' beside. */
+  readonly topLogprobs: number | undefined;
+  /** The prompt's scores gathered chunk by chunk, while the first verdict, which carries them, is due. */
+  promptScores: TokenLogprobs | undefined;
 }
 
 type Work =
@@ -140,6 +153,14 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
       return `max_tokens must be at least 1, got ${request.maxTokens}`;
     }
+    const topLogprobs = request.topLogprobs;
+    const vocabSize = this.engine.info.vocabSize;
+    if (
+      topLogprobs !== undefined &&
+      !(Number.isInteger(topLogprobs) && topLogprobs >= 0 && topLogprobs <= vocabSize)
+    ) {
+      return `top_logprobs must be an integer in [0, ${vocabSize}], got ${topLogprobs}`;
+    }
     const sampling = request.sampling;
     if (sampling) {
       if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
@@ -175,6 +196,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       proposedTokens: 0,
       acceptedTokens: 0,
       preemptions: 0,
+      topLogprobs: request.topLogprobs,
+      promptScores: request.promptLogprobs ? emptyScores(request.topLogprobs ?? 0) : undefined,
     };
   }
 
@@ -312,6 +335,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       victim.state = "waiting";
       victim.inEngine = false;
       victim.kvLength = 0;
+      // Prompt scores not yet sent are gathered again as the prompt is recomputed.
+      if (victim.promptScores) victim.promptScores = emptyScores(victim.promptScores.topK);
       this.waiting.unshift(victim);
       await this.engine.release(victim.seqId);
       work = work.filter((w) => w.session !== victim);
@@ -351,15 +376,21 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
         // Only a new session's prompt ends in a sample (its first token); a recomputed one has it already.
         const last =
           session.kvLength + count === prefillEnd && session.tokens.length === session.promptLength;
+        const end = session.kvLength + count;
         work.push({
           kind: "prefill",
           session,
           last,
           item: {
             seqId: session.seqId,
-            tokens: Int32Array.from(session.tokens.slice(session.kvLength, session.kvLength + count)),
+            tokens: Int32Array.from(session.tokens.slice(session.kvLength, end)),
             output: last ? "sample" : "none",
             sampling: session.sampling,
+            logprobs: last ? session.topLogprobs : undefined,
+            // Each row scores the token after it; the row ending a chunk scores the next chunk's first.
+            ...(session.promptScores
+              ? { promptLogprobs: session.promptScores.topK, nextPromptToken: session.tokens[end] }
+              : {}),
           },
         });
         continue;
@@ -382,6 +413,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
           draftDists: withDistributions ? proposals.map((p) => p.distribution!) : undefined,
           output: "sample",
           sampling: session.sampling,
+          logprobs: session.topLogprobs,
         },
       });
     }
@@ -431,6 +463,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
           numDraft: 0,
           output: "sample",
           sampling: session.sampling,
+          logprobs: session.topLogprobs,
         },
       });
     }
@@ -444,7 +477,10 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       session.kvLength = result.length;
       if (w.kind === "prefill") {
         this.metrics.stepTokens.inc({ kind: "prefill" }, w.item.tokens.length);
-        if (w.last) this.emit(session, [result.nextToken], 0, 0, step);
+        if (session.promptScores && result.promptLogprobs) {
+          appendScores(session.promptScores, result.promptLogprobs);
+        }
+        if (w.last) this.emit(session, [result.nextToken], 0, 0, step, result.logprobs);
         continue;
       }
       const proposed = w.proposals.length;
@@ -460,7 +496,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       // make seeded requests irreproducible. The next step verifies the draft's token there instead.
       const sampledDraft = w.item.draftDists !== undefined;
       if (!(sampledDraft && result.accepted === proposed)) candidates.push(result.nextToken);
-      this.emit(session, candidates, proposed, result.accepted, step);
+      this.emit(session, candidates, proposed, result.accepted, step, result.logprobs);
     }
   }
 
@@ -471,6 +507,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     proposed: number,
     accepted: number,
     step: StepReport,
+    scores: Logprobs | undefined,
   ): void {
     const position = session.tokens.length;
     const emission = decideEmission(candidates, accepted, this.eos, session.maxLength - position);
@@ -478,6 +515,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     session.proposedTokens += proposed;
     session.acceptedTokens += emission.accepted;
     this.consumePending(session, emission.tokens);
+    const promptScores = session.promptScores;
+    session.promptScores = undefined;
     session.sink.verdict({
       sessionId: session.sessionId,
       position,
@@ -486,6 +525,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       accepted: emission.accepted,
       finishReason: emission.finishReason,
       step,
+      logprobs: scores && scoresOf(scores, emission.tokens.length),
+      promptLogprobs: promptScores,
     });
     if (emission.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) this.end(session, "finished");
   }
@@ -520,6 +561,30 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   private windowOf(requested: number): number {
     return requested > 0 ? Math.min(requested, this.config.maxVerifyWindow) : this.config.maxVerifyWindow;
   }
+}
+
+function emptyScores(topK: number): TokenLogprobs {
+  return { tokenIds: [], logprobs: [], topK, topTokenIds: [], topLogprobs: [] };
+}
+
+/** The first `count` tokens' scores. */
+function scoresOf(scores: Logprobs, count: number): TokenLogprobs {
+  const top = count * scores.topK;
+  return {
+    tokenIds: Array.from(scores.tokens.subarray(0, count)),
+    logprobs: Array.from(scores.logprobs.subarray(0, count)),
+    topK: scores.topK,
+    topTokenIds: Array.from(scores.topTokens.subarray(0, top)),
+    topLogprobs: Array.from(scores.topLogprobs.subarray(0, top)),
+  };
+}
+
+/** A prompt's scores can outgrow what a spread call takes as arguments: appended one by one. */
+function appendScores(into: TokenLogprobs, scores: Logprobs): void {
+  for (const token of scores.tokens) into.tokenIds.push(token);
+  for (const logprob of scores.logprobs) into.logprobs.push(logprob);
+  for (const token of scores.topTokens) into.topTokenIds.push(token);
+  for (const logprob of scores.topLogprobs) into.topLogprobs.push(logprob);
 }
 
 function nativeDistribution(distribution: TokenDistribution): DraftDistribution {
