@@ -153,6 +153,8 @@ export interface SessionCore<Sink, Open> {
   close(sink: Sink, sessionId: number): void;
   /** The stream ended: its sessions end with it. */
   closeStream(sink: Sink): void;
+  /** Ends the session (if it is open) and tells the gateway why. */
+  failSession(sink: Sink, sessionId: number, message: string): void;
 }
 
 /** Where a session's events go: the gateway stream that opened it. */
@@ -304,6 +306,17 @@ export abstract class SessionLoop<
 
   closeStream(sink: Sink): void {
     for (const session of this.sessions.ofStream(sink)) this.end(session, "stream ended");
+  }
+
+  failSession(sink: Sink, sessionId: number, message: string): void {
+    const session = this.sessions.get(sink, sessionId);
+    if (!session) {
+      // The request that failed may have been the session's open: the gateway waits for it all the same.
+      sink.failed(sessionId, message);
+      return;
+    }
+    // A closing session has already ended for the gateway too (finished, closed or failed).
+    if (session.state !== "closing") this.fail(session, message);
   }
 
   // ---- what each service does its own way -------------------------------------------------------------

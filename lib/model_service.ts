@@ -271,6 +271,8 @@ export interface ModelServiceRole<
   createCore(parts: EngineLoopParts): Core & SessionCore<Sink, Open>;
   /** Where the core sends one stream's events: into that stream. */
   sink(send: (event: Event) => void): Sink;
+  /** The session a request names. */
+  sessionIdOf(request: Request): number | undefined;
   /**
    * Called once, before the service takes requests: returns what handles a stream's requests other than
    * open and close, which every model service handles alike.
@@ -322,6 +324,10 @@ export async function startModelService<
           } else {
             handleRequest(sink, request);
           }
+        },
+        onRequestFailed(request, message) {
+          const sessionId = service.sessionIdOf(request);
+          if (sessionId !== undefined) core.failSession(sink, sessionId, message);
         },
         onClosed: () => core.closeStream(sink),
       };

@@ -22,6 +22,8 @@ export function startDraftService(config: DraftServiceConfig, logger?: Logger): 
         tokens: (tokens) => send({ tokens }),
         failed: (sessionId, message) => send({ failed: { sessionId, message } }),
       }),
+      sessionIdOf: (request) =>
+        (request.open ?? request.advance ?? request.correct ?? request.close)?.sessionId,
       requestHandler(drafter, registry) {
         const corrections = new Counter({
           name: "pearl_draft_corrections_total",
