@@ -4,9 +4,17 @@
 import type { SamplingParams as SamplingParamsProto, StepReport } from "../proto/gen/pearl/v1/common.js";
 import { errorMessage, type Logger } from "./logging.js";
 import type { Registry } from "./metrics.js";
-import type { EngineMetrics, SequenceIds } from "./model_service.js";
+import type { EngineMetrics } from "./engine_metrics.js";
 import type { Engine, SamplingParams, StepItem, StepResult } from "./native.js";
 import type { StepTimes } from "./step_times.js";
+
+/** Monotonic engine sequence ids, unique within the process. */
+export class SequenceIds {
+  private next = 1;
+  allocate(): number {
+    return this.next++;
+  }
+}
 
 /** Sessions by the stream that opened them and by the id the gateway gave them (ids are per stream). */
 export class SessionTable<Sink, Session> {
