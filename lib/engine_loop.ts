@@ -1,11 +1,11 @@
 // What the draft and target services' engine loops share: the sessions of every gateway stream, a loop
 // that sleeps until a message wakes it, a batched step that tells failing sessions from the rest, and
 // SessionLoop, the part of a service's engine loop that does not depend on what its sessions do.
-import type { SamplingParams as SamplingParamsProto, StepReport } from "../proto/gen/pearl/v1/common.js";
+import type { StepReport } from "../proto/gen/pearl/v1/common.js";
 import { errorMessage, type Logger } from "./logging.js";
 import type { Registry } from "./metrics.js";
 import type { EngineMetrics } from "./engine_metrics.js";
-import type { Engine, SamplingParams, StepItem, StepResult } from "./native.js";
+import type { Engine, StepItem, StepResult } from "./native.js";
 import type { StepTimes } from "./step_times.js";
 
 /** Monotonic engine sequence ids, unique within the process. */
@@ -199,16 +199,6 @@ export interface EngineLoopParts {
   metrics: EngineMetrics;
   registry: Registry;
   logger: Logger;
-}
-
-/** A request's sampling parameters for the engine; those not given are greedy, with no top-k or top-p cut. */
-export function samplingParamsOf(sampling: SamplingParamsProto | undefined): SamplingParams {
-  return {
-    temperature: sampling?.temperature ?? 0,
-    topK: sampling?.topK ?? 0,
-    topP: sampling?.topP || 1,
-    seed: sampling?.seed ?? 0,
-  };
 }
 
 /** Tokens the item appends: its tokens, and the one it feeds from its sequence's previous step. */

@@ -233,8 +233,14 @@ describe("services", () => {
       [{ promptTokenIds: [5, 600] }, /prompt_token_ids\[1\] = 600 is outside the vocabulary \[0, 512\)/],
       [{ prompt: "hello" }, /no tokenizer/],
       [{}, /exactly one of prompt/],
-      [{ promptTokenIds: [5], temperature: -1 }, /temperature must be >= 0/],
-      [{ promptTokenIds: [5], topP: 1.5 }, /top_p must be in \(0, 1\]/],
+      [{ promptTokenIds: [5], temperature: -1 }, /temperature must be a finite number >= 0, got -1/],
+      [{ promptTokenIds: [5], temperature: NaN }, /temperature must be a finite number >= 0, got NaN/],
+      // Given explicitly (GenerateRequest's fields are optional), 0 asks for an empty nucleus.
+      [{ promptTokenIds: [5], topP: 0 }, /top_p must be > 0 and <= 1, got 0/],
+      [{ promptTokenIds: [5], topP: 1.5 }, /top_p must be > 0 and <= 1, got 1.5/],
+      [{ promptTokenIds: [5], topP: NaN }, /top_p must be > 0 and <= 1, got NaN/],
+      [{ promptTokenIds: [5], topK: -2 }, /top_k must be an integer >= 0 \(0 or -1: no top-k cut\), got -2/],
+      [{ promptTokenIds: [5], draftTemperature: -0.5 }, /draft_temperature must be a finite number >= 0/],
       [{ promptTokenIds: Array.from({ length: 256 }, () => 7) }, /maximum context length is 256 tokens/],
     ];
     for (const [request, message] of cases) {
@@ -246,6 +252,22 @@ describe("services", () => {
     }
     const ok = await stack.generate({ promptTokenIds: [5, 6], maxTokens: 3, temperature: 0 });
     assert.equal(ok.tokenIds.length, 3);
+    // top_k -1, as in vLLM, is no top-k cut.
+    const minusOne = await stack.generate({
+      promptTokenIds: [5, 6],
+      maxTokens: 3,
+      temperature: 0.8,
+      topK: -1,
+      seed: 4,
+    });
+    const zero = await stack.generate({
+      promptTokenIds: [5, 6],
+      maxTokens: 3,
+      temperature: 0.8,
+      topK: 0,
+      seed: 4,
+    });
+    assert.deepEqual(minusOne.tokenIds, zero.tokenIds);
   });
 });
 

@@ -16,6 +16,7 @@ import {
   TOKENS_BUCKETS,
 } from "../../lib/metrics.js";
 import { modelPairDifferences } from "../../lib/model_pair.js";
+import { clientSampling, samplingProblem, temperatureProblem } from "../../lib/sampling_params.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
@@ -500,29 +501,19 @@ export class Gateway {
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {
       throw new InvalidRequestError(`max_tokens must be a positive integer, got ${maxTokens}`);
     }
-    const temperature = input.temperature ?? 1;
-    if (!Number.isFinite(temperature) || temperature < 0) {
-      throw new InvalidRequestError(`temperature must be >= 0, got ${temperature}`);
-    }
-    const topP = input.topP ?? 1;
-    if (!(topP > 0 && topP <= 1)) throw new InvalidRequestError(`top_p must be in (0, 1], got ${topP}`);
-    const topK = input.topK ?? 0;
-    if (!Number.isInteger(topK) || topK < 0) throw new InvalidRequestError(`top_k must be >= 0, got ${topK}`);
-    const seed = input.seed ?? randomInt(0, 2 ** 48 - 1);
-    if (!Number.isSafeInteger(seed) || seed < 0) {
-      throw new InvalidRequestError(`seed must be an integer in [0, 2^53), got ${seed}`);
-    }
+    const sampling = clientSampling(input, () => randomInt(0, 2 ** 48 - 1));
+    const samplingError = samplingProblem(sampling);
+    if (samplingError) throw new InvalidRequestError(samplingError.message, samplingError.param);
     const mode = input.mode ?? this.config.defaultMode;
     if (!DECODING_MODES.includes(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
     const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
-    if (!Number.isFinite(draftTemperature) || draftTemperature < 0) {
-      throw new InvalidRequestError(`draft_temperature must be >= 0, got ${draftTemperature}`);
-    }
+    const draftTemperatureError = temperatureProblem(draftTemperature, "draft_temperature");
+    if (draftTemperatureError) throw new InvalidRequestError(draftTemperatureError, "draft_temperature");
     return {
       requestId: input.requestId || randomUUID(),
       promptTokenIds,
       maxTokens,
-      sampling: { temperature, topK, topP, seed },
+      sampling,
       mode,
       draftTemperature,
       draftTopK: this.config.draftTopK,

@@ -89,12 +89,9 @@ function optionalBoolean(body: Body, name: string, param = name): boolean | unde
 interface NumberRule {
   integer?: boolean;
   min?: number;
-  max?: number;
-  /** The minimum itself is not allowed. */
-  exclusiveMin?: boolean;
 }
 
-function optionalNumber(body: Body, name: string, rule: NumberRule): number | undefined {
+function optionalNumber(body: Body, name: string, rule: NumberRule = {}): number | undefined {
   const value = present(body, name);
   if (value === undefined) return undefined;
   if (typeof value !== "number" || !Number.isFinite(value)) {
@@ -103,12 +100,8 @@ function optionalNumber(body: Body, name: string, rule: NumberRule): number | un
   if (rule.integer && !Number.isSafeInteger(value)) {
     throw invalidRequest(`${name} must be an integer, got ${value}`, name);
   }
-  const { min, max } = rule;
-  const belowMin = min !== undefined && (rule.exclusiveMin ? value <= min : value < min);
-  if (belowMin || (max !== undefined && value > max)) {
-    const low = min === undefined ? "" : rule.exclusiveMin ? `> ${min}` : `>= ${min}`;
-    const high = max === undefined ? "" : `<= ${max}`;
-    throw invalidRequest(`${name} must be ${[low, high].filter(Boolean).join(" and ")}, got ${value}`, name);
+  if (rule.min !== undefined && value < rule.min) {
+    throw invalidRequest(`${name} must be >= ${rule.min}, got ${value}`, name);
   }
   return value;
 }
@@ -193,20 +186,16 @@ function generationFields(body: Body, maxTokens: number | undefined): Generation
   return {
     model: requiredString(body, "model"),
     maxTokens,
-    temperature: optionalNumber(body, "temperature", { min: 0, max: 2 }),
-    topP: optionalNumber(body, "top_p", { min: 0, exclusiveMin: true, max: 1 }),
-    // vLLM's convention: -1 (like 0) turns top-k off.
-    topK: normalizeTopK(optionalNumber(body, "top_k", { integer: true, min: -1 })),
-    seed: optionalNumber(body, "seed", { integer: true, min: 0 }),
+    // Their ranges are the gateway's to check (lib/sampling_params.ts), for this API and gRPC alike.
+    temperature: optionalNumber(body, "temperature"),
+    topP: optionalNumber(body, "top_p"),
+    topK: optionalNumber(body, "top_k"),
+    seed: optionalNumber(body, "seed"),
     stop: stopStrings(body),
     mode: decodingMode(body),
     stream,
     includeUsage: includeUsage(body, stream),
   };
-}
-
-function normalizeTopK(topK: number | undefined): number | undefined {
-  return topK === -1 ? 0 : topK;
 }
 
 const maxTokensRule: NumberRule = { integer: true, min: 1 };

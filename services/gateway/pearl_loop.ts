@@ -37,6 +37,7 @@ import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { DecodingMode } from "../../lib/config.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Counter, Histogram } from "../../lib/metrics.js";
+import type { SamplingParams } from "../../lib/native.js";
 import type { DraftLink, TargetLink } from "./links.js";
 import type { DecodingPlan, Tuner } from "./tuner.js";
 
@@ -44,7 +45,7 @@ export interface GenerationRequest {
   requestId: string;
   promptTokenIds: number[];
   maxTokens: number;
-  sampling: { temperature: number; topK: number; topP: number; seed: number };
+  sampling: SamplingParams;
   mode: DecodingMode;
   draftTemperature: number;
   /** Size of a sampled draft's sparse distribution q. */

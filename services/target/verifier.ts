@@ -23,13 +23,13 @@ import {
   type EngineLoopParts,
   fedTokens,
   type LoopSession,
-  samplingParamsOf,
   SessionLoop,
   type SessionSink,
   type StepOutcome,
 } from "../../lib/engine_loop.js";
 import { Counter, Gauge } from "../../lib/metrics.js";
 import type { DraftDistribution, SamplingParams, StepItem } from "../../lib/native.js";
+import { samplingParamsOf, samplingProblem } from "../../lib/sampling_params.js";
 import { decideEmission } from "./emission.js";
 
 export interface TargetEventSink extends SessionSink {
@@ -140,15 +140,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
       return `max_tokens must be at least 1, got ${request.maxTokens}`;
     }
-    const sampling = request.sampling;
-    if (sampling) {
-      if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
-        return `temperature must be >= 0, got ${sampling.temperature}`;
-      }
-      if (!(sampling.topP >= 0 && sampling.topP <= 1)) return `top_p must be in (0, 1], got ${sampling.topP}`;
-      if (sampling.topK < 0) return `top_k must be >= 0, got ${sampling.topK}`;
-    }
-    return undefined;
+    return samplingProblem(samplingParamsOf(request.sampling))?.message;
   }
 
   protected override createSession(sink: TargetEventSink, request: TargetOpen): TargetSession {
