@@ -3,12 +3,11 @@
 // token for token (checked). With the services' /metrics at hand (a local stack), it also splits the time
 // per target step into the engine's own step and what the gateway, gRPC and waiting for drafts add.
 import { credentials } from "@grpc/grpc-js";
-import type { DecodingMode } from "../lib/config.js";
+import { type DecodingMode, PROTO_MODES } from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { sampleValue } from "../lib/metrics.js";
 import { FinishReason, type ServiceInfo } from "../proto/gen/pearl/v1/common.js";
 import {
-  DecodingMode as ProtoMode,
   GatewayClient,
   type GatewayInfo,
   type GenerateRequest,
@@ -55,12 +54,6 @@ const CODE_PROMPTS = [
   "try:\n    import numpy as np\nexcept ImportError:\n",
   "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
 ];
-
-const PROTO_MODES: Record<DecodingMode, ProtoMode> = {
-  pearl: ProtoMode.DECODING_MODE_PEARL,
-  sd: ProtoMode.DECODING_MODE_SD,
-  ar: ProtoMode.DECODING_MODE_AR,
-};
 
 interface Outcome {
   tokenIds: number[];

@@ -6,8 +6,6 @@ import { credentials } from "@grpc/grpc-js";
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
   addOptions,
-  DECODING_MODES,
-  type DecodingMode as ModeName,
   DEFAULT_PORTS,
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
@@ -16,6 +14,7 @@ import {
   readOptions,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
+import { DECODING_MODES, type DecodingMode, isDecodingMode, PROTO_MODES } from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
@@ -24,7 +23,11 @@ import { packageRoot } from "../lib/paths.js";
 import { checkDevices, describePlacement } from "../lib/placement.js";
 import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
-import { DecodingMode, GatewayClient, type GenerateRequest } from "../proto/gen/pearl/v1/gateway.js";
+import {
+  DecodingMode as DecodingModeProto,
+  GatewayClient,
+  type GenerateRequest,
+} from "../proto/gen/pearl/v1/gateway.js";
 import { startDraftService } from "../services/draft/server.js";
 import { startGatewayService } from "../services/gateway/server.js";
 import { startTargetService } from "../services/target/server.js";
@@ -97,16 +100,10 @@ function parseNumber(raw: string): number {
   return value;
 }
 
-const PROTO_MODES: Record<string, DecodingMode> = {
-  pearl: DecodingMode.DECODING_MODE_PEARL,
-  sd: DecodingMode.DECODING_MODE_SD,
-  ar: DecodingMode.DECODING_MODE_AR,
-};
-
 interface GenerateOptions {
   prompt?: string;
   promptIds?: number[];
-  mode?: string;
+  mode?: DecodingMode;
   maxTokens?: number;
   temperature?: number;
   topP?: number;
@@ -158,7 +155,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     topP: options.topP,
     topK: options.topK,
     seed: options.seed,
-    mode: options.mode ? PROTO_MODES[options.mode]! : DecodingMode.DECODING_MODE_UNSPECIFIED,
+    mode: options.mode ? PROTO_MODES[options.mode] : DecodingModeProto.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
     stop: options.stop,
   };
@@ -340,15 +337,13 @@ function parsePositiveInteger(raw: string): number {
   return value;
 }
 
-function parseMode(raw: string): ModeName {
-  if (!(DECODING_MODES as readonly string[]).includes(raw)) {
-    throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
-  }
-  return raw as ModeName;
+function parseMode(raw: string): DecodingMode {
+  if (!isDecodingMode(raw)) throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
+  return raw;
 }
 
 interface BenchCommandOptions {
-  modes: ModeName[];
+  modes: DecodingMode[];
   concurrency: number[];
   requests: number;
   maxTokens: number;

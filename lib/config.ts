@@ -2,11 +2,9 @@
 // (PEARL_*); the flag wins. The same variable configures a setting whichever command reads it, so
 // `pearl serve --draft-port` and `pearl draft --port` both read PEARL_DRAFT_PORT.
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { DECODING_MODES, type DecodingMode } from "./decoding_modes.js";
 import { isLogLevel, type LogLevel } from "./logging.js";
 import type { Backend } from "./native.js";
-
-export type DecodingMode = "pearl" | "sd" | "ar";
-export const DECODING_MODES: readonly DecodingMode[] = ["pearl", "sd", "ar"];
 
 /** Settings shared by the draft and the target service: one model, one engine, one gRPC server. */
 export interface ModelServiceConfig {

@@ -11,7 +11,8 @@ import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
 import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
-import { inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { inParallel, metricValue, randomPrompts, Stack } from "./helpers/stack.js";
 import { makeTuner, startupProfile } from "./helpers/tuner.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
@@ -66,14 +67,14 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
           requestId: `off-${sampling.temperature}-${i}`,
         };
         return {
-          ar: await stack.generate({ ...request, ...sampling, requestId: "", mode: MODES.ar }),
-          pearl: await stack.generate({ ...request, ...sampling, mode: MODES.pearl }),
+          ar: await stack.generate({ ...request, ...sampling, requestId: "", mode: PROTO_MODES.ar }),
+          pearl: await stack.generate({ ...request, ...sampling, mode: PROTO_MODES.pearl }),
         };
       });
       results.forEach(({ ar, pearl }, i) => {
         assert.deepEqual(pearl.tokenIds, ar.tokenIds, `prompt ${i}, ${JSON.stringify(sampling)}`);
         assert.equal(pearl.finishReason, ar.finishReason);
-        assert.equal(pearl.usage.mode, MODES.ar, "finished in ar");
+        assert.equal(pearl.usage.mode, PROTO_MODES.ar, "finished in ar");
         assert.equal(pearl.usage.draftFallback, false, "not a failure of the draft");
         assert.equal(pearl.usage.draftTokens, 0);
         assert.equal(pearl.usage.targetSteps, pearl.tokenIds.length);
@@ -100,16 +101,16 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
       promptTokenIds: prompt,
       maxTokens: 40,
       temperature: 0,
-      mode: MODES.ar,
+      mode: PROTO_MODES.ar,
     });
     const sd = await stack.generate({
       promptTokenIds: prompt,
       maxTokens: 40,
       temperature: 0,
-      mode: MODES.sd,
+      mode: PROTO_MODES.sd,
     });
     assert.deepEqual(sd.tokenIds, ar.tokenIds);
-    assert.equal(sd.usage.mode, MODES.sd);
+    assert.equal(sd.usage.mode, PROTO_MODES.sd);
     assert.ok(sd.usage.draftTokens > 0);
   });
 
@@ -133,7 +134,12 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
     const prompt = PROMPTS[1]!;
     const maxTokens = 120;
     try {
-      const ar = await stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: MODES.ar });
+      const ar = await stack.generate({
+        promptTokenIds: prompt,
+        maxTokens,
+        temperature: 0,
+        mode: PROTO_MODES.ar,
+      });
       const tokens: number[] = [];
       const usage = await new Promise<GenerationUsage>((resolve, reject) => {
         const generation = new Generation(

@@ -21,7 +21,8 @@ import { startDraftService } from "../services/draft/server.js";
 import { startGatewayService } from "../services/gateway/server.js";
 import { targetServiceRole } from "../services/target/server.js";
 import { fixtureDir } from "./helpers/models.js";
-import { collect, generateRequest, MODES, randomPrompts } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { collect, generateRequest, randomPrompts } from "./helpers/stack.js";
 
 const MODEL = fixtureDir("llama-gqa-f32");
 const BUG = "proposal handler bug";
@@ -99,7 +100,7 @@ describe("a request handler that throws", () => {
             promptTokenIds: randomPrompts(1, 12, 12, 5)[0]!,
             maxTokens: 64,
             temperature: 0,
-            mode: MODES.pearl,
+            mode: PROTO_MODES.pearl,
           }),
         ),
       ).then(
@@ -130,7 +131,7 @@ describe("a request handler that throws", () => {
           promptTokenIds: randomPrompts(1, 12, 12, 6)[0]!,
           maxTokens: 8,
           temperature: 0,
-          mode: MODES.ar,
+          mode: PROTO_MODES.ar,
         }),
       ),
     );

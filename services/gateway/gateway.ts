@@ -5,7 +5,8 @@
 import { randomInt, randomUUID } from "node:crypto";
 import { connectivityState } from "@grpc/grpc-js";
 import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
-import { DECODING_MODES, type DecodingMode, type GatewayConfig } from "../../lib/config.js";
+import type { GatewayConfig } from "../../lib/config.js";
+import { type DecodingMode, isDecodingMode } from "../../lib/decoding_modes.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
 import {
   Counter,
@@ -505,7 +506,7 @@ export class Gateway {
     const samplingError = samplingProblem(sampling);
     if (samplingError) throw new InvalidRequestError(samplingError.message, samplingError.param);
     const mode = input.mode ?? this.config.defaultMode;
-    if (!DECODING_MODES.includes(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    if (!isDecodingMode(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
     const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
     const draftTemperatureError = temperatureProblem(draftTemperature, "draft_temperature");
     if (draftTemperatureError) throw new InvalidRequestError(draftTemperatureError, "draft_temperature");

@@ -2,7 +2,7 @@
 // a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
 // are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
 // not implement (n > 1, logprobs, tools, penalties...) are refused rather than silently dropped.
-import { DECODING_MODES, type DecodingMode } from "../../lib/config.js";
+import { DECODING_MODES, type DecodingMode, isDecodingMode } from "../../lib/decoding_modes.js";
 import type { ChatMessage } from "../../lib/chat_template.js";
 
 export class OpenAIError extends Error {
@@ -161,13 +161,13 @@ function stopStrings(body: Body): string[] {
 function decodingMode(body: Body): DecodingMode | undefined {
   const value = present(body, "decoding");
   if (value === undefined) return undefined;
-  if (typeof value !== "string" || !(DECODING_MODES as readonly string[]).includes(value)) {
+  if (!isDecodingMode(value)) {
     throw invalidRequest(
       `decoding must be one of ${DECODING_MODES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
       "decoding",
     );
   }
-  return value as DecodingMode;
+  return value;
 }
 
 function includeUsage(body: Body, stream: boolean): boolean {

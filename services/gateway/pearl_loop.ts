@@ -34,7 +34,7 @@ import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftEvent, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
 import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
-import type { DecodingMode } from "../../lib/config.js";
+import type { DecodingMode } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Counter, Histogram } from "../../lib/metrics.js";
 import type { SamplingParams } from "../../lib/native.js";

@@ -33,7 +33,8 @@
 // them to other loads. Pins (--lookahead, --verify-window) and --min-gamma >= 1 keep drafting on; mode sd
 // always drafts.
 import type { ServiceInfo, StepReport } from "../../proto/gen/pearl/v1/common.js";
-import type { DecodingMode, GatewayConfig } from "../../lib/config.js";
+import type { GatewayConfig } from "../../lib/config.js";
+import type { DecodingMode } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Gauge } from "../../lib/metrics.js";
 
