@@ -14,7 +14,12 @@ import {
   readOptions,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
-import { DECODING_MODES, type DecodingMode, isDecodingMode, PROTO_MODES } from "../lib/decoding_modes.js";
+import {
+  DECODING_MODE_NAMES,
+  type DecodingModeName,
+  isDecodingModeName,
+  PROTO_MODES,
+} from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
@@ -23,11 +28,7 @@ import { packageRoot } from "../lib/paths.js";
 import { checkDevices, describePlacement } from "../lib/placement.js";
 import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
-import {
-  DecodingMode as DecodingModeProto,
-  GatewayClient,
-  type GenerateRequest,
-} from "../proto/gen/pearl/v1/gateway.js";
+import { DecodingMode, GatewayClient, type GenerateRequest } from "../proto/gen/pearl/v1/gateway.js";
 import { startDraftService } from "../services/draft/server.js";
 import { startGatewayService } from "../services/gateway/server.js";
 import { startTargetService } from "../services/target/server.js";
@@ -103,7 +104,7 @@ function parseNumber(raw: string): number {
 interface GenerateOptions {
   prompt?: string;
   promptIds?: number[];
-  mode?: DecodingMode;
+  mode?: DecodingModeName;
   maxTokens?: number;
   temperature?: number;
   topP?: number;
@@ -155,7 +156,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     topP: options.topP,
     topK: options.topK,
     seed: options.seed,
-    mode: options.mode ? PROTO_MODES[options.mode] : DecodingModeProto.DECODING_MODE_UNSPECIFIED,
+    mode: options.mode ? PROTO_MODES[options.mode] : DecodingMode.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
     stop: options.stop,
   };
@@ -285,7 +286,9 @@ const generate = program
   .addOption(
     new Option("--prompt-ids <ids>", "prompt token ids, comma- or space-separated").argParser(parseTokenIds),
   )
-  .addOption(new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODES))
+  .addOption(
+    new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODE_NAMES),
+  )
   .addOption(
     new Option("--max-tokens <n>", "most tokens to generate (default: the server's)").argParser(parseNumber),
   )
@@ -337,13 +340,13 @@ function parsePositiveInteger(raw: string): number {
   return value;
 }
 
-function parseMode(raw: string): DecodingMode {
-  if (!isDecodingMode(raw)) throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
+function parseMode(raw: string): DecodingModeName {
+  if (!isDecodingModeName(raw)) throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
   return raw;
 }
 
 interface BenchCommandOptions {
-  modes: DecodingMode[];
+  modes: DecodingModeName[];
   concurrency: number[];
   requests: number;
   maxTokens: number;

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { fixtureDir, modelWithConfig, perturbedModel, removeMadeModels } from "./helpers/models.js";
-import { type DecodingMode, PROTO_MODES } from "../lib/decoding_modes.js";
+import { type DecodingModeName, PROTO_MODES } from "../lib/decoding_modes.js";
 import { type Generated, inParallel, randomPrompts, Stack } from "./helpers/stack.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
@@ -15,7 +15,12 @@ const CONTEXT_LENGTH = 256;
 const EOS = 2;
 const PROMPTS = randomPrompts(20, 2, 48, 11);
 
-function greedy(stack: Stack, prompt: number[], maxTokens: number, mode: DecodingMode): Promise<Generated> {
+function greedy(
+  stack: Stack,
+  prompt: number[],
+  maxTokens: number,
+  mode: DecodingModeName,
+): Promise<Generated> {
   return stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: PROTO_MODES[mode] });
 }
 

@@ -9,7 +9,7 @@ import winston from "winston";
 import { Counter, Histogram, Registry } from "../lib/metrics.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
-import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
+import { PearlLoop, type RequestUsage } from "../services/gateway/pearl_loop.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
 import { PROTO_MODES } from "../lib/decoding_modes.js";
 import { inParallel, metricValue, randomPrompts, Stack } from "./helpers/stack.js";
@@ -141,8 +141,8 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
         mode: PROTO_MODES.ar,
       });
       const tokens: number[] = [];
-      const usage = await new Promise<GenerationUsage>((resolve, reject) => {
-        const generation = new Generation(
+      const usage = await new Promise<RequestUsage>((resolve, reject) => {
+        const loop = new PearlLoop(
           1,
           {
             requestId: "stops-drafting",
@@ -188,7 +188,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
             failed: reject,
           },
         );
-        generation.start();
+        loop.start();
       });
       assert.deepEqual(tokens, ar.tokenIds);
       assert.equal(tuner.plan("pearl").speculate, false);

@@ -17,11 +17,16 @@ import {
   targetServiceDefaults,
   toArgs,
 } from "../lib/config.js";
-import { DECODING_MODES, isDecodingMode, modeFromProto, PROTO_MODES } from "../lib/decoding_modes.js";
+import {
+  DECODING_MODE_NAMES,
+  isDecodingModeName,
+  modeFromProto,
+  PROTO_MODES,
+} from "../lib/decoding_modes.js";
 import { packageRoot } from "../lib/paths.js";
 import { TextTokenizer } from "../lib/tokenizer.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
-import { DecodingMode as DecodingModeProto } from "../proto/gen/pearl/v1/gateway.js";
+import { DecodingMode } from "../proto/gen/pearl/v1/gateway.js";
 import { decideEmission } from "../services/target/emission.js";
 
 describe("exact finish", () => {
@@ -91,17 +96,17 @@ describe("incremental detokenization", () => {
 
 describe("decoding modes", () => {
   test("every mode has its own proto value and comes back from it", () => {
-    const values = DECODING_MODES.map((mode) => PROTO_MODES[mode]);
-    assert.equal(new Set(values).size, DECODING_MODES.length);
-    assert.ok(!values.includes(DecodingModeProto.DECODING_MODE_UNSPECIFIED));
-    for (const mode of DECODING_MODES) assert.equal(modeFromProto(PROTO_MODES[mode]), mode);
+    const values = DECODING_MODE_NAMES.map((mode) => PROTO_MODES[mode]);
+    assert.equal(new Set(values).size, DECODING_MODE_NAMES.length);
+    assert.ok(!values.includes(DecodingMode.DECODING_MODE_UNSPECIFIED));
+    for (const mode of DECODING_MODE_NAMES) assert.equal(modeFromProto(PROTO_MODES[mode]), mode);
   });
 
   test("UNSPECIFIED (the server's default) and unknown values name no mode", () => {
-    assert.equal(modeFromProto(DecodingModeProto.DECODING_MODE_UNSPECIFIED), undefined);
-    assert.equal(modeFromProto(DecodingModeProto.UNRECOGNIZED), undefined);
-    assert.equal(modeFromProto(99 as DecodingModeProto), undefined);
-    assert.ok(isDecodingMode("sd") && !isDecodingMode("SD") && !isDecodingMode(2));
+    assert.equal(modeFromProto(DecodingMode.DECODING_MODE_UNSPECIFIED), undefined);
+    assert.equal(modeFromProto(DecodingMode.UNRECOGNIZED), undefined);
+    assert.equal(modeFromProto(99 as DecodingMode), undefined);
+    assert.ok(isDecodingModeName("sd") && !isDecodingModeName("SD") && !isDecodingModeName(2));
   });
 });
 

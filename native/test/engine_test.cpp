@@ -284,17 +284,17 @@ TEST(verify_steps_accept_the_targets_own_tokens) {
   engine->add_sequence(1);
   CHECK_EQ(step_one(*engine, item(1, prompt)).next_token, generated[0]);
   // All five drafts right: accepted, and the bonus is the sixth token.
-  StepResult verdict = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
-  CHECK_EQ(verdict.accepted, 5);
-  CHECK_EQ(verdict.next_token, generated[6]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6});
+  StepResult outcome = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
+  CHECK_EQ(outcome.accepted, 5);
+  CHECK_EQ(outcome.next_token, generated[6]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6});
   // Third draft wrong: two accepted, the correction is the target's token, the KV is cut after it.
   std::vector<int32_t> window = slice(generated, 6, 11);
   window[3] = (window[3] + 1) % fixture.model.spec.vocab;
-  verdict = step_one(*engine, item(1, window, StepOutput::Sample, 4));
-  CHECK_EQ(verdict.accepted, 2);
-  CHECK_EQ(verdict.next_token, generated[9]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6 + 3});
+  outcome = step_one(*engine, item(1, window, StepOutput::Sample, 4));
+  CHECK_EQ(outcome.accepted, 2);
+  CHECK_EQ(outcome.next_token, generated[9]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6 + 3});
   CHECK_EQ(engine->sequence_length(1), int64_t{18});
   // Decoding continues exactly as the reference.
   CHECK_EQ(step_one(*engine, item(1, {generated[9]})).next_token, generated[10]);
@@ -355,10 +355,10 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
       const int32_t right = expected[output.size() + j];
       window.push_back((round + static_cast<int>(j)) % 5 == 3 ? (right + 1) % vocab : right);
     }
-    const StepResult verdict = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
-    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + verdict.accepted);
-    output.push_back(verdict.next_token);
-    total_accepted += verdict.accepted;
+    const StepResult outcome = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
+    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + outcome.accepted);
+    output.push_back(outcome.next_token);
+    total_accepted += outcome.accepted;
     ++round;
   }
   output.resize(expected.size());
@@ -384,9 +384,9 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
   const StepResult first = step_one(*engine, sampled(item(2, prompt)));
   StepItem verify = sampled(item(2, {first.next_token, proposal.next_token}, StepOutput::Sample, 1));
   verify.draft_dists = {proposal.q};
-  const StepResult verdict = step_one(*engine, verify);
-  CHECK(verdict.accepted == 0 || verdict.accepted == 1);
-  CHECK_EQ(verdict.length, int64_t{8 + 1 + verdict.accepted});
+  const StepResult outcome = step_one(*engine, verify);
+  CHECK(outcome.accepted == 0 || outcome.accepted == 1);
+  CHECK_EQ(outcome.length, int64_t{8 + 1 + outcome.accepted});
 }
 
 TEST(bad_input_throws_without_changing_state) {

@@ -6,7 +6,7 @@ import { randomInt, randomUUID } from "node:crypto";
 import { connectivityState } from "@grpc/grpc-js";
 import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
 import type { GatewayConfig } from "../../lib/config.js";
-import { type DecodingMode, isDecodingMode } from "../../lib/decoding_modes.js";
+import { type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
 import {
   Counter,
@@ -21,7 +21,7 @@ import { clientSampling, samplingProblem, temperatureProblem } from "../../lib/s
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
-import { Generation, type GenerationRequest, type GenerationUsage, type LoopMetrics } from "./pearl_loop.js";
+import { PearlLoop, type ResolvedRequest, type RequestUsage, type LoopMetrics } from "./pearl_loop.js";
 import { StopStringMatcher } from "./stop_strings.js";
 import { Tuner } from "./tuner.js";
 
@@ -37,7 +37,7 @@ export interface GenerateInput {
   topP?: number;
   topK?: number;
   seed?: number;
-  mode?: DecodingMode;
+  mode?: DecodingModeName;
   draftTemperature?: number;
   /** The output ends before the first of these strings (needs a tokenizer); the request then finishes
    * with reason stop. */
@@ -50,7 +50,7 @@ export interface GenerateChunk {
   text: string;
   /** Set on the last chunk only, with usage. */
   finishReason?: FinishReason;
-  usage?: GenerationUsage & { seed: number };
+  usage?: RequestUsage & { seed: number };
 }
 
 /** The request is wrong; the message says what. */
@@ -349,10 +349,10 @@ export class Gateway {
     const started = performance.now();
     let firstTokenAt: number | undefined;
     let lastTokenAt: number | undefined;
-    let outcome: { finishReason: FinishReason; usage: GenerationUsage } | undefined;
+    let outcome: { finishReason: FinishReason; usage: RequestUsage } | undefined;
     let failure: Error | undefined;
 
-    const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
+    const loop = new PearlLoop(this.nextSessionId++, request, this.loopContext(), {
       tokens: (tokenIds) => {
         const now = performance.now();
         if (lastTokenAt === undefined) {
@@ -372,7 +372,7 @@ export class Gateway {
           text += scan.text;
           if (scan.stopped) {
             queue.push({ tokenIds: tokenIds.slice(0, i + 1), text });
-            generation.finishAtStopString(tokenIds.length - i - 1);
+            loop.finishAtStopString(tokenIds.length - i - 1);
             return;
           }
         }
@@ -401,18 +401,18 @@ export class Gateway {
       },
     });
     const onAbort = (): void => {
-      generation.cancel();
+      loop.cancel();
       queue.fail(new CancelledError("cancelled by the client"));
     };
     signal?.addEventListener("abort", onAbort, { once: true });
     this.running.inc();
-    generation.start();
+    loop.start();
     try {
       yield* queue;
     } finally {
       signal?.removeEventListener("abort", onAbort);
       // Still running when the consumer stopped listening: nobody wants the rest.
-      if (!outcome && !failure) generation.cancel();
+      if (!outcome && !failure) loop.cancel();
       this.running.dec();
       const seconds = (performance.now() - started) / 1000;
       const finishReason = outcome ? finishReasonName(outcome.finishReason) : failure ? "error" : "cancelled";
@@ -470,7 +470,7 @@ export class Gateway {
 
   // ---- requests -----------------------------------------------------------------------------------------
 
-  private resolve(input: GenerateInput): GenerationRequest {
+  private resolve(input: GenerateInput): ResolvedRequest {
     const model = this.targetInfo.model!;
     if (input.requestId && !isValidRequestId(input.requestId)) {
       throw new InvalidRequestError("a request id must be 1 to 128 visible ASCII characters");
@@ -506,7 +506,7 @@ export class Gateway {
     const samplingError = samplingProblem(sampling);
     if (samplingError) throw new InvalidRequestError(samplingError.message, samplingError.param);
     const mode = input.mode ?? this.config.defaultMode;
-    if (!isDecodingMode(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    if (!isDecodingModeName(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
     const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
     const draftTemperatureError = temperatureProblem(draftTemperature, "draft_temperature");
     if (draftTemperatureError) throw new InvalidRequestError(draftTemperatureError, "draft_temperature");

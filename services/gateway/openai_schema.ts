@@ -2,7 +2,7 @@
 // a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
 // are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
 // not implement (n > 1, logprobs, tools, penalties...) are refused rather than silently dropped.
-import { DECODING_MODES, type DecodingMode, isDecodingMode } from "../../lib/decoding_modes.js";
+import { DECODING_MODE_NAMES, type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import type { ChatMessage } from "../../lib/chat_template.js";
 
 export class OpenAIError extends Error {
@@ -35,7 +35,7 @@ export interface GenerationFields {
   topK: number | undefined;
   seed: number | undefined;
   stop: string[];
-  mode: DecodingMode | undefined;
+  mode: DecodingModeName | undefined;
   stream: boolean;
   includeUsage: boolean;
 }
@@ -158,12 +158,12 @@ function stopStrings(body: Body): string[] {
   return strings;
 }
 
-function decodingMode(body: Body): DecodingMode | undefined {
+function decodingMode(body: Body): DecodingModeName | undefined {
   const value = present(body, "decoding");
   if (value === undefined) return undefined;
-  if (!isDecodingMode(value)) {
+  if (!isDecodingModeName(value)) {
     throw invalidRequest(
-      `decoding must be one of ${DECODING_MODES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
+      `decoding must be one of ${DECODING_MODE_NAMES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
       "decoding",
     );
   }

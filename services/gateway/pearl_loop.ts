@@ -34,25 +34,26 @@ import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftEvent, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
 import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
-import type { DecodingMode } from "../../lib/decoding_modes.js";
+import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Counter, Histogram } from "../../lib/metrics.js";
 import type { SamplingParams } from "../../lib/native.js";
 import type { DraftLink, TargetLink } from "./links.js";
 import type { DecodingPlan, Tuner } from "./tuner.js";
 
-export interface GenerationRequest {
+/** A request as the loop runs it: checked, the server's defaults filled in (Gateway.resolve). */
+export interface ResolvedRequest {
   requestId: string;
   promptTokenIds: number[];
   maxTokens: number;
   sampling: SamplingParams;
-  mode: DecodingMode;
+  mode: DecodingModeName;
   draftTemperature: number;
   /** Size of a sampled draft's sparse distribution q. */
   draftTopK: number;
 }
 
-export interface GenerationUsage {
+export interface RequestUsage {
   promptTokens: number;
   completionTokens: number;
   draftTokens: number;
@@ -60,7 +61,7 @@ export interface GenerationUsage {
   targetSteps: number;
   meanAcceptedLength: number;
   /** The mode the request finished in. */
-  mode: DecodingMode;
+  mode: DecodingModeName;
   /** The draft failed or was unavailable: the request went on in ar. */
   draftFallback: boolean;
   /** The tuner found that drafting does not pay at the present load: the request went on in ar. */
@@ -68,9 +69,9 @@ export interface GenerationUsage {
 }
 
 /** Where the loop reports to (the gateway turns it into a response stream). */
-export interface GenerationOutput {
+export interface LoopOutput {
   tokens(tokenIds: number[]): void;
-  finished(finishReason: FinishReason, usage: GenerationUsage): void;
+  finished(finishReason: FinishReason, usage: RequestUsage): void;
   failed(error: Error): void;
 }
 
@@ -105,7 +106,11 @@ interface DraftToken {
   distribution: TokenDistribution | undefined;
 }
 
-export class Generation {
+/**
+ * One request's PEARL loop: it opens the request's session on both services (one session id names it on
+ * both streams), relays between them and reports what the target commits.
+ */
+export class PearlLoop {
   /** The prompt, then every committed token. */
   private readonly committed: number[];
   private readonly promptLength: number;
@@ -113,7 +118,7 @@ export class Generation {
   private readonly maxLength: number;
   /** The draft never drafts at a position >= draftLimit: the target cannot use it there. */
   private readonly draftLimit: number;
-  private mode: DecodingMode;
+  private mode: DecodingModeName;
   private plan: DecodingPlan;
   private draftActive = false;
   private draftFallback = false;
@@ -134,9 +139,9 @@ export class Generation {
 
   constructor(
     private readonly sessionId: number,
-    private readonly request: GenerationRequest,
+    private readonly request: ResolvedRequest,
     private readonly context: LoopContext,
-    private readonly output: GenerationOutput,
+    private readonly output: LoopOutput,
   ) {
     this.committed = [...request.promptTokenIds];
     this.promptLength = request.promptTokenIds.length;

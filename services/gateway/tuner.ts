@@ -34,7 +34,7 @@
 // always drafts.
 import type { ServiceInfo, StepReport } from "../../proto/gen/pearl/v1/common.js";
 import type { GatewayConfig } from "../../lib/config.js";
-import type { DecodingMode } from "../../lib/decoding_modes.js";
+import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
 import type { Gauge } from "../../lib/metrics.js";
 
@@ -217,7 +217,7 @@ export class Tuner {
 
   // ---- what it tells them -----------------------------------------------------------------------------
 
-  plan(mode: DecodingMode): DecodingPlan {
+  plan(mode: DecodingModeName): DecodingPlan {
     if (mode === "sd") {
       // Vanilla speculative decoding is asked for by name: it always drafts.
       const gamma =
