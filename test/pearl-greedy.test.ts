@@ -1,4 +1,4 @@
-// Greedy exactness (DESIGN §5): pearl and sd output exactly the tokens ar outputs, one request at a time
+// Greedy exactness (docs/design.md §4): pearl and sd output exactly the tokens ar outputs, one request at a time
 // or many in flight together, and every request ends exactly: EOS is the last token ever emitted, never
 // more than max_tokens, never past the context length. The draft is the target with noise added to its
 // weights, so that its guesses are accepted about half the time: both the acceptance and the correction

@@ -1,4 +1,4 @@
-// Sampling exactness (DESIGN §5): whatever the draft proposes, the tokens pearl emits follow the target's
+// Sampling exactness (docs/design.md §4): whatever the draft proposes, the tokens pearl emits follow the target's
 // distribution. Each draw is one seeded request of 3 tokens: t0 comes from the target's prefill, t1 is
 // decided by a verify step (the acceptance rule under test). The joint distribution of (t0, t1) is
 // compared with the exact one, p(t0 | prompt) p(t1 | prompt, t0), computed here from the engine's logits,

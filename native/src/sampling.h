@@ -1,4 +1,4 @@
-// Sampling and speculative verification next to the logits (DESIGN §5).
+// Sampling and speculative verification next to the logits (docs/design.md §4, exactness).
 //
 // Every random choice uses counter-based noise keyed by (seed, position, purpose), so a seeded request
 // draws the same tokens whatever shares its batch, and the target's token at a position is the same

@@ -2,7 +2,7 @@
 //
 // PEARL (Parallel spEculative decoding with Adaptive daRft Length, ICLR 2025) runs the draft and the target
 // at the same time instead of taking turns. Here each model lives in its own service; this file is the
-// whole protocol between them (DESIGN §3), seen from one request:
+// whole protocol between them (docs/design.md §2), seen from one request:
 //
 //   1. start     Open the session on the target and on the draft; both prefill the prompt at once.
 //   2. draft     The draft streams tokens (position, tokens, epoch) as it drafts them, up to `lookahead`
@@ -27,7 +27,7 @@
 // mid-request; requests that start later do).
 //
 // Why the output equals ar's: the target emits, at every position, its own token, and the engine's
-// acceptance rule (DESIGN §5) makes "accepted draft token" and "the target's own token" the same
+// acceptance rule (docs/design.md §4, exactness) makes "accepted draft token" and "the target's own token" the same
 // distribution; with a greedy draft and seeded sampling they are even the same token, because sampling is
 // a pure function of (seed, position).
 import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
