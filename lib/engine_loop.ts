@@ -401,7 +401,8 @@ export abstract class SessionLoop<
     this.lastSettled = settled;
     if (batched) {
       this.stepTimes.record(items.length, ms);
-      this.metrics.observeStep(items.length, ms / 1000);
+      this.metrics.stepSeconds.observe(ms / 1000);
+      this.metrics.batchSize.observe(items.length);
     }
     this.steps += 1;
     const report: StepReport = {

@@ -10,11 +10,11 @@ import type {
 } from "../proto/gen/pearl/v1/common.js";
 import type { ModelServiceConfig } from "./config.js";
 import { type EngineLoopParts, SequenceIds, type SessionCore } from "./engine_loop.js";
-import { EngineMetrics } from "./engine_metrics.js";
+import { engineMetrics } from "./engine_metrics.js";
 import { GrpcStatus, type ServiceRegistration, startGrpcServer } from "./grpc.js";
 import { startHttpServer } from "./http.js";
 import { announceListening, createLogger, errorMessage, type Logger } from "./logging.js";
-import { Counter, createRegistry, type Registry } from "./metrics.js";
+import { createRegistry, type Registry } from "./metrics.js";
 import { type CacheStats, Engine, type EngineOptions, type ModelInfo } from "./native.js";
 import { serveSessionStream } from "./service_streams.js";
 import { StepTimes } from "./step_times.js";
@@ -223,13 +223,8 @@ export async function startModelService<
   const { engine, modelId, stepTimes } = parts;
 
   // Scraped only after start-up, when the core exists.
-  const metrics = new EngineMetrics(registry, engine, (): number => core.activeSessions);
+  const metrics = engineMetrics(registry, role, engine, (): number => core.activeSessions);
   const core = service.createCore({ ...parts, metrics });
-  const sessionsOpened = new Counter({
-    name: `pearl_${role}_sessions_opened_total`,
-    help: `${role === "draft" ? "Draft" : "Target"} sessions opened`,
-    registers: [registry],
-  });
   const handleRequest = service.requestHandler(core, registry);
 
   const session: handleBidiStreamingCall<Request, Event> = (call) =>
@@ -238,7 +233,7 @@ export async function startModelService<
       return {
         onRequest(request) {
           if (request.open) {
-            sessionsOpened.inc();
+            metrics.sessionsOpened.inc();
             core.open(sink, request.open);
           } else if (request.close) {
             core.close(sink, request.close.sessionId);

@@ -6,9 +6,10 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import winston from "winston";
-import { Counter, Histogram, Registry } from "../lib/metrics.js";
+import { Registry } from "../lib/metrics.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
+import { gatewayMetrics } from "../services/gateway/metrics.js";
 import { PearlLoop, type RequestUsage } from "../services/gateway/pearl_loop.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
 import { PROTO_MODES } from "../lib/decoding_modes.js";
@@ -116,12 +117,8 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
 
   test("a running pearl request stops drafting when the tuner stops it, and ends with ar's output", async () => {
     const [targetInfo, draftInfo] = await Promise.all([stack.targetInfo(), stack.draftInfo()]);
-    const registry = new Registry();
-    const registers = [registry];
-    const counter = (name: string, labelNames: string[] = []) =>
-      new Counter({ name, help: name, labelNames, registers });
     const logger = winston.createLogger({ silent: true });
-    const tuner = makeTuner({ minGamma: 0 }, logger, registry);
+    const tuner = makeTuner({ minGamma: 0 }, logger, new Registry());
     // A start-up profile in which drafting pays, so that the request starts drafting.
     tuner.seed(
       startupProfile(() => 0.1),
@@ -160,16 +157,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
             draftContextLength: draftInfo.model!.maxPositionEmbeddings,
             eosTokenIds: new Set(targetInfo.model!.eosTokenIds),
             tuner,
-            metrics: {
-              draftTokens: counter("draft_tokens"),
-              acceptedTokens: counter("accepted_tokens"),
-              acceptedPerPosition: counter("accepted_per_position", ["position"]),
-              verifySteps: counter("verify_steps"),
-              targetSteps: counter("target_steps"),
-              staleDraftTokens: counter("stale_draft_tokens"),
-              fallbacks: counter("fallbacks", ["reason"]),
-              meanAcceptedLength: new Histogram({ name: "mean_accepted_length", help: "h", registers }),
-            },
+            metrics: gatewayMetrics(new Registry()).loop,
             logger,
             draftLost: reject,
           },

@@ -165,7 +165,7 @@ describe("draft-length tuner", () => {
     simulation.run(1, 400);
     assert.equal(simulation.tuner.plan("pearl").verifyWindow, 8);
     assert.equal(simulation.tuner.plan("pearl").lookahead, 16);
-    assert.equal(await simulation.gauge("gamma"), 8);
+    assert.equal(await simulation.gauge("pearl_draft_length_tokens"), 8);
   });
 
   test("flat verification at 8 requests: pearl keeps drafting", async () => {
@@ -173,7 +173,7 @@ describe("draft-length tuner", () => {
     simulation.run(8, 2000);
     const plan = simulation.tuner.plan("pearl");
     assert.ok(plan.speculate && plan.verifyWindow >= 4, JSON.stringify(plan));
-    assert.ok((await simulation.gauge("gamma")) >= 4);
+    assert.ok((await simulation.gauge("pearl_draft_length_tokens")) >= 4);
     assert.equal(
       simulation.tunedLogs().filter((record) => record.gamma === 0).length,
       0,
@@ -192,9 +192,9 @@ describe("draft-length tuner", () => {
 
     simulation.run(8, 2000);
     assert.deepEqual(simulation.tuner.plan("pearl"), { speculate: false, lookahead: 0, verifyWindow: 0 });
-    assert.equal(await simulation.gauge("gamma"), 0);
-    assert.equal(await simulation.gauge("lookahead"), 0);
-    assert.equal(await simulation.gauge("verify_window"), 0);
+    assert.equal(await simulation.gauge("pearl_draft_length_tokens"), 0);
+    assert.equal(await simulation.gauge("pearl_lookahead_tokens"), 0);
+    assert.equal(await simulation.gauge("pearl_verify_window_tokens"), 0);
     const off = simulation.tunedLogs().find((record) => record.gamma === 0);
     assert.ok(off, "the decision was logged");
     assert.equal(off.speculate, false);
@@ -214,7 +214,7 @@ describe("draft-length tuner", () => {
     simulation.run(1, 2000);
     const plan = simulation.tuner.plan("pearl");
     assert.ok(plan.speculate && plan.verifyWindow >= 1, JSON.stringify(plan));
-    assert.ok((await simulation.gauge("gamma")) >= 1);
+    assert.ok((await simulation.gauge("pearl_draft_length_tokens")) >= 1);
     const last = simulation.tunedLogs().at(-1)!;
     assert.equal(last.speculate, true);
   });

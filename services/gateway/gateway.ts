@@ -8,20 +8,14 @@ import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.
 import type { GatewayConfig } from "../../lib/config.js";
 import { type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
-import {
-  Counter,
-  Gauge,
-  Histogram,
-  LATENCY_BUCKETS_SECONDS,
-  type Registry,
-  TOKENS_BUCKETS,
-} from "../../lib/metrics.js";
+import type { Registry } from "../../lib/metrics.js";
 import { modelPairDifferences } from "../../lib/model_pair.js";
 import { clientSampling, samplingProblem, temperatureProblem } from "../../lib/sampling_params.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
-import { PearlLoop, type ResolvedRequest, type RequestUsage, type LoopMetrics } from "./pearl_loop.js";
+import { type GatewayMetrics, gatewayMetrics } from "./metrics.js";
+import { PearlLoop, type RequestUsage, type ResolvedRequest } from "./pearl_loop.js";
 import { StopStringMatcher } from "./stop_strings.js";
 import { Tuner } from "./tuner.js";
 
@@ -121,12 +115,7 @@ export class Gateway {
   private closed = false;
   private nextSessionId = 1;
   private readonly tuner: Tuner;
-  private readonly loopMetrics: LoopMetrics;
-  private readonly requests: Counter<"mode" | "finish_reason">;
-  private readonly running: Gauge;
-  private readonly timeToFirstToken: Histogram;
-  private readonly interTokenLatency: Histogram;
-  private readonly requestLatency: Histogram;
+  private readonly metrics: GatewayMetrics;
   private readonly eosTokenIds: ReadonlySet<number>;
 
   private constructor(
@@ -143,105 +132,8 @@ export class Gateway {
     this.target = target;
     this.draft = draft;
     this.eosTokenIds = new Set(targetInfo.model?.eosTokenIds ?? []);
-    const registers = [registry];
-    this.loopMetrics = {
-      draftTokens: new Counter({
-        name: "pearl_spec_draft_tokens_total",
-        help: "Draft tokens the target verified",
-        registers,
-      }),
-      acceptedTokens: new Counter({
-        name: "pearl_spec_accepted_tokens_total",
-        help: "Draft tokens the target accepted",
-        registers,
-      }),
-      acceptedPerPosition: new Counter({
-        name: "pearl_spec_accepted_tokens_per_position_total",
-        help: "Accepted draft tokens by their 1-based position in the verify window",
-        labelNames: ["position"],
-        registers,
-      }),
-      verifySteps: new Counter({
-        name: "pearl_spec_verify_steps_total",
-        help: "Target steps that verified at least one draft token",
-        registers,
-      }),
-      targetSteps: new Counter({
-        name: "pearl_target_steps_total",
-        help: "Target steps that emitted tokens (prefills, verifications and plain decodes)",
-        registers,
-      }),
-      staleDraftTokens: new Counter({
-        name: "pearl_spec_stale_draft_tokens_total",
-        help: "Draft tokens dropped on arrival because a correction had made them stale",
-        registers,
-      }),
-      fallbacks: new Counter({
-        name: "pearl_draft_fallbacks_total",
-        help: "Requests that went on without the draft (in ar), by reason",
-        labelNames: ["reason"],
-        registers,
-      }),
-      meanAcceptedLength: new Histogram({
-        name: "pearl_request_mean_accepted_length_tokens",
-        help: "Per request: tokens committed per target step",
-        buckets: TOKENS_BUCKETS,
-        registers,
-      }),
-    };
-    this.requests = new Counter({
-      name: "pearl_requests_total",
-      help: "Finished requests by the mode they finished in and finish reason",
-      labelNames: ["mode", "finish_reason"],
-      registers,
-    });
-    this.running = new Gauge({
-      name: "pearl_requests_running_requests",
-      help: "Requests in progress",
-      registers,
-    });
-    this.timeToFirstToken = new Histogram({
-      name: "pearl_time_to_first_token_seconds",
-      help: "From request to first committed token",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.interTokenLatency = new Histogram({
-      name: "pearl_inter_token_latency_seconds",
-      help: "Between consecutive committed tokens (tokens committed together share the interval)",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.requestLatency = new Histogram({
-      name: "pearl_e2e_request_latency_seconds",
-      help: "From request to its last token",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.tuner = new Tuner(config, logger, {
-      lookahead: new Gauge({
-        name: "pearl_lookahead_tokens",
-        help: "Draft tokens allowed past the last verified position (mode pearl; 0 while it does not draft)",
-        registers,
-      }),
-      verifyWindow: new Gauge({
-        name: "pearl_verify_window_tokens",
-        help: "Most draft tokens verified per target step (mode pearl; 0 while it does not draft)",
-        registers,
-      }),
-      gamma: new Gauge({
-        name: "pearl_draft_length_tokens",
-        help:
-          "The draft length gamma the tuner chose from measured step times and acceptance " +
-          "(0: drafting does not pay now, pearl requests run on the target alone)",
-        registers,
-      }),
-      acceptance: new Gauge({
-        name: "pearl_draft_acceptance_ratio",
-        help: "Recent rate at which the target accepts draft tokens (kept while nobody drafts)",
-        registers,
-      }),
-    });
+    this.metrics = gatewayMetrics(registry);
+    this.tuner = new Tuner(config, logger, this.metrics.tuner);
   }
 
   /**
@@ -357,8 +249,8 @@ export class Gateway {
         const now = performance.now();
         if (lastTokenAt === undefined) {
           firstTokenAt = now;
-          this.timeToFirstToken.observe((now - started) / 1000);
-        } else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
+          this.metrics.timeToFirstToken.observe((now - started) / 1000);
+        } else this.metrics.interTokenLatency.observe((now - lastTokenAt) / 1000);
         lastTokenAt = now;
         if (!stopMatcher || !decoder) {
           queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
@@ -405,7 +297,7 @@ export class Gateway {
       queue.fail(new CancelledError("cancelled by the client"));
     };
     signal?.addEventListener("abort", onAbort, { once: true });
-    this.running.inc();
+    this.metrics.running.inc();
     loop.start();
     try {
       yield* queue;
@@ -413,11 +305,11 @@ export class Gateway {
       signal?.removeEventListener("abort", onAbort);
       // Still running when the consumer stopped listening: nobody wants the rest.
       if (!outcome && !failure) loop.cancel();
-      this.running.dec();
+      this.metrics.running.dec();
       const seconds = (performance.now() - started) / 1000;
       const finishReason = outcome ? finishReasonName(outcome.finishReason) : failure ? "error" : "cancelled";
-      this.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
-      if (outcome) this.requestLatency.observe(seconds);
+      this.metrics.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
+      if (outcome) this.metrics.requestLatency.observe(seconds);
       this.logger.info("request", {
         requestId: request.requestId,
         mode: request.mode,
@@ -536,7 +428,7 @@ export class Gateway {
       draftContextLength: this.draftInfo?.model?.maxPositionEmbeddings ?? 0,
       eosTokenIds: this.eosTokenIds,
       tuner: this.tuner,
-      metrics: this.loopMetrics,
+      metrics: this.metrics.loop,
       logger: this.logger,
       draftLost: (error: Error) => this.draftLost(error),
     };

@@ -36,9 +36,9 @@ import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
-import type { Counter, Histogram } from "../../lib/metrics.js";
 import type { SamplingParams } from "../../lib/native.js";
 import type { DraftLink, TargetLink } from "./links.js";
+import type { LoopMetrics } from "./metrics.js";
 import type { DecodingPlan, Tuner } from "./tuner.js";
 
 /** A request as the loop runs it: checked, the server's defaults filled in (Gateway.resolve). */
@@ -73,17 +73,6 @@ export interface LoopOutput {
   tokens(tokenIds: number[]): void;
   finished(finishReason: FinishReason, usage: RequestUsage): void;
   failed(error: Error): void;
-}
-
-export interface LoopMetrics {
-  draftTokens: Counter;
-  acceptedTokens: Counter;
-  acceptedPerPosition: Counter<"position">;
-  verifySteps: Counter;
-  targetSteps: Counter;
-  staleDraftTokens: Counter;
-  fallbacks: Counter<"reason">;
-  meanAcceptedLength: Histogram;
 }
 
 export interface LoopContext {

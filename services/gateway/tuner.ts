@@ -36,7 +36,7 @@ import type { ServiceInfo, StepReport } from "../../proto/gen/pearl/v1/common.js
 import type { GatewayConfig } from "../../lib/config.js";
 import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
-import type { Gauge } from "../../lib/metrics.js";
+import type { TunerGauges } from "./metrics.js";
 
 export interface DecodingPlan {
   /** false: the tuner found that drafting does not pay now; the request runs on the target alone (and
@@ -99,8 +99,6 @@ class Line {
   }
 }
 
-type Gauges = { lookahead: Gauge; verifyWindow: Gauge; gamma: Gauge; acceptance: Gauge };
-
 export class Tuner {
   /** Step ms against the tokens in the step. */
   private readonly target = new Line(STEP_DECAY);
@@ -127,7 +125,7 @@ export class Tuner {
   constructor(
     private readonly config: GatewayConfig,
     private readonly logger: Logger,
-    private readonly gauges: Gauges,
+    private readonly gauges: TunerGauges,
   ) {
     if (config.minGamma > config.maxGamma) {
       throw new Error(`--min-gamma (${config.minGamma}) must not exceed --max-gamma (${config.maxGamma})`);
