@@ -3,12 +3,11 @@
 // token for token (checked). With the services' /metrics at hand (a local stack), it also splits the time
 // per target step into the engine's own step and what the gateway, gRPC and waiting for drafts add.
 import { credentials } from "@grpc/grpc-js";
-import type { DecodingMode } from "../lib/config.js";
+import { type DecodingModeName, PROTO_MODES } from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { sampleValue } from "../lib/metrics.js";
 import { FinishReason, type ServiceInfo } from "../proto/gen/pearl/v1/common.js";
 import {
-  DecodingMode as ProtoMode,
   GatewayClient,
   type GatewayInfo,
   type GenerateRequest,
@@ -16,7 +15,7 @@ import {
 } from "../proto/gen/pearl/v1/gateway.js";
 
 export interface BenchOptions {
-  modes: DecodingMode[];
+  modes: DecodingModeName[];
   concurrencies: number[];
   requests: number;
   maxTokens: number;
@@ -26,7 +25,7 @@ export interface BenchOptions {
 }
 
 export interface BenchRow {
-  mode: DecodingMode;
+  mode: DecodingModeName;
   concurrency: number;
   requests: number;
   tokens: number;
@@ -55,12 +54,6 @@ const CODE_PROMPTS = [
   "try:\n    import numpy as np\nexcept ImportError:\n",
   "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
 ];
-
-const PROTO_MODES: Record<DecodingMode, ProtoMode> = {
-  pearl: ProtoMode.DECODING_MODE_PEARL,
-  sd: ProtoMode.DECODING_MODE_SD,
-  ar: ProtoMode.DECODING_MODE_AR,
-};
 
 interface Outcome {
   tokenIds: number[];
@@ -146,7 +139,7 @@ export async function runBench(
   try {
     const info = await gatewayInfo(client);
     const promptSet = prompts(info, options.promptTokens);
-    const requestFor = (index: number, mode: DecodingMode, maxTokens: number): GenerateRequest => ({
+    const requestFor = (index: number, mode: DecodingModeName, maxTokens: number): GenerateRequest => ({
       requestId: "",
       stop: [],
       ...promptSet[index % promptSet.length]!,

@@ -4,8 +4,6 @@ import { credentials } from "@grpc/grpc-js";
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
   addOptions,
-  DECODING_MODES,
-  type DecodingMode as ModeName,
   DEFAULT_PORTS,
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
@@ -14,6 +12,12 @@ import {
   readOptions,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
+import {
+  DECODING_MODE_NAMES,
+  type DecodingModeName,
+  isDecodingModeName,
+  PROTO_MODES,
+} from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
@@ -88,16 +92,10 @@ function parseNumber(raw: string): number {
   return value;
 }
 
-const PROTO_MODES: Record<string, DecodingMode> = {
-  pearl: DecodingMode.DECODING_MODE_PEARL,
-  sd: DecodingMode.DECODING_MODE_SD,
-  ar: DecodingMode.DECODING_MODE_AR,
-};
-
 interface GenerateOptions {
   prompt?: string;
   promptIds?: number[];
-  mode?: string;
+  mode?: DecodingModeName;
   maxTokens?: number;
   temperature?: number;
   topP?: number;
@@ -149,7 +147,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     topP: options.topP,
     topK: options.topK,
     seed: options.seed,
-    mode: options.mode ? PROTO_MODES[options.mode]! : DecodingMode.DECODING_MODE_UNSPECIFIED,
+    mode: options.mode ? PROTO_MODES[options.mode] : DecodingMode.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
     stop: options.stop,
   };
@@ -279,7 +277,9 @@ const generate = program
   .addOption(
     new Option("--prompt-ids <ids>", "prompt token ids, comma- or space-separated").argParser(parseTokenIds),
   )
-  .addOption(new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODES))
+  .addOption(
+    new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODE_NAMES),
+  )
   .addOption(
     new Option("--max-tokens <n>", "most tokens to generate (default: the server's)").argParser(parseNumber),
   )
@@ -331,15 +331,13 @@ function parsePositiveInteger(raw: string): number {
   return value;
 }
 
-function parseMode(raw: string): ModeName {
-  if (!(DECODING_MODES as readonly string[]).includes(raw)) {
-    throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
-  }
-  return raw as ModeName;
+function parseMode(raw: string): DecodingModeName {
+  if (!isDecodingModeName(raw)) throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
+  return raw;
 }
 
 interface BenchCommandOptions {
-  modes: ModeName[];
+  modes: DecodingModeName[];
   concurrency: number[];
   requests: number;
   maxTokens: number;

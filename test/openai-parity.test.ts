@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import OpenAI from "openai";
 import { ChatTemplate } from "../lib/chat_template.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { Engine } from "../lib/native.js";
 import { packageVersion } from "../lib/paths.js";
@@ -17,7 +18,7 @@ import type { TokenLogprobs } from "../proto/gen/pearl/v1/common.js";
 import { GatewayClient, type GenerateRequest, type GenerateResponse } from "../proto/gen/pearl/v1/gateway.js";
 import { TargetServiceClient } from "../proto/gen/pearl/v1/target.js";
 import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
-import { generateRequest, MODES } from "./helpers/stack.js";
+import { generateRequest } from "./helpers/stack.js";
 
 const MODEL = "pearl-code";
 const PROMPT = "def add(a, b):\n    return";
@@ -157,7 +158,7 @@ describe("OpenAI parity: n, best_of, logprobs, echo, tokenize (pearl serve, open
           maxTokens: 24,
           ...processing,
           seed: 7,
-          mode: MODES[decoding],
+          mode: PROTO_MODES[decoding],
           topLogprobs: 3,
           promptLogprobs: true,
         }),

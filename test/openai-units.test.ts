@@ -167,7 +167,8 @@ describe("request validation", () => {
     assert.equal(request.seed, undefined);
     assert.equal(request.maxTokens, undefined);
     assert.deepEqual(request.stop, ["\n"]);
-    assert.equal(request.topK, 0);
+    // Passed on as given: the gateway reads -1 as no top-k cut (lib/sampling_params.ts).
+    assert.equal(request.topK, -1);
     assert.equal(request.stream, false);
     assert.equal(request.n, 1);
     assert.equal(request.logprobs, undefined);
@@ -214,11 +215,11 @@ describe("request validation", () => {
       /integer/,
     );
     rejects(
-      () => parseCompletionRequest({ model: "m", prompt: "a", temperature: 2.5 }),
+      () => parseCompletionRequest({ model: "m", prompt: "a", temperature: "hot" }),
       "temperature",
-      /<= 2/,
+      /must be a number/,
     );
-    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", seed: -1 }), "seed", />= 0/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", seed: [1] }), "seed", /must be a number/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: "a", stop: [1] }), "stop", /list of strings/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: "a", stop: "" }), "stop", /empty/);
     rejects(

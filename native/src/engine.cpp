@@ -449,8 +449,8 @@ class EngineImpl : public Engine {
     backend_->begin_forward(batch, step.logits.data(), step.chosen.data(), step.returned.data());
   }
 
-  // The results of a step whose forward pass has finished: verdicts, then each sequence cut after its last
-  // accepted token and its committed tokens published.
+  // The results of a step whose forward pass has finished: verify outcomes, then each sequence cut after its
+  // last accepted token and its committed tokens published.
   std::vector<StepResult> complete(const StepInFlight& step) {
     const std::vector<StepItem>& items = step.items;
     const std::vector<int64_t>& old_lengths = step.old_lengths;
@@ -473,10 +473,11 @@ class EngineImpl : public Engine {
         const auto target = [&](int row) {
           return checked_choice(step.chosen[step.window_output[i] + static_cast<size_t>(row)]);
         };
-        const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
-                                              item.draft_dists, item.sampling.seed, first_position);
-        result.accepted = verdict.accepted;
-        result.next_token = verdict.next_token;
+        const VerifyOutcome outcome = verify_drafts(target, item.tokens.data() + (count - item.num_draft),
+                                                    item.num_draft, item.draft_dists, item.sampling.seed,
+                                                    first_position);
+        result.accepted = outcome.accepted;
+        result.next_token = outcome.next_token;
         if (returns_q(item)) {
           result.q = ops::returned_q(step.returned.data() + step.q_offset[i],
                                      step.choices[step.window_output[i]].return_top_k);

@@ -232,14 +232,15 @@ ops::ChosenToken choose_from_distribution(const Distribution& p, uint64_t seed, 
 // Sampled draft: accept d with probability min(1, p(d)/q(d)) using a uniform keyed to the position,
 // independent of the noise the draft used to pick d; on rejection sample norm(max(0, p - q)). When all
 // drafts are accepted the bonus token is p's own Gumbel-max sample at the next position.
-Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
-                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
+VerifyOutcome verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
+                            const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
+                            int64_t first_position) {
   for (int i = 0; i < num_draft; ++i) {
     const ops::ChosenToken row = target(i);
     const int64_t position = first_position + i;
     const int32_t draft = drafts[i];
     if (draft_dists.empty()) {
-      if (row.token != draft) return Verdict{i, row.token};
+      if (row.token != draft) return VerifyOutcome{i, row.token};
       continue;
     }
     const DraftDistribution& q = draft_dists[static_cast<size_t>(i)];
@@ -249,13 +250,14 @@ Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const 
     }
     const double u = CounterRng(seed, position, RandomPurpose::Accept).uniform(0);
     if (u * q_draft < row.draft_prob) continue;
-    return Verdict{i, row.residual_token};
+    return VerifyOutcome{i, row.residual_token};
   }
-  return Verdict{num_draft, target(num_draft).token};
+  return VerifyOutcome{num_draft, target(num_draft).token};
 }
 
-Verdict verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
-                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
+VerifyOutcome verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
+                            const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
+                            int64_t first_position) {
   const std::function<ops::ChosenToken(int)> chosen = [&](int i) {
     const bool judges_sampled_draft = !draft_dists.empty() && i < num_draft;
     return choose_from_distribution(target(i), seed, first_position + i, judges_sampled_draft ? drafts[i] : -1,

@@ -286,17 +286,17 @@ TEST(verify_steps_accept_the_targets_own_tokens) {
   engine->add_sequence(1);
   CHECK_EQ(step_one(*engine, item(1, prompt)).next_token, generated[0]);
   // All five drafts right: accepted, and the bonus is the sixth token.
-  StepResult verdict = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
-  CHECK_EQ(verdict.accepted, 5);
-  CHECK_EQ(verdict.next_token, generated[6]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6});
+  StepResult outcome = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
+  CHECK_EQ(outcome.accepted, 5);
+  CHECK_EQ(outcome.next_token, generated[6]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6});
   // Third draft wrong: two accepted, the correction is the target's token, the KV is cut after it.
   std::vector<int32_t> window = slice(generated, 6, 11);
   window[3] = (window[3] + 1) % fixture.model.spec.vocab;
-  verdict = step_one(*engine, item(1, window, StepOutput::Sample, 4));
-  CHECK_EQ(verdict.accepted, 2);
-  CHECK_EQ(verdict.next_token, generated[9]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6 + 3});
+  outcome = step_one(*engine, item(1, window, StepOutput::Sample, 4));
+  CHECK_EQ(outcome.accepted, 2);
+  CHECK_EQ(outcome.next_token, generated[9]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6 + 3});
   CHECK_EQ(engine->sequence_length(1), int64_t{18});
   // Decoding continues exactly as the reference.
   CHECK_EQ(step_one(*engine, item(1, {generated[9]})).next_token, generated[10]);
@@ -357,10 +357,10 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
       const int32_t right = expected[output.size() + j];
       window.push_back((round + static_cast<int>(j)) % 5 == 3 ? (right + 1) % vocab : right);
     }
-    const StepResult verdict = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
-    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + verdict.accepted);
-    output.push_back(verdict.next_token);
-    total_accepted += verdict.accepted;
+    const StepResult outcome = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
+    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + outcome.accepted);
+    output.push_back(outcome.next_token);
+    total_accepted += outcome.accepted;
     ++round;
   }
   output.resize(expected.size());
@@ -386,9 +386,9 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
   const StepResult first = step_one(*engine, sampled(item(2, prompt)));
   StepItem verify = sampled(item(2, {first.next_token, proposal.next_token}, StepOutput::Sample, 1));
   verify.draft_dists = {proposal.q};
-  const StepResult verdict = step_one(*engine, verify);
-  CHECK(verdict.accepted == 0 || verdict.accepted == 1);
-  CHECK_EQ(verdict.length, int64_t{8 + 1 + verdict.accepted});
+  const StepResult outcome = step_one(*engine, verify);
+  CHECK(outcome.accepted == 0 || outcome.accepted == 1);
+  CHECK_EQ(outcome.length, int64_t{8 + 1 + outcome.accepted});
 }
 
 // log_softmax of one row, in double, the way a user would compute it from the logits.
@@ -444,12 +444,12 @@ TEST(logprobs_are_the_rows_of_the_committed_tokens_in_every_step_shape) {
   CHECK_EQ(last.logprobs.tokens[0], sequence[11]);
   CHECK_NEAR(last.logprobs.logprobs[0], expected(10, sequence[11]), 1e-5);
   CHECK_EQ(last.logprobs.top_tokens[0], sequence[11]);  // greedy: the token is the most likely
-  const StepResult verdict = step_one(*engine, scored(item(1, slice(sequence, 11, 15), StepOutput::Sample, 3), 1));
-  CHECK_EQ(verdict.accepted, 3);
-  CHECK_EQ(verdict.logprobs.tokens.size(), size_t{4});
+  const StepResult outcome = step_one(*engine, scored(item(1, slice(sequence, 11, 15), StepOutput::Sample, 3), 1));
+  CHECK_EQ(outcome.accepted, 3);
+  CHECK_EQ(outcome.logprobs.tokens.size(), size_t{4});
   for (size_t r = 0; r < 4; ++r) {
-    CHECK_EQ(verdict.logprobs.tokens[r], sequence[12 + r]);
-    CHECK_NEAR(verdict.logprobs.logprobs[r], expected(11 + r, sequence[12 + r]), 1e-5);
+    CHECK_EQ(outcome.logprobs.tokens[r], sequence[12 + r]);
+    CHECK_NEAR(outcome.logprobs.logprobs[r], expected(11 + r, sequence[12 + r]), 1e-5);
   }
 
   // Sampled: the processed distribution (temperature, top-k), the same in a window as decoded alone.

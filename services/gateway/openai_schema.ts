@@ -2,8 +2,9 @@
 // a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
 // are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
 // not implement (tools, penalties...) are refused rather than silently dropped.
-import { DECODING_MODES, type DecodingMode } from "../../lib/config.js";
+import { DECODING_MODE_NAMES, type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import type { ChatMessage } from "../../lib/chat_template.js";
+import { topLogprobsProblem } from "../../lib/sampling_params.js";
 import { MAX_TOP_LOGPROBS } from "./logprobs.js";
 
 export class OpenAIError extends Error {
@@ -36,7 +37,7 @@ export interface GenerationFields {
   topK: number | undefined;
   seed: number | undefined;
   stop: string[];
-  mode: DecodingMode | undefined;
+  mode: DecodingModeName | undefined;
   stream: boolean;
   includeUsage: boolean;
   /** Choices per prompt. */
@@ -102,11 +103,9 @@ interface NumberRule {
   integer?: boolean;
   min?: number;
   max?: number;
-  /** The minimum itself is not allowed. */
-  exclusiveMin?: boolean;
 }
 
-function optionalNumber(body: Body, name: string, rule: NumberRule): number | undefined {
+function optionalNumber(body: Body, name: string, rule: NumberRule = {}): number | undefined {
   const value = present(body, name);
   if (value === undefined) return undefined;
   if (typeof value !== "number" || !Number.isFinite(value)) {
@@ -116,11 +115,9 @@ function optionalNumber(body: Body, name: string, rule: NumberRule): number | un
     throw invalidRequest(`${name} must be an integer, got ${value}`, name);
   }
   const { min, max } = rule;
-  const belowMin = min !== undefined && (rule.exclusiveMin ? value <= min : value < min);
-  if (belowMin || (max !== undefined && value > max)) {
-    const low = min === undefined ? "" : rule.exclusiveMin ? `> ${min}` : `>= ${min}`;
-    const high = max === undefined ? "" : `<= ${max}`;
-    throw invalidRequest(`${name} must be ${[low, high].filter(Boolean).join(" and ")}, got ${value}`, name);
+  if ((min !== undefined && value < min) || (max !== undefined && value > max)) {
+    const bounds = [min !== undefined && `>= ${min}`, max !== undefined && `<= ${max}`].filter(Boolean);
+    throw invalidRequest(`${name} must be ${bounds.join(" and ")}, got ${value}`, name);
   }
   return value;
 }
@@ -172,16 +169,16 @@ function stopStrings(body: Body): string[] {
   return strings;
 }
 
-function decodingMode(body: Body): DecodingMode | undefined {
+function decodingMode(body: Body): DecodingModeName | undefined {
   const value = present(body, "decoding");
   if (value === undefined) return undefined;
-  if (typeof value !== "string" || !(DECODING_MODES as readonly string[]).includes(value)) {
+  if (!isDecodingModeName(value)) {
     throw invalidRequest(
-      `decoding must be one of ${DECODING_MODES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
+      `decoding must be one of ${DECODING_MODE_NAMES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
       "decoding",
     );
   }
-  return value as DecodingMode;
+  return value;
 }
 
 function includeUsage(body: Body, stream: boolean): boolean {
@@ -204,11 +201,11 @@ function generationFields(
   return {
     model: requiredString(body, "model"),
     maxTokens,
-    temperature: optionalNumber(body, "temperature", { min: 0, max: 2 }),
-    topP: optionalNumber(body, "top_p", { min: 0, exclusiveMin: true, max: 1 }),
-    // vLLM's convention: -1 (like 0) turns top-k off.
-    topK: normalizeTopK(optionalNumber(body, "top_k", { integer: true, min: -1 })),
-    seed: optionalNumber(body, "seed", { integer: true, min: 0 }),
+    // Their ranges are the gateway's to check (lib/sampling_params.ts), for this API and gRPC alike.
+    temperature: optionalNumber(body, "temperature"),
+    topP: optionalNumber(body, "top_p"),
+    topK: optionalNumber(body, "top_k"),
+    seed: optionalNumber(body, "seed"),
     stop: stopStrings(body),
     mode: decodingMode(body),
     stream,
@@ -218,10 +215,13 @@ function generationFields(
   };
 }
 
-const topLogprobsRule: NumberRule = { integer: true, min: 0, max: MAX_TOP_LOGPROBS };
-
-function normalizeTopK(topK: number | undefined): number | undefined {
-  return topK === -1 ? 0 : topK;
+/** A count of most likely tokens to score (completions' `logprobs`, chat's `top_logprobs`), its range
+ * checked where every API's is (lib/sampling_params.ts). */
+function topLogprobsField(body: Body, name: string): number | undefined {
+  const value = optionalNumber(body, name);
+  const problem = topLogprobsProblem(value, MAX_TOP_LOGPROBS, name);
+  if (problem) throw invalidRequest(problem, name);
+  return value;
 }
 
 const maxTokensRule: NumberRule = { integer: true, min: 1 };
@@ -232,8 +232,7 @@ export function parseCompletionRequest(raw: unknown): CompletionRequest {
   // Only the prompt's scores are wanted (lm-evaluation-harness's loglikelihood requests): max_tokens 0.
   const maxTokens = optionalNumber(body, "max_tokens", { integer: true, min: echo ? 0 : 1 });
   // The legacy API's logprobs is the count of most likely tokens; false (some clients) means none.
-  const logprobs =
-    present(body, "logprobs") === false ? undefined : optionalNumber(body, "logprobs", topLogprobsRule);
+  const logprobs = present(body, "logprobs") === false ? undefined : topLogprobsField(body, "logprobs");
   const fields = generationFields(body, maxTokens, logprobs);
   const prompts = completionPrompts(body);
   const bestOf = optionalNumber(body, "best_of", { integer: true, min: fields.n, max: MAX_CHOICES });
@@ -288,7 +287,7 @@ export function parseChatCompletionRequest(raw: unknown): ChatCompletionRequest 
     optionalNumber(body, "max_completion_tokens", maxTokensRule) ??
     optionalNumber(body, "max_tokens", maxTokensRule);
   const logprobs = optionalBoolean(body, "logprobs") ?? false;
-  const topLogprobs = optionalNumber(body, "top_logprobs", topLogprobsRule);
+  const topLogprobs = topLogprobsField(body, "top_logprobs");
   if (!logprobs && topLogprobs !== undefined && topLogprobs > 0) {
     throw invalidRequest("top_logprobs needs logprobs: true", "top_logprobs");
   }

@@ -32,14 +32,14 @@ import {
   type EngineLoopParts,
   fedTokens,
   type LoopSession,
-  samplingParamsOf,
   SessionLoop,
   type SessionSink,
   type StepOutcome,
 } from "../../lib/engine_loop.js";
-import { Counter, Gauge } from "../../lib/metrics.js";
 import type { DraftDistribution, Logprobs, SamplingParams, StepItem } from "../../lib/native.js";
+import { samplingParamsOf, samplingProblem, topLogprobsProblem } from "../../lib/sampling_params.js";
 import { decideEmission } from "./emission.js";
+import { type TargetMetrics, targetMetrics } from "./metrics.js";
 
 export interface TargetEventSink extends SessionSink {
   verdict(verdict: Verdict): void;
@@ -89,53 +89,14 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   /** Sessions queued for KV room, first come first served (preempted ones go back to the front). */
   private readonly waiting: TargetSession[] = [];
   private admissions = 0;
-  private readonly preemptions: Counter;
-  private readonly proposalsDropped: Counter;
-  private readonly proposed: Counter;
-  private readonly accepted: Counter;
-  private readonly verifySteps: Counter;
+  private readonly targetMetrics: TargetMetrics;
 
   constructor(
     parts: EngineLoopParts,
     private readonly config: TargetServiceConfig,
   ) {
     super("target", parts);
-    const registry = parts.registry;
-    this.proposalsDropped = new Counter({
-      name: "pearl_target_proposals_dropped_tokens_total",
-      help: "Proposed tokens dropped before verification, by reason",
-      labelNames: ["reason"],
-      registers: [registry],
-    });
-    this.proposed = new Counter({
-      name: "pearl_target_proposed_tokens_total",
-      help: "Proposed tokens verified",
-      registers: [registry],
-    });
-    this.accepted = new Counter({
-      name: "pearl_target_accepted_tokens_total",
-      help: "Proposed tokens accepted",
-      registers: [registry],
-    });
-    const waiting = this.waiting;
-    new Gauge({
-      name: "pearl_sessions_waiting_sessions",
-      help: "Sessions queued for KV cache room",
-      registers: [registry],
-      collect() {
-        this.set(waiting.length);
-      },
-    });
-    this.preemptions = new Counter({
-      name: "pearl_target_preemptions_total",
-      help: "Sessions that gave their KV back to make room, to be recomputed later",
-      registers: [registry],
-    });
-    this.verifySteps = new Counter({
-      name: "pearl_target_verify_steps_total",
-      help: "Per-session verifications of at least one proposed token",
-      registers: [registry],
-    });
+    this.targetMetrics = targetMetrics(parts.registry, () => this.waiting.length);
   }
 
   // ---- messages from the gateway ----------------------------------------------------------------------
@@ -153,23 +114,10 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
       return `max_tokens must be at least 1, got ${request.maxTokens}`;
     }
-    const topLogprobs = request.topLogprobs;
-    const vocabSize = this.engine.info.vocabSize;
-    if (
-      topLogprobs !== undefined &&
-      !(Number.isInteger(topLogprobs) && topLogprobs >= 0 && topLogprobs <= vocabSize)
-    ) {
-      return `top_logprobs must be an integer in [0, ${vocabSize}], got ${topLogprobs}`;
-    }
-    const sampling = request.sampling;
-    if (sampling) {
-      if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
-        return `temperature must be >= 0, got ${sampling.temperature}`;
-      }
-      if (!(sampling.topP >= 0 && sampling.topP <= 1)) return `top_p must be in (0, 1], got ${sampling.topP}`;
-      if (sampling.topK < 0) return `top_k must be >= 0, got ${sampling.topK}`;
-    }
-    return undefined;
+    // Any count up to the vocabulary is served here; the gateway's APIs allow 20.
+    const topLogprobs = topLogprobsProblem(request.topLogprobs, this.engine.info.vocabSize);
+    if (topLogprobs) return topLogprobs;
+    return samplingProblem(samplingParamsOf(request.sampling))?.message;
   }
 
   protected override createSession(sink: TargetEventSink, request: TargetOpen): TargetSession {
@@ -206,7 +154,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!session) return;
     const { epoch, position, tokenIds, distributions } = request;
     if (epoch < session.minEpoch) {
-      this.proposalsDropped.inc({ reason: "stale_epoch" }, tokenIds.length);
+      this.targetMetrics.proposalsDropped.inc({ reason: "stale_epoch" }, tokenIds.length);
       return;
     }
     if (distributions.length !== 0 && distributions.length !== tokenIds.length) {
@@ -225,7 +173,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     const chainLength = committed + session.pending.length;
     if (position < session.promptLength || position > chainLength) {
       // A gap: tokens that followed were dropped (stale), so these cannot be placed.
-      this.proposalsDropped.inc({ reason: "not_contiguous" }, tokenIds.length);
+      this.targetMetrics.proposalsDropped.inc({ reason: "not_contiguous" }, tokenIds.length);
       return;
     }
     // Tokens that overlap what the session holds must agree with it.
@@ -237,11 +185,11 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       if (at < committed) {
         // The draft guessed a committed position wrong: everything this epoch drafted after it is stale.
         session.minEpoch = Math.max(session.minEpoch, epoch + 1);
-        this.proposalsDropped.inc({ reason: "contradicts_committed" }, tokenIds.length);
+        this.targetMetrics.proposalsDropped.inc({ reason: "contradicts_committed" }, tokenIds.length);
         return;
       }
       if (epoch <= session.pending[at - committed]!.epoch) {
-        this.proposalsDropped.inc({ reason: "contradicts_pending" }, tokenIds.length);
+        this.targetMetrics.proposalsDropped.inc({ reason: "contradicts_pending" }, tokenIds.length);
         return;
       }
       // A newer epoch rewrites pending proposals from here on.
@@ -324,7 +272,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       const running = this.runningSessions();
       if (need <= stats.blocksFree || running.length <= 1) return work;
       const victim = running.reduce((a, b) => (a.admittedAt > b.admittedAt ? a : b));
-      this.preemptions.inc();
+      this.targetMetrics.preemptions.inc();
       victim.preemptions += 1;
       this.logger.debug("session preempted", {
         requestId: victim.requestId,
@@ -486,9 +434,9 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       const proposed = w.proposals.length;
       this.metrics.stepTokens.inc({ kind: proposed > 0 ? "verify" : "decode" }, fedTokens(w.item));
       if (proposed > 0) {
-        this.verifySteps.inc();
-        this.proposed.inc(proposed);
-        this.accepted.inc(result.accepted);
+        this.targetMetrics.verifySteps.inc();
+        this.targetMetrics.proposed.inc(proposed);
+        this.targetMetrics.accepted.inc(result.accepted);
       }
       const candidates = w.proposals.slice(0, result.accepted).map((p) => p.token);
       // With a sampled draft, a bonus token would be a plain sample where a verification would have
@@ -538,7 +486,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       const proposal = session.pending[i]!;
       if (proposal.token !== emitted[i]) {
         session.minEpoch = Math.max(session.minEpoch, proposal.epoch + 1);
-        this.proposalsDropped.inc({ reason: "rejected" }, session.pending.length - i);
+        this.targetMetrics.proposalsDropped.inc({ reason: "rejected" }, session.pending.length - i);
         session.pending = [];
         return;
       }
