@@ -8,12 +8,11 @@
 // acceptance rate and the mean draft window; the ideal speedup needs those.
 import { readFileSync } from "node:fs";
 import { credentials } from "@grpc/grpc-js";
-import type { DecodingMode } from "../lib/config.js";
+import { type DecodingModeName, PROTO_MODES } from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { sampleValue } from "../lib/metrics.js";
 import { FinishReason, type ServiceInfo } from "../proto/gen/pearl/v1/common.js";
 import {
-  DecodingMode as ProtoMode,
   GatewayClient,
   type GatewayInfo,
   type GenerateRequest,
@@ -21,7 +20,7 @@ import {
 } from "../proto/gen/pearl/v1/gateway.js";
 
 export interface BenchOptions {
-  modes: DecodingMode[];
+  modes: DecodingModeName[];
   concurrencies: number[];
   /** Sampling temperatures (0: greedy; outputs are then compared across modes). */
   temperatures: number[];
@@ -44,7 +43,7 @@ export interface MetricsUrls {
 }
 
 export interface BenchRow {
-  mode: DecodingMode;
+  mode: DecodingModeName;
   concurrency: number;
   temperature: number;
   requests: number;
@@ -125,7 +124,7 @@ export function idealSpeedup(
 
 /** Each row's speedups over ar and sd at its concurrency and temperature, and its ideal. */
 export function compareRows(rows: BenchRow[]): void {
-  const find = (mode: DecodingMode, row: BenchRow): BenchRow | undefined =>
+  const find = (mode: DecodingModeName, row: BenchRow): BenchRow | undefined =>
     rows.find(
       (r) => r.mode === mode && r.concurrency === row.concurrency && r.temperature === row.temperature,
     );
@@ -152,12 +151,6 @@ export function compareRows(rows: BenchRow[]): void {
     }
   }
 }
-
-const PROTO_MODES: Record<DecodingMode, ProtoMode> = {
-  pearl: ProtoMode.DECODING_MODE_PEARL,
-  sd: ProtoMode.DECODING_MODE_SD,
-  ar: ProtoMode.DECODING_MODE_AR,
-};
 
 interface Outcome {
   tokenIds: number[];
@@ -266,7 +259,7 @@ class Cell {
   seconds = 0;
   private readonly totals: Counted = {};
 
-  constructor(readonly mode: DecodingMode) {}
+  constructor(readonly mode: DecodingModeName) {}
 
   add(outcomes: Outcome[], seconds: number, gained: Counted): void {
     this.outcomes.push(...outcomes);
@@ -329,7 +322,7 @@ export async function runBench(
     const promptSet = promptsFor(info, options);
     const requestFor = (
       index: number,
-      mode: DecodingMode,
+      mode: DecodingModeName,
       temperature: number,
       maxTokens: number,
     ): GenerateRequest => ({

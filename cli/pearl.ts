@@ -1,13 +1,10 @@
 #!/usr/bin/env node
 // The pearl command: run the services (all three, or one each) and generate from the command line.
-import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
   addOptions,
-  DECODING_MODES,
-  type DecodingMode as ModeName,
   DEFAULT_PORTS,
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
@@ -16,11 +13,17 @@ import {
   readOptions,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
+import {
+  DECODING_MODE_NAMES,
+  type DecodingModeName,
+  isDecodingModeName,
+  PROTO_MODES,
+} from "../lib/decoding_modes.js";
 import { CHANNEL_OPTIONS, clientAddress } from "../lib/grpc.js";
 import { createLogger, errorMessage } from "../lib/logging.js";
 import type { RunningService } from "../lib/model_service.js";
 import { cudaDeviceCount } from "../lib/native.js";
-import { packageRoot } from "../lib/paths.js";
+import { packageRoot, packageVersion } from "../lib/paths.js";
 import { checkDevices, describePlacement } from "../lib/placement.js";
 import { SUPERVISED_ENV } from "../lib/service_process.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
@@ -33,13 +36,6 @@ import { ProgressBar } from "./progress.js";
 import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
 
 const SHARED_KEYS = new Set(["host", "logLevel"]);
-
-function version(): string {
-  const manifest = JSON.parse(readFileSync(join(packageRoot(), "package.json"), "utf8")) as {
-    version: string;
-  };
-  return manifest.version;
-}
 
 /** Runs an in-process service until SIGINT or SIGTERM, then closes it gracefully. */
 function runUntilSignal(service: RunningService): void {
@@ -98,16 +94,10 @@ function parseNumber(raw: string): number {
   return value;
 }
 
-const PROTO_MODES: Record<string, DecodingMode> = {
-  pearl: DecodingMode.DECODING_MODE_PEARL,
-  sd: DecodingMode.DECODING_MODE_SD,
-  ar: DecodingMode.DECODING_MODE_AR,
-};
-
 interface GenerateOptions {
   prompt?: string;
   promptIds?: number[];
-  mode?: string;
+  mode?: DecodingModeName;
   maxTokens?: number;
   temperature?: number;
   topP?: number;
@@ -159,7 +149,7 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
     topP: options.topP,
     topK: options.topK,
     seed: options.seed,
-    mode: options.mode ? PROTO_MODES[options.mode]! : DecodingMode.DECODING_MODE_UNSPECIFIED,
+    mode: options.mode ? PROTO_MODES[options.mode] : DecodingMode.DECODING_MODE_UNSPECIFIED,
     draftTemperature: options.draftTemperature,
     stop: options.stop,
   };
@@ -205,7 +195,7 @@ function addLocalStackOptions(command: Command): void {
 
 const program = new Command("pearl")
   .description("Parallel speculative decoding (PEARL) served as draft, target and gateway gRPC services")
-  .version(version());
+  .version(packageVersion());
 
 const serve = program
   .command("serve")
@@ -289,7 +279,9 @@ const generate = program
   .addOption(
     new Option("--prompt-ids <ids>", "prompt token ids, comma- or space-separated").argParser(parseTokenIds),
   )
-  .addOption(new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODES))
+  .addOption(
+    new Option("--mode <mode>", "decoding mode (default: the server's)").choices(DECODING_MODE_NAMES),
+  )
   .addOption(
     new Option("--max-tokens <n>", "most tokens to generate (default: the server's)").argParser(parseNumber),
   )
@@ -341,15 +333,13 @@ function parsePositiveInteger(raw: string): number {
   return value;
 }
 
-function parseMode(raw: string): ModeName {
-  if (!(DECODING_MODES as readonly string[]).includes(raw)) {
-    throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
-  }
-  return raw as ModeName;
+function parseMode(raw: string): DecodingModeName {
+  if (!isDecodingModeName(raw)) throw new InvalidArgumentError(`expected pearl, sd or ar, got "${raw}"`);
+  return raw;
 }
 
 interface BenchCommandOptions {
-  modes: ModeName[];
+  modes: DecodingModeName[];
   concurrency: number[];
   temperatures: number[];
   requests: number;

@@ -57,14 +57,15 @@ export class ChatTemplate {
     return this.template !== undefined;
   }
 
-  /** The prompt text for `messages`, ending where the assistant's reply starts. */
-  render(messages: readonly ChatMessage[]): string {
+  /** The prompt text for `messages`, ending where the assistant's reply starts (without that cue when
+   * addGenerationPrompt is false). */
+  render(messages: readonly ChatMessage[], { addGenerationPrompt = true } = {}): string {
     if (!this.template) throw new ChatTemplateError(this.unavailableReason ?? "no chat template");
     try {
       return this.template.render({
         ...this.specialTokens,
         messages: messages.map((message) => ({ ...message })),
-        add_generation_prompt: true,
+        add_generation_prompt: addGenerationPrompt,
       });
     } catch (error) {
       // Templates reject conversations they cannot express (raise_exception), e.g. roles out of turn.

@@ -2,11 +2,9 @@
 // (PEARL_*); the flag wins. The same variable configures a setting whichever command reads it, so
 // `pearl serve --draft-port` and `pearl draft --port` both read PEARL_DRAFT_PORT.
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { DECODING_MODE_NAMES, type DecodingModeName } from "./decoding_modes.js";
 import { isLogLevel, type LogLevel } from "./logging.js";
 import type { Backend } from "./native.js";
-
-export type DecodingMode = "pearl" | "sd" | "ar";
-export const DECODING_MODES: readonly DecodingMode[] = ["pearl", "sd", "ar"];
 
 /** Settings shared by the draft and the target service: one model, one engine, one gRPC server. */
 export interface ModelServiceConfig {
@@ -52,7 +50,7 @@ export interface GatewayConfig {
   httpPort: number;
   draftAddress: string;
   targetAddress: string;
-  defaultMode: DecodingMode;
+  defaultMode: DecodingModeName;
   /** Draft tokens past the last verified position; 0: set from measured step times. */
   lookahead: number;
   /** Most proposed tokens per verify step; 0: set from measured step times. */
@@ -402,7 +400,7 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     env: "PEARL_MODE",
     description: "decoding mode of requests that do not choose one",
     defaultValue: "pearl",
-    parse: oneOf(DECODING_MODES),
+    parse: oneOf(DECODING_MODE_NAMES),
   },
   {
     key: "lookahead",

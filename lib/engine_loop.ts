@@ -1,12 +1,20 @@
 // What the draft and target services' engine loops share: the sessions of every gateway stream, a loop
 // that sleeps until a message wakes it, a batched step that tells failing sessions from the rest, and
 // SessionLoop, the part of a service's engine loop that does not depend on what its sessions do.
-import type { SamplingParams as SamplingParamsProto, StepReport } from "../proto/gen/pearl/v1/common.js";
+import type { StepReport } from "../proto/gen/pearl/v1/common.js";
 import { errorMessage, type Logger } from "./logging.js";
 import type { Registry } from "./metrics.js";
-import type { EngineMetrics, SequenceIds } from "./model_service.js";
-import type { Engine, SamplingParams, StepItem, StepResult } from "./native.js";
+import type { EngineMetrics } from "./engine_metrics.js";
+import type { Engine, StepItem, StepResult } from "./native.js";
 import type { StepTimes } from "./step_times.js";
+
+/** Monotonic engine sequence ids, unique within the process. */
+export class SequenceIds {
+  private next = 1;
+  allocate(): number {
+    return this.next++;
+  }
+}
 
 /** Sessions by the stream that opened them and by the id the gateway gave them (ids are per stream). */
 export class SessionTable<Sink, Session> {
@@ -153,6 +161,8 @@ export interface SessionCore<Sink, Open> {
   close(sink: Sink, sessionId: number): void;
   /** The stream ended: its sessions end with it. */
   closeStream(sink: Sink): void;
+  /** Ends the session (if it is open) and tells the gateway why. */
+  failSession(sink: Sink, sessionId: number, message: string): void;
 }
 
 /** Where a session's events go: the gateway stream that opened it. */
@@ -189,16 +199,6 @@ export interface EngineLoopParts {
   metrics: EngineMetrics;
   registry: Registry;
   logger: Logger;
-}
-
-/** A request's sampling parameters for the engine; those not given are greedy, with no top-k or top-p cut. */
-export function samplingParamsOf(sampling: SamplingParamsProto | undefined): SamplingParams {
-  return {
-    temperature: sampling?.temperature ?? 0,
-    topK: sampling?.topK ?? 0,
-    topP: sampling?.topP || 1,
-    seed: sampling?.seed ?? 0,
-  };
 }
 
 /** Tokens the item appends: its tokens, and the one it feeds from its sequence's previous step. */
@@ -306,6 +306,17 @@ export abstract class SessionLoop<
     for (const session of this.sessions.ofStream(sink)) this.end(session, "stream ended");
   }
 
+  failSession(sink: Sink, sessionId: number, message: string): void {
+    const session = this.sessions.get(sink, sessionId);
+    if (!session) {
+      // The request that failed may have been the session's open: the gateway waits for it all the same.
+      sink.failed(sessionId, message);
+      return;
+    }
+    // A closing session has already ended for the gateway too (finished, closed or failed).
+    if (session.state !== "closing") this.fail(session, message);
+  }
+
   // ---- what each service does its own way -------------------------------------------------------------
 
   /** Why the request cannot open a session, if it cannot. */
@@ -390,7 +401,8 @@ export abstract class SessionLoop<
     this.lastSettled = settled;
     if (batched) {
       this.stepTimes.record(items.length, ms);
-      this.metrics.observeStep(items.length, ms / 1000);
+      this.metrics.stepSeconds.observe(ms / 1000);
+      this.metrics.batchSize.observe(items.length);
     }
     this.steps += 1;
     const report: StepReport = {

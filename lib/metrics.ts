@@ -1,14 +1,59 @@
 // Prometheus metrics. Every process owns one registry (several services may share a process in tests);
-// names start with pearl_ and end in their unit.
+// names start with pearl_ and end in their unit. Each service declares its metrics in one module
+// (lib/engine_metrics.ts for what both model services share, services/*/metrics.ts for the rest), all
+// through metricsOn: one line per metric, registered on the service's registry as it is made.
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 
-export { Counter, Gauge, Histogram, Registry };
+export { Registry };
 
 export function createRegistry(service: string, withProcessMetrics = true): Registry {
   const registry = new Registry();
   registry.setDefaultLabels({ service });
   if (withProcessMetrics) collectDefaultMetrics({ register: registry });
   return registry;
+}
+
+/** A gauge's value, read when the registry is scraped. */
+export type GaugeCollector<Labels extends string> = (gauge: Gauge<Labels>) => void | Promise<void>;
+
+/** Declares metrics on one registry. */
+export function metricsOn(registry: Registry) {
+  const registers = [registry];
+  return {
+    counter<Labels extends string = never>(
+      name: string,
+      help: string,
+      labelNames: readonly Labels[] = [],
+    ): Counter<Labels> {
+      return new Counter({ name, help, labelNames, registers });
+    },
+    gauge<Labels extends string = never>(
+      name: string,
+      help: string,
+      options: { labelNames?: readonly Labels[]; collect?: GaugeCollector<Labels> } = {},
+    ): Gauge<Labels> {
+      const { labelNames = [], collect } = options;
+      return new Gauge({
+        name,
+        help,
+        labelNames,
+        registers,
+        ...(collect && {
+          collect(this: Gauge<Labels>) {
+            return collect(this);
+          },
+        }),
+      });
+    },
+    histogram<Labels extends string = never>(
+      name: string,
+      help: string,
+      buckets: number[],
+      labelNames: readonly Labels[] = [],
+    ): Histogram<Labels> {
+      return new Histogram({ name, help, buckets, labelNames, registers });
+    },
+  };
 }
 
 /** Seconds buckets from 0.5 ms to 30 s: engine steps on a tiny CPU model to a long request. */

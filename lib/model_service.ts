@@ -1,5 +1,5 @@
 // What the draft and target services share: loading the engine, measuring step times, reporting the
-// model and its KV cache, the engine-level metrics, and starting the service (gRPC, HTTP, shutdown).
+// model and its KV cache, and starting the service (gRPC, HTTP, shutdown).
 import { basename, resolve } from "node:path";
 import type { handleBidiStreamingCall, handleUnaryCall, MethodDefinition } from "@grpc/grpc-js";
 import type {
@@ -9,19 +9,12 @@ import type {
   ServiceInfo,
 } from "../proto/gen/pearl/v1/common.js";
 import type { ModelServiceConfig } from "./config.js";
-import type { EngineLoopParts, SessionCore } from "./engine_loop.js";
+import { type EngineLoopParts, SequenceIds, type SessionCore } from "./engine_loop.js";
+import { engineMetrics } from "./engine_metrics.js";
 import { GrpcStatus, type ServiceRegistration, startGrpcServer } from "./grpc.js";
 import { startHttpServer } from "./http.js";
 import { announceListening, createLogger, errorMessage, type Logger } from "./logging.js";
-import {
-  BATCH_SIZE_BUCKETS,
-  Counter,
-  createRegistry,
-  Gauge,
-  Histogram,
-  LATENCY_BUCKETS_SECONDS,
-  type Registry,
-} from "./metrics.js";
+import { createRegistry, type Registry } from "./metrics.js";
 import { type CacheStats, Engine, type EngineOptions, type ModelInfo } from "./native.js";
 import { serveSessionStream } from "./service_streams.js";
 import { StepTimes } from "./step_times.js";
@@ -79,14 +72,6 @@ export function cacheStatsProto(stats: CacheStats): CacheStatsProto {
   return { ...stats };
 }
 
-/** Monotonic engine sequence ids, unique within the process. */
-export class SequenceIds {
-  private next = 1;
-  allocate(): number {
-    return this.next++;
-  }
-}
-
 const PROFILE_PROMPT_TOKENS = 8;
 const PROFILE_STEPS = 6;
 
@@ -131,70 +116,6 @@ export async function profileStepTimes(
     } finally {
       for (const seqId of seqIds) await engine.release(seqId).catch(() => undefined);
     }
-  }
-}
-
-/** Engine-level metrics of a draft or target service. */
-export class EngineMetrics {
-  readonly stepSeconds: Histogram;
-  readonly batchSize: Histogram;
-  readonly stepTokens: Counter;
-  readonly sessions: Gauge;
-
-  constructor(registry: Registry, engine: Engine, sessionCount: () => number) {
-    this.stepSeconds = new Histogram({
-      name: "pearl_engine_step_duration_seconds",
-      help: "Duration of one batched engine step",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers: [registry],
-    });
-    this.batchSize = new Histogram({
-      name: "pearl_engine_step_batch_size_sequences",
-      help: "Sequences in one batched engine step",
-      buckets: BATCH_SIZE_BUCKETS,
-      registers: [registry],
-    });
-    this.stepTokens = new Counter({
-      name: "pearl_engine_step_tokens_total",
-      help: "Tokens appended by engine steps, by kind",
-      labelNames: ["kind"],
-      registers: [registry],
-    });
-    this.sessions = new Gauge({
-      name: "pearl_sessions_active_sessions",
-      help: "Sessions open on this service",
-      registers: [registry],
-      collect() {
-        this.set(sessionCount());
-      },
-    });
-    // Registered gauges are read by the registry on every scrape.
-    new Gauge({
-      name: "pearl_kv_cache_usage_ratio",
-      help: "Fraction of KV cache blocks referenced by a sequence",
-      registers: [registry],
-      async collect() {
-        const stats = await engine.cacheStats();
-        this.set(stats.blocksTotal > 0 ? stats.blocksUsed / stats.blocksTotal : 0);
-      },
-    });
-    new Gauge({
-      name: "pearl_kv_cache_blocks",
-      help: "KV cache blocks by state (used, free, cached)",
-      labelNames: ["state"],
-      registers: [registry],
-      async collect() {
-        const stats = await engine.cacheStats();
-        this.set({ state: "used" }, stats.blocksUsed);
-        this.set({ state: "free" }, stats.blocksFree);
-        this.set({ state: "cached" }, stats.blocksCached);
-      },
-    });
-  }
-
-  observeStep(batchSize: number, seconds: number): void {
-    this.stepSeconds.observe(seconds);
-    this.batchSize.observe(batchSize);
   }
 }
 
@@ -271,6 +192,8 @@ export interface ModelServiceRole<
   createCore(parts: EngineLoopParts): Core & SessionCore<Sink, Open>;
   /** Where the core sends one stream's events: into that stream. */
   sink(send: (event: Event) => void): Sink;
+  /** The session a request names. */
+  sessionIdOf(request: Request): number | undefined;
   /**
    * Called once, before the service takes requests: returns what handles a stream's requests other than
    * open and close, which every model service handles alike.
@@ -300,13 +223,8 @@ export async function startModelService<
   const { engine, modelId, stepTimes } = parts;
 
   // Scraped only after start-up, when the core exists.
-  const metrics = new EngineMetrics(registry, engine, (): number => core.activeSessions);
+  const metrics = engineMetrics(registry, role, engine, (): number => core.activeSessions);
   const core = service.createCore({ ...parts, metrics });
-  const sessionsOpened = new Counter({
-    name: `pearl_${role}_sessions_opened_total`,
-    help: `${role === "draft" ? "Draft" : "Target"} sessions opened`,
-    registers: [registry],
-  });
   const handleRequest = service.requestHandler(core, registry);
 
   const session: handleBidiStreamingCall<Request, Event> = (call) =>
@@ -315,13 +233,17 @@ export async function startModelService<
       return {
         onRequest(request) {
           if (request.open) {
-            sessionsOpened.inc();
+            metrics.sessionsOpened.inc();
             core.open(sink, request.open);
           } else if (request.close) {
             core.close(sink, request.close.sessionId);
           } else {
             handleRequest(sink, request);
           }
+        },
+        onRequestFailed(request, message) {
+          const sessionId = service.sessionIdOf(request);
+          if (sessionId !== undefined) core.failSession(sink, sessionId, message);
         },
         onClosed: () => core.closeStream(sink),
       };

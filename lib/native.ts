@@ -48,6 +48,32 @@ export interface StepItem {
    * to feed; truncate, release, a failed step and output "none" forget it.
    */
   feedNextToken?: boolean;
+  /**
+   * k >= 0: the result's `logprobs` hold, for each token the step emits (the accepted drafts, then
+   * nextToken), its log-probability at its position and the k most likely tokens', from the distribution the
+   * request samples from (temperature > 0: after temperature, top-k and top-p, -Infinity outside the cut;
+   * greedy: log_softmax of the logits). The window's logits then go to the host (on cuda, vocab floats a row).
+   */
+  logprobs?: number;
+  /**
+   * k >= 0: the result's `promptLogprobs` hold, for every row before the verify window (every row of an
+   * output "none" step), the raw log-probability of the token after it and the k most likely tokens': a
+   * prompt's scores. A prefill chunk that is not the prompt's last names the token after it in
+   * nextPromptToken. Every row of such a step is computed (no prefix-cache match).
+   */
+  promptLogprobs?: number;
+  nextPromptToken?: number;
+}
+
+/** Log-probabilities of tokens at consecutive positions: each token's own and the topK most likely
+ * tokens' there (most likely first, ties to the lowest id). */
+export interface Logprobs {
+  topK: number;
+  tokens: Int32Array;
+  logprobs: Float32Array;
+  /** [tokens.length * topK] */
+  topTokens: Int32Array;
+  topLogprobs: Float32Array;
 }
 
 export interface StepResult {
@@ -60,6 +86,10 @@ export interface StepResult {
   /** [tokens.length * vocabSize] when output was "logits". */
   logits?: Float32Array;
   q?: DraftDistribution;
+  /** When the item asked for logprobs: accepted + 1 tokens. */
+  logprobs?: Logprobs;
+  /** When the item asked for promptLogprobs: one per row before the window. */
+  promptLogprobs?: Logprobs;
 }
 
 export interface ModelInfo {

@@ -1,5 +1,5 @@
 // The package's own folders, found from lib/ (run from source under tsx) or dist/lib/ (compiled).
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -13,4 +13,12 @@ export function packageRoot(): string {
   throw new Error(
     `the pearl package root (package.json + proto/) was not found above ${fileURLToPath(import.meta.url)}`,
   );
+}
+
+/** The version in package.json (`pearl --version`, GET /version). */
+export function packageVersion(): string {
+  const manifest = JSON.parse(readFileSync(join(packageRoot(), "package.json"), "utf8")) as {
+    version: string;
+  };
+  return manifest.version;
 }

@@ -5,6 +5,11 @@ import { errorMessage, type Logger } from "./logging.js";
 
 export interface SessionStreamHandlers<Request> {
   onRequest(request: Request): void;
+  /**
+   * onRequest threw: end the session the request names and tell the gateway, through the stream's
+   * session-failed event, so that its request fails with the message instead of waiting forever.
+   */
+  onRequestFailed(request: Request, message: string): void;
   /** The stream is over (ended, cancelled or failed): close every session it opened. */
   onClosed(): void;
 }
@@ -25,10 +30,14 @@ export function serveSessionStream<Request, Event>(
     handlers.onClosed();
   };
   call.on("data", (request: Request) => {
+    // A request still buffered when the stream closed would open a session nobody can close.
+    if (!open) return;
     try {
       handlers.onRequest(request);
     } catch (error) {
-      logger.error("session stream request failed", { error: errorMessage(error) });
+      const message = `the service failed to handle a request: ${errorMessage(error)}`;
+      logger.error("session stream request failed", { error: message });
+      handlers.onRequestFailed(request, message);
     }
   });
   call.on("end", () => {

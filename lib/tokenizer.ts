@@ -27,6 +27,17 @@ export class TextTokenizer {
     return tokenIds.length === 0 ? "" : this.tokenizer.decode(tokenIds, { skip_special_tokens: true });
   }
 
+  /** One token's text on its own, special tokens included (as OpenAI's logprobs name tokens). A token
+   * holding part of a multi-byte character reads as U+FFFD. */
+  tokenText(tokenId: number): string {
+    return this.tokenizer.decode([tokenId], { skip_special_tokens: false });
+  }
+
+  /** The vocabulary's string for a token (byte-level BPE's Ġ for a space, say); undefined outside it. */
+  tokenString(tokenId: number): string | undefined {
+    return this.tokenizer.id_to_token(tokenId);
+  }
+
   /** Turns a stream of token ids into a stream of text. */
   streamDecoder(): StreamDecoder {
     return new StreamDecoder(this);

@@ -151,7 +151,7 @@ describe("request validation", () => {
     });
   }
 
-  test("completions: defaults, nulls as unset, a one-element prompt list", () => {
+  test("completions: defaults, nulls as unset, one or several prompts", () => {
     const request = parseCompletionRequest({
       model: "m",
       prompt: ["hello"],
@@ -163,18 +163,50 @@ describe("request validation", () => {
       echo: false,
       logprobs: null,
     });
-    assert.equal(request.prompt, "hello");
+    assert.deepEqual(request.prompts, ["hello"]);
     assert.equal(request.seed, undefined);
     assert.equal(request.maxTokens, undefined);
     assert.deepEqual(request.stop, ["\n"]);
-    assert.equal(request.topK, 0);
+    // Passed on as given: the gateway reads -1 as no top-k cut (lib/sampling_params.ts).
+    assert.equal(request.topK, -1);
     assert.equal(request.stream, false);
-    assert.deepEqual(parseCompletionRequest({ model: "m", prompt: [[5, 6, 7]] }).prompt, [5, 6, 7]);
+    assert.equal(request.n, 1);
+    assert.equal(request.logprobs, undefined);
+    assert.equal(request.bestOf, undefined);
+    assert.deepEqual(parseCompletionRequest({ model: "m", prompt: [[5, 6, 7]] }).prompts, [[5, 6, 7]]);
+    assert.deepEqual(parseCompletionRequest({ model: "m", prompt: [5, 6, 7] }).prompts, [[5, 6, 7]]);
+    assert.deepEqual(parseCompletionRequest({ model: "m", prompt: ["a", [1, 2]] }).prompts, ["a", [1, 2]]);
+    // lm-evaluation-harness's loglikelihood request: the prompt's scores only.
+    const scoring = parseCompletionRequest({
+      model: "m",
+      prompt: "a b",
+      echo: true,
+      logprobs: 1,
+      max_tokens: 0,
+    });
+    assert.equal(scoring.maxTokens, 0);
+    assert.equal(scoring.echo, true);
+    assert.equal(scoring.logprobs, 1);
+    assert.equal(parseCompletionRequest({ model: "m", prompt: "a", logprobs: false }).logprobs, undefined);
+    assert.equal(parseCompletionRequest({ model: "m", prompt: "a", n: 2, best_of: 3 }).bestOf, 3);
   });
 
   test("completions: each mistake names its field", () => {
-    rejects(() => parseCompletionRequest({ model: "m", prompt: ["a", "b"] }), "prompt", /one prompt/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: ["a", ""] }), "prompt[1]", /empty/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: [1, -2] }), "prompt", /token ids/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", n: 0 }), "n", />= 1/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", n: 129 }), "n", /<= 128/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: ["a", "b"], n: 65 }), "n", /130 choices/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", n: 3, best_of: 2 }), "best_of", />= 3/);
+    rejects(
+      () => parseCompletionRequest({ model: "m", prompt: "a", best_of: 2, stream: true }),
+      "best_of",
+      /stream/,
+    );
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", logprobs: 21 }), "logprobs", /<= 20/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", logprobs: true }), "logprobs", /number/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", max_tokens: 0 }), "max_tokens", />= 1/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", echo: "yes" }), "echo", /boolean/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: "" }), "prompt", /empty/);
     rejects(() => parseCompletionRequest({ model: 3, prompt: "a" }), "model", /string/);
     rejects(
@@ -183,11 +215,11 @@ describe("request validation", () => {
       /integer/,
     );
     rejects(
-      () => parseCompletionRequest({ model: "m", prompt: "a", temperature: 2.5 }),
+      () => parseCompletionRequest({ model: "m", prompt: "a", temperature: "hot" }),
       "temperature",
-      /<= 2/,
+      /must be a number/,
     );
-    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", seed: -1 }), "seed", />= 0/);
+    rejects(() => parseCompletionRequest({ model: "m", prompt: "a", seed: [1] }), "seed", /must be a number/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: "a", stop: [1] }), "stop", /list of strings/);
     rejects(() => parseCompletionRequest({ model: "m", prompt: "a", stop: "" }), "stop", /empty/);
     rejects(
@@ -266,16 +298,26 @@ describe("request validation", () => {
       "tools",
       /tool calling/,
     );
+    const messages = [{ role: "user", content: "x" }];
     rejects(
-      () =>
-        parseChatCompletionRequest({
-          model: "m",
-          messages: [{ role: "user", content: "x" }],
-          logprobs: true,
-        }),
-      "logprobs",
-      /log probabilities/,
+      () => parseChatCompletionRequest({ model: "m", messages, top_logprobs: 2 }),
+      "top_logprobs",
+      /logprobs: true/,
     );
+    rejects(
+      () => parseChatCompletionRequest({ model: "m", messages, logprobs: true, top_logprobs: 21 }),
+      "top_logprobs",
+      /<= 20/,
+    );
+    rejects(() => parseChatCompletionRequest({ model: "m", messages, logprobs: 2 }), "logprobs", /boolean/);
+    rejects(() => parseChatCompletionRequest({ model: "m", messages, echo: true }), "echo", /echo/);
+    rejects(() => parseChatCompletionRequest({ model: "m", messages, best_of: 2 }), "best_of", /use n/);
+    assert.equal(parseChatCompletionRequest({ model: "m", messages, logprobs: true }).logprobs, 0);
+    assert.equal(
+      parseChatCompletionRequest({ model: "m", messages, logprobs: true, top_logprobs: 3 }).logprobs,
+      3,
+    );
+    assert.equal(parseChatCompletionRequest({ model: "m", messages, n: 4 }).n, 4);
   });
 
   test("the body must be an object", () => {

@@ -416,12 +416,6 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
         message: /boolean/,
       },
       {
-        name: "max_tokens 0",
-        body: JSON.stringify({ ...valid, max_tokens: 0 }),
-        param: "max_tokens",
-        message: />= 1/,
-      },
-      {
         name: "max_tokens beyond the context",
         body: JSON.stringify({ ...valid, max_tokens: 600 }),
         param: "max_tokens",
@@ -454,18 +448,80 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
         message: /<= 1/,
       },
       {
+        name: "top_k below -1",
+        body: JSON.stringify({ ...valid, top_k: -2 }),
+        param: "top_k",
+        message: /top_k must be an integer >= 0 \(0 or -1: no top-k cut\), got -2/,
+      },
+      {
+        name: "a fractional top_k",
+        body: JSON.stringify({ ...valid, top_k: 2.5 }),
+        param: "top_k",
+        message: /integer/,
+      },
+      {
+        name: "a negative seed",
+        body: JSON.stringify({ ...valid, seed: -1 }),
+        param: "seed",
+        message: /seed/,
+      },
+      {
+        // JSON has no NaN: the closest a client comes is a string.
+        name: 'temperature "NaN"',
+        body: JSON.stringify({ ...valid, temperature: "NaN" }),
+        param: "temperature",
+        message: /temperature must be a number, got string "NaN"/,
+      },
+      {
+        name: "a bare NaN (not JSON)",
+        body: `{"model": "${MODEL}", "prompt": "x", "temperature": NaN}`,
+        param: null,
+        message: /not valid JSON/,
+      },
+      {
         name: "five stop strings",
         body: JSON.stringify({ ...valid, stop: ["a", "b", "c", "d", "e"] }),
         param: "stop",
         message: /at most 4/,
       },
-      { name: "n = 2", body: JSON.stringify({ ...valid, n: 2 }), param: "n", message: /one choice/ },
-      { name: "echo", body: JSON.stringify({ ...valid, echo: true }), param: "echo", message: /echo/ },
+      { name: "n = 0", body: JSON.stringify({ ...valid, n: 0 }), param: "n", message: />= 1/ },
       {
-        name: "logprobs",
-        body: JSON.stringify({ ...valid, logprobs: 2 }),
+        name: "best_of below n",
+        body: JSON.stringify({ ...valid, n: 3, best_of: 2 }),
+        param: "best_of",
+        message: />= 3/,
+      },
+      {
+        name: "best_of with stream",
+        body: JSON.stringify({ ...valid, best_of: 2, stream: true }),
+        param: "best_of",
+        message: /stream/,
+      },
+      {
+        name: "logprobs above 20",
+        body: JSON.stringify({ ...valid, logprobs: 21 }),
         param: "logprobs",
-        message: /log probabilities/,
+        message: /<= 20/,
+      },
+      {
+        name: "max_tokens 0 without echo",
+        body: JSON.stringify({ ...valid, max_tokens: 0 }),
+        param: "max_tokens",
+        message: />= 1/,
+      },
+      {
+        name: "echo in chat",
+        path: "/chat/completions",
+        body: JSON.stringify({ ...chat, echo: true }),
+        param: "echo",
+        message: /echo/,
+      },
+      {
+        name: "top_logprobs without logprobs",
+        path: "/chat/completions",
+        body: JSON.stringify({ ...chat, top_logprobs: 2 }),
+        param: "top_logprobs",
+        message: /logprobs: true/,
       },
       {
         name: "unknown decoding mode",
@@ -528,6 +584,17 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
         assert.equal(error.param, "temperature");
         return true;
       });
+    });
+
+    test("top_k -1 turns the top-k cut off, and a temperature above OpenAI's 2 is taken", async () => {
+      const text = async (fields: Record<string, number>): Promise<string> => {
+        const { status, body } = await postJson("/completions", JSON.stringify({ ...valid, ...fields }));
+        assert.equal(status, 200, JSON.stringify(body));
+        return (body as { choices: { text: string }[] }).choices[0]!.text;
+      };
+      const sampled = { max_tokens: 6, temperature: 0.9, seed: 3 };
+      assert.equal(await text({ ...sampled, top_k: -1 }), await text({ ...sampled, top_k: 0 }));
+      await text({ temperature: 2.5, seed: 3 });
     });
 
     test("after all of them a good request succeeds", async () => {

@@ -12,7 +12,8 @@ import { pearlCommand } from "../lib/service_process.js";
 import { GatewayClient } from "../proto/gen/pearl/v1/gateway.js";
 import { fixtureDir } from "./helpers/models.js";
 import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
-import { collect, generateRequest, MODES } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { collect, generateRequest } from "./helpers/stack.js";
 
 function runPearl(args: string[]): { status: number | null; stdout: string; stderr: string } {
   const { command, args: base } = pearlCommand();
@@ -35,10 +36,10 @@ describe("pearl command", () => {
         try {
           const prompt = "def add(a, b):\n";
           const request = { prompt, maxTokens: 24, temperature: 0 };
-          const ar = await collect(client.generate(generateRequest({ ...request, mode: MODES.ar })));
+          const ar = await collect(client.generate(generateRequest({ ...request, mode: PROTO_MODES.ar })));
           const texts: Record<string, string> = {};
           for (const mode of ["ar", "pearl", "sd"] as const) {
-            const call = client.generate(generateRequest({ ...request, mode: MODES[mode] }));
+            const call = client.generate(generateRequest({ ...request, mode: PROTO_MODES[mode] }));
             let text = "";
             call.on("data", (response: { text: string }) => (text += response.text));
             const result = await collect(call);
@@ -77,7 +78,7 @@ describe("pearl command", () => {
     };
     assert.equal(output.tokenIds.length, 5);
     assert.equal(output.finishReason, "length");
-    assert.equal(output.usage.mode, MODES.pearl);
+    assert.equal(output.usage.mode, PROTO_MODES.pearl);
     assert.ok(output.usage.draftTokens > 0, "pearl drafted");
   });
 

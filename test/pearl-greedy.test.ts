@@ -1,4 +1,4 @@
-// Greedy exactness (DESIGN §5): pearl and sd output exactly the tokens ar outputs, one request at a time
+// Greedy exactness (docs/design.md §4): pearl and sd output exactly the tokens ar outputs, one request at a time
 // or many in flight together, and every request ends exactly: EOS is the last token ever emitted, never
 // more than max_tokens, never past the context length. The draft is the target with noise added to its
 // weights, so that its guesses are accepted about half the time: both the acceptance and the correction
@@ -7,17 +7,21 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { fixtureDir, modelWithConfig, perturbedModel, removeMadeModels } from "./helpers/models.js";
-import { type Generated, inParallel, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import { type DecodingModeName, PROTO_MODES } from "../lib/decoding_modes.js";
+import { type Generated, inParallel, randomPrompts, Stack } from "./helpers/stack.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
 const CONTEXT_LENGTH = 256;
 const EOS = 2;
 const PROMPTS = randomPrompts(20, 2, 48, 11);
 
-type ModeName = keyof typeof MODES;
-
-function greedy(stack: Stack, prompt: number[], maxTokens: number, mode: ModeName): Promise<Generated> {
-  return stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: MODES[mode] });
+function greedy(
+  stack: Stack,
+  prompt: number[],
+  maxTokens: number,
+  mode: DecodingModeName,
+): Promise<Generated> {
+  return stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: PROTO_MODES[mode] });
 }
 
 /** The finish rules, checked on any result. */

@@ -9,7 +9,8 @@ import { type ClientReadableStream, Metadata, status } from "@grpc/grpc-js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import type { GenerateRequest, GenerateResponse } from "../proto/gen/pearl/v1/gateway.js";
 import { EMBEDDED_MODELS } from "./helpers/pearl_serve.js";
-import { generateRequest, metricValue, MODES, Stack } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { generateRequest, metricValue, Stack } from "./helpers/stack.js";
 
 const PROMPT = "def add(a, b):\n    return";
 const INFO_LOGS = ["--log-level", "info"];
@@ -101,7 +102,7 @@ describe("gRPC Generate API (embedded pair)", () => {
   }
 
   test("the x-request-id metadata names the request in the logs of all three services", async () => {
-    const outcome = await run({ maxTokens: 16, mode: MODES.pearl }, withRequestId("grpc-test-7"));
+    const outcome = await run({ maxTokens: 16, mode: PROTO_MODES.pearl }, withRequestId("grpc-test-7"));
     assert.equal(outcome.code, status.OK, outcome.details);
     assert.equal(outcome.requestId, "grpc-test-7", "returned in the initial metadata");
 
@@ -119,7 +120,7 @@ describe("gRPC Generate API (embedded pair)", () => {
   });
 
   test("without an id one is made up and sent back; the request_id field wins over metadata", async () => {
-    const made = await run({ maxTokens: 2, mode: MODES.pearl });
+    const made = await run({ maxTokens: 2, mode: PROTO_MODES.pearl });
     assert.match(made.requestId ?? "", /^[0-9a-f-]{36}$/);
     assert.ok((await logRecords("target", "session", made.requestId!)).length > 0);
 
@@ -136,7 +137,7 @@ describe("gRPC Generate API (embedded pair)", () => {
     const stopAt = full.text.indexOf("(", 2);
     assert.ok(stopAt > 0, `the greedy text has a "(" to stop at: ${JSON.stringify(full.text)}`);
     const stop = full.text.slice(stopAt, stopAt + 4);
-    for (const mode of [MODES.pearl, MODES.ar]) {
+    for (const mode of [PROTO_MODES.pearl, PROTO_MODES.ar]) {
       const stopped = await run({ maxTokens: 60, mode, stop: ["never appears", stop] });
       assert.equal(stopped.code, status.OK, stopped.details);
       assert.equal(stopped.text, full.text.slice(0, stopAt));
@@ -156,7 +157,7 @@ describe("gRPC Generate API (embedded pair)", () => {
     const maxTokens = 480;
     const started = performance.now();
     const outcome = await run(
-      { maxTokens, mode: MODES.pearl },
+      { maxTokens, mode: PROTO_MODES.pearl },
       withRequestId("deadline-1"),
       new Date(Date.now() + 250),
     );

@@ -1,4 +1,4 @@
-// Sampling exactness (DESIGN §5): whatever the draft proposes, the tokens pearl emits follow the target's
+// Sampling exactness (docs/design.md §4): whatever the draft proposes, the tokens pearl emits follow the target's
 // distribution. Each draw is one seeded request of 3 tokens: t0 comes from the target's prefill, t1 is
 // decided by a verify step (the acceptance rule under test). The joint distribution of (t0, t1) is
 // compared with the exact one, p(t0 | prompt) p(t1 | prompt, t0), computed here from the engine's logits,
@@ -17,7 +17,8 @@ import {
   uniforms,
 } from "./helpers/distributions.js";
 import { fixtureDir, perturbedModel, removeMadeModels } from "./helpers/models.js";
-import { Stack, inParallel, MODES, type Generated } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { Stack, inParallel, type Generated } from "./helpers/stack.js";
 import {
   chiSquareGoodnessOfFit,
   type ChiSquareResult,
@@ -95,8 +96,8 @@ describe("sampling exactness", () => {
   ] as const) {
     test(`${name}: pearl emits ar's tokens seed by seed, distributed as the target's p`, async (t) => {
       const request = { temperature: processing.temperature, topP: processing.topP };
-      const ar = await draw({ ...request, mode: MODES.ar });
-      const pearl = await draw({ ...request, mode: MODES.pearl });
+      const ar = await draw({ ...request, mode: PROTO_MODES.ar });
+      const pearl = await draw({ ...request, mode: PROTO_MODES.pearl });
       for (let i = 0; i < DRAWS; i++) {
         assert.deepEqual(pearl[i]!.tokenIds, ar[i]!.tokenIds, `seed ${SEEDS[i]}`);
       }
@@ -111,8 +112,8 @@ describe("sampling exactness", () => {
 
   test("a sampled draft (temperature 1, sparse top-k q) keeps the target's distribution", async (t) => {
     const request = { temperature: 1, topP: 1, draftTemperature: 1 };
-    const ar = await draw({ ...request, mode: MODES.ar });
-    const pearl = await draw({ ...request, mode: MODES.pearl });
+    const ar = await draw({ ...request, mode: PROTO_MODES.ar });
+    const pearl = await draw({ ...request, mode: PROTO_MODES.pearl });
     assertAcceptanceExercised(pearl);
     const differing = pearl.filter((r, i) => r.tokenIds.join() !== ar[i]!.tokenIds.join()).length;
     // The draft's own randomness now shapes which tokens are accepted, so seeds no longer match one to one.
@@ -191,7 +192,7 @@ describe("sampling exactness", () => {
         maxTokens: 24,
         temperature: 1,
         draftTemperature,
-        mode: MODES.pearl,
+        mode: PROTO_MODES.pearl,
       };
       const seeds = SEEDS.slice(0, 12);
       const first = await inParallel(seeds, 6, (seed) => stack.generate({ ...request, seed }));

@@ -8,7 +8,8 @@ import { status } from "@grpc/grpc-js";
 import { modelPairDifferences } from "../lib/model_pair.js";
 import type { ModelInfo } from "../proto/gen/pearl/v1/common.js";
 import { fixtureDir, modelWithConfig, perturbedModel, removeMadeModels } from "./helpers/models.js";
-import { type Generated, inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { type Generated, inParallel, metricValue, randomPrompts, Stack } from "./helpers/stack.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
 
@@ -29,7 +30,7 @@ describe("services", () => {
       promptTokenIds: randomPrompts(1, 40, 40, 3)[0]!,
       maxTokens: 200,
       temperature: 0,
-      mode: MODES.pearl,
+      mode: PROTO_MODES.pearl,
     });
     let received = 0;
     const ended = new Promise<{ code: number }>((resolve) => {
@@ -75,7 +76,7 @@ describe("services", () => {
       promptTokenIds: longPrompt!,
       maxTokens: 240,
       temperature: 0,
-      mode: MODES.ar,
+      mode: PROTO_MODES.ar,
     });
     let longTokens = 0;
     const longDone = new Promise<void>((resolve, reject) => {
@@ -88,7 +89,7 @@ describe("services", () => {
       promptTokenIds: shortPrompt!,
       maxTokens: 8,
       temperature: 0,
-      mode: MODES.ar,
+      mode: PROTO_MODES.ar,
     });
     let longAtShortStart = -1;
     let shortTokens = 0;
@@ -121,7 +122,7 @@ describe("services", () => {
         promptTokenIds: prompt,
         maxTokens: 48,
         temperature: 0,
-        mode: i % 3 === 0 ? MODES.sd : MODES.pearl,
+        mode: i % 3 === 0 ? PROTO_MODES.sd : PROTO_MODES.pearl,
       }),
     );
     const [gatewayAfter, targetAfter] = await Promise.all([
@@ -188,10 +189,10 @@ describe("services", () => {
   test("a draft killed mid-request: the request completes with ar's output, later ones too", async () => {
     const prompt = randomPrompts(1, 12, 12, 4)[0]!;
     const request = { promptTokenIds: prompt, maxTokens: 200, temperature: 0 };
-    const ar = await stack.generate({ ...request, mode: MODES.ar });
+    const ar = await stack.generate({ ...request, mode: PROTO_MODES.ar });
     const fallbacksBefore = metricValue(await stack.metrics("gateway"), "pearl_draft_fallbacks_total");
 
-    const call = stack.stream({ ...request, mode: MODES.pearl });
+    const call = stack.stream({ ...request, mode: PROTO_MODES.pearl });
     const tokens: number[] = [];
     let usage: Generated["usage"] | undefined;
     const done = new Promise<void>((resolve, reject) => {
@@ -206,13 +207,13 @@ describe("services", () => {
     await done;
     assert.deepEqual(tokens, ar.tokenIds);
     assert.equal(usage?.draftFallback, true, "the request lost its draft on the way");
-    assert.equal(usage?.mode, MODES.ar);
+    assert.equal(usage?.mode, PROTO_MODES.ar);
     assert.equal(await stack.draft.process.exited, "SIGKILL");
     const fallbacksAfter = metricValue(await stack.metrics("gateway"), "pearl_draft_fallbacks_total");
     assert.ok(fallbacksAfter > fallbacksBefore);
 
     // Without a draft service, pearl requests run in ar, with the same output.
-    const without = await stack.generate({ ...request, mode: MODES.pearl });
+    const without = await stack.generate({ ...request, mode: PROTO_MODES.pearl });
     assert.deepEqual(without.tokenIds, ar.tokenIds);
     assert.equal(without.usage.draftTokens, 0);
 
@@ -220,7 +221,7 @@ describe("services", () => {
     await stack.restartDraft();
     const deadline = performance.now() + 10_000;
     for (;;) {
-      const again = await stack.generate({ ...request, mode: MODES.pearl });
+      const again = await stack.generate({ ...request, mode: PROTO_MODES.pearl });
       assert.deepEqual(again.tokenIds, ar.tokenIds);
       if (again.usage.draftTokens > 0) break;
       assert.ok(performance.now() < deadline, "the gateway never went back to the draft");
@@ -233,8 +234,14 @@ describe("services", () => {
       [{ promptTokenIds: [5, 600] }, /prompt_token_ids\[1\] = 600 is outside the vocabulary \[0, 512\)/],
       [{ prompt: "hello" }, /no tokenizer/],
       [{}, /exactly one of prompt/],
-      [{ promptTokenIds: [5], temperature: -1 }, /temperature must be >= 0/],
-      [{ promptTokenIds: [5], topP: 1.5 }, /top_p must be in \(0, 1\]/],
+      [{ promptTokenIds: [5], temperature: -1 }, /temperature must be a finite number >= 0, got -1/],
+      [{ promptTokenIds: [5], temperature: NaN }, /temperature must be a finite number >= 0, got NaN/],
+      // Given explicitly (GenerateRequest's fields are optional), 0 asks for an empty nucleus.
+      [{ promptTokenIds: [5], topP: 0 }, /top_p must be > 0 and <= 1, got 0/],
+      [{ promptTokenIds: [5], topP: 1.5 }, /top_p must be > 0 and <= 1, got 1.5/],
+      [{ promptTokenIds: [5], topP: NaN }, /top_p must be > 0 and <= 1, got NaN/],
+      [{ promptTokenIds: [5], topK: -2 }, /top_k must be an integer >= 0 \(0 or -1: no top-k cut\), got -2/],
+      [{ promptTokenIds: [5], draftTemperature: -0.5 }, /draft_temperature must be a finite number >= 0/],
       [{ promptTokenIds: Array.from({ length: 256 }, () => 7) }, /maximum context length is 256 tokens/],
     ];
     for (const [request, message] of cases) {
@@ -246,6 +253,22 @@ describe("services", () => {
     }
     const ok = await stack.generate({ promptTokenIds: [5, 6], maxTokens: 3, temperature: 0 });
     assert.equal(ok.tokenIds.length, 3);
+    // top_k -1, as in vLLM, is no top-k cut.
+    const minusOne = await stack.generate({
+      promptTokenIds: [5, 6],
+      maxTokens: 3,
+      temperature: 0.8,
+      topK: -1,
+      seed: 4,
+    });
+    const zero = await stack.generate({
+      promptTokenIds: [5, 6],
+      maxTokens: 3,
+      temperature: 0.8,
+      topK: 0,
+      seed: 4,
+    });
+    assert.deepEqual(minusOne.tokenIds, zero.tokenIds);
   });
 });
 
@@ -261,12 +284,14 @@ describe("a KV cache too small for every request at once", () => {
       const request = { maxTokens: 100, temperature: 1, seed: 5 };
       // One at a time, everything fits.
       const reference = await inParallel(prompts, 1, (prompt) =>
-        stack.generate({ ...request, promptTokenIds: prompt, mode: MODES.ar }),
+        stack.generate({ ...request, promptTokenIds: prompt, mode: PROTO_MODES.ar }),
       );
       const before = metricValue(await stack.metrics("target"), "pearl_target_preemptions_total");
       for (const mode of ["pearl", "ar"] as const) {
         const together = await Promise.all(
-          prompts.map((prompt) => stack.generate({ ...request, promptTokenIds: prompt, mode: MODES[mode] })),
+          prompts.map((prompt) =>
+            stack.generate({ ...request, promptTokenIds: prompt, mode: PROTO_MODES[mode] }),
+          ),
         );
         together.forEach((result, i) =>
           assert.deepEqual(result.tokenIds, reference[i]!.tokenIds, `${mode} ${i}`),

@@ -6,12 +6,14 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import winston from "winston";
-import { Counter, Histogram, Registry } from "../lib/metrics.js";
+import { Registry } from "../lib/metrics.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
 import { DraftLink, TargetLink } from "../services/gateway/links.js";
-import { Generation, type GenerationUsage } from "../services/gateway/pearl_loop.js";
+import { gatewayMetrics } from "../services/gateway/metrics.js";
+import { PearlLoop, type RequestUsage } from "../services/gateway/pearl_loop.js";
 import { fixtureDir, randomLlama, removeMadeModels } from "./helpers/models.js";
-import { inParallel, metricValue, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
+import { inParallel, metricValue, randomPrompts, Stack } from "./helpers/stack.js";
 import { makeTuner, startupProfile } from "./helpers/tuner.js";
 
 const TARGET = fixtureDir("llama-gqa-f32");
@@ -66,14 +68,14 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
           requestId: `off-${sampling.temperature}-${i}`,
         };
         return {
-          ar: await stack.generate({ ...request, ...sampling, requestId: "", mode: MODES.ar }),
-          pearl: await stack.generate({ ...request, ...sampling, mode: MODES.pearl }),
+          ar: await stack.generate({ ...request, ...sampling, requestId: "", mode: PROTO_MODES.ar }),
+          pearl: await stack.generate({ ...request, ...sampling, mode: PROTO_MODES.pearl }),
         };
       });
       results.forEach(({ ar, pearl }, i) => {
         assert.deepEqual(pearl.tokenIds, ar.tokenIds, `prompt ${i}, ${JSON.stringify(sampling)}`);
         assert.equal(pearl.finishReason, ar.finishReason);
-        assert.equal(pearl.usage.mode, MODES.ar, "finished in ar");
+        assert.equal(pearl.usage.mode, PROTO_MODES.ar, "finished in ar");
         assert.equal(pearl.usage.draftFallback, false, "not a failure of the draft");
         assert.equal(pearl.usage.draftTokens, 0);
         assert.equal(pearl.usage.targetSteps, pearl.tokenIds.length);
@@ -100,27 +102,23 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
       promptTokenIds: prompt,
       maxTokens: 40,
       temperature: 0,
-      mode: MODES.ar,
+      mode: PROTO_MODES.ar,
     });
     const sd = await stack.generate({
       promptTokenIds: prompt,
       maxTokens: 40,
       temperature: 0,
-      mode: MODES.sd,
+      mode: PROTO_MODES.sd,
     });
     assert.deepEqual(sd.tokenIds, ar.tokenIds);
-    assert.equal(sd.usage.mode, MODES.sd);
+    assert.equal(sd.usage.mode, PROTO_MODES.sd);
     assert.ok(sd.usage.draftTokens > 0);
   });
 
   test("a running pearl request stops drafting when the tuner stops it, and ends with ar's output", async () => {
     const [targetInfo, draftInfo] = await Promise.all([stack.targetInfo(), stack.draftInfo()]);
-    const registry = new Registry();
-    const registers = [registry];
-    const counter = (name: string, labelNames: string[] = []) =>
-      new Counter({ name, help: name, labelNames, registers });
     const logger = winston.createLogger({ silent: true });
-    const tuner = makeTuner({ minGamma: 0 }, logger, registry);
+    const tuner = makeTuner({ minGamma: 0 }, logger, new Registry());
     // A start-up profile in which drafting pays, so that the request starts drafting.
     tuner.seed(
       startupProfile(() => 0.1),
@@ -137,10 +135,15 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
     const beside = tuner.openSession("pearl", "beside");
     assert.equal(beside.plan().speculate, true);
     try {
-      const ar = await stack.generate({ promptTokenIds: prompt, maxTokens, temperature: 0, mode: MODES.ar });
+      const ar = await stack.generate({
+        promptTokenIds: prompt,
+        maxTokens,
+        temperature: 0,
+        mode: PROTO_MODES.ar,
+      });
       const tokens: number[] = [];
-      const usage = await new Promise<GenerationUsage>((resolve, reject) => {
-        const generation = new Generation(
+      const usage = await new Promise<RequestUsage>((resolve, reject) => {
+        const loop = new PearlLoop(
           1,
           {
             requestId: "stops-drafting",
@@ -158,16 +161,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
             draftContextLength: draftInfo.model!.maxPositionEmbeddings,
             eosTokenIds: new Set(targetInfo.model!.eosTokenIds),
             tuner,
-            metrics: {
-              draftTokens: counter("draft_tokens"),
-              acceptedTokens: counter("accepted_tokens"),
-              acceptedPerPosition: counter("accepted_per_position", ["position"]),
-              verifySteps: counter("verify_steps"),
-              targetSteps: counter("target_steps"),
-              staleDraftTokens: counter("stale_draft_tokens"),
-              fallbacks: counter("fallbacks", ["reason"]),
-              meanAcceptedLength: new Histogram({ name: "mean_accepted_length", help: "h", registers }),
-            },
+            metrics: gatewayMetrics(new Registry()).loop,
             logger,
             draftLost: reject,
           },
@@ -186,7 +180,7 @@ describe("drafting does not pay: pearl requests run on the target alone", () => 
             failed: reject,
           },
         );
-        generation.start();
+        loop.start();
       });
       assert.deepEqual(tokens, ar.tokenIds);
       assert.equal(tuner.plan("pearl").speculate, false);

@@ -3,19 +3,20 @@
 // temperature 2, where the target's flattened distribution accepts the greedy draft's token a few times in
 // a hundred. Their outputs come from the real target service (mode ar); whether the target accepts the
 // draft's token at each position of them comes from the real draft model (its greedy token after the
-// output so far; a greedy draft's token is accepted exactly when it is the target's own, DESIGN §5), so it
-// does not depend on windows or timing. The tuner then runs them as the PEARL loop would, on the step
+// output so far; a greedy draft's token is accepted exactly when it is the target's own, docs/design.md
+// §4), so it does not depend on windows or timing. The tuner then runs them as the PEARL loop would, on the step
 // costs bench:cpu measured for the pair (docs/performance.md): deterministic, where this shared 2-core
 // machine's own step times under other processes' load would make the outcome a matter of luck.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { PROTO_MODES } from "../lib/decoding_modes.js";
 import { Engine } from "../lib/native.js";
 import { packageRoot } from "../lib/paths.js";
 import { TextTokenizer } from "../lib/tokenizer.js";
 import { EMBEDDED_MODELS } from "./helpers/pearl_serve.js";
-import { MODES, Stack } from "./helpers/stack.js";
+import { Stack } from "./helpers/stack.js";
 import { agreesAlong, type Machine, Simulation, agreesAtRate } from "./helpers/tuner.js";
 
 const PROMPTS = (
@@ -76,7 +77,7 @@ describe("per-request acceptance with the embedded pair's drafts", () => {
         maxTokens: 300,
         temperature,
         seed: 11,
-        mode: MODES.ar,
+        mode: PROTO_MODES.ar,
       });
       accepted[name] = (await draftAccepted(promptTokenIds, ar.tokenIds)).slice(1);
     }

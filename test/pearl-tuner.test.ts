@@ -39,7 +39,7 @@ describe("draft-length tuner", () => {
     simulation.run(1, 400);
     assert.deepEqual(simulation.windows(), [8]);
     assert.deepEqual(simulation.tuner.plan("pearl"), { speculate: true, lookahead: 16, verifyWindow: 8 });
-    assert.equal(await simulation.gauge("gamma"), 8);
+    assert.equal(await simulation.gauge("pearl_draft_length_tokens"), 8);
   });
 
   test("flat verification at 8 requests: pearl keeps drafting", async () => {
@@ -50,7 +50,7 @@ describe("draft-length tuner", () => {
       windows.every((window) => window >= 4),
       `windows ${windows}`,
     );
-    assert.ok((await simulation.gauge("gamma")) >= 4);
+    assert.ok((await simulation.gauge("pearl_draft_length_tokens")) >= 4);
     assert.equal(
       simulation.tunedLogs().filter((record) => record.gamma === 0).length,
       0,

@@ -1,5 +1,6 @@
 // The pieces of the PEARL services that are plain functions: exact finish, incremental detokenization,
-// and configuration from flags and environment (the draft-length tuner: pearl-tuner.test.ts).
+// decoding modes and their proto values, and configuration from flags and environment (the draft-length
+// tuner: pearl-tuner.test.ts).
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -16,9 +17,16 @@ import {
   targetServiceDefaults,
   toArgs,
 } from "../lib/config.js";
+import {
+  DECODING_MODE_NAMES,
+  isDecodingModeName,
+  modeFromProto,
+  PROTO_MODES,
+} from "../lib/decoding_modes.js";
 import { packageRoot } from "../lib/paths.js";
 import { TextTokenizer } from "../lib/tokenizer.js";
 import { FinishReason } from "../proto/gen/pearl/v1/common.js";
+import { DecodingMode } from "../proto/gen/pearl/v1/gateway.js";
 import { decideEmission } from "../services/target/emission.js";
 
 describe("exact finish", () => {
@@ -84,6 +92,22 @@ describe("incremental detokenization", () => {
       assert.ok(pieces.some((piece) => piece === ""));
     },
   );
+});
+
+describe("decoding modes", () => {
+  test("every mode has its own proto value and comes back from it", () => {
+    const values = DECODING_MODE_NAMES.map((mode) => PROTO_MODES[mode]);
+    assert.equal(new Set(values).size, DECODING_MODE_NAMES.length);
+    assert.ok(!values.includes(DecodingMode.DECODING_MODE_UNSPECIFIED));
+    for (const mode of DECODING_MODE_NAMES) assert.equal(modeFromProto(PROTO_MODES[mode]), mode);
+  });
+
+  test("UNSPECIFIED (the server's default) and unknown values name no mode", () => {
+    assert.equal(modeFromProto(DecodingMode.DECODING_MODE_UNSPECIFIED), undefined);
+    assert.equal(modeFromProto(DecodingMode.UNRECOGNIZED), undefined);
+    assert.equal(modeFromProto(99 as DecodingMode), undefined);
+    assert.ok(isDecodingModeName("sd") && !isDecodingModeName("SD") && !isDecodingModeName(2));
+  });
 });
 
 describe("configuration", () => {

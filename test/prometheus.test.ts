@@ -1,10 +1,10 @@
 // Operating pearl with Prometheus: a real Prometheus server scrapes all three services of `pearl serve`
-// and answers a PromQL query for the acceptance rate; promtool accepts every service's /metrics; the
-// deploy/ files validate. Without the prometheus binary the Prometheus tests skip, except in CI
-// (CI=true), where .ci/run installs it and its absence is a failure.
+// and answers a PromQL query for the acceptance rate, and every query of the Grafana dashboard; promtool
+// accepts every service's /metrics; the deploy/ files validate. Without the prometheus binary the
+// Prometheus tests skip, except in CI (CI=true), where .ci/run installs it and its absence is a failure.
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -137,6 +137,39 @@ class PrometheusServer {
   }
 }
 
+const DEPLOY = join(packageRoot(), "deploy");
+const DASHBOARD = join(DEPLOY, "grafana", "dashboards", "pearl.json");
+
+interface DashboardPanel {
+  type: string;
+  id: number;
+  title: string;
+  datasource?: { type: string; uid: string };
+  gridPos: { h: number; w: number; x: number; y: number };
+  targets?: { refId: string; expr: string; datasource?: { uid: string } }[];
+}
+
+function dashboardPanels(): DashboardPanel[] {
+  return (JSON.parse(readFileSync(DASHBOARD, "utf8")) as { panels: DashboardPanel[] }).panels;
+}
+
+/** Every PromQL expression of the dashboard, with Grafana's $__rate_interval as Grafana would fill it in. */
+function dashboardQueries(): string[] {
+  return dashboardPanels()
+    .flatMap((panel) => panel.targets ?? [])
+    .map((target) => target.expr.replaceAll("$__rate_interval", "1m"));
+}
+
+/** The metric names a query reads (a histogram's _bucket/_sum/_count series included as written). */
+function metricNames(query: string): string[] {
+  return [...new Set(query.match(/\bpearl_[a-z0-9_]+/g) ?? [])];
+}
+
+/** The metric family a series belongs to. */
+function familyOf(name: string): string {
+  return name.replace(/_(bucket|sum|count)$/, "");
+}
+
 describe("metrics with a real Prometheus (pearl serve)", { skip: needs("prometheus", PROMETHEUS) }, () => {
   let serve: PearlServe;
   let prometheus: PrometheusServer | undefined;
@@ -191,6 +224,37 @@ describe("metrics with a real Prometheus (pearl serve)", { skip: needs("promethe
     assert.ok(Number(steps[0]?.value[1]) > 0, "the gateway counted target steps");
   });
 
+  test("every query of the Grafana dashboard parses in Prometheus and reads metrics the services export", async () => {
+    const server = prometheus;
+    assert.ok(server, "the test above started Prometheus and sent requests");
+    const declared = new Set<string>();
+    for (const service of ["draft", "target", "gateway"] as const) {
+      const text = await (await fetch(`${serve.httpUrl(service)}/metrics`)).text();
+      for (const match of text.matchAll(/^# TYPE (\S+) /gm)) declared.add(match[1]!);
+    }
+    const queries = dashboardQueries();
+    assert.ok(queries.length >= 20, `${queries.length} queries`);
+    for (const query of queries) {
+      // A query Prometheus cannot parse or evaluate fails here, with its error.
+      const result = await server.query(query);
+      const names = metricNames(query);
+      assert.ok(names.length > 0, `${query} reads a pearl_ metric`);
+      let allScraped = true;
+      for (const name of names) {
+        assert.ok(declared.has(familyOf(name)), `${name} (in ${query}) is exported by a service`);
+        const series = await server.query(`count({__name__="${name}"})`);
+        allScraped &&= series.length > 0;
+      }
+      // Labelled counters that never counted (draft fallbacks, say) have no series yet; the rest must show
+      // once a series has two scrapes for rate() to read.
+      if (allScraped && result.length === 0) {
+        await until(`${query} returning data`, 10_000, async () =>
+          (await server.query(query)).length > 0 ? true : undefined,
+        );
+      }
+    }
+  });
+
   test("promtool check metrics passes on every service, apart from prom-client's nodejs_* gauges", async () => {
     const promtool = requireBinary("promtool", PROMTOOL);
     for (const service of ["draft", "target", "gateway"] as const) {
@@ -213,7 +277,7 @@ describe("metrics with a real Prometheus (pearl serve)", { skip: needs("promethe
 });
 
 describe("deploy files", () => {
-  const deploy = join(packageRoot(), "deploy");
+  const deploy = DEPLOY;
 
   test(
     "docker-compose.yml validates",
@@ -230,6 +294,53 @@ describe("deploy files", () => {
       }
     },
   );
+
+  test("the Grafana dashboard is valid, covers what operators watch, and is provisioned by the compose file", () => {
+    const panels = dashboardPanels();
+    const ids = panels.map((panel) => panel.id);
+    assert.equal(new Set(ids).size, ids.length, "panel ids are unique");
+    const datasources = readFileSync(
+      join(deploy, "grafana", "provisioning", "datasources", "prometheus.yml"),
+      "utf8",
+    );
+    const uid = /^\s+uid: (\S+)$/m.exec(datasources)?.[1];
+    assert.ok(uid, "the provisioned datasource has a uid");
+    assert.match(datasources, /url: http:\/\/prometheus:9090$/m, "it is the compose stack's Prometheus");
+    for (const panel of panels) {
+      const { x, w, h } = panel.gridPos;
+      assert.ok(x >= 0 && w > 0 && x + w <= 24 && h > 0, `${panel.title}: inside the 24-column grid`);
+      if (panel.type === "row") continue;
+      assert.ok(["timeseries", "stat"].includes(panel.type), `${panel.title}: ${panel.type}`);
+      assert.equal(panel.datasource?.uid, uid, `${panel.title} reads the provisioned datasource`);
+      assert.ok((panel.targets ?? []).length > 0, `${panel.title} has queries`);
+      for (const target of panel.targets!) assert.equal(target.datasource?.uid, uid);
+    }
+    const read = new Set(dashboardQueries().flatMap(metricNames).map(familyOf));
+    for (const watched of [
+      "pearl_generation_tokens_total",
+      "pearl_spec_accepted_tokens_total",
+      "pearl_spec_draft_tokens_total",
+      "pearl_spec_accepted_tokens_per_position_total",
+      "pearl_target_steps_total",
+      "pearl_time_to_first_token_seconds",
+      "pearl_inter_token_latency_seconds",
+      "pearl_kv_cache_usage_ratio",
+      "pearl_requests_running_requests",
+      "pearl_sessions_waiting_sessions",
+    ]) {
+      assert.ok(read.has(watched), `the dashboard shows ${watched}`);
+    }
+    // The compose file mounts the provisioning and the dashboards where the provider looks for them.
+    const compose = readFileSync(join(deploy, "docker-compose.yml"), "utf8");
+    const provider = readFileSync(join(deploy, "grafana", "provisioning", "dashboards", "pearl.yml"), "utf8");
+    const dashboardsPath = /^\s+path: (\S+)$/m.exec(provider)?.[1];
+    assert.ok(compose.includes("./grafana/provisioning:/etc/grafana/provisioning:ro"));
+    assert.ok(
+      compose.includes(`./grafana/dashboards:${dashboardsPath}:ro`),
+      `dashboards mounted at ${dashboardsPath}`,
+    );
+    assert.ok(existsSync(join(deploy, "grafana", "dashboards", "pearl.json")));
+  });
 
   test("prometheus.yml validates", { skip: needs("promtool", PROMTOOL) }, () => {
     const result = spawnSync(

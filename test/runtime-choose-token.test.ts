@@ -1,4 +1,4 @@
-// Tokens and verdicts the engine's backend computes next to the logits (greedy, sampled from the whole
+// Tokens and verify outcomes the engine's backend computes next to the logits (greedy, sampled from the whole
 // softmax, sampled with top-k/top-p cuts, verify windows of greedy and of sampled drafts, and a drafting
 // step's q with the token drawn from it), against an
 // independent TypeScript statement of the rule, on the CPU backend; test/gpu/cuda.test.ts runs the same
@@ -79,7 +79,7 @@ test("cpu: greedy, whole-softmax and cut tokens equal the reference on the same 
   }
 });
 
-test("cpu: sampled-draft verify windows get the reference verdict on the same logits", async () => {
+test("cpu: sampled-draft verify windows get the reference outcome on the same logits", async () => {
   const fixture = loadFixture("llama-gqa-f32");
   const engine = await Engine.load({ modelDir: fixture.dir, backend: "cpu" });
   try {

@@ -330,6 +330,13 @@ pearl::StepItem ToStepItem(Napi::Env env, const Napi::Value& value, const std::s
   if (Has(object, "feedNextToken")) {
     item.feed_next_token = ToBool(env, object.Get("feedNextToken"), field + ".feedNextToken");
   }
+  if (Has(object, "logprobs")) item.logprobs = ToInt(env, object.Get("logprobs"), field + ".logprobs");
+  if (Has(object, "promptLogprobs")) {
+    item.prompt_logprobs = ToInt(env, object.Get("promptLogprobs"), field + ".promptLogprobs");
+  }
+  if (Has(object, "nextPromptToken")) {
+    item.next_prompt_token = ToInt(env, object.Get("nextPromptToken"), field + ".nextPromptToken");
+  }
   return item;
 }
 
@@ -397,6 +404,16 @@ Napi::Object ToJs(Napi::Env env, const pearl::CacheStats& stats) {
   return object;
 }
 
+Napi::Object ToJs(Napi::Env env, const pearl::Logprobs& logprobs) {
+  auto object = Napi::Object::New(env);
+  object.Set("topK", logprobs.top_k);
+  object.Set("tokens", CopyToInt32Array(env, logprobs.tokens));
+  object.Set("logprobs", CopyToFloat32Array(env, logprobs.logprobs));
+  object.Set("topTokens", CopyToInt32Array(env, logprobs.top_tokens));
+  object.Set("topLogprobs", CopyToFloat32Array(env, logprobs.top_logprobs));
+  return object;
+}
+
 Napi::Array ToJs(Napi::Env env, std::vector<pearl::StepResult>& results) {
   auto array = Napi::Array::New(env, results.size());
   for (size_t i = 0; i < results.size(); ++i) {
@@ -413,6 +430,8 @@ Napi::Array ToJs(Napi::Env env, std::vector<pearl::StepResult>& results) {
       q.Set("probs", CopyToFloat32Array(env, result.q.probs));
       object.Set("q", q);
     }
+    if (!result.logprobs.tokens.empty()) object.Set("logprobs", ToJs(env, result.logprobs));
+    if (!result.prompt_logprobs.tokens.empty()) object.Set("promptLogprobs", ToJs(env, result.prompt_logprobs));
     array.Set(static_cast<uint32_t>(i), object);
   }
   return array;

@@ -168,6 +168,7 @@ class EngineImpl : public Engine {
     std::vector<ops::TokenChoice> choices;  // per output
     std::vector<size_t> window_output;      // the output of each item's first window row
     std::vector<size_t> first_logit_row;    // in the host logits, which hold full outputs only
+    std::vector<size_t> pre_window_rows;    // an item's full rows before its window (prompt scores, Logits)
     std::vector<size_t> q_offset;           // a drafting item's q in the returned q entries
     std::vector<float> logits;
     std::vector<ops::ChosenToken> chosen;
@@ -183,6 +184,7 @@ class EngineImpl : public Engine {
     size_t rows = 0;
     for (const StepItem& item : items) {
       if (item.num_draft != 0 || item.output != StepOutput::Sample) return false;
+      if (item.logprobs >= 0 || item.prompt_logprobs >= 0) return false;
       if (ops::draws_processed(window_choice(item, 0, 0))) return false;
       rows += item.tokens.size() + (item.feed_next_token ? 1 : 0);
     }
@@ -258,10 +260,19 @@ class EngineImpl : public Engine {
     in_flight_.clear();
   }
 
-  // Whether the item's logits must reach the host: only a Logits step returns them. Every token, p(draft),
-  // residual draw and drafting q the backend computes next to the logits (ops::choose_row), so the host
-  // never sees a vocabulary-sized row otherwise.
-  static bool needs_host_logits(const StepItem& item) { return item.output == StepOutput::Logits; }
+  // Whether the logits of the item's window must reach the host: a Logits step returns them, and
+  // log-probabilities are computed from them there (append_logprob_row). Every token, p(draft), residual
+  // draw and drafting q the backend computes next to the logits (ops::choose_row), so the host never sees a
+  // vocabulary-sized row otherwise.
+  static bool needs_host_logits(const StepItem& item) {
+    return item.output == StepOutput::Logits || item.logprobs >= 0;
+  }
+
+  // Whether the item has rows before its window to output (a Logits step's, or the prompt rows it scores):
+  // those are computed whatever the prefix cache holds.
+  static bool outputs_pre_window_rows(const StepItem& item) {
+    return item.output == StepOutput::Logits || item.prompt_logprobs >= 0;
+  }
 
   // A drafting step that returns q (top_k_distribution of p) with the next token drawn from it.
   static bool returns_q(const StepItem& item) { return item.return_top_k > 0 && item.sampling.temperature > 0.0f; }
@@ -332,6 +343,14 @@ class EngineImpl : public Engine {
       if (item.return_top_k > 0 && item.num_draft > 0) {
         invalid_item(item, "return_top_k is for drafting steps and needs num_draft == 0");
       }
+      if (item.logprobs < -1 || item.prompt_logprobs < -1) {
+        invalid_item(item, "logprobs and prompt_logprobs must be >= -1 (-1: none)");
+      }
+      if (item.prompt_logprobs >= 0 && item.output == StepOutput::None &&
+          !(item.next_prompt_token >= 0 && item.next_prompt_token < config_.vocab_size)) {
+        invalid_item(item, "prompt_logprobs of a step with output None need next_prompt_token in [0, " +
+                               std::to_string(config_.vocab_size) + "), the token after its last row");
+      }
       const int64_t length = cache_.length(item.seq_id);
       if (length + count > config_.max_position_embeddings) {
         invalid_item(item, "length " + std::to_string(length) + " + " + std::to_string(count) +
@@ -359,7 +378,7 @@ class EngineImpl : public Engine {
     for (const StepInFlight::DeviceFed& fed : step.device_fed) device_fed[fed.item] = true;
     for (size_t i = 0; i < items.size(); ++i) {
       const StepItem& item = items[i];
-      if (!item.commit || item.output == StepOutput::Logits || device_fed[i] || !cache_.can_match_prefix(item.seq_id)) {
+      if (!item.commit || outputs_pre_window_rows(item) || device_fed[i] || !cache_.can_match_prefix(item.seq_id)) {
         continue;
       }
       const int64_t committed_tokens = static_cast<int64_t>(item.tokens.size()) - item.num_draft;
@@ -370,6 +389,7 @@ class EngineImpl : public Engine {
     std::vector<int32_t> slots;
     step.window_output.assign(items.size(), 0);
     step.first_logit_row.assign(items.size(), 0);
+    step.pre_window_rows.assign(items.size(), 0);
     step.q_offset.assign(items.size(), 0);
     size_t full_outputs = 0;
     size_t q_entries = 0;
@@ -387,22 +407,25 @@ class EngineImpl : public Engine {
         batch.row_table.push_back(static_cast<int32_t>(i));
       }
       step.first_logit_row[i] = full_outputs;
-      const int64_t window_from = count - item.num_draft - 1;
-      const int64_t logit_from = item.output == StepOutput::Logits ? matched[i] : window_from;
+      // A step with output None has no window: all its rows come before it.
+      const int64_t window_from = item.output == StepOutput::None ? count : count - item.num_draft - 1;
+      const int64_t logit_from = outputs_pre_window_rows(item) ? matched[i] : window_from;
       step.window_output[i] = batch.logit_rows.size() + static_cast<size_t>(window_from - logit_from);
-      if (item.output != StepOutput::None) {
-        const bool full = needs_host_logits(item);
-        for (int64_t t = logit_from; t < count; ++t) {
-          batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
-          // Rows whose token goes unused (a Logits step's prompt) take the argmax, the cheapest pick.
-          batch.choices.push_back(t < window_from ? ops::TokenChoice{}
-                                                  : window_choice(item, static_cast<int>(t - window_from),
-                                                                  old_lengths[i] + t + 1));
-          batch.full_logits.push_back(full ? 1 : 0);
-          if (full) ++full_outputs;
-          if (batch.choices.back().return_top_k > 0) step.q_offset[i] = q_entries;
-          q_entries += static_cast<size_t>(batch.choices.back().return_top_k);
-        }
+      step.pre_window_rows[i] = static_cast<size_t>(window_from - logit_from);
+      const bool full_window = needs_host_logits(item);
+      for (int64_t t = logit_from; t < count; ++t) {
+        const bool pre_window = t < window_from;
+        batch.logit_rows.push_back(static_cast<int32_t>(first_row + t - matched[i]));
+        // Rows whose token goes unused (a Logits step's prompt, scored prompt rows) take the argmax, the
+        // cheapest pick.
+        batch.choices.push_back(pre_window ? ops::TokenChoice{}
+                                           : window_choice(item, static_cast<int>(t - window_from),
+                                                           old_lengths[i] + t + 1));
+        const bool full = pre_window || full_window;
+        batch.full_logits.push_back(full ? 1 : 0);
+        if (full) ++full_outputs;
+        if (batch.choices.back().return_top_k > 0) step.q_offset[i] = q_entries;
+        q_entries += static_cast<size_t>(batch.choices.back().return_top_k);
       }
     }
     if (!step.device_fed.empty()) {
@@ -426,8 +449,8 @@ class EngineImpl : public Engine {
     backend_->begin_forward(batch, step.logits.data(), step.chosen.data(), step.returned.data());
   }
 
-  // The results of a step whose forward pass has finished: verdicts, then each sequence cut after its last
-  // accepted token and its committed tokens published.
+  // The results of a step whose forward pass has finished: verify outcomes, then each sequence cut after its
+  // last accepted token and its committed tokens published.
   std::vector<StepResult> complete(const StepInFlight& step) {
     const std::vector<StepItem>& items = step.items;
     const std::vector<int64_t>& old_lengths = step.old_lengths;
@@ -450,13 +473,33 @@ class EngineImpl : public Engine {
         const auto target = [&](int row) {
           return checked_choice(step.chosen[step.window_output[i] + static_cast<size_t>(row)]);
         };
-        const Verdict verdict = verify_drafts(target, item.tokens.data() + (count - item.num_draft), item.num_draft,
-                                              item.draft_dists, item.sampling.seed, first_position);
-        result.accepted = verdict.accepted;
-        result.next_token = verdict.next_token;
+        const VerifyOutcome outcome = verify_drafts(target, item.tokens.data() + (count - item.num_draft),
+                                                    item.num_draft, item.draft_dists, item.sampling.seed,
+                                                    first_position);
+        result.accepted = outcome.accepted;
+        result.next_token = outcome.next_token;
         if (returns_q(item)) {
           result.q = ops::returned_q(step.returned.data() + step.q_offset[i],
                                      step.choices[step.window_output[i]].return_top_k);
+        }
+        if (item.logprobs >= 0) {
+          // Window row r judged draft r and holds the target's distribution at the position of the r-th
+          // emitted token: the same row, bit for bit, that plain decoding computes there.
+          const float* window = step.logits.data() + (step.first_logit_row[i] + step.pre_window_rows[i]) * vocab;
+          const int32_t* drafts = item.tokens.data() + (count - item.num_draft);
+          result.logprobs.top_k = std::min(item.logprobs, config_.vocab_size);
+          for (int r = 0; r <= result.accepted; ++r) {
+            append_logprob_row(window + static_cast<size_t>(r) * vocab, config_.vocab_size, item.sampling,
+                               r < result.accepted ? drafts[r] : result.next_token, result.logprobs);
+          }
+        }
+      }
+      if (item.prompt_logprobs >= 0) {
+        const float* rows = step.logits.data() + step.first_logit_row[i] * vocab;
+        result.prompt_logprobs.top_k = std::min(item.prompt_logprobs, config_.vocab_size);
+        for (size_t r = 0; r < step.pre_window_rows[i]; ++r) {
+          const int32_t scored = r + 1 < item.tokens.size() ? item.tokens[r + 1] : item.next_prompt_token;
+          append_logprob_row(rows + r * vocab, config_.vocab_size, SamplingParams{}, scored, result.prompt_logprobs);
         }
       }
       if (result.next_token >= 0) {

@@ -26,6 +26,16 @@ struct DraftDistribution {
   std::vector<float> probs;
 };
 
+// Log-probabilities of tokens at consecutive positions: for each, the token's own and the top_k most likely
+// tokens' there (most likely first, ties to the lowest id; -inf for a token a top-k/top-p cut removed).
+struct Logprobs {
+  int top_k = 0;
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  std::vector<int32_t> top_tokens;  // [tokens.size() * top_k]
+  std::vector<float> top_logprobs;  // [tokens.size() * top_k]
+};
+
 enum class StepOutput {
   None,    // only extend the KV cache (a prefill chunk that is not the last)
   Sample,  // verify the trailing draft tokens (if any) and return the next token
@@ -61,6 +71,18 @@ struct StepItem {
   // caller's round trip (pipelined decode). Only a step with output Sample or Logits leaves a token to
   // feed; truncate, release, a failed step and a step with output None forget it.
   bool feed_next_token = false;
+  // >= 0: the result's `logprobs` hold, for each token the step emits (the accepted drafts, then next_token),
+  // its log-probability at its position and the `logprobs` most likely tokens' (append_logprob_row in sampling.h:
+  // the distribution the request samples from). The window's logits then go to the host (on cuda, a copy of
+  // vocab floats per window row).
+  int logprobs = -1;
+  // >= 0: the result's `prompt_logprobs` hold, for every row before the verify window (every row of a step
+  // with output None), the raw log-probability of the token after it and the `prompt_logprobs` most likely
+  // tokens': the scores of a prompt's tokens given the ones before them. The token after the item's last row
+  // is the next step's first, so a prefill chunk that is not the prompt's last names it in
+  // next_prompt_token. Every row of such a step is computed (no prefix-cache match).
+  int prompt_logprobs = -1;
+  int32_t next_prompt_token = -1;
 };
 
 struct StepResult {
@@ -69,6 +91,8 @@ struct StepResult {
   int32_t next_token = -1;  // -1 when output == None
   std::vector<float> logits;  // [tokens.size() * vocab] when output == Logits
   DraftDistribution q;        // when return_top_k > 0 and sampling
+  Logprobs logprobs;          // when logprobs >= 0 and output != None: accepted + 1 tokens
+  Logprobs prompt_logprobs;   // when prompt_logprobs >= 0: one per row before the window
   int64_t length = 0;         // sequence length (tokens in the KV) after the step
 };
 

@@ -146,6 +146,41 @@ Distribution process_logits(const float* logits, int vocab_size, const SamplingP
   return p;
 }
 
+void append_logprob_row(const float* logits, int vocab_size, const SamplingParams& params, int32_t token,
+                        Logprobs& out) {
+  constexpr double kMinusInfinity = -std::numeric_limits<double>::infinity();
+  std::vector<double> logprob(static_cast<size_t>(vocab_size), kMinusInfinity);
+  if (params.temperature > 0.0f) {
+    const Distribution p = process_logits(logits, vocab_size, params);
+    for (size_t i = 0; i < p.tokens.size(); ++i) logprob[static_cast<size_t>(p.tokens[i])] = std::log(p.probs[i]);
+  } else {
+    double max_logit = kMinusInfinity;
+    for (int i = 0; i < vocab_size; ++i) {
+      if (!std::isnan(logits[i])) max_logit = std::max(max_logit, static_cast<double>(logits[i]));
+    }
+    if (!std::isfinite(max_logit)) throw std::runtime_error("logits have no finite maximum");
+    double total = 0.0;
+    for (int i = 0; i < vocab_size; ++i) {
+      if (!std::isnan(logits[i])) total += std::exp(static_cast<double>(logits[i]) - max_logit);
+    }
+    const double log_total = std::log(total);
+    for (int i = 0; i < vocab_size; ++i) {
+      if (!std::isnan(logits[i])) logprob[static_cast<size_t>(i)] = logits[i] - max_logit - log_total;
+    }
+  }
+  out.tokens.push_back(token);
+  out.logprobs.push_back(static_cast<float>(logprob[static_cast<size_t>(token)]));
+  std::vector<int32_t> order(static_cast<size_t>(vocab_size));
+  std::iota(order.begin(), order.end(), 0);
+  const size_t top = std::min(order.size(), static_cast<size_t>(std::max(out.top_k, 0)));
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top), order.end(),
+                    ByProbability{&logprob});
+  for (size_t i = 0; i < top; ++i) {
+    out.top_tokens.push_back(order[i]);
+    out.top_logprobs.push_back(static_cast<float>(logprob[static_cast<size_t>(order[i])]));
+  }
+}
+
 int32_t sample_token(const Distribution& p, uint64_t seed, int64_t position) {
   if (p.tokens.size() == 1) return p.tokens[0];
   return gumbel_argmax(p.tokens, p.probs, CounterRng(seed, position, RandomPurpose::Sample));
@@ -197,14 +232,15 @@ ops::ChosenToken choose_from_distribution(const Distribution& p, uint64_t seed, 
 // Sampled draft: accept d with probability min(1, p(d)/q(d)) using a uniform keyed to the position,
 // independent of the noise the draft used to pick d; on rejection sample norm(max(0, p - q)). When all
 // drafts are accepted the bonus token is p's own Gumbel-max sample at the next position.
-Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
-                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
+VerifyOutcome verify_drafts(const std::function<ops::ChosenToken(int)>& target, const int32_t* drafts, int num_draft,
+                            const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
+                            int64_t first_position) {
   for (int i = 0; i < num_draft; ++i) {
     const ops::ChosenToken row = target(i);
     const int64_t position = first_position + i;
     const int32_t draft = drafts[i];
     if (draft_dists.empty()) {
-      if (row.token != draft) return Verdict{i, row.token};
+      if (row.token != draft) return VerifyOutcome{i, row.token};
       continue;
     }
     const DraftDistribution& q = draft_dists[static_cast<size_t>(i)];
@@ -214,13 +250,14 @@ Verdict verify_drafts(const std::function<ops::ChosenToken(int)>& target, const 
     }
     const double u = CounterRng(seed, position, RandomPurpose::Accept).uniform(0);
     if (u * q_draft < row.draft_prob) continue;
-    return Verdict{i, row.residual_token};
+    return VerifyOutcome{i, row.residual_token};
   }
-  return Verdict{num_draft, target(num_draft).token};
+  return VerifyOutcome{num_draft, target(num_draft).token};
 }
 
-Verdict verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
-                      const std::vector<DraftDistribution>& draft_dists, uint64_t seed, int64_t first_position) {
+VerifyOutcome verify_drafts(const std::function<Distribution(int)>& target, const int32_t* drafts, int num_draft,
+                            const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
+                            int64_t first_position) {
   const std::function<ops::ChosenToken(int)> chosen = [&](int i) {
     const bool judges_sampled_draft = !draft_dists.empty() && i < num_draft;
     return choose_from_distribution(target(i), seed, first_position + i, judges_sampled_draft ? drafts[i] : -1,

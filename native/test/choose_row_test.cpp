@@ -65,8 +65,8 @@ int32_t reference_residual(const Distribution& p, const DraftDistribution& q, ui
   return best >= 0 ? best : pearl::sample_token(p, seed, position);
 }
 
-// The verdict of the speculative sampling rule over the target's processed distributions.
-pearl::Verdict reference_verdict(const std::vector<Distribution>& target, const std::vector<int32_t>& drafts,
+// The outcome of the speculative sampling rule over the target's processed distributions.
+pearl::VerifyOutcome reference_outcome(const std::vector<Distribution>& target, const std::vector<int32_t>& drafts,
                                  const std::vector<DraftDistribution>& draft_dists, uint64_t seed,
                                  int64_t first_position) {
   const int num_draft = static_cast<int>(drafts.size());
@@ -76,7 +76,7 @@ pearl::Verdict reference_verdict(const std::vector<Distribution>& target, const 
     const int32_t draft = drafts[static_cast<size_t>(i)];
     if (draft_dists.empty()) {
       const int32_t token = pearl::sample_token(p, seed, position);
-      if (token != draft) return pearl::Verdict{i, token};
+      if (token != draft) return pearl::VerifyOutcome{i, token};
       continue;
     }
     const DraftDistribution& q = draft_dists[static_cast<size_t>(i)];
@@ -86,9 +86,9 @@ pearl::Verdict reference_verdict(const std::vector<Distribution>& target, const 
     }
     const double u = pearl::CounterRng(seed, position, pearl::RandomPurpose::Accept).uniform(0);
     if (u * q_draft < p.prob(draft)) continue;
-    return pearl::Verdict{i, reference_residual(p, q, seed, position)};
+    return pearl::VerifyOutcome{i, reference_residual(p, q, seed, position)};
   }
-  return pearl::Verdict{num_draft, pearl::sample_token(target.back(), seed, first_position + num_draft)};
+  return pearl::VerifyOutcome{num_draft, pearl::sample_token(target.back(), seed, first_position + num_draft)};
 }
 
 // A draft's sparse q around `draft`: it and a few other tokens, the draft's share given.
@@ -138,7 +138,7 @@ TEST(one_pass_rows_are_choose_tokens) {
 }
 
 // p(d) and the residual draw are those of the target's processed distribution, and a window verified from
-// the backend's per-row choices gets the verdict the speculative sampling rule gives on the distributions.
+// the backend's per-row choices gets the outcome the speculative sampling rule gives on the distributions.
 TEST(sampled_draft_windows_from_chosen_rows_equal_the_rule_on_distributions) {
   int accepted_drafts = 0, residual_draws = 0, bonus_tokens = 0;
   for (uint64_t seed = 0; seed < 150; ++seed) {
@@ -179,11 +179,11 @@ TEST(sampled_draft_windows_from_chosen_rows_equal_the_rule_on_distributions) {
                  reference_residual(p, draft_dists[static_cast<size_t>(i)], seed, first_position + i));
       }
     }
-    const pearl::Verdict expected = reference_verdict(target, drafts, draft_dists, seed, first_position);
-    const pearl::Verdict from_rows = pearl::verify_drafts(
+    const pearl::VerifyOutcome expected = reference_outcome(target, drafts, draft_dists, seed, first_position);
+    const pearl::VerifyOutcome from_rows = pearl::verify_drafts(
         [&](int i) { return chosen[static_cast<size_t>(i)]; }, drafts.data(), num_draft, draft_dists, seed,
         first_position);
-    const pearl::Verdict from_distributions = pearl::verify_drafts(
+    const pearl::VerifyOutcome from_distributions = pearl::verify_drafts(
         [&](int i) { return target[static_cast<size_t>(i)]; }, drafts.data(), num_draft, draft_dists, seed,
         first_position);
     CHECK_EQ(from_rows.accepted, expected.accepted);
@@ -214,14 +214,14 @@ TEST(greedy_windows_from_chosen_rows_equal_the_rule_on_distributions) {
       target.push_back(pearl::process_logits(rows.back().data(), kVocab, params));
       if (i < 2) drafts.push_back(i == 0 || seed % 3 != 0 ? pearl::sample_token(target.back(), seed, 7 + i) : 0);
     }
-    const pearl::Verdict expected = reference_verdict(target, drafts, {}, seed, 7);
-    const pearl::Verdict verdict = pearl::verify_drafts(
+    const pearl::VerifyOutcome expected = reference_outcome(target, drafts, {}, seed, 7);
+    const pearl::VerifyOutcome outcome = pearl::verify_drafts(
         [&](int i) {
           return pearl::ops::choose_row(rows[static_cast<size_t>(i)].data(), kVocab, processed_choice(params, 7 + i));
         },
         drafts.data(), 2, {}, seed, 7);
-    CHECK_EQ(verdict.accepted, expected.accepted);
-    CHECK_EQ(verdict.next_token, expected.next_token);
+    CHECK_EQ(outcome.accepted, expected.accepted);
+    CHECK_EQ(outcome.next_token, expected.next_token);
   }
 }
 

@@ -3,7 +3,9 @@
 // verification and input validation.
 #include "engine.h"
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -284,17 +286,17 @@ TEST(verify_steps_accept_the_targets_own_tokens) {
   engine->add_sequence(1);
   CHECK_EQ(step_one(*engine, item(1, prompt)).next_token, generated[0]);
   // All five drafts right: accepted, and the bonus is the sixth token.
-  StepResult verdict = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
-  CHECK_EQ(verdict.accepted, 5);
-  CHECK_EQ(verdict.next_token, generated[6]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6});
+  StepResult outcome = step_one(*engine, item(1, slice(generated, 0, 6), StepOutput::Sample, 5));
+  CHECK_EQ(outcome.accepted, 5);
+  CHECK_EQ(outcome.next_token, generated[6]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6});
   // Third draft wrong: two accepted, the correction is the target's token, the KV is cut after it.
   std::vector<int32_t> window = slice(generated, 6, 11);
   window[3] = (window[3] + 1) % fixture.model.spec.vocab;
-  verdict = step_one(*engine, item(1, window, StepOutput::Sample, 4));
-  CHECK_EQ(verdict.accepted, 2);
-  CHECK_EQ(verdict.next_token, generated[9]);
-  CHECK_EQ(verdict.length, int64_t{9 + 6 + 3});
+  outcome = step_one(*engine, item(1, window, StepOutput::Sample, 4));
+  CHECK_EQ(outcome.accepted, 2);
+  CHECK_EQ(outcome.next_token, generated[9]);
+  CHECK_EQ(outcome.length, int64_t{9 + 6 + 3});
   CHECK_EQ(engine->sequence_length(1), int64_t{18});
   // Decoding continues exactly as the reference.
   CHECK_EQ(step_one(*engine, item(1, {generated[9]})).next_token, generated[10]);
@@ -355,10 +357,10 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
       const int32_t right = expected[output.size() + j];
       window.push_back((round + static_cast<int>(j)) % 5 == 3 ? (right + 1) % vocab : right);
     }
-    const StepResult verdict = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
-    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + verdict.accepted);
-    output.push_back(verdict.next_token);
-    total_accepted += verdict.accepted;
+    const StepResult outcome = step_one(*engine, sampled(item(1, window, StepOutput::Sample, static_cast<int>(k))));
+    output.insert(output.end(), window.begin() + 1, window.begin() + 1 + outcome.accepted);
+    output.push_back(outcome.next_token);
+    total_accepted += outcome.accepted;
     ++round;
   }
   output.resize(expected.size());
@@ -384,9 +386,118 @@ TEST(seeded_speculative_output_equals_autoregressive_output) {
   const StepResult first = step_one(*engine, sampled(item(2, prompt)));
   StepItem verify = sampled(item(2, {first.next_token, proposal.next_token}, StepOutput::Sample, 1));
   verify.draft_dists = {proposal.q};
-  const StepResult verdict = step_one(*engine, verify);
-  CHECK(verdict.accepted == 0 || verdict.accepted == 1);
-  CHECK_EQ(verdict.length, int64_t{8 + 1 + verdict.accepted});
+  const StepResult outcome = step_one(*engine, verify);
+  CHECK(outcome.accepted == 0 || outcome.accepted == 1);
+  CHECK_EQ(outcome.length, int64_t{8 + 1 + outcome.accepted});
+}
+
+// log_softmax of one row, in double, the way a user would compute it from the logits.
+std::vector<double> log_softmax(const float* logits, int vocab) {
+  double max_logit = logits[0];
+  for (int i = 1; i < vocab; ++i) max_logit = std::max(max_logit, static_cast<double>(logits[i]));
+  double total = 0.0;
+  for (int i = 0; i < vocab; ++i) total += std::exp(logits[i] - max_logit);
+  std::vector<double> out(static_cast<size_t>(vocab));
+  for (int i = 0; i < vocab; ++i) out[static_cast<size_t>(i)] = logits[i] - max_logit - std::log(total);
+  return out;
+}
+
+TEST(logprobs_are_the_rows_of_the_committed_tokens_in_every_step_shape) {
+  Fixture fixture{TinySpec{}};
+  const int vocab = fixture.model.spec.vocab;
+  const auto prompt = prompt_tokens(11, vocab, 3);
+  const auto scored = [](StepItem it, int logprobs, int prompt_logprobs = -1) {
+    it.logprobs = logprobs;
+    it.prompt_logprobs = prompt_logprobs;
+    return it;
+  };
+  // The reference: every row's logits of the greedy continuation, from one Logits step.
+  auto reference = fixture.engine();
+  reference->add_sequence(1);
+  std::vector<int32_t> sequence = prompt;
+  sequence.push_back(step_one(*reference, item(1, prompt)).next_token);
+  for (int i = 0; i < 6; ++i) sequence.push_back(step_one(*reference, item(1, {sequence.back()})).next_token);
+  auto whole = fixture.engine();
+  whole->add_sequence(1);
+  const std::vector<float> logits = step_one(*whole, item(1, sequence, StepOutput::Logits)).logits;
+  // Row r scores the token at r + 1; greedy requests score log_softmax.
+  const auto expected = [&](size_t row, int32_t token) { return log_softmax(row_of(logits, row, vocab), vocab)[token]; };
+
+  // Prompt scores over two chunks: the first names the token after it.
+  auto engine = fixture.engine();
+  engine->add_sequence(1);
+  StepItem first_chunk = scored(item(1, slice(prompt, 0, 5), StepOutput::None), -1, 3);
+  first_chunk.next_prompt_token = prompt[5];
+  const StepResult chunk = step_one(*engine, first_chunk);
+  const StepResult last = step_one(*engine, scored(item(1, slice(prompt, 5, 11)), 2, 3));
+  std::vector<float> prompt_scores = chunk.prompt_logprobs.logprobs;
+  prompt_scores.insert(prompt_scores.end(), last.prompt_logprobs.logprobs.begin(), last.prompt_logprobs.logprobs.end());
+  CHECK_EQ(prompt_scores.size(), size_t{10});
+  for (size_t r = 0; r < 10; ++r) CHECK_NEAR(prompt_scores[r], expected(r, prompt[r + 1]), 1e-5);
+  CHECK_EQ(chunk.prompt_logprobs.top_tokens.size(), size_t{5 * 3});
+  const std::vector<double> row0 = log_softmax(row_of(logits, 0, vocab), vocab);
+  const int32_t argmax = static_cast<int32_t>(std::max_element(row0.begin(), row0.end()) - row0.begin());
+  CHECK_EQ(chunk.prompt_logprobs.top_tokens[0], argmax);
+  CHECK(chunk.prompt_logprobs.top_logprobs[0] >= chunk.prompt_logprobs.top_logprobs[1]);
+  // The first generated token, then a verify window with every draft right: accepted + 1 scores.
+  CHECK_EQ(last.logprobs.tokens.size(), size_t{1});
+  CHECK_EQ(last.logprobs.tokens[0], sequence[11]);
+  CHECK_NEAR(last.logprobs.logprobs[0], expected(10, sequence[11]), 1e-5);
+  CHECK_EQ(last.logprobs.top_tokens[0], sequence[11]);  // greedy: the token is the most likely
+  const StepResult outcome = step_one(*engine, scored(item(1, slice(sequence, 11, 15), StepOutput::Sample, 3), 1));
+  CHECK_EQ(outcome.accepted, 3);
+  CHECK_EQ(outcome.logprobs.tokens.size(), size_t{4});
+  for (size_t r = 0; r < 4; ++r) {
+    CHECK_EQ(outcome.logprobs.tokens[r], sequence[12 + r]);
+    CHECK_NEAR(outcome.logprobs.logprobs[r], expected(11 + r, sequence[12 + r]), 1e-5);
+  }
+
+  // Sampled: the processed distribution (temperature, top-k), the same in a window as decoded alone.
+  pearl::SamplingParams sampling;
+  sampling.temperature = 0.7f;
+  sampling.top_k = 5;
+  sampling.seed = 7;
+  auto ar = fixture.engine();
+  ar->add_sequence(1);
+  StepItem prefill = scored(item(1, prompt), 4);
+  prefill.sampling = sampling;
+  std::vector<StepResult> decoded = {step_one(*ar, prefill)};
+  for (int i = 0; i < 3; ++i) {
+    StepItem decode = scored(item(1, {decoded.back().next_token}), 4);
+    decode.sampling = sampling;
+    decoded.push_back(step_one(*ar, decode));
+  }
+  auto speculative = fixture.engine();
+  speculative->add_sequence(1);
+  CHECK_EQ(step_one(*speculative, prefill).next_token, decoded[0].next_token);
+  StepItem window = scored(item(1, {decoded[0].next_token, decoded[1].next_token, decoded[2].next_token}), 4);
+  window.num_draft = 2;
+  window.sampling = sampling;
+  const StepResult sampled = step_one(*speculative, window);
+  CHECK_EQ(sampled.accepted, 2);
+  for (size_t r = 0; r < 3; ++r) {
+    const pearl::Logprobs& alone = decoded[r + 1].logprobs;
+    CHECK_EQ(sampled.logprobs.tokens[r], alone.tokens[0]);
+    CHECK(same_bits(&sampled.logprobs.logprobs[r], alone.logprobs.data(), 1));
+    CHECK(same_bits(&sampled.logprobs.top_logprobs[r * 4], alone.top_logprobs.data(), 4));
+  }
+  // With a top-k cut of 5 the four most likely tokens renormalize: log p = (l - logsumexp over the top 5) / T.
+  const std::vector<float> first_row(row_of(logits, 10, vocab), row_of(logits, 10, vocab) + vocab);
+  std::vector<float> scaled = first_row;
+  for (float& value : scaled) value /= sampling.temperature;
+  std::vector<float> sorted = scaled;
+  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  double top_total = 0.0;
+  for (int i = 0; i < 5; ++i) top_total += std::exp(static_cast<double>(sorted[i]) - sorted[0]);
+  const pearl::Logprobs& first_scores = decoded[0].logprobs;
+  for (int i = 0; i < 4; ++i) {
+    CHECK_NEAR(first_scores.top_logprobs[static_cast<size_t>(i)], sorted[static_cast<size_t>(i)] - sorted[0] - std::log(top_total), 1e-5);
+  }
+  CHECK_NEAR(first_scores.logprobs[0], scaled[static_cast<size_t>(first_scores.tokens[0])] - sorted[0] - std::log(top_total), 1e-5);
+
+  // A step without a next prompt token cannot score its last row.
+  engine->add_sequence(2);
+  CHECK_THROWS(step_one(*engine, scored(item(2, prompt, StepOutput::None), -1, 0)), "next_prompt_token");
 }
 
 TEST(bad_input_throws_without_changing_state) {

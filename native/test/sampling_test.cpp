@@ -175,15 +175,16 @@ TEST(greedy_draft_accepts_with_probability_p) {
   int accepted = 0;
   std::vector<int> corrections(5, 0);
   for (int seed = 0; seed < n; ++seed) {
-    const pearl::Verdict verdict = pearl::verify_drafts(target, &draft, 1, {}, static_cast<uint64_t>(seed), 40);
-    if (verdict.accepted == 1) {
+    const pearl::VerifyOutcome outcome =
+        pearl::verify_drafts(target, &draft, 1, {}, static_cast<uint64_t>(seed), 40);
+    if (outcome.accepted == 1) {
       ++accepted;
       // The bonus is the target's own sample at the next position.
-      CHECK_EQ(verdict.next_token, pearl::sample_token(p, static_cast<uint64_t>(seed), 41));
+      CHECK_EQ(outcome.next_token, pearl::sample_token(p, static_cast<uint64_t>(seed), 41));
     } else {
-      ++corrections[static_cast<size_t>(verdict.next_token)];
+      ++corrections[static_cast<size_t>(outcome.next_token)];
       // The correction is the token plain decoding samples at that position.
-      CHECK_EQ(verdict.next_token, pearl::sample_token(p, static_cast<uint64_t>(seed), 40));
+      CHECK_EQ(outcome.next_token, pearl::sample_token(p, static_cast<uint64_t>(seed), 40));
     }
   }
   CHECK_NEAR(accepted / double(n), 0.25, tolerance(0.25, n));
@@ -212,15 +213,16 @@ TEST(sampled_draft_follows_min_p_over_q_and_the_residual) {
   for (int seed = 0; seed < n; ++seed) {
     // The draft samples d from q with the same seed and position, as a drafting service would.
     const int32_t draft = pearl::sample_token(from_q(q), static_cast<uint64_t>(seed), 8);
-    const pearl::Verdict verdict = pearl::verify_drafts(target, &draft, 1, {q}, static_cast<uint64_t>(seed), 8);
+    const pearl::VerifyOutcome outcome =
+        pearl::verify_drafts(target, &draft, 1, {q}, static_cast<uint64_t>(seed), 8);
     ++proposed[draft];
-    if (verdict.accepted == 1) {
+    if (outcome.accepted == 1) {
       ++accepted[draft];
       ++output[static_cast<size_t>(draft)];
     } else {
       ++rejections;
-      ++residual[static_cast<size_t>(verdict.next_token)];
-      ++output[static_cast<size_t>(verdict.next_token)];
+      ++residual[static_cast<size_t>(outcome.next_token)];
+      ++output[static_cast<size_t>(outcome.next_token)];
     }
   }
   for (size_t j = 0; j < q.tokens.size(); ++j) {
@@ -244,17 +246,17 @@ TEST(multi_token_windows_stop_at_the_first_rejection) {
   const std::vector<const std::vector<float>*> rows = {&logits_a, &logits_b, &logits_c};
   const auto target = [&](int i) { return pearl::process_logits(rows[static_cast<size_t>(i)]->data(), 3, params(0.0f)); };
   const int32_t good[] = {1, 0};
-  pearl::Verdict verdict = pearl::verify_drafts(target, good, 2, {}, 0, 5);
-  CHECK_EQ(verdict.accepted, 2);
-  CHECK_EQ(verdict.next_token, 2);
+  pearl::VerifyOutcome outcome = pearl::verify_drafts(target, good, 2, {}, 0, 5);
+  CHECK_EQ(outcome.accepted, 2);
+  CHECK_EQ(outcome.next_token, 2);
   const int32_t bad_second[] = {1, 2};
-  verdict = pearl::verify_drafts(target, bad_second, 2, {}, 0, 5);
-  CHECK_EQ(verdict.accepted, 1);
-  CHECK_EQ(verdict.next_token, 0);
+  outcome = pearl::verify_drafts(target, bad_second, 2, {}, 0, 5);
+  CHECK_EQ(outcome.accepted, 1);
+  CHECK_EQ(outcome.next_token, 0);
   const int32_t bad_first[] = {2, 0};
-  verdict = pearl::verify_drafts(target, bad_first, 2, {}, 0, 5);
-  CHECK_EQ(verdict.accepted, 0);
-  CHECK_EQ(verdict.next_token, 1);
+  outcome = pearl::verify_drafts(target, bad_first, 2, {}, 0, 5);
+  CHECK_EQ(outcome.accepted, 0);
+  CHECK_EQ(outcome.next_token, 1);
   // Greedy target with a sampled draft: accepted iff the draft is the argmax.
   DraftDistribution q;
   q.tokens = {1, 2};
@@ -263,9 +265,9 @@ TEST(multi_token_windows_stop_at_the_first_rejection) {
   q2.tokens = {0, 2};
   q2.probs = {0.1f, 0.9f};
   const int32_t drafts[] = {1, 2};
-  verdict = pearl::verify_drafts(target, drafts, 2, {q, q2}, 3, 5);
-  CHECK_EQ(verdict.accepted, 1);
-  CHECK_EQ(verdict.next_token, 0);
+  outcome = pearl::verify_drafts(target, drafts, 2, {q, q2}, 3, 5);
+  CHECK_EQ(outcome.accepted, 1);
+  CHECK_EQ(outcome.next_token, 0);
 }
 
 int main() { return check::run_all(); }

@@ -19,12 +19,12 @@ import {
   type EngineLoopParts,
   fedTokens,
   type LoopSession,
-  samplingParamsOf,
   SessionLoop,
   type SessionSink,
   type StepOutcome,
 } from "../../lib/engine_loop.js";
 import type { SamplingParams, StepItem } from "../../lib/native.js";
+import { samplingParamsOf, samplingProblem } from "../../lib/sampling_params.js";
 
 /** Where a session's events go: the gateway stream that opened it. */
 export interface DraftEventSink extends SessionSink {
@@ -79,9 +79,8 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
   protected override checkOpen(request: DraftOpen): string | undefined {
     const promptProblem = this.checkPrompt(request.promptTokenIds);
     if (promptProblem) return promptProblem;
-    const temperature = request.sampling?.temperature ?? 0;
-    if (!(temperature >= 0) || !Number.isFinite(temperature)) return `bad draft temperature ${temperature}`;
-    return undefined;
+    const problem = samplingProblem(samplingParamsOf(request.sampling));
+    return problem && `the draft's sampling parameters: ${problem.message}`;
   }
 
   protected override createSession(sink: DraftEventSink, request: DraftOpen): DraftSession {

@@ -2,10 +2,10 @@
 // /health over HTTP.
 import { type DraftServiceConfig } from "../../lib/config.js";
 import type { Logger } from "../../lib/logging.js";
-import { Counter } from "../../lib/metrics.js";
 import { type RunningService, startModelService } from "../../lib/model_service.js";
 import { DraftServiceService } from "../../proto/gen/pearl/v1/draft.js";
 import { type DraftEventSink, Drafter } from "./drafter.js";
+import { draftMetrics } from "./metrics.js";
 
 export function startDraftService(config: DraftServiceConfig, logger?: Logger): Promise<RunningService> {
   return startModelService(
@@ -22,18 +22,16 @@ export function startDraftService(config: DraftServiceConfig, logger?: Logger): 
         tokens: (tokens) => send({ tokens }),
         failed: (sessionId, message) => send({ failed: { sessionId, message } }),
       }),
+      sessionIdOf: (request) =>
+        (request.open ?? request.advance ?? request.correct ?? request.close)?.sessionId,
       requestHandler(drafter, registry) {
-        const corrections = new Counter({
-          name: "pearl_draft_corrections_total",
-          help: "Corrections received from gateways",
-          registers: [registry],
-        });
+        const metrics = draftMetrics(registry);
         return (sink, request) => {
           if (request.advance) {
             const { sessionId, verifiedLength, lookahead } = request.advance;
             drafter.advance(sink, sessionId, verifiedLength, lookahead);
           } else if (request.correct) {
-            corrections.inc();
+            metrics.corrections.inc();
             const { sessionId, position, tokenIds, epoch, lookahead } = request.correct;
             drafter.correct(sink, sessionId, position, tokenIds, epoch, lookahead);
           }

@@ -4,22 +4,24 @@
 // top of it.
 import { randomInt, randomUUID } from "node:crypto";
 import { connectivityState } from "@grpc/grpc-js";
-import { FinishReason, type ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
-import { DECODING_MODES, type DecodingMode, type GatewayConfig } from "../../lib/config.js";
+import { FinishReason, type ServiceInfo, type TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
+import type { GatewayConfig } from "../../lib/config.js";
+import { type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
-import {
-  Counter,
-  Gauge,
-  Histogram,
-  LATENCY_BUCKETS_SECONDS,
-  type Registry,
-  TOKENS_BUCKETS,
-} from "../../lib/metrics.js";
+import type { Registry } from "../../lib/metrics.js";
 import { modelPairDifferences } from "../../lib/model_pair.js";
+import {
+  clientSampling,
+  samplingProblem,
+  temperatureProblem,
+  topLogprobsProblem,
+} from "../../lib/sampling_params.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
-import { Generation, type GenerationRequest, type GenerationUsage, type LoopMetrics } from "./pearl_loop.js";
+import { MAX_TOP_LOGPROBS, sliceLogprobs } from "./logprobs.js";
+import { type GatewayMetrics, gatewayMetrics } from "./metrics.js";
+import { PearlLoop, type RequestUsage, type ResolvedRequest } from "./pearl_loop.js";
 import { StopStringMatcher } from "./stop_strings.js";
 import { Tuner } from "./tuner.js";
 
@@ -35,20 +37,28 @@ export interface GenerateInput {
   topP?: number;
   topK?: number;
   seed?: number;
-  mode?: DecodingMode;
+  mode?: DecodingModeName;
   draftTemperature?: number;
   /** The output ends before the first of these strings (needs a tokenizer); the request then finishes
    * with reason stop. */
   stop?: string[];
+  /** Set (0 to 20): every chunk scores its tokens, with this many most likely tokens' beside. */
+  topLogprobs?: number;
+  /** The first chunk scores the prompt too. */
+  promptLogprobs?: boolean;
 }
 
 export interface GenerateChunk {
   tokenIds: number[];
   /** Their text, when the gateway has a tokenizer. */
   text: string;
+  /** The target's scores of tokenIds, when the request asked for them. */
+  logprobs?: TokenLogprobs;
+  /** On the first chunk, when the request asked for them: the prompt's tokens from the second on. */
+  promptLogprobs?: TokenLogprobs;
   /** Set on the last chunk only, with usage. */
   finishReason?: FinishReason;
-  usage?: GenerationUsage & { seed: number };
+  usage?: RequestUsage & { seed: number };
 }
 
 /** The request is wrong; the message says what. */
@@ -119,12 +129,7 @@ export class Gateway {
   private closed = false;
   private nextSessionId = 1;
   private readonly tuner: Tuner;
-  private readonly loopMetrics: LoopMetrics;
-  private readonly requests: Counter<"mode" | "finish_reason">;
-  private readonly running: Gauge;
-  private readonly timeToFirstToken: Histogram;
-  private readonly interTokenLatency: Histogram;
-  private readonly requestLatency: Histogram;
+  private readonly metrics: GatewayMetrics;
   private readonly eosTokenIds: ReadonlySet<number>;
 
   private constructor(
@@ -141,108 +146,8 @@ export class Gateway {
     this.target = target;
     this.draft = draft;
     this.eosTokenIds = new Set(targetInfo.model?.eosTokenIds ?? []);
-    const registers = [registry];
-    this.loopMetrics = {
-      draftTokens: new Counter({
-        name: "pearl_spec_draft_tokens_total",
-        help: "Draft tokens the target verified",
-        registers,
-      }),
-      acceptedTokens: new Counter({
-        name: "pearl_spec_accepted_tokens_total",
-        help: "Draft tokens the target accepted",
-        registers,
-      }),
-      acceptedPerPosition: new Counter({
-        name: "pearl_spec_accepted_tokens_per_position_total",
-        help: "Accepted draft tokens by their 1-based position in the verify window",
-        labelNames: ["position"],
-        registers,
-      }),
-      verifySteps: new Counter({
-        name: "pearl_spec_verify_steps_total",
-        help: "Target steps that verified at least one draft token",
-        registers,
-      }),
-      targetSteps: new Counter({
-        name: "pearl_target_steps_total",
-        help: "Target steps that emitted tokens (prefills, verifications and plain decodes)",
-        registers,
-      }),
-      staleDraftTokens: new Counter({
-        name: "pearl_spec_stale_draft_tokens_total",
-        help: "Draft tokens dropped on arrival because a correction had made them stale",
-        registers,
-      }),
-      fallbacks: new Counter({
-        name: "pearl_draft_fallbacks_total",
-        help: "Requests that went on without the draft (in ar), by reason",
-        labelNames: ["reason"],
-        registers,
-      }),
-      meanAcceptedLength: new Histogram({
-        name: "pearl_request_mean_accepted_length_tokens",
-        help: "Per request: tokens committed per target step",
-        buckets: TOKENS_BUCKETS,
-        registers,
-      }),
-    };
-    this.requests = new Counter({
-      name: "pearl_requests_total",
-      help: "Finished requests by the mode they finished in and finish reason",
-      labelNames: ["mode", "finish_reason"],
-      registers,
-    });
-    this.running = new Gauge({
-      name: "pearl_requests_running_requests",
-      help: "Requests in progress",
-      registers,
-    });
-    this.timeToFirstToken = new Histogram({
-      name: "pearl_time_to_first_token_seconds",
-      help: "From request to first committed token",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.interTokenLatency = new Histogram({
-      name: "pearl_inter_token_latency_seconds",
-      help: "Between consecutive committed tokens (tokens committed together share the interval)",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.requestLatency = new Histogram({
-      name: "pearl_e2e_request_latency_seconds",
-      help: "From request to its last token",
-      buckets: LATENCY_BUCKETS_SECONDS,
-      registers,
-    });
-    this.tuner = new Tuner(config, logger, {
-      lookahead: new Gauge({
-        name: "pearl_lookahead_tokens",
-        help: "Draft tokens allowed past the last verified position (mode pearl; 0 while it does not draft)",
-        registers,
-      }),
-      verifyWindow: new Gauge({
-        name: "pearl_verify_window_tokens",
-        help: "Most draft tokens verified per target step (mode pearl; 0 while it does not draft)",
-        registers,
-      }),
-      gamma: new Gauge({
-        name: "pearl_draft_length_tokens",
-        help:
-          "The draft length a pearl request arriving now gets, chosen from measured step times and " +
-          "acceptance at the batch size it joins (0: drafting does not pay there, it runs on the target " +
-          "alone); each running request's own length follows its own acceptance",
-        registers,
-      }),
-      acceptance: new Gauge({
-        name: "pearl_draft_acceptance_ratio",
-        help:
-          "Recent rate at which the target accepts draft tokens, all requests together (kept while " +
-          "nobody drafts; each request starts from it)",
-        registers,
-      }),
-    });
+    this.metrics = gatewayMetrics(registry);
+    this.tuner = new Tuner(config, logger, this.metrics.tuner);
   }
 
   /**
@@ -350,19 +255,20 @@ export class Gateway {
     const started = performance.now();
     let firstTokenAt: number | undefined;
     let lastTokenAt: number | undefined;
-    let outcome: { finishReason: FinishReason; usage: GenerationUsage } | undefined;
+    let outcome: { finishReason: FinishReason; usage: RequestUsage } | undefined;
     let failure: Error | undefined;
 
-    const generation = new Generation(this.nextSessionId++, request, this.loopContext(), {
-      tokens: (tokenIds) => {
+    const loop = new PearlLoop(this.nextSessionId++, request, this.loopContext(), {
+      tokens: (tokenIds, logprobs, promptLogprobs) => {
+        this.metrics.generationTokens.inc(tokenIds.length);
         const now = performance.now();
         if (lastTokenAt === undefined) {
           firstTokenAt = now;
-          this.timeToFirstToken.observe((now - started) / 1000);
-        } else this.interTokenLatency.observe((now - lastTokenAt) / 1000);
+          this.metrics.timeToFirstToken.observe((now - started) / 1000);
+        } else this.metrics.interTokenLatency.observe((now - lastTokenAt) / 1000);
         lastTokenAt = now;
         if (!stopMatcher || !decoder) {
-          queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "" });
+          queue.push({ tokenIds, text: decoder?.push(tokenIds) ?? "", logprobs, promptLogprobs });
           return;
         }
         // Token by token, so that the output ends with the token that completed the stop string,
@@ -372,12 +278,17 @@ export class Gateway {
           const scan = stopMatcher.push(decoder.push(tokenIds.slice(i, i + 1)));
           text += scan.text;
           if (scan.stopped) {
-            queue.push({ tokenIds: tokenIds.slice(0, i + 1), text });
-            generation.finishAtStopString(tokenIds.length - i - 1);
+            queue.push({
+              tokenIds: tokenIds.slice(0, i + 1),
+              text,
+              logprobs: logprobs && sliceLogprobs(logprobs, 0, i + 1),
+              promptLogprobs,
+            });
+            loop.finishAtStopString(tokenIds.length - i - 1);
             return;
           }
         }
-        queue.push({ tokenIds, text });
+        queue.push({ tokenIds, text, logprobs, promptLogprobs });
       },
       finished: (reason, usage) => {
         let text = decoder?.flush() ?? "";
@@ -402,23 +313,24 @@ export class Gateway {
       },
     });
     const onAbort = (): void => {
-      generation.cancel();
+      loop.cancel();
       queue.fail(new CancelledError("cancelled by the client"));
     };
     signal?.addEventListener("abort", onAbort, { once: true });
-    this.running.inc();
-    generation.start();
+    this.metrics.running.inc();
+    this.metrics.promptTokens.inc(request.promptTokenIds.length);
+    loop.start();
     try {
       yield* queue;
     } finally {
       signal?.removeEventListener("abort", onAbort);
       // Still running when the consumer stopped listening: nobody wants the rest.
-      if (!outcome && !failure) generation.cancel();
-      this.running.dec();
+      if (!outcome && !failure) loop.cancel();
+      this.metrics.running.dec();
       const seconds = (performance.now() - started) / 1000;
       const finishReason = outcome ? finishReasonName(outcome.finishReason) : failure ? "error" : "cancelled";
-      this.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
-      if (outcome) this.requestLatency.observe(seconds);
+      this.metrics.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
+      if (outcome) this.metrics.requestLatency.observe(seconds);
       this.logger.info("request", {
         requestId: request.requestId,
         mode: request.mode,
@@ -471,7 +383,7 @@ export class Gateway {
 
   // ---- requests -----------------------------------------------------------------------------------------
 
-  private resolve(input: GenerateInput): GenerationRequest {
+  private resolve(input: GenerateInput): ResolvedRequest {
     const model = this.targetInfo.model!;
     if (input.requestId && !isValidRequestId(input.requestId)) {
       throw new InvalidRequestError("a request id must be 1 to 128 visible ASCII characters");
@@ -503,32 +415,27 @@ export class Gateway {
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {
       throw new InvalidRequestError(`max_tokens must be a positive integer, got ${maxTokens}`);
     }
-    const temperature = input.temperature ?? 1;
-    if (!Number.isFinite(temperature) || temperature < 0) {
-      throw new InvalidRequestError(`temperature must be >= 0, got ${temperature}`);
-    }
-    const topP = input.topP ?? 1;
-    if (!(topP > 0 && topP <= 1)) throw new InvalidRequestError(`top_p must be in (0, 1], got ${topP}`);
-    const topK = input.topK ?? 0;
-    if (!Number.isInteger(topK) || topK < 0) throw new InvalidRequestError(`top_k must be >= 0, got ${topK}`);
-    const seed = input.seed ?? randomInt(0, 2 ** 48 - 1);
-    if (!Number.isSafeInteger(seed) || seed < 0) {
-      throw new InvalidRequestError(`seed must be an integer in [0, 2^53), got ${seed}`);
-    }
+    const sampling = clientSampling(input, () => randomInt(0, 2 ** 48 - 1));
+    const samplingError = samplingProblem(sampling);
+    if (samplingError) throw new InvalidRequestError(samplingError.message, samplingError.param);
     const mode = input.mode ?? this.config.defaultMode;
-    if (!DECODING_MODES.includes(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    if (!isDecodingModeName(mode)) throw new InvalidRequestError(`unknown mode ${String(mode)}`);
+    const topLogprobs = input.topLogprobs;
+    const topLogprobsError = topLogprobsProblem(topLogprobs, MAX_TOP_LOGPROBS);
+    if (topLogprobsError) throw new InvalidRequestError(topLogprobsError, "top_logprobs");
     const draftTemperature = input.draftTemperature ?? this.config.draftTemperature;
-    if (!Number.isFinite(draftTemperature) || draftTemperature < 0) {
-      throw new InvalidRequestError(`draft_temperature must be >= 0, got ${draftTemperature}`);
-    }
+    const draftTemperatureError = temperatureProblem(draftTemperature, "draft_temperature");
+    if (draftTemperatureError) throw new InvalidRequestError(draftTemperatureError, "draft_temperature");
     return {
       requestId: input.requestId || randomUUID(),
       promptTokenIds,
       maxTokens,
-      sampling: { temperature, topK, topP, seed },
+      sampling,
       mode,
       draftTemperature,
       draftTopK: this.config.draftTopK,
+      topLogprobs,
+      promptLogprobs: input.promptLogprobs,
     };
   }
 
@@ -547,7 +454,7 @@ export class Gateway {
       draftContextLength: this.draftInfo?.model?.maxPositionEmbeddings ?? 0,
       eosTokenIds: this.eosTokenIds,
       tuner: this.tuner,
-      metrics: this.loopMetrics,
+      metrics: this.metrics.loop,
       logger: this.logger,
       draftLost: (error: Error) => this.draftLost(error),
     };

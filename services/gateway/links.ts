@@ -1,6 +1,7 @@
 // The gateway's connections to the draft and target services. Each is ONE long-lived bidi stream that
-// carries every session of this gateway (DESIGN §3); events are routed to the session's listener by id.
-// When the stream breaks, every session on it hears about it and the next session opens a new stream.
+// carries every session of this gateway (docs/design.md §2, the session protocol); events are routed to
+// the session's listener by id. When the stream breaks, every session on it hears about it and the next
+// session opens a new stream.
 import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
 import type { ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
 import {

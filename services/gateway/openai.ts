@@ -1,10 +1,11 @@
 // The OpenAI-compatible REST API on the gateway's HTTP server: POST /v1/completions, POST
 // /v1/chat/completions (both with `stream` as server-sent events) and GET /v1/models. Requests become
-// Gateway.generate() calls; every usage object adds pearl's speculative-decoding counters. Errors use
-// OpenAI's body {error: {message, type, param, code}} so that OpenAI clients report them as such.
+// Gateway.generate() calls, one per choice of each prompt (openai_choices.ts); every usage object adds
+// pearl's speculative-decoding counters. Errors use OpenAI's body {error: {message, type, param, code}} so
+// that OpenAI clients report them as such.
 import { randomUUID } from "node:crypto";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
-import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
+import { FinishReason, type TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
 import { ChatTemplate, ChatTemplateError } from "../../lib/chat_template.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
 import type { TextTokenizer } from "../../lib/tokenizer.js";
@@ -20,12 +21,29 @@ import {
   UnavailableError,
 } from "./gateway.js";
 import {
+  choiceSeed,
+  collectRuns,
+  cumulativeLogprob,
+  type RunChunk,
+  type RunPlan,
+  runChoices,
+} from "./openai_choices.js";
+import {
+  chatLogprobs,
+  completionLogprobs,
+  type LogprobsFormat,
+  type ScoredToken,
+  scoredPrompt,
+  scoredTokens,
+} from "./openai_logprobs.js";
+import {
   type GenerationFields,
   invalidRequest,
   OpenAIError,
   parseChatCompletionRequest,
   parseCompletionRequest,
 } from "./openai_schema.js";
+import { detokenize, type TokenizeContext, tokenize, version } from "./openai_tokenize.js";
 
 export interface OpenAIApiOptions {
   gateway: Gateway;
@@ -58,47 +76,100 @@ export interface Usage {
 
 type OpenAIFinishReason = "stop" | "length";
 
-/** What differs between the two generation endpoints' responses. */
+/** What differs between the two generation endpoints' responses. `logprobs` is the choice's (or the
+ * piece's) logprobs object, or null when the request did not ask for them. */
 interface ResponseShape {
   idPrefix: string;
   object: string;
   chunkObject: string;
-  choice(text: string, finishReason: OpenAIFinishReason): Record<string, unknown>;
-  /** The first streamed choice (chat announces the role), or undefined when none is due. */
-  openingChunkChoice(): Record<string, unknown> | undefined;
-  textChunkChoice(text: string): Record<string, unknown>;
-  finishChunkChoice(finishReason: OpenAIFinishReason): Record<string, unknown>;
+  choice(
+    index: number,
+    text: string,
+    finishReason: OpenAIFinishReason,
+    logprobs: unknown,
+  ): Record<string, unknown>;
+  /** The first streamed piece of a choice (chat announces the role), or undefined when none is due. */
+  openingChunkChoice(index: number): Record<string, unknown> | undefined;
+  textChunkChoice(index: number, text: string, logprobs: unknown): Record<string, unknown>;
+  finishChunkChoice(index: number, finishReason: OpenAIFinishReason): Record<string, unknown>;
+  logprobsFormat(tokenizer: TextTokenizer): LogprobsFormat;
 }
 
 const COMPLETION_SHAPE: ResponseShape = {
   idPrefix: "cmpl-",
   object: "text_completion",
   chunkObject: "text_completion",
-  choice: (text, finishReason) => ({ index: 0, text, logprobs: null, finish_reason: finishReason }),
+  choice: (index, text, finishReason, logprobs) => ({ index, text, logprobs, finish_reason: finishReason }),
   openingChunkChoice: () => undefined,
-  textChunkChoice: (text) => ({ index: 0, text, logprobs: null, finish_reason: null }),
-  finishChunkChoice: (finishReason) => ({ index: 0, text: "", logprobs: null, finish_reason: finishReason }),
+  textChunkChoice: (index, text, logprobs) => ({ index, text, logprobs, finish_reason: null }),
+  finishChunkChoice: (index, finishReason) => ({
+    index,
+    text: "",
+    logprobs: null,
+    finish_reason: finishReason,
+  }),
+  logprobsFormat: completionLogprobs,
 };
 
 const CHAT_SHAPE: ResponseShape = {
   idPrefix: "chatcmpl-",
   object: "chat.completion",
   chunkObject: "chat.completion.chunk",
-  choice: (text, finishReason) => ({
-    index: 0,
+  choice: (index, text, finishReason, logprobs) => ({
+    index,
     message: { role: "assistant", content: text },
-    logprobs: null,
+    logprobs,
     finish_reason: finishReason,
   }),
-  openingChunkChoice: () => ({
-    index: 0,
+  openingChunkChoice: (index) => ({
+    index,
     delta: { role: "assistant", content: "" },
     logprobs: null,
     finish_reason: null,
   }),
-  textChunkChoice: (text) => ({ index: 0, delta: { content: text }, logprobs: null, finish_reason: null }),
-  finishChunkChoice: (finishReason) => ({ index: 0, delta: {}, logprobs: null, finish_reason: finishReason }),
+  textChunkChoice: (index, text, logprobs) => ({
+    index,
+    delta: { content: text },
+    logprobs,
+    finish_reason: null,
+  }),
+  finishChunkChoice: (index, finishReason) => ({
+    index,
+    delta: {},
+    logprobs: null,
+    finish_reason: finishReason,
+  }),
+  logprobsFormat: chatLogprobs,
 };
+
+/** A prompt as the request is served: its tokens, and the text echo returns. */
+interface ServedPrompt {
+  tokenIds: number[];
+  text: string;
+}
+
+/** How a request's choices are made and reported, beyond its generation fields. */
+interface ChoiceOptions {
+  /** Completions: the text and the scores start with the prompt's. */
+  echo: boolean;
+  /** Completions: runs per prompt, of which the n of the highest cumulative log-probability are returned. */
+  bestOf: number | undefined;
+}
+
+/** What every piece of a response needs to know. */
+interface ResponseContext {
+  body: GenerationFields;
+  prompts: ServedPrompt[];
+  plans: RunPlan[];
+  options: ChoiceOptions;
+  shape: ResponseShape;
+  tokenizer: TextTokenizer;
+  header: { id: string; created: number; model: string };
+  /** max_tokens 0 (with echo): the prompt alone is returned; the one token each run makes is dropped. */
+  promptOnly: boolean;
+  /** Runs per prompt: n, or best_of, which then ranks them. */
+  runsPerPrompt: number;
+}
 
 export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApiOptions): Promise<void> {
   const api = await OpenAIApi.create(options);
@@ -126,6 +197,18 @@ export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApi
     },
     { prefix: "/v1" },
   );
+  // vLLM serves these at the root, beside /health and /metrics.
+  await app.register(async (scope) => {
+    scope.addHook("onRequest", async (request, reply) => api.assignRequestId(request, reply));
+    scope.setErrorHandler((error, request, reply) => api.sendError(request, reply, error));
+    scope.post("/tokenize", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, async (request) =>
+      tokenize(jsonBody(request.body), api.tokenizeContext()),
+    );
+    scope.post("/detokenize", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, async (request) =>
+      detokenize(jsonBody(request.body), api.tokenizeContext()),
+    );
+    scope.get("/version", async () => version());
+  });
 }
 
 class OpenAIApi {
@@ -223,6 +306,16 @@ class OpenAIApi {
     };
   }
 
+  tokenizeContext(): TokenizeContext {
+    return {
+      tokenizer: this.requireTokenizer(),
+      chatTemplate: this.chatTemplate,
+      contextLength: this.model.contextLength,
+      vocabSize: this.model.vocabSize,
+      checkModel: (id) => this.checkModel(id),
+    };
+  }
+
   /** A generation request naming another model is a bad request (the endpoint exists), hence 400. */
   private checkModel(id: string): void {
     if (id !== this.model.id) {
@@ -240,9 +333,15 @@ class OpenAIApi {
     const body = parseCompletionRequest(jsonBody(request.body));
     this.checkModel(body.model);
     const tokenizer = this.requireTokenizer();
-    const promptTokenIds = typeof body.prompt === "string" ? tokenizer.encode(body.prompt) : body.prompt;
-    this.checkPrompt(promptTokenIds, body, "prompt");
-    await this.respond(request, reply, body, promptTokenIds, COMPLETION_SHAPE);
+    const prompts = body.prompts.map((prompt) => {
+      const tokenIds = typeof prompt === "string" ? tokenizer.encode(prompt) : prompt;
+      this.checkPrompt(tokenIds, body, "prompt");
+      return { tokenIds, text: typeof prompt === "string" ? prompt : tokenizer.decode(tokenIds) };
+    });
+    await this.respond(request, reply, body, prompts, COMPLETION_SHAPE, {
+      echo: body.echo,
+      bestOf: body.bestOf,
+    });
   }
 
   async chatCompletions(request: FastifyRequest, reply: FastifyReply): Promise<void> {
@@ -255,7 +354,10 @@ class OpenAIApi {
     // The template already wrote the special tokens (a BOS, say) where the model expects them.
     const promptTokenIds = tokenizer.encode(prompt, { addSpecialTokens: false });
     this.checkPrompt(promptTokenIds, body, "messages");
-    await this.respond(request, reply, body, promptTokenIds, CHAT_SHAPE);
+    await this.respond(request, reply, body, [{ tokenIds: promptTokenIds, text: prompt }], CHAT_SHAPE, {
+      echo: false,
+      bestOf: undefined,
+    });
   }
 
   private requireTokenizer(): TextTokenizer {
@@ -293,31 +395,55 @@ class OpenAIApi {
     request: FastifyRequest,
     reply: FastifyReply,
     body: GenerationFields,
-    promptTokenIds: number[],
+    prompts: ServedPrompt[],
     shape: ResponseShape,
+    options: ChoiceOptions,
   ): Promise<void> {
     const requestId = this.requestId(request);
-    const input: GenerateInput = {
-      requestId,
-      promptTokenIds,
-      maxTokens: body.maxTokens,
-      temperature: body.temperature,
-      topP: body.topP,
-      topK: body.topK,
-      seed: body.seed,
-      mode: body.mode,
-      stop: body.stop,
-    };
+    const promptOnly = body.maxTokens === 0;
+    const runsPerPrompt = options.bestOf ?? body.n;
+    // best_of ranks the runs by their scores, which are then computed even when not returned.
+    const topLogprobs = body.logprobs ?? (runsPerPrompt > body.n ? 0 : undefined);
+    const plans = prompts.flatMap((prompt, promptIndex) =>
+      Array.from({ length: runsPerPrompt }, (_, choice): RunPlan => {
+        const input: GenerateInput = {
+          requestId,
+          promptTokenIds: prompt.tokenIds,
+          // One token is the least a generation makes; a prompt-only request drops it.
+          maxTokens: promptOnly ? 1 : body.maxTokens,
+          temperature: body.temperature,
+          topP: body.topP,
+          topK: body.topK,
+          seed: body.seed === undefined ? undefined : choiceSeed(body.seed, choice),
+          mode: body.mode,
+          stop: body.stop,
+          topLogprobs,
+          // The prompt's scores are the same for every choice: the first run alone computes them.
+          promptLogprobs: options.echo && body.logprobs !== undefined && choice === 0,
+        };
+        return { prompt: promptIndex, choice, input };
+      }),
+    );
     const disconnect = abortOnDisconnect(reply);
-    const chunks = this.gateway.generate(input, disconnect.signal);
-    const header = {
-      id: `${shape.idPrefix}${requestId}`,
-      created: Math.floor(Date.now() / 1000),
-      model: this.model.id,
+    const runs = runChoices(this.gateway, plans, disconnect.signal);
+    const context: ResponseContext = {
+      body,
+      prompts,
+      plans,
+      options,
+      shape,
+      tokenizer: this.requireTokenizer(),
+      header: {
+        id: `${shape.idPrefix}${requestId}`,
+        created: Math.floor(Date.now() / 1000),
+        model: this.model.id,
+      },
+      promptOnly,
+      runsPerPrompt,
     };
     try {
-      if (body.stream) await this.stream(reply, chunks, shape, header, body.includeUsage, requestId);
-      else await this.complete(reply, chunks, shape, header);
+      if (body.stream) await this.stream(reply, runs, context, requestId);
+      else await this.complete(reply, runs, context);
     } catch (error) {
       // The client went away: there is no one to answer.
       if (error instanceof CancelledError) {
@@ -330,22 +456,42 @@ class OpenAIApi {
 
   private async complete(
     reply: FastifyReply,
-    chunks: AsyncGenerator<GenerateChunk>,
-    shape: ResponseShape,
-    header: { id: string; created: number; model: string },
+    runs: AsyncGenerator<RunChunk>,
+    context: ResponseContext,
   ): Promise<void> {
-    let text = "";
-    let last: GenerateChunk | undefined;
-    for await (const chunk of chunks) {
-      text += chunk.text;
-      last = chunk;
-    }
-    const finish = finishOf(last);
+    const { body, prompts, shape, options, runsPerPrompt } = context;
+    const results = await collectRuns(runs, context.plans.length);
+    const choices = prompts.flatMap((prompt, promptIndex) => {
+      const ofPrompt = results.slice(promptIndex * runsPerPrompt, (promptIndex + 1) * runsPerPrompt);
+      const promptScores = ofPrompt[0]!.promptLogprobs;
+      const returned =
+        runsPerPrompt === body.n
+          ? ofPrompt
+          : [...ofPrompt].sort((a, b) => cumulativeLogprob(b) - cumulativeLogprob(a)).slice(0, body.n);
+      return returned.map((result, rank) => {
+        const text = (options.echo ? prompt.text : "") + (context.promptOnly ? "" : result.text);
+        const scored = [
+          ...(options.echo ? scoredPromptOf(prompt, promptScores) : []),
+          ...(context.promptOnly || !result.logprobs ? [] : scoredTokens(result.logprobs)),
+        ];
+        const logprobs =
+          body.logprobs === undefined ? null : shape.logprobsFormat(context.tokenizer).format(scored);
+        return shape.choice(
+          promptIndex * body.n + rank,
+          text,
+          finishReasonOf(result.last, context),
+          logprobs,
+        );
+      });
+    });
     reply.send({
-      ...header,
+      ...context.header,
       object: shape.object,
-      choices: [shape.choice(text, finish.reason)],
-      usage: finish.usage,
+      choices,
+      usage: usageOf(
+        results.map((result) => result.last),
+        context,
+      ),
     });
   }
 
@@ -355,13 +501,13 @@ class OpenAIApi {
    */
   private async stream(
     reply: FastifyReply,
-    chunks: AsyncGenerator<GenerateChunk>,
-    shape: ResponseShape,
-    header: { id: string; created: number; model: string },
-    includeUsage: boolean,
+    runs: AsyncGenerator<RunChunk>,
+    context: ResponseContext,
     requestId: string,
   ): Promise<void> {
-    const iterator = chunks[Symbol.asyncIterator]();
+    const { body, shape, header, tokenizer } = context;
+    const includeUsage = body.includeUsage;
+    const iterator = runs[Symbol.asyncIterator]();
     let next = await iterator.next();
     reply.hijack();
     const raw = reply.raw;
@@ -382,17 +528,43 @@ class OpenAIApi {
       };
       raw.write(`data: ${JSON.stringify(event)}\n\n`);
     };
+    // Per run: its logprobs format (text offsets run on from piece to piece) once it has begun, and its last
+    // chunk once it has finished. A prompt's scores come with its first run's first chunk, which arrives
+    // before any other run of the prompt has begun.
+    const formats: (LogprobsFormat | undefined)[] = context.plans.map(() => undefined);
+    const lasts: (GenerateChunk | undefined)[] = context.plans.map(() => undefined);
+    const promptScores: (TokenLogprobs | undefined)[] = context.prompts.map(() => undefined);
+    const scoresOf = (tokens: ScoredToken[], format: LogprobsFormat) =>
+      body.logprobs === undefined ? null : format.format(tokens);
     try {
-      const opening = shape.openingChunkChoice();
-      if (opening) send([opening]);
       for (; !next.done; next = await iterator.next()) {
-        const chunk = next.value;
-        if (chunk.text !== "") send([shape.textChunkChoice(chunk.text)]);
+        const { run, chunk } = next.value;
+        const { prompt: promptIndex, choice } = context.plans[run]!;
+        const index = promptIndex * body.n + choice;
+        promptScores[promptIndex] ??= chunk.promptLogprobs;
+        let format = formats[run];
+        if (!format) {
+          format = formats[run] = shape.logprobsFormat(tokenizer);
+          const opening = shape.openingChunkChoice(index);
+          if (opening) send([opening]);
+          if (context.options.echo) {
+            const prompt = context.prompts[promptIndex]!;
+            const scored = scoredPromptOf(prompt, promptScores[promptIndex]);
+            send([shape.textChunkChoice(index, prompt.text, scoresOf(scored, format))]);
+          }
+        }
+        if (!context.promptOnly) {
+          const scores =
+            chunk.logprobs && chunk.tokenIds.length > 0
+              ? scoresOf(scoredTokens(chunk.logprobs), format)
+              : null;
+          if (chunk.text !== "" || scores !== null) send([shape.textChunkChoice(index, chunk.text, scores)]);
+        }
         if (chunk.finishReason === undefined) continue;
-        const finish = finishOf(chunk);
-        send([shape.finishChunkChoice(finish.reason)]);
-        if (includeUsage) send([], finish.usage);
+        lasts[run] = chunk;
+        send([shape.finishChunkChoice(index, finishReasonOf(chunk, context))]);
       }
+      if (includeUsage) send([], usageOf(lasts, context));
     } catch (error) {
       if (error instanceof CancelledError) throw error;
       const openAIError = toOpenAIError(error);
@@ -447,22 +619,41 @@ function jsonBody(body: unknown): unknown {
   return body;
 }
 
-function finishOf(chunk: GenerateChunk | undefined): { reason: OpenAIFinishReason; usage: Usage } {
-  if (!chunk?.usage || chunk.finishReason === undefined) {
-    throw new Error("the generation ended without a finish reason");
+/** A prompt-only choice ends where max_tokens 0 puts it: at its length. */
+function finishReasonOf(chunk: GenerateChunk, context: ResponseContext): OpenAIFinishReason {
+  if (chunk.finishReason === undefined) throw new Error("the generation ended without a finish reason");
+  return context.promptOnly || chunk.finishReason === FinishReason.FINISH_REASON_LENGTH ? "length" : "stop";
+}
+
+/** With echo, the prompt's tokens and their scores (when the request asked for logprobs). */
+function scoredPromptOf(prompt: ServedPrompt, scores: TokenLogprobs | undefined): ScoredToken[] {
+  return scores ? scoredPrompt(prompt.tokenIds, scores) : [];
+}
+
+/** The usage of the whole request: each prompt counted once, every run's generated tokens and counters
+ * (best_of's unreturned runs included, as they cost as much). */
+function usageOf(lasts: readonly (GenerateChunk | undefined)[], context: ResponseContext): Usage {
+  let completionTokens = 0;
+  let draftTokens = 0;
+  let acceptedTokens = 0;
+  let targetSteps = 0;
+  for (const last of lasts) {
+    const usage = last?.usage;
+    if (!usage) throw new Error("a generation ended without its usage");
+    completionTokens += context.promptOnly ? 0 : usage.completionTokens;
+    draftTokens += usage.draftTokens;
+    acceptedTokens += usage.acceptedTokens;
+    targetSteps += usage.targetSteps;
   }
-  const usage = chunk.usage;
+  const promptTokens = context.prompts.reduce((sum, prompt) => sum + prompt.tokenIds.length, 0);
   return {
-    reason: chunk.finishReason === FinishReason.FINISH_REASON_LENGTH ? "length" : "stop",
-    usage: {
-      prompt_tokens: usage.promptTokens,
-      completion_tokens: usage.completionTokens,
-      total_tokens: usage.promptTokens + usage.completionTokens,
-      draft_tokens: usage.draftTokens,
-      accepted_tokens: usage.acceptedTokens,
-      target_steps: usage.targetSteps,
-      mean_accepted_length: usage.meanAcceptedLength,
-    },
+    prompt_tokens: promptTokens,
+    completion_tokens: completionTokens,
+    total_tokens: promptTokens + completionTokens,
+    draft_tokens: draftTokens,
+    accepted_tokens: acceptedTokens,
+    target_steps: targetSteps,
+    mean_accepted_length: targetSteps > 0 ? completionTokens / targetSteps : 0,
   };
 }
 

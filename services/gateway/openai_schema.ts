@@ -1,9 +1,11 @@
 // The OpenAI request bodies pearl accepts, checked field by field so that every mistake is answered with
 // a 400 naming the field (OpenAI's error shape: {error: {message, type, param, code}}). Unknown fields
 // are ignored, as OpenAI-compatible servers do; fields that would change the answer in a way pearl does
-// not implement (n > 1, logprobs, tools, penalties...) are refused rather than silently dropped.
-import { DECODING_MODES, type DecodingMode } from "../../lib/config.js";
+// not implement (tools, penalties...) are refused rather than silently dropped.
+import { DECODING_MODE_NAMES, type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
 import type { ChatMessage } from "../../lib/chat_template.js";
+import { topLogprobsProblem } from "../../lib/sampling_params.js";
+import { MAX_TOP_LOGPROBS } from "./logprobs.js";
 
 export class OpenAIError extends Error {
   constructor(
@@ -35,14 +37,23 @@ export interface GenerationFields {
   topK: number | undefined;
   seed: number | undefined;
   stop: string[];
-  mode: DecodingMode | undefined;
+  mode: DecodingModeName | undefined;
   stream: boolean;
   includeUsage: boolean;
+  /** Choices per prompt. */
+  n: number;
+  /** Set: every choice scores its tokens, with this many most likely tokens' beside. */
+  logprobs: number | undefined;
 }
 
 export interface CompletionRequest extends GenerationFields {
-  /** Text, or token ids. */
-  prompt: string | number[];
+  /** One or more prompts, each text or token ids; n choices each. */
+  prompts: (string | number[])[];
+  /** The text starts with the prompt (and, with logprobs, the scores with the prompt's scores). */
+  echo: boolean;
+  /** Set: this many choices run per prompt, and the n of the highest cumulative log-probability are
+   * returned. */
+  bestOf: number | undefined;
 }
 
 export interface ChatCompletionRequest extends GenerationFields {
@@ -50,6 +61,8 @@ export interface ChatCompletionRequest extends GenerationFields {
 }
 
 export const MAX_STOP_STRINGS = 4;
+/** Choices a request may ask for, over n (or best_of) and its prompts: each is a session on both services. */
+export const MAX_CHOICES = 128;
 
 type Body = Record<string, unknown>;
 
@@ -90,11 +103,9 @@ interface NumberRule {
   integer?: boolean;
   min?: number;
   max?: number;
-  /** The minimum itself is not allowed. */
-  exclusiveMin?: boolean;
 }
 
-function optionalNumber(body: Body, name: string, rule: NumberRule): number | undefined {
+function optionalNumber(body: Body, name: string, rule: NumberRule = {}): number | undefined {
   const value = present(body, name);
   if (value === undefined) return undefined;
   if (typeof value !== "number" || !Number.isFinite(value)) {
@@ -104,11 +115,9 @@ function optionalNumber(body: Body, name: string, rule: NumberRule): number | un
     throw invalidRequest(`${name} must be an integer, got ${value}`, name);
   }
   const { min, max } = rule;
-  const belowMin = min !== undefined && (rule.exclusiveMin ? value <= min : value < min);
-  if (belowMin || (max !== undefined && value > max)) {
-    const low = min === undefined ? "" : rule.exclusiveMin ? `> ${min}` : `>= ${min}`;
-    const high = max === undefined ? "" : `<= ${max}`;
-    throw invalidRequest(`${name} must be ${[low, high].filter(Boolean).join(" and ")}, got ${value}`, name);
+  if ((min !== undefined && value < min) || (max !== undefined && value > max)) {
+    const bounds = [min !== undefined && `>= ${min}`, max !== undefined && `<= ${max}`].filter(Boolean);
+    throw invalidRequest(`${name} must be ${bounds.join(" and ")}, got ${value}`, name);
   }
   return value;
 }
@@ -130,12 +139,7 @@ const isEmpty = (value: unknown): boolean =>
   (typeof value === "object" && value !== null && Object.keys(value).length === 0);
 
 function refuseUnsupported(body: Body): void {
-  refuseUnless(body, "n", isOne, "pearl returns one choice per request (n must be 1)");
-  refuseUnless(body, "best_of", isOne, "pearl returns one choice per request (best_of must be 1)");
-  refuseUnless(body, "echo", isFalse, "the prompt is not echoed");
   refuseUnless(body, "suffix", isEmpty, "insertion (suffix) is not supported");
-  refuseUnless(body, "logprobs", isFalse, "log probabilities are not returned");
-  refuseUnless(body, "top_logprobs", isZero, "log probabilities are not returned");
   refuseUnless(body, "presence_penalty", isZero, "penalties would change the target's distribution");
   refuseUnless(body, "frequency_penalty", isZero, "penalties would change the target's distribution");
   refuseUnless(body, "logit_bias", isEmpty, "logit bias would change the target's distribution");
@@ -165,16 +169,16 @@ function stopStrings(body: Body): string[] {
   return strings;
 }
 
-function decodingMode(body: Body): DecodingMode | undefined {
+function decodingMode(body: Body): DecodingModeName | undefined {
   const value = present(body, "decoding");
   if (value === undefined) return undefined;
-  if (typeof value !== "string" || !(DECODING_MODES as readonly string[]).includes(value)) {
+  if (!isDecodingModeName(value)) {
     throw invalidRequest(
-      `decoding must be one of ${DECODING_MODES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
+      `decoding must be one of ${DECODING_MODE_NAMES.map((mode) => `"${mode}"`).join(", ")}, got ${describe(value)}`,
       "decoding",
     );
   }
-  return value as DecodingMode;
+  return value;
 }
 
 function includeUsage(body: Body, stream: boolean): boolean {
@@ -187,76 +191,107 @@ function includeUsage(body: Body, stream: boolean): boolean {
   return optionalBoolean(options as Body, "include_usage", "stream_options.include_usage") ?? false;
 }
 
-function generationFields(body: Body, maxTokens: number | undefined): GenerationFields {
+function generationFields(
+  body: Body,
+  maxTokens: number | undefined,
+  logprobs: number | undefined,
+): GenerationFields {
   refuseUnsupported(body);
   const stream = optionalBoolean(body, "stream") ?? false;
   return {
     model: requiredString(body, "model"),
     maxTokens,
-    temperature: optionalNumber(body, "temperature", { min: 0, max: 2 }),
-    topP: optionalNumber(body, "top_p", { min: 0, exclusiveMin: true, max: 1 }),
-    // vLLM's convention: -1 (like 0) turns top-k off.
-    topK: normalizeTopK(optionalNumber(body, "top_k", { integer: true, min: -1 })),
-    seed: optionalNumber(body, "seed", { integer: true, min: 0 }),
+    // Their ranges are the gateway's to check (lib/sampling_params.ts), for this API and gRPC alike.
+    temperature: optionalNumber(body, "temperature"),
+    topP: optionalNumber(body, "top_p"),
+    topK: optionalNumber(body, "top_k"),
+    seed: optionalNumber(body, "seed"),
     stop: stopStrings(body),
     mode: decodingMode(body),
     stream,
     includeUsage: includeUsage(body, stream),
+    n: optionalNumber(body, "n", { integer: true, min: 1, max: MAX_CHOICES }) ?? 1,
+    logprobs,
   };
 }
 
-function normalizeTopK(topK: number | undefined): number | undefined {
-  return topK === -1 ? 0 : topK;
+/** A count of most likely tokens to score (completions' `logprobs`, chat's `top_logprobs`), its range
+ * checked where every API's is (lib/sampling_params.ts). */
+function topLogprobsField(body: Body, name: string): number | undefined {
+  const value = optionalNumber(body, name);
+  const problem = topLogprobsProblem(value, MAX_TOP_LOGPROBS, name);
+  if (problem) throw invalidRequest(problem, name);
+  return value;
 }
 
 const maxTokensRule: NumberRule = { integer: true, min: 1 };
 
 export function parseCompletionRequest(raw: unknown): CompletionRequest {
   const body = requestObject(raw);
-  const fields = generationFields(body, optionalNumber(body, "max_tokens", maxTokensRule));
-  return { ...fields, prompt: completionPrompt(body) };
+  const echo = optionalBoolean(body, "echo") ?? false;
+  // Only the prompt's scores are wanted (lm-evaluation-harness's loglikelihood requests): max_tokens 0.
+  const maxTokens = optionalNumber(body, "max_tokens", { integer: true, min: echo ? 0 : 1 });
+  // The legacy API's logprobs is the count of most likely tokens; false (some clients) means none.
+  const logprobs = present(body, "logprobs") === false ? undefined : topLogprobsField(body, "logprobs");
+  const fields = generationFields(body, maxTokens, logprobs);
+  const prompts = completionPrompts(body);
+  const bestOf = optionalNumber(body, "best_of", { integer: true, min: fields.n, max: MAX_CHOICES });
+  if (bestOf !== undefined && bestOf > 1 && fields.stream) {
+    throw invalidRequest(
+      "best_of cannot be used with stream: the best choices are known only at the end",
+      "best_of",
+    );
+  }
+  const choices = prompts.length * (bestOf ?? fields.n);
+  if (choices > MAX_CHOICES) {
+    throw invalidRequest(
+      `${prompts.length} prompts with ${bestOf ?? fields.n} choices each make ${choices} choices, more than ` +
+        `the ${MAX_CHOICES} a request may ask for`,
+      bestOf !== undefined ? "best_of" : "n",
+    );
+  }
+  return { ...fields, prompts, echo, bestOf };
 }
 
-/** A string, token ids, or a list holding exactly one of those (pearl answers one prompt per request). */
-function completionPrompt(body: Body): string | number[] {
-  let prompt = present(body, "prompt");
+/** A string, token ids, or a non-empty list of either (several prompts). */
+function completionPrompts(body: Body): (string | number[])[] {
+  const prompt = present(body, "prompt");
   if (prompt === undefined) throw invalidRequest("missing required field: prompt", "prompt");
-  if (
-    Array.isArray(prompt) &&
-    prompt.length === 1 &&
-    (typeof prompt[0] === "string" || Array.isArray(prompt[0]))
-  ) {
-    prompt = prompt[0];
-  }
-  if (typeof prompt === "string") {
-    if (prompt === "") throw invalidRequest("prompt must not be empty", "prompt");
-    return prompt;
-  }
-  if (
-    Array.isArray(prompt) &&
-    prompt.length > 0 &&
-    prompt.every((id) => Number.isSafeInteger(id) && id >= 0)
-  ) {
-    return prompt as number[];
-  }
-  if (Array.isArray(prompt) && prompt.length > 1 && prompt.every((item) => typeof item === "string")) {
-    throw invalidRequest("pearl takes one prompt per request, got a list of several", "prompt");
-  }
-  throw invalidRequest(
-    `prompt must be a non-empty string or a non-empty list of token ids, got ${describe(prompt)}`,
-    "prompt",
-  );
+  const isList = Array.isArray(prompt) && prompt.length > 0;
+  const prompts: unknown[] =
+    isList && prompt.every((item) => typeof item === "string" || Array.isArray(item)) ? prompt : [prompt];
+  return prompts.map((item, index) => {
+    const param = prompts.length > 1 ? `prompt[${index}]` : "prompt";
+    if (typeof item === "string") {
+      if (item === "") throw invalidRequest(`${param} must not be empty`, param);
+      return item;
+    }
+    if (Array.isArray(item) && item.length > 0 && item.every((id) => Number.isSafeInteger(id) && id >= 0)) {
+      return item as number[];
+    }
+    throw invalidRequest(
+      `${param} must be a non-empty string or a non-empty list of token ids, got ${describe(item)}`,
+      param,
+    );
+  });
 }
 
 const CHAT_ROLES = new Set(["system", "developer", "user", "assistant"]);
 
 export function parseChatCompletionRequest(raw: unknown): ChatCompletionRequest {
   const body = requestObject(raw);
+  refuseUnless(body, "echo", isFalse, "the chat API does not echo the messages");
+  refuseUnless(body, "best_of", isOne, "the chat API has no best_of (use n)");
   // max_completion_tokens replaces max_tokens in the chat API; either is accepted.
   const maxTokens =
     optionalNumber(body, "max_completion_tokens", maxTokensRule) ??
     optionalNumber(body, "max_tokens", maxTokensRule);
-  const fields = generationFields(body, maxTokens);
+  const logprobs = optionalBoolean(body, "logprobs") ?? false;
+  const topLogprobs = topLogprobsField(body, "top_logprobs");
+  if (!logprobs && topLogprobs !== undefined && topLogprobs > 0) {
+    throw invalidRequest("top_logprobs needs logprobs: true", "top_logprobs");
+  }
+  const fields = generationFields(body, maxTokens, logprobs ? (topLogprobs ?? 0) : undefined);
   return { ...fields, messages: chatMessages(body) };
 }
 
@@ -318,4 +353,47 @@ function messageContent(content: unknown, param: string): string {
       return text;
     })
     .join("");
+}
+
+/** POST /tokenize (vLLM's): a completion prompt or chat messages. */
+export type TokenizeRequest = { model: string | undefined; returnTokenStrs: boolean } & (
+  | { prompt: string; addSpecialTokens: boolean }
+  | { messages: ChatMessage[]; addGenerationPrompt: boolean; addSpecialTokens: boolean }
+);
+
+function optionalModel(body: Body): string | undefined {
+  return present(body, "model") === undefined ? undefined : requiredString(body, "model");
+}
+
+export function parseTokenizeRequest(raw: unknown): TokenizeRequest {
+  const body = requestObject(raw);
+  const common = {
+    model: optionalModel(body),
+    returnTokenStrs: optionalBoolean(body, "return_token_strs") ?? false,
+  };
+  if (present(body, "messages") !== undefined) {
+    return {
+      ...common,
+      messages: chatMessages(body),
+      addGenerationPrompt: optionalBoolean(body, "add_generation_prompt") ?? true,
+      // The template writes the special tokens itself.
+      addSpecialTokens: optionalBoolean(body, "add_special_tokens") ?? false,
+    };
+  }
+  return {
+    ...common,
+    prompt: requiredString(body, "prompt"),
+    addSpecialTokens: optionalBoolean(body, "add_special_tokens") ?? true,
+  };
+}
+
+/** POST /detokenize (vLLM's). */
+export function parseDetokenizeRequest(raw: unknown): { model: string | undefined; tokens: number[] } {
+  const body = requestObject(raw);
+  const tokens = present(body, "tokens");
+  if (tokens === undefined) throw invalidRequest("missing required field: tokens", "tokens");
+  if (!Array.isArray(tokens) || !tokens.every((id) => Number.isSafeInteger(id) && id >= 0)) {
+    throw invalidRequest(`tokens must be a list of token ids, got ${describe(tokens)}`, "tokens");
+  }
+  return { model: optionalModel(body), tokens: tokens as number[] };
 }

@@ -2,7 +2,7 @@
 //
 // PEARL (Parallel spEculative decoding with Adaptive daRft Length, ICLR 2025) runs the draft and the target
 // at the same time instead of taking turns. Here each model lives in its own service; this file is the
-// whole protocol between them (DESIGN §3), seen from one request:
+// whole protocol between them (docs/design.md §2), seen from one request:
 //
 //   1. start     Open the session on the target and on the draft; both prefill the prompt at once.
 //   2. draft     The draft streams tokens (position, tokens, epoch) as it drafts them, up to `lookahead`
@@ -28,31 +28,37 @@
 // do). Each verdict asks the tuner for this request's plan, so its window follows its own acceptance.
 //
 // Why the output equals ar's: the target emits, at every position, its own token, and the engine's
-// acceptance rule (DESIGN §5) makes "accepted draft token" and "the target's own token" the same
+// acceptance rule (docs/design.md §4, exactness) makes "accepted draft token" and "the target's own token" the same
 // distribution; with a greedy draft and seeded sampling they are even the same token, because sampling is
 // a pure function of (seed, position).
 import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
 import type { DraftEvent, DraftTokens } from "../../proto/gen/pearl/v1/draft.js";
-import type { TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+import type { TokenDistribution, TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
 import type { TargetEvent, Verdict } from "../../proto/gen/pearl/v1/target.js";
-import type { DecodingMode } from "../../lib/config.js";
+import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
-import type { Counter, Histogram } from "../../lib/metrics.js";
+import type { SamplingParams } from "../../lib/native.js";
 import type { DraftLink, TargetLink } from "./links.js";
+import type { LoopMetrics } from "./metrics.js";
 import type { DecodingPlan, SessionTuning, Tuner } from "./tuner.js";
 
-export interface GenerationRequest {
+/** A request as the loop runs it: checked, the server's defaults filled in (Gateway.resolve). */
+export interface ResolvedRequest {
   requestId: string;
   promptTokenIds: number[];
   maxTokens: number;
-  sampling: { temperature: number; topK: number; topP: number; seed: number };
-  mode: DecodingMode;
+  sampling: SamplingParams;
+  mode: DecodingModeName;
   draftTemperature: number;
   /** Size of a sampled draft's sparse distribution q. */
   draftTopK: number;
+  /** Set: the target scores every committed token, with this many most likely tokens' beside. */
+  topLogprobs?: number;
+  /** The first tokens come with the prompt's scores. */
+  promptLogprobs?: boolean;
 }
 
-export interface GenerationUsage {
+export interface RequestUsage {
   promptTokens: number;
   completionTokens: number;
   draftTokens: number;
@@ -60,7 +66,7 @@ export interface GenerationUsage {
   targetSteps: number;
   meanAcceptedLength: number;
   /** The mode the request finished in. */
-  mode: DecodingMode;
+  mode: DecodingModeName;
   /** The draft failed or was unavailable: the request went on in ar. */
   draftFallback: boolean;
   /** The tuner found that drafting does not pay at the present load: the request went on in ar. */
@@ -68,21 +74,11 @@ export interface GenerationUsage {
 }
 
 /** Where the loop reports to (the gateway turns it into a response stream). */
-export interface GenerationOutput {
-  tokens(tokenIds: number[]): void;
-  finished(finishReason: FinishReason, usage: GenerationUsage): void;
+export interface LoopOutput {
+  /** `logprobs` when the request asked for them; `promptLogprobs` with the first tokens, when asked. */
+  tokens(tokenIds: number[], logprobs?: TokenLogprobs, promptLogprobs?: TokenLogprobs): void;
+  finished(finishReason: FinishReason, usage: RequestUsage): void;
   failed(error: Error): void;
-}
-
-export interface LoopMetrics {
-  draftTokens: Counter;
-  acceptedTokens: Counter;
-  acceptedPerPosition: Counter<"position">;
-  verifySteps: Counter;
-  targetSteps: Counter;
-  staleDraftTokens: Counter;
-  fallbacks: Counter<"reason">;
-  meanAcceptedLength: Histogram;
 }
 
 export interface LoopContext {
@@ -105,7 +101,11 @@ interface DraftToken {
   distribution: TokenDistribution | undefined;
 }
 
-export class Generation {
+/**
+ * One request's PEARL loop: it opens the request's session on both services (one session id names it on
+ * both streams), relays between them and reports what the target commits.
+ */
+export class PearlLoop {
   /** The prompt, then every committed token. */
   private readonly committed: number[];
   private readonly promptLength: number;
@@ -113,7 +113,7 @@ export class Generation {
   private readonly maxLength: number;
   /** The draft never drafts at a position >= draftLimit: the target cannot use it there. */
   private readonly draftLimit: number;
-  private mode: DecodingMode;
+  private mode: DecodingModeName;
   private plan: DecodingPlan = { speculate: false, lookahead: 0, verifyWindow: 0 };
   /** This session's part in the tuning, from start until the session is over on both services. */
   private tuning: SessionTuning | undefined;
@@ -134,9 +134,9 @@ export class Generation {
 
   constructor(
     private readonly sessionId: number,
-    private readonly request: GenerationRequest,
+    private readonly request: ResolvedRequest,
     private readonly context: LoopContext,
-    private readonly output: GenerationOutput,
+    private readonly output: LoopOutput,
   ) {
     this.committed = [...request.promptTokenIds];
     this.promptLength = request.promptTokenIds.length;
@@ -174,6 +174,8 @@ export class Generation {
         maxTokens: this.request.maxTokens,
         autoregressive: this.mode === "ar",
         verifyWindow: this.plan.verifyWindow,
+        topLogprobs: this.request.topLogprobs,
+        promptLogprobs: this.request.promptLogprobs,
       },
       { onEvent: (event) => this.onTargetEvent(event), onLinkLost: (error) => this.onTargetLost(error) },
     );
@@ -295,7 +297,7 @@ export class Generation {
     }
     this.lastVerdictAt = now;
     this.context.tuner.observeTargetStep(verdict.step);
-    if (emitted.length > 0) this.output.tokens(emitted);
+    if (emitted.length > 0) this.output.tokens(emitted, verdict.logprobs, verdict.promptLogprobs);
     // The gateway may have ended the request on these tokens (a stop string).
     if (this.done) return;
 

@@ -10,7 +10,8 @@ import {
   type GenerateRequest,
   type GenerateResponse,
 } from "../../proto/gen/pearl/v1/gateway.js";
-import type { DecodingMode as ModeName, GatewayConfig } from "../../lib/config.js";
+import type { GatewayConfig } from "../../lib/config.js";
+import { modeFromProto, PROTO_MODES } from "../../lib/decoding_modes.js";
 import { GrpcStatus, startGrpcServer } from "../../lib/grpc.js";
 import { startHttpServer } from "../../lib/http.js";
 import { announceListening, createLogger, errorMessage, type Logger } from "../../lib/logging.js";
@@ -31,28 +32,13 @@ export interface RunningGateway extends RunningService {
   gateway: Gateway;
 }
 
-const MODE_NAMES: Record<number, ModeName | undefined> = {
-  [DecodingMode.DECODING_MODE_PEARL]: "pearl",
-  [DecodingMode.DECODING_MODE_SD]: "sd",
-  [DecodingMode.DECODING_MODE_AR]: "ar",
-};
-
-export function modeToProto(mode: ModeName): DecodingMode {
-  switch (mode) {
-    case "pearl":
-      return DecodingMode.DECODING_MODE_PEARL;
-    case "sd":
-      return DecodingMode.DECODING_MODE_SD;
-    case "ar":
-      return DecodingMode.DECODING_MODE_AR;
-  }
-}
-
 function toResponse(chunk: GenerateChunk): GenerateResponse {
   return {
     tokenIds: chunk.tokenIds,
     text: chunk.text,
     finishReason: chunk.finishReason ?? FinishReason.FINISH_REASON_UNSPECIFIED,
+    logprobs: chunk.logprobs,
+    promptLogprobs: chunk.promptLogprobs,
     usage: chunk.usage && {
       promptTokens: chunk.usage.promptTokens,
       completionTokens: chunk.usage.completionTokens,
@@ -60,7 +46,7 @@ function toResponse(chunk: GenerateChunk): GenerateResponse {
       acceptedTokens: chunk.usage.acceptedTokens,
       targetSteps: chunk.usage.targetSteps,
       meanAcceptedLength: chunk.usage.meanAcceptedLength,
-      mode: modeToProto(chunk.usage.mode),
+      mode: PROTO_MODES[chunk.usage.mode],
       draftFallback: chunk.usage.draftFallback,
       seed: chunk.usage.seed,
     },
@@ -99,7 +85,8 @@ async function serveGenerate(
     const metadata = new Metadata();
     metadata.set(REQUEST_ID_HEADER, requestId);
     call.sendMetadata(metadata);
-    if (request.mode !== DecodingMode.DECODING_MODE_UNSPECIFIED && MODE_NAMES[request.mode] === undefined) {
+    const mode = modeFromProto(request.mode);
+    if (request.mode !== DecodingMode.DECODING_MODE_UNSPECIFIED && mode === undefined) {
       throw new InvalidRequestError(`unknown mode ${request.mode}`);
     }
     const chunks = gateway.generate(
@@ -112,9 +99,11 @@ async function serveGenerate(
         topP: request.topP,
         topK: request.topK,
         seed: request.seed,
-        mode: MODE_NAMES[request.mode],
+        mode,
         draftTemperature: request.draftTemperature,
         stop: request.stop,
+        topLogprobs: request.topLogprobs,
+        promptLogprobs: request.promptLogprobs,
       },
       abort.signal,
     );
@@ -148,7 +137,7 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
           callback(null, {
             draft: info.draft,
             target: info.target,
-            defaultMode: modeToProto(config.defaultMode),
+            defaultMode: PROTO_MODES[config.defaultMode],
             draftAvailable: info.draftAvailable,
             hasTokenizer: gateway.hasTokenizer,
             lookahead: info.lookahead,

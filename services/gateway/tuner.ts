@@ -45,9 +45,10 @@
 // carries them to other batch sizes. Pins (--lookahead, --verify-window) and --min-gamma >= 1 keep every
 // request drafting; mode sd always drafts, its window fixed when it opens.
 import type { ServiceInfo, StepReport } from "../../proto/gen/pearl/v1/common.js";
-import type { DecodingMode, GatewayConfig } from "../../lib/config.js";
+import type { GatewayConfig } from "../../lib/config.js";
+import type { DecodingModeName } from "../../lib/decoding_modes.js";
 import type { Logger } from "../../lib/logging.js";
-import type { Gauge } from "../../lib/metrics.js";
+import type { TunerGauges } from "./metrics.js";
 
 export interface DecodingPlan {
   /** false: the tuner found that drafting does not pay now; the request runs on the target alone (and
@@ -163,7 +164,7 @@ class AcceptanceCounts {
 
 /** A session as the tuner sees it. */
 interface Session {
-  readonly mode: DecodingMode;
+  readonly mode: DecodingModeName;
   readonly requestId: string;
   drafting: boolean;
   /** Draft tokens per verify step it runs with (0 while it does not draft). */
@@ -180,8 +181,6 @@ interface Batch {
   longestWindow: number;
   drafting: number;
 }
-
-type Gauges = { lookahead: Gauge; verifyWindow: Gauge; gamma: Gauge; acceptance: Gauge };
 
 export class Tuner {
   /** Step ms against the tokens in the step. */
@@ -211,7 +210,7 @@ export class Tuner {
   constructor(
     private readonly config: GatewayConfig,
     private readonly logger: Logger,
-    private readonly gauges: Gauges,
+    private readonly gauges: TunerGauges,
   ) {
     if (config.minGamma > config.maxGamma) {
       throw new Error(`--min-gamma (${config.minGamma}) must not exceed --max-gamma (${config.maxGamma})`);
@@ -243,7 +242,7 @@ export class Tuner {
   // ---- sessions -----------------------------------------------------------------------------------------
 
   /** A request opens on the target: mode pearl drafts if that pays now, sd always, ar never. */
-  openSession(mode: DecodingMode, requestId: string): SessionTuning {
+  openSession(mode: DecodingModeName, requestId: string): SessionTuning {
     const plan = this.plan(mode);
     const session: Session = {
       mode,
@@ -317,7 +316,7 @@ export class Tuner {
   // ---- plans --------------------------------------------------------------------------------------------
 
   /** What a request of this mode that opened now would run with. */
-  plan(mode: DecodingMode): DecodingPlan {
+  plan(mode: DecodingModeName): DecodingPlan {
     if (mode === "ar") return NOT_DRAFTING;
     if (mode === "sd") {
       // Vanilla speculative decoding is asked for by name: it always drafts.

@@ -16,21 +16,30 @@
 // the most recently admitted session gives its KV back and queues to be recomputed from its committed
 // tokens. Its output does not change: logits do not depend on the batch, and sampling depends only on the
 // seed and the position.
-import { FinishReason, type StepReport, type TokenDistribution } from "../../proto/gen/pearl/v1/common.js";
+//
+// Log-probabilities (TargetOpen.top_logprobs) come from the rows that chose the emitted tokens: in a verify
+// window row i holds the target's distribution at the position of the i-th emitted token, bit for bit the
+// row plain decoding computes there, so the scores are the same in every mode.
+import {
+  FinishReason,
+  type StepReport,
+  type TokenDistribution,
+  type TokenLogprobs,
+} from "../../proto/gen/pearl/v1/common.js";
 import type { TargetOpen, TargetPropose, Verdict } from "../../proto/gen/pearl/v1/target.js";
 import type { TargetServiceConfig } from "../../lib/config.js";
 import {
   type EngineLoopParts,
   fedTokens,
   type LoopSession,
-  samplingParamsOf,
   SessionLoop,
   type SessionSink,
   type StepOutcome,
 } from "../../lib/engine_loop.js";
-import { Counter, Gauge } from "../../lib/metrics.js";
-import type { DraftDistribution, SamplingParams, StepItem } from "../../lib/native.js";
+import type { DraftDistribution, Logprobs, SamplingParams, StepItem } from "../../lib/native.js";
+import { samplingParamsOf, samplingProblem, topLogprobsProblem } from "../../lib/sampling_params.js";
 import { decideEmission } from "./emission.js";
+import { type TargetMetrics, targetMetrics } from "./metrics.js";
 
 export interface TargetEventSink extends SessionSink {
   verdict(verdict: Verdict): void;
@@ -66,6 +75,10 @@ interface TargetSession extends LoopSession<TargetEventSink> {
   proposedTokens: number;
   acceptedTokens: number;
   preemptions: number;
+  /** Set: verdicts score their tokens, with this many most likely tokens' beside. */
+  readonly topLogprobs: number | undefined;
+  /** The prompt's scores gathered chunk by chunk, while the first verdict, which carries them, is due. */
+  promptScores: TokenLogprobs | undefined;
 }
 
 type Work =
@@ -76,53 +89,14 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   /** Sessions queued for KV room, first come first served (preempted ones go back to the front). */
   private readonly waiting: TargetSession[] = [];
   private admissions = 0;
-  private readonly preemptions: Counter;
-  private readonly proposalsDropped: Counter;
-  private readonly proposed: Counter;
-  private readonly accepted: Counter;
-  private readonly verifySteps: Counter;
+  private readonly targetMetrics: TargetMetrics;
 
   constructor(
     parts: EngineLoopParts,
     private readonly config: TargetServiceConfig,
   ) {
     super("target", parts);
-    const registry = parts.registry;
-    this.proposalsDropped = new Counter({
-      name: "pearl_target_proposals_dropped_tokens_total",
-      help: "Proposed tokens dropped before verification, by reason",
-      labelNames: ["reason"],
-      registers: [registry],
-    });
-    this.proposed = new Counter({
-      name: "pearl_target_proposed_tokens_total",
-      help: "Proposed tokens verified",
-      registers: [registry],
-    });
-    this.accepted = new Counter({
-      name: "pearl_target_accepted_tokens_total",
-      help: "Proposed tokens accepted",
-      registers: [registry],
-    });
-    const waiting = this.waiting;
-    new Gauge({
-      name: "pearl_sessions_waiting_sessions",
-      help: "Sessions queued for KV cache room",
-      registers: [registry],
-      collect() {
-        this.set(waiting.length);
-      },
-    });
-    this.preemptions = new Counter({
-      name: "pearl_target_preemptions_total",
-      help: "Sessions that gave their KV back to make room, to be recomputed later",
-      registers: [registry],
-    });
-    this.verifySteps = new Counter({
-      name: "pearl_target_verify_steps_total",
-      help: "Per-session verifications of at least one proposed token",
-      registers: [registry],
-    });
+    this.targetMetrics = targetMetrics(parts.registry, () => this.waiting.length);
   }
 
   // ---- messages from the gateway ----------------------------------------------------------------------
@@ -140,15 +114,10 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!Number.isInteger(request.maxTokens) || request.maxTokens < 1) {
       return `max_tokens must be at least 1, got ${request.maxTokens}`;
     }
-    const sampling = request.sampling;
-    if (sampling) {
-      if (!(sampling.temperature >= 0) || !Number.isFinite(sampling.temperature)) {
-        return `temperature must be >= 0, got ${sampling.temperature}`;
-      }
-      if (!(sampling.topP >= 0 && sampling.topP <= 1)) return `top_p must be in (0, 1], got ${sampling.topP}`;
-      if (sampling.topK < 0) return `top_k must be >= 0, got ${sampling.topK}`;
-    }
-    return undefined;
+    // Any count up to the vocabulary is served here; the gateway's APIs allow 20.
+    const topLogprobs = topLogprobsProblem(request.topLogprobs, this.engine.info.vocabSize);
+    if (topLogprobs) return topLogprobs;
+    return samplingProblem(samplingParamsOf(request.sampling))?.message;
   }
 
   protected override createSession(sink: TargetEventSink, request: TargetOpen): TargetSession {
@@ -175,6 +144,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       proposedTokens: 0,
       acceptedTokens: 0,
       preemptions: 0,
+      topLogprobs: request.topLogprobs,
+      promptScores: request.promptLogprobs ? emptyScores(request.topLogprobs ?? 0) : undefined,
     };
   }
 
@@ -183,7 +154,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     if (!session) return;
     const { epoch, position, tokenIds, distributions } = request;
     if (epoch < session.minEpoch) {
-      this.proposalsDropped.inc({ reason: "stale_epoch" }, tokenIds.length);
+      this.targetMetrics.proposalsDropped.inc({ reason: "stale_epoch" }, tokenIds.length);
       return;
     }
     if (distributions.length !== 0 && distributions.length !== tokenIds.length) {
@@ -202,7 +173,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     const chainLength = committed + session.pending.length;
     if (position < session.promptLength || position > chainLength) {
       // A gap: tokens that followed were dropped (stale), so these cannot be placed.
-      this.proposalsDropped.inc({ reason: "not_contiguous" }, tokenIds.length);
+      this.targetMetrics.proposalsDropped.inc({ reason: "not_contiguous" }, tokenIds.length);
       return;
     }
     // Tokens that overlap what the session holds must agree with it.
@@ -214,11 +185,11 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       if (at < committed) {
         // The draft guessed a committed position wrong: everything this epoch drafted after it is stale.
         session.minEpoch = Math.max(session.minEpoch, epoch + 1);
-        this.proposalsDropped.inc({ reason: "contradicts_committed" }, tokenIds.length);
+        this.targetMetrics.proposalsDropped.inc({ reason: "contradicts_committed" }, tokenIds.length);
         return;
       }
       if (epoch <= session.pending[at - committed]!.epoch) {
-        this.proposalsDropped.inc({ reason: "contradicts_pending" }, tokenIds.length);
+        this.targetMetrics.proposalsDropped.inc({ reason: "contradicts_pending" }, tokenIds.length);
         return;
       }
       // A newer epoch rewrites pending proposals from here on.
@@ -301,7 +272,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       const running = this.runningSessions();
       if (need <= stats.blocksFree || running.length <= 1) return work;
       const victim = running.reduce((a, b) => (a.admittedAt > b.admittedAt ? a : b));
-      this.preemptions.inc();
+      this.targetMetrics.preemptions.inc();
       victim.preemptions += 1;
       this.logger.debug("session preempted", {
         requestId: victim.requestId,
@@ -312,6 +283,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       victim.state = "waiting";
       victim.inEngine = false;
       victim.kvLength = 0;
+      // Prompt scores not yet sent are gathered again as the prompt is recomputed.
+      if (victim.promptScores) victim.promptScores = emptyScores(victim.promptScores.topK);
       this.waiting.unshift(victim);
       await this.engine.release(victim.seqId);
       work = work.filter((w) => w.session !== victim);
@@ -351,15 +324,21 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
         // Only a new session's prompt ends in a sample (its first token); a recomputed one has it already.
         const last =
           session.kvLength + count === prefillEnd && session.tokens.length === session.promptLength;
+        const end = session.kvLength + count;
         work.push({
           kind: "prefill",
           session,
           last,
           item: {
             seqId: session.seqId,
-            tokens: Int32Array.from(session.tokens.slice(session.kvLength, session.kvLength + count)),
+            tokens: Int32Array.from(session.tokens.slice(session.kvLength, end)),
             output: last ? "sample" : "none",
             sampling: session.sampling,
+            logprobs: last ? session.topLogprobs : undefined,
+            // Each row scores the token after it; the row ending a chunk scores the next chunk's first.
+            ...(session.promptScores
+              ? { promptLogprobs: session.promptScores.topK, nextPromptToken: session.tokens[end] }
+              : {}),
           },
         });
         continue;
@@ -382,6 +361,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
           draftDists: withDistributions ? proposals.map((p) => p.distribution!) : undefined,
           output: "sample",
           sampling: session.sampling,
+          logprobs: session.topLogprobs,
         },
       });
     }
@@ -431,6 +411,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
           numDraft: 0,
           output: "sample",
           sampling: session.sampling,
+          logprobs: session.topLogprobs,
         },
       });
     }
@@ -444,15 +425,18 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       session.kvLength = result.length;
       if (w.kind === "prefill") {
         this.metrics.stepTokens.inc({ kind: "prefill" }, w.item.tokens.length);
-        if (w.last) this.emit(session, [result.nextToken], 0, 0, step);
+        if (session.promptScores && result.promptLogprobs) {
+          appendScores(session.promptScores, result.promptLogprobs);
+        }
+        if (w.last) this.emit(session, [result.nextToken], 0, 0, step, result.logprobs);
         continue;
       }
       const proposed = w.proposals.length;
       this.metrics.stepTokens.inc({ kind: proposed > 0 ? "verify" : "decode" }, fedTokens(w.item));
       if (proposed > 0) {
-        this.verifySteps.inc();
-        this.proposed.inc(proposed);
-        this.accepted.inc(result.accepted);
+        this.targetMetrics.verifySteps.inc();
+        this.targetMetrics.proposed.inc(proposed);
+        this.targetMetrics.accepted.inc(result.accepted);
       }
       const candidates = w.proposals.slice(0, result.accepted).map((p) => p.token);
       // With a sampled draft, a bonus token would be a plain sample where a verification would have
@@ -460,7 +444,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       // make seeded requests irreproducible. The next step verifies the draft's token there instead.
       const sampledDraft = w.item.draftDists !== undefined;
       if (!(sampledDraft && result.accepted === proposed)) candidates.push(result.nextToken);
-      this.emit(session, candidates, proposed, result.accepted, step);
+      this.emit(session, candidates, proposed, result.accepted, step, result.logprobs);
     }
   }
 
@@ -471,6 +455,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     proposed: number,
     accepted: number,
     step: StepReport,
+    scores: Logprobs | undefined,
   ): void {
     const position = session.tokens.length;
     const emission = decideEmission(candidates, accepted, this.eos, session.maxLength - position);
@@ -478,6 +463,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
     session.proposedTokens += proposed;
     session.acceptedTokens += emission.accepted;
     this.consumePending(session, emission.tokens);
+    const promptScores = session.promptScores;
+    session.promptScores = undefined;
     session.sink.verdict({
       sessionId: session.sessionId,
       position,
@@ -486,6 +473,8 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       accepted: emission.accepted,
       finishReason: emission.finishReason,
       step,
+      logprobs: scores && scoresOf(scores, emission.tokens.length),
+      promptLogprobs: promptScores,
     });
     if (emission.finishReason !== FinishReason.FINISH_REASON_UNSPECIFIED) this.end(session, "finished");
   }
@@ -497,7 +486,7 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       const proposal = session.pending[i]!;
       if (proposal.token !== emitted[i]) {
         session.minEpoch = Math.max(session.minEpoch, proposal.epoch + 1);
-        this.proposalsDropped.inc({ reason: "rejected" }, session.pending.length - i);
+        this.targetMetrics.proposalsDropped.inc({ reason: "rejected" }, session.pending.length - i);
         session.pending = [];
         return;
       }
@@ -520,6 +509,30 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
   private windowOf(requested: number): number {
     return requested > 0 ? Math.min(requested, this.config.maxVerifyWindow) : this.config.maxVerifyWindow;
   }
+}
+
+function emptyScores(topK: number): TokenLogprobs {
+  return { tokenIds: [], logprobs: [], topK, topTokenIds: [], topLogprobs: [] };
+}
+
+/** The first `count` tokens' scores. */
+function scoresOf(scores: Logprobs, count: number): TokenLogprobs {
+  const top = count * scores.topK;
+  return {
+    tokenIds: Array.from(scores.tokens.subarray(0, count)),
+    logprobs: Array.from(scores.logprobs.subarray(0, count)),
+    topK: scores.topK,
+    topTokenIds: Array.from(scores.topTokens.subarray(0, top)),
+    topLogprobs: Array.from(scores.topLogprobs.subarray(0, top)),
+  };
+}
+
+/** A prompt's scores can outgrow what a spread call takes as arguments: appended one by one. */
+function appendScores(into: TokenLogprobs, scores: Logprobs): void {
+  for (const token of scores.tokens) into.tokenIds.push(token);
+  for (const logprob of scores.logprobs) into.logprobs.push(logprob);
+  for (const token of scores.topTokens) into.topTokenIds.push(token);
+  for (const logprob of scores.topLogprobs) into.topLogprobs.push(logprob);
 }
 
 function nativeDistribution(distribution: TokenDistribution): DraftDistribution {

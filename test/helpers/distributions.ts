@@ -1,5 +1,5 @@
 // Exact next-token distributions, computed in the test process from the real engine's logits, and the
-// same processing the runtime applies (DESIGN §5): p = top_p(top_k(softmax(logits / T))).
+// same processing the runtime applies (docs/design.md §4): p = top_p(top_k(softmax(logits / T))).
 import { Engine } from "../../lib/native.js";
 
 export type Distribution = Map<number, number>;

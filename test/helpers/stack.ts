@@ -165,12 +165,6 @@ export interface Generated {
   responses: number;
 }
 
-export const MODES = {
-  pearl: DecodingMode.DECODING_MODE_PEARL,
-  sd: DecodingMode.DECODING_MODE_SD,
-  ar: DecodingMode.DECODING_MODE_AR,
-} as const;
-
 export function generateRequest(request: Partial<GenerateRequest>): GenerateRequest {
   return {
     requestId: "",

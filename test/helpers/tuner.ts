@@ -5,19 +5,15 @@ import { Writable } from "node:stream";
 import winston from "winston";
 import type { Logger } from "../../lib/logging.js";
 import { type GatewayConfig, gatewayDefaults } from "../../lib/config.js";
-import { Gauge, Registry } from "../../lib/metrics.js";
+import { Registry } from "../../lib/metrics.js";
 import type { ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
+import { gatewayMetrics } from "../../services/gateway/metrics.js";
 import { type DecodingPlan, type SessionTuning, Tuner } from "../../services/gateway/tuner.js";
 
-/** A tuner on the gateway's defaults overridden by `config`, its gauges in `registry`. */
+/** A tuner on the gateway's defaults overridden by `config`, the gateway's metrics (its gauges among
+ * them) in `registry`. */
 export function makeTuner(config: Partial<GatewayConfig>, logger: Logger, registry: Registry): Tuner {
-  const gauge = (name: string) => new Gauge({ name, help: name, registers: [registry] });
-  return new Tuner({ ...gatewayDefaults(), ...config }, logger, {
-    lookahead: gauge("lookahead"),
-    verifyWindow: gauge("verify_window"),
-    gamma: gauge("gamma"),
-    acceptance: gauge("acceptance"),
-  });
+  return new Tuner({ ...gatewayDefaults(), ...config }, logger, gatewayMetrics(registry).tuner);
 }
 
 /** A service's start-up profile: decode steps at batch 1, 2, 4 and 8 taking `ms(batch)`. */

@@ -2,7 +2,7 @@
 // and its CUDA twin): the argmax, or at temperature > 0 the Gumbel-max draw with pearl's counter-based
 // noise (native/src/counter_rng.h), ties to the lowest id; for rows with a top-k/top-p cut or judging
 // sampled drafts, the draw from the processed distribution (native/src/sampling.cpp) and the speculative
-// sampling verdict (accept with min(1, p/q), else the residual draw from norm(max(0, p - q))); for a
+// sampling outcome (accept with min(1, p/q), else the residual draw from norm(max(0, p - q))); for a
 // drafting step, the top-k distribution q of p it returns and the token drawn from q.
 import assert from "node:assert/strict";
 
@@ -210,13 +210,13 @@ export function rowToken(
   return sampleToken(processLogits(row, sampling), sampling.seed, position);
 }
 
-export interface Verdict {
+export interface VerifyOutcome {
   accepted: number;
   nextToken: number;
 }
 
 /**
- * The verdict on drafts window[1..] given the window's rows of logits (row i judges window[i + 1]; the last
+ * The outcome on drafts window[1..] given the window's rows of logits (row i judges window[i + 1]; the last
  * row gives the bonus token); firstPosition is the position of the token row 0 chooses. Greedy drafts
  * (draftDists undefined): accepted while each equals the row's own token. Sampled drafts: accept d when
  * u * q(d) < p(d) with u from the Accept stream, else the residual draw.
@@ -227,7 +227,7 @@ export function verifyWindow(
   draftDists: readonly DraftDistribution[] | undefined,
   sampling: SamplingParams,
   firstPosition: number,
-): Verdict {
+): VerifyOutcome {
   const numDraft = window.length - 1;
   for (let i = 0; i < numDraft; i++) {
     const position = firstPosition + i;
@@ -291,14 +291,14 @@ export async function assertEngineChoosesTokens(engine: Engine, prompt: readonly
     const windowLogits = await stepLogits(engine, withLogits, window);
     const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
     const expected = verifyWindow(rows, window, undefined, sampling, prompt.length + 1);
-    const verdict = only(
+    const outcome = only(
       await engine.step([
         { seqId: choosing, tokens: Int32Array.from(window), numDraft: window.length - 1, sampling },
       ]),
     );
     assert.ok(expected.accepted >= 1, "the first draft is the expected token and must be accepted");
     assert.deepEqual(
-      { accepted: verdict.accepted, nextToken: verdict.nextToken },
+      { accepted: outcome.accepted, nextToken: outcome.nextToken },
       expected,
       `verify window, ${what}`,
     );
@@ -317,7 +317,7 @@ function draftDistribution(draft: number, share: number, vocab: number): DraftDi
 }
 
 /**
- * Checks on any backend that verify windows of sampled drafts (each with a sparse q) get the verdict
+ * Checks on any backend that verify windows of sampled drafts (each with a sparse q) get the outcome
  * verifyWindow gives on the same rows' logits, for every CHOICE_SETTINGS entry and two kinds of window: every
  * draft the target's most likely token with a tiny q(d) (accepted unless p(d) is tinier: the bonus row
  * decides), and a second draft the target's least likely token with q(d) = 0.9 (rejected: the residual
@@ -352,13 +352,13 @@ export async function assertEngineVerifiesSampledDrafts(
       const windowLogits = await stepLogits(engine, withLogits, window);
       const rows = window.map((_, row) => logitsRow(windowLogits, vocab, row));
       const expected = verifyWindow(rows, window, draftDists, sampling, prompt.length + 1);
-      const verdict = only(
+      const outcome = only(
         await engine.step([
           { seqId: choosing, tokens: Int32Array.from(window), numDraft: 3, draftDists, sampling },
         ]),
       );
       assert.deepEqual(
-        { accepted: verdict.accepted, nextToken: verdict.nextToken },
+        { accepted: outcome.accepted, nextToken: outcome.nextToken },
         expected,
         `sampled drafts, ${what}`,
       );

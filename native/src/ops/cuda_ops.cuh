@@ -1,8 +1,8 @@
 // CUDA kernels of the forward pass, one per file beside its CPU twin (ops/<op>.cu next to ops/<op>.cpp).
 // Activations that feed a matrix product are bf16, the residual stream and every reduction are float32.
 //
-// Batch invariance (DESIGN §5) is kept the same way as on the CPU: a row's result is computed by the same
-// instructions in the same order whatever the number of rows in the launch. Every kernel here keeps that
+// Batch invariance (docs/design.md §4, exactness) is kept the same way as on the CPU: a row's result is
+// computed by the same instructions in the same order whatever the number of rows in the launch. Every kernel here keeps that
 // rule; only the cuBLASLt path for more than 16 rows (cuda/cublaslt.cu) does not, which is why the
 // deterministic mode avoids it.
 #pragma once
