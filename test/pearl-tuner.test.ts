@@ -92,9 +92,9 @@ describe("draft-length tuner", () => {
     simulation.finishAll();
     simulation.run(7, 1, 0, { steps: () => 100 });
     assert.deepEqual(simulation.tuner.plan("pearl"), { speculate: false, lookahead: 0, verifyWindow: 0 });
-    assert.equal(await simulation.gauge("gamma"), 0);
-    assert.equal(await simulation.gauge("lookahead"), 0);
-    assert.equal(await simulation.gauge("verify_window"), 0);
+    assert.equal(await simulation.gauge("pearl_draft_length_tokens"), 0);
+    assert.equal(await simulation.gauge("pearl_lookahead_tokens"), 0);
+    assert.equal(await simulation.gauge("pearl_verify_window_tokens"), 0);
     simulation.run(1, 2000);
     assert.ok(simulation.windows()[0]! >= 1, JSON.stringify(simulation.windows()));
   });
