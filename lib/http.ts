@@ -20,6 +20,9 @@ export interface HttpServerOptions {
   /** Most milliseconds a client may take to send a whole request (headers and body); then 408. Node's
    * default is five minutes, which lets slow clients hold connections open. */
   requestTimeoutMs?: number;
+  /** The body of an error fastify answers before any route (a URL that does not decode, an unknown
+   * path), so that it has the same shape as the API's own errors. Default: fastify's. */
+  errorBody?: (status: number, message: string) => unknown;
 }
 
 export interface RunningHttpServer {
@@ -52,7 +55,22 @@ export async function startHttpServer(options: HttpServerOptions): Promise<Runni
           },
         }
       : { http: nodeServerOptions }),
+    ...(options.errorBody
+      ? {
+          frameworkErrors: (error: Error, _request: FastifyRequest, reply: FastifyReply) => {
+            void reply.code(400).send(options.errorBody!(400, error.message));
+          },
+        }
+      : {}),
   }) as unknown as FastifyInstance;
+  const errorBody = options.errorBody;
+  if (errorBody) {
+    app.setNotFoundHandler((request, reply) =>
+      reply
+        .code(404)
+        .send(errorBody(404, `unknown endpoint: ${request.method} ${request.url.split("?", 1)[0]}`)),
+    );
+  }
   if (options.onRequest) app.addHook("onRequest", options.onRequest);
   app.get("/metrics", async (_request, reply) => {
     const body = await options.registry.metrics();

@@ -80,7 +80,7 @@ export function restAuthentication(
     const header = request.headers.authorization;
     if (options.keys.accepts(bearerToken(header))) return;
     options.rejected();
-    options.logger.info("request rejected: unauthenticated", {
+    options.logger.warn("request rejected: unauthenticated", {
       method: request.method,
       path,
       remoteAddress: request.ip,
@@ -113,7 +113,7 @@ export function grpcAuthentication(options: AuthOptions): ServerInterceptor {
               return;
             }
             options.rejected();
-            options.logger.info("request rejected: unauthenticated", {
+            options.logger.warn("request rejected: unauthenticated", {
               method: method.path,
               peer: call.getPeer(),
               keyPresented: authorization !== undefined,

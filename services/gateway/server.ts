@@ -3,7 +3,7 @@
 import { randomUUID } from "node:crypto";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
 import { Metadata, type ServerWritableStream } from "@grpc/grpc-js";
-import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
+import { FinishReason, InfoRequest } from "../../proto/gen/pearl/v1/common.js";
 import {
   DecodingMode,
   type GatewayServer,
@@ -30,6 +30,7 @@ import {
   UnavailableError,
 } from "./gateway.js";
 import { registerOpenAIApi } from "./openai.js";
+import { OpenAIError } from "./openai_schema.js";
 
 export interface RunningGateway extends RunningService {
   gateway: Gateway;
@@ -71,7 +72,7 @@ function toResponse(chunk: GenerateChunk): GenerateResponse {
   };
 }
 
-/** A GenerateRequest that did not decode: answered INVALID_ARGUMENT by the handler (grpc-js itself would
+/** A request message that did not decode: answered INVALID_ARGUMENT by the handler (grpc-js itself would
  * answer a deserializer's exception with INTERNAL, a server error, for what is the client's mistake). */
 class MalformedRequest {
   constructor(readonly reason: string) {}
@@ -81,18 +82,29 @@ const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /** Decodes strictly: proto3 strings must be valid UTF-8, and a string that is not is refused rather than
  * patched with U+FFFD. */
-function decodeGenerateRequest(bytes: Buffer): GenerateRequest | MalformedRequest {
-  try {
-    return GenerateRequest.decode(new BinaryReader(bytes, (data) => strictUtf8.decode(data)));
-  } catch (error) {
-    return new MalformedRequest(errorMessage(error));
-  }
+function strictDecoder<Message>(type: {
+  decode(reader: BinaryReader): Message;
+}): (bytes: Buffer) => Message | MalformedRequest {
+  return (bytes) => {
+    try {
+      return type.decode(new BinaryReader(bytes, (data) => strictUtf8.decode(data)));
+    } catch (error) {
+      return new MalformedRequest(errorMessage(error));
+    }
+  };
 }
 
 const GATEWAY_DEFINITION = {
   ...GatewayService,
-  generate: { ...GatewayService.generate, requestDeserialize: decodeGenerateRequest },
+  generate: { ...GatewayService.generate, requestDeserialize: strictDecoder(GenerateRequest) },
+  info: { ...GatewayService.info, requestDeserialize: strictDecoder(InfoRequest) },
 } as typeof GatewayService;
+
+function malformed(request: unknown): { code: GrpcStatus; details: string } | undefined {
+  return request instanceof MalformedRequest
+    ? { code: GrpcStatus.INVALID_ARGUMENT, details: `the request message does not decode: ${request.reason}` }
+    : undefined;
+}
 
 /** The request's id: the request_id field, else the x-request-id metadata entry, else a new one. */
 function requestIdOf(call: ServerWritableStream<GenerateRequest, GenerateResponse>): string {
@@ -114,12 +126,10 @@ async function serveGenerate(
   call: ServerWritableStream<GenerateRequest, GenerateResponse>,
   logger: Logger,
 ): Promise<void> {
-  const request = call.request as GenerateRequest | MalformedRequest;
-  if (request instanceof MalformedRequest) {
-    call.emit("error", {
-      code: GrpcStatus.INVALID_ARGUMENT,
-      details: `the request is not a valid GenerateRequest: ${request.reason}`,
-    });
+  const request = call.request;
+  const invalid = malformed(request);
+  if (invalid) {
+    call.emit("error", invalid);
     return;
   }
   const abort = new AbortController();
@@ -199,7 +209,12 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
 
   const implementation: GatewayServer = {
     generate: (call) => void serveGenerate(gateway, call, log),
-    info: (_call, callback) => {
+    info: (call, callback) => {
+      const invalid = malformed(call.request);
+      if (invalid) {
+        callback(invalid);
+        return;
+      }
       gateway.info().then(
         (info) =>
           callback(null, {
@@ -248,6 +263,7 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
             tls,
             onRequest: keys.enabled ? restAuthentication(auth) : undefined,
             requestTimeoutMs: config.bodyTimeoutSeconds * 1000,
+            errorBody: (status, message) => new OpenAIError(status, message, "invalid_request_error").body(),
             configure: (app) =>
               registerOpenAIApi(app, {
                 gateway,

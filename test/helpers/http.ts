@@ -27,6 +27,8 @@ export interface Response {
 function send(url: string, options: RequestOptions): ReturnType<typeof httpRequest> {
   const target = new URL(url);
   const common = {
+    // A connection of its own: one that the server closed after its last answer (431, 408) is not reused.
+    agent: false,
     method: options.method ?? (options.body === undefined ? "GET" : "POST"),
     headers: {
       ...(options.body !== undefined ? { "content-type": "application/json" } : {}),
