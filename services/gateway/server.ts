@@ -32,6 +32,8 @@ import {
 import { registerOpenAIApi } from "./openai.js";
 import { OpenAIError } from "./openai_schema.js";
 
+const HEALTH_SYNC_INTERVAL_MS = 250;
+
 export interface RunningGateway extends RunningService {
   gateway: Gateway;
 }
@@ -281,12 +283,24 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
   announceListening("gateway", { grpcPort: grpc.port, httpPort: http?.port ?? -1 });
   const grpcServer = grpc;
   const httpServer = http;
+  // The gRPC health service says what /health says: NOT_SERVING while the target is unreachable. Set on
+  // changes only: every setStatus call is pushed to the Watch streams.
+  let serving = true;
+  const healthSync = setInterval(() => {
+    const healthy = gateway.unhealthyReason() === null;
+    if (healthy === serving) return;
+    serving = healthy;
+    grpcServer.health.setStatus("", healthy ? "SERVING" : "NOT_SERVING");
+    grpcServer.health.setStatus("pearl.v1.Gateway", healthy ? "SERVING" : "NOT_SERVING");
+  }, HEALTH_SYNC_INTERVAL_MS);
+  healthSync.unref();
 
   return {
     gateway,
     grpcPort: grpcServer.port,
     httpPort: httpServer?.port ?? -1,
     async close() {
+      clearInterval(healthSync);
       const health = grpcServer.health;
       health.setStatus("", "NOT_SERVING");
       health.setStatus("pearl.v1.Gateway", "NOT_SERVING");
