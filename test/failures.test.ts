@@ -8,7 +8,15 @@ import { type ClientReadableStream, status } from "@grpc/grpc-js";
 import type { GenerateResponse } from "../proto/gen/pearl/v1/gateway.js";
 import { request, SseStream } from "./helpers/http.js";
 import { EMBEDDED_MODELS, PearlServe } from "./helpers/pearl_serve.js";
-import { collect, type Generated, inParallel, MODES, randomPrompts, Stack } from "./helpers/stack.js";
+import {
+  collect,
+  type Generated,
+  grpcHealthStatus,
+  inParallel,
+  MODES,
+  randomPrompts,
+  Stack,
+} from "./helpers/stack.js";
 
 const TOKENIZER = join(EMBEDDED_MODELS, "target");
 const MODEL = "target";
@@ -109,6 +117,11 @@ describe("the target or the draft dies, clients vanish", () => {
     assert.ok(at - killedAt < 2000);
 
     await until(async () => (await healthStatus()) === 503, "/health unhealthy", 2000);
+    await until(
+      async () => (await grpcHealthStatus(stack.gateway.address)) === "NOT_SERVING",
+      "gRPC health NOT_SERVING",
+      2000,
+    );
     await assert.rejects(stack.generate({ ...greedy, maxTokens: 4 }), (error: { code: number }) => {
       assert.equal(error.code, status.UNAVAILABLE);
       return true;
@@ -122,6 +135,11 @@ describe("the target or the draft dies, clients vanish", () => {
 
     await stack.restartTarget();
     await until(async () => (await healthStatus()) === 200, "/health healthy again", 10_000);
+    await until(
+      async () => (await grpcHealthStatus(stack.gateway.address)) === "SERVING",
+      "gRPC health SERVING again",
+      1000,
+    );
     const again = await stack.generate({ ...greedy, mode: MODES.pearl });
     assert.deepEqual(again.tokenIds, before.tokenIds);
     const restAgain = (await request(completions(), {

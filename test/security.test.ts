@@ -5,17 +5,7 @@ import { spawnSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import {
-  type ChannelCredentials,
-  Client,
-  credentials,
-  Metadata,
-  type MethodDefinition,
-  type ServiceDefinition,
-  status,
-} from "@grpc/grpc-js";
-import { loadSync } from "@grpc/proto-loader";
-import { protoPath as healthProtoPath } from "grpc-health-check";
+import { type ChannelCredentials, credentials, Metadata, status } from "@grpc/grpc-js";
 import { CHANNEL_OPTIONS } from "../lib/grpc.js";
 import { pearlCommand } from "../lib/service_process.js";
 import { GatewayClient } from "../proto/gen/pearl/v1/gateway.js";
@@ -23,11 +13,7 @@ import { TargetServiceClient } from "../proto/gen/pearl/v1/target.js";
 import { type Certificates, makeCertificates } from "./helpers/certs.js";
 import { request, type TlsClient } from "./helpers/http.js";
 import { EMBEDDED_MODELS } from "./helpers/pearl_serve.js";
-import { collect, generateRequest, metricValue, Stack } from "./helpers/stack.js";
-
-const healthCheck = (
-  loadSync(healthProtoPath, { enums: String })["grpc.health.v1.Health"] as ServiceDefinition
-).Check as MethodDefinition<{ service: string }, { status: string }>;
+import { collect, generateRequest, grpcHealthStatus, metricValue, Stack } from "./helpers/stack.js";
 
 const KEYS = ["sk-test-alpha-7f3a91", "sk-test-beta-22c0e4"];
 const WRONG_KEY = "sk-wrong-gamma-5d18b7";
@@ -151,21 +137,10 @@ describe("API keys and TLS", () => {
         return true;
       });
     }
-    const health = new Client(stack.gateway.address, credentials.createSsl(certs.read(certs.ca)));
-    try {
-      const answer = await new Promise<{ status: string }>((resolve, reject) =>
-        health.makeUnaryRequest(
-          healthCheck.path,
-          healthCheck.requestSerialize,
-          healthCheck.responseDeserialize,
-          { service: "" },
-          (error, response) => (error ? reject(error) : resolve(response!)),
-        ),
-      );
-      assert.equal(answer.status, "SERVING");
-    } finally {
-      health.close();
-    }
+    assert.equal(
+      await grpcHealthStatus(stack.gateway.address, credentials.createSsl(certs.read(certs.ca))),
+      "SERVING",
+    );
     const plaintext = new GatewayClient(stack.gateway.address, credentials.createInsecure(), CHANNEL_OPTIONS);
     try {
       await assert.rejects(

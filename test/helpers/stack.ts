@@ -1,6 +1,15 @@
 // The three services as child processes (`pearl draft|target|gateway`, exactly as deployed) on ephemeral
 // loopback ports, and a gRPC client of the gateway.
-import { type ChannelCredentials, credentials, type ClientReadableStream } from "@grpc/grpc-js";
+import {
+  type ChannelCredentials,
+  Client,
+  credentials,
+  type ClientReadableStream,
+  type MethodDefinition,
+  type ServiceDefinition,
+} from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
+import { protoPath as healthProtoPath } from "grpc-health-check";
 import { CHANNEL_OPTIONS } from "../../lib/grpc.js";
 import { sampleValue } from "../../lib/metrics.js";
 import { type ServiceProcess, spawnService } from "../../lib/service_process.js";
@@ -290,3 +299,28 @@ export function randomPrompts(count: number, minLength: number, maxLength: numbe
 
 /** The value of a Prometheus sample (summed over the label sets that include `labels`). */
 export const metricValue = sampleValue;
+
+const healthCheck = (
+  loadSync(healthProtoPath, { enums: String })["grpc.health.v1.Health"] as ServiceDefinition
+).Check as MethodDefinition<{ service: string }, { status: string }>;
+
+/** grpc.health.v1.Health/Check of the server's overall status ("SERVING", "NOT_SERVING", ...). */
+export async function grpcHealthStatus(
+  address: string,
+  channelCredentials: ChannelCredentials = credentials.createInsecure(),
+): Promise<string> {
+  const client = new Client(address, channelCredentials);
+  try {
+    return await new Promise((resolve, reject) =>
+      client.makeUnaryRequest(
+        healthCheck.path,
+        healthCheck.requestSerialize,
+        healthCheck.responseDeserialize,
+        { service: "" },
+        (error, response) => (error ? reject(error) : resolve(response!.status)),
+      ),
+    );
+  } finally {
+    client.close();
+  }
+}
