@@ -224,24 +224,26 @@ function parseExempt(raw: string): ("health" | "metrics")[] {
   return raw.split(",").map((part) => oneOf(["health", "metrics"] as const)(part.trim()));
 }
 
+/** A flag naming a PEM file; its variable is `env` followed by the flag in capitals. */
+function pemFileSpec<Config>(key: keyof Config & string, flag: string, env: string, description: string) {
+  const variable = `${env}${flag.toUpperCase().replaceAll("-", "_")}`;
+  return { key, flag, valueName: "file", env: variable, description, defaultValue: "", parse: text };
+}
+
 /** The PEM files of a server's TLS; `env` is the variables' prefix (PEARL_DRAFT_, ...). */
 function tlsServerSpecs<Config extends { tlsCert: string; tlsKey: string; tlsClientCa: string }>(
   env: string,
   port: string,
 ): OptionSpec<Config>[] {
-  const file = (key: "tlsCert" | "tlsKey" | "tlsClientCa", flag: string, description: string) => ({
-    key,
-    flag,
-    valueName: "file",
-    env: `${env}${flag.toUpperCase().replaceAll("-", "_")}`,
-    description,
-    defaultValue: "",
-    parse: text,
-  });
   return [
-    file("tlsCert", "tls-cert", `PEM certificate chain: serve the ${port} over TLS (with --tls-key)`),
-    file("tlsKey", "tls-key", "PEM private key of --tls-cert"),
-    file("tlsClientCa", "tls-client-ca", "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+    pemFileSpec<Config>("tlsCert", "tls-cert", env, `PEM certificate chain: serve the ${port} over TLS`),
+    pemFileSpec<Config>("tlsKey", "tls-key", env, "PEM private key of --tls-cert"),
+    pemFileSpec<Config>(
+      "tlsClientCa",
+      "tls-client-ca",
+      env,
+      "PEM CA bundle: require client certificates it signed",
+    ),
   ];
 }
 
@@ -595,33 +597,19 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     parse: parseExempt,
   },
   ...tlsServerSpecs<GatewayConfig>("PEARL_GATEWAY_", "REST and gRPC ports"),
-  {
-    key: "linkTlsCa",
-    flag: "link-tls-ca",
-    valueName: "file",
-    env: "PEARL_LINK_TLS_CA",
-    description: "PEM CA bundle: reach the draft and target services over TLS, verifying them with it",
-    defaultValue: "",
-    parse: text,
-  },
-  {
-    key: "linkTlsCert",
-    flag: "link-tls-cert",
-    valueName: "file",
-    env: "PEARL_LINK_TLS_CERT",
-    description: "PEM client certificate the gateway shows the draft and target (mutual TLS)",
-    defaultValue: "",
-    parse: text,
-  },
-  {
-    key: "linkTlsKey",
-    flag: "link-tls-key",
-    valueName: "file",
-    env: "PEARL_LINK_TLS_KEY",
-    description: "PEM private key of --link-tls-cert",
-    defaultValue: "",
-    parse: text,
-  },
+  pemFileSpec<GatewayConfig>(
+    "linkTlsCa",
+    "link-tls-ca",
+    "PEARL_",
+    "PEM CA bundle: reach the draft and target services over TLS, verifying them with it",
+  ),
+  pemFileSpec<GatewayConfig>(
+    "linkTlsCert",
+    "link-tls-cert",
+    "PEARL_",
+    "PEM client certificate for those links",
+  ),
+  pemFileSpec<GatewayConfig>("linkTlsKey", "link-tls-key", "PEARL_", "PEM private key of --link-tls-cert"),
   {
     key: "maxNumSeqs",
     flag: "max-num-seqs",
