@@ -384,6 +384,29 @@ function row(m: Minute): string {
   );
 }
 
+/** Sessions and KV blocks in use on draft and target, polled until both are zero (or 10 s passed). */
+async function kvRelease(): Promise<{
+  kvAfter: Record<"draft" | "target", { sessions: number; blocksUsed: number }>;
+  kvReleasedMs: number | null;
+}> {
+  const started = performance.now();
+  for (;;) {
+    const [draftMetrics, targetMetrics] = await Promise.all([metrics("draft"), metrics("target")]);
+    const held = (text: string) => ({
+      sessions: sampleValue(text, "pearl_sessions_active_sessions"),
+      blocksUsed: sampleValue(text, "pearl_kv_cache_blocks", { state: "used" }),
+    });
+    const kvAfter = { draft: held(draftMetrics), target: held(targetMetrics) };
+    const free = Object.values(kvAfter).every(
+      (service) => service.sessions === 0 && service.blocksUsed === 0,
+    );
+    const elapsed = performance.now() - started;
+    if (free) return { kvAfter, kvReleasedMs: Math.round(elapsed) };
+    if (elapsed > 10_000) return { kvAfter, kvReleasedMs: null };
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 // ---- run ----------------------------------------------------------------------------------------------
 
 async function main(): Promise<number> {
@@ -434,13 +457,8 @@ async function main(): Promise<number> {
   await Promise.all(workers);
   await ticker;
 
-  // Once the load is gone, both services must be back to no KV in use.
-  await new Promise((resolve) => setTimeout(resolve, 1000));
-  const [draftMetrics, targetMetrics] = await Promise.all([metrics("draft"), metrics("target")]);
-  const kvAfter = {
-    draft: sampleValue(draftMetrics, "pearl_kv_cache_blocks", { state: "used" }),
-    target: sampleValue(targetMetrics, "pearl_kv_cache_blocks", { state: "used" }),
-  };
+  // Once the load is gone, both services must be back to no session and no KV block in use.
+  const { kvAfter, kvReleasedMs } = await kvRelease();
   const rssAtEnd = Object.fromEntries(
     (["draft", "target", "gateway"] as const).map((role) => [
       role,
@@ -473,6 +491,7 @@ async function main(): Promise<number> {
     rssAtStart,
     rssAtEnd,
     kvAfter,
+    kvReleasedMs,
     warnOrErrorLogLines: unexpectedLines.slice(0, 20),
     servePid: serve.child.pid,
     serveExitCode: exitCode,
@@ -480,8 +499,7 @@ async function main(): Promise<number> {
   };
   console.log(JSON.stringify({ ...summary, perMinute: undefined }, null, 2));
   if (args.out) writeFileSync(args.out, JSON.stringify(summary, null, 2) + "\n");
-  const failed =
-    errors.length > 0 || mismatches.length > 0 || kvAfter.draft > 0 || kvAfter.target > 0 || exitCode !== 0;
+  const failed = errors.length > 0 || mismatches.length > 0 || kvReleasedMs === null || exitCode !== 0;
   return failed ? 1 : 0;
 }
 

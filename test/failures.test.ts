@@ -173,6 +173,22 @@ describe("the target or the draft dies, clients vanish", () => {
     await stack.kvReleased(1000);
   });
 
+  test("requests cancelled as they open, while others decode: no session is left behind", async () => {
+    // A close that arrives while the service is still adding the session to its engine must stand.
+    const background = randomPrompts(8, 20, 40, 5).map((prompt) =>
+      collect(stack.stream({ promptTokenIds: prompt, maxTokens: 300, temperature: 0, mode: MODES.pearl })),
+    );
+    const prompts = randomPrompts(120, 4, 60, 8);
+    await inParallel(prompts, 24, async (prompt, i) => {
+      const call = stack.stream({ promptTokenIds: prompt, maxTokens: 100, mode: MODES.pearl });
+      const ended = watch(call).ended;
+      setTimeout(() => call.cancel(), i % 8);
+      await ended;
+    });
+    await Promise.all(background);
+    await stack.kvReleased(1000);
+  });
+
   test("clients disconnecting at random under load: KV on both services back to baseline within 1 s", async () => {
     const prompts = randomPrompts(24, 6, 60, 33);
     // Seeded: which request is dropped, and after how long.
