@@ -237,7 +237,7 @@ function tlsServerSpecs<Config extends { tlsCert: string; tlsKey: string; tlsCli
 ): OptionSpec<Config>[] {
   return [
     pemFileSpec<Config>("tlsCert", "tls-cert", env, `PEM certificate chain: serve the ${port} over TLS`),
-    pemFileSpec<Config>("tlsKey", "tls-key", env, "PEM private key of --tls-cert"),
+    pemFileSpec<Config>("tlsKey", "tls-key", env, "PEM private key of that certificate"),
     pemFileSpec<Config>(
       "tlsClientCa",
       "tls-client-ca",
