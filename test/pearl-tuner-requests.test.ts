@@ -114,6 +114,9 @@ describe("per-request acceptance with the embedded pair's drafts", () => {
     );
     const stops = simulation.logs.filter((record) => record.message === "request stops drafting");
     assert.equal(stops.length, 1, JSON.stringify(stops));
-    assert.equal(stops[0]!.why, "its draft agrees too rarely: its rows cost the batch more than they gain it");
+    assert.equal(
+      stops[0]!.why,
+      "its draft agrees too rarely: its rows cost the batch more than they gain it",
+    );
   });
 });
