@@ -239,10 +239,6 @@ serve.action(async (_options, command: Command) => {
     process.stdin.on("end", () => stop(0));
     process.stdin.resume();
   }
-  void stack.broken.then((reason) => {
-    logger.error("stopping", { reason });
-    stop(1);
-  });
 });
 
 const draft = program.command("draft").description("run the draft service");

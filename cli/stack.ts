@@ -9,6 +9,7 @@ import {
   type GatewayConfig,
   PLACEMENT_OPTIONS,
   readOptions,
+  secretEnv,
   TARGET_SERVICE_OPTIONS,
   type TargetServiceConfig,
   toArgs,
@@ -56,77 +57,126 @@ export interface RunningStack {
   gatewayPorts: ServicePorts;
   draftPorts: ServicePorts;
   targetPorts: ServicePorts;
+  /** The gateway first (it drains its requests), then draft and target. */
   stop(): Promise<void>;
-  /** Resolves when the stack cannot go on (the target or the gateway died), with a reason. */
-  broken: Promise<string>;
 }
 
-const DRAFT_RESTARTS_PER_MINUTE = 5;
+/** A crashed service is restarted after 1 s, then 2, 4, ... up to 30 s while it keeps crashing; one that
+ * ran a minute counts as recovered. */
+const RESTART_BASE_DELAY_MS = 1000;
+const RESTART_MAX_DELAY_MS = 30_000;
+const STABLE_UPTIME_MS = 60_000;
+
+/** One child service, restarted with backoff whenever it exits unasked, on the ports it first got. */
+class SupervisedService {
+  private current: ServiceProcess | undefined;
+  private startedAt = 0;
+  private consecutiveCrashes = 0;
+  private restartTimer: NodeJS.Timeout | undefined;
+  private stopping = false;
+  /** Restarts begin once the whole stack is up; a crash before that fails the start. */
+  private supervising = false;
+
+  constructor(
+    readonly role: string,
+    private readonly args: string[],
+    private readonly spawnRole: (role: string, args: string[]) => ServiceProcess,
+    private readonly logger: Logger,
+  ) {}
+
+  async start(): Promise<ServicePorts> {
+    const ports = await this.spawn().ready;
+    // A restarted service must come back where the others and the clients look for it.
+    this.args.push("--port", String(ports.grpcPort));
+    if (ports.httpPort >= 0) this.args.push("--http-port", String(ports.httpPort));
+    return ports;
+  }
+
+  supervise(): void {
+    this.supervising = true;
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    clearTimeout(this.restartTimer);
+    const child = this.current;
+    if (!child) return;
+    child.child.kill("SIGTERM");
+    await child.exited;
+  }
+
+  private spawn(): ServiceProcess {
+    const child = this.spawnRole(this.role, this.args);
+    this.current = child;
+    this.startedAt = performance.now();
+    void child.exited.then((code) => this.exited(child, code));
+    return child;
+  }
+
+  private exited(child: ServiceProcess, code: number | string): void {
+    if (this.current === child) this.current = undefined;
+    if (this.stopping || !this.supervising) return;
+    if (performance.now() - this.startedAt >= STABLE_UPTIME_MS) this.consecutiveCrashes = 0;
+    this.consecutiveCrashes += 1;
+    const delayMs = Math.min(
+      RESTART_MAX_DELAY_MS,
+      RESTART_BASE_DELAY_MS * 2 ** (this.consecutiveCrashes - 1),
+    );
+    this.logger.error("service exited: restarting it", {
+      role: this.role,
+      code,
+      attempt: this.consecutiveCrashes,
+      delaySeconds: delayMs / 1000,
+    });
+    this.restartTimer = setTimeout(() => {
+      if (this.stopping) return;
+      this.spawn().ready.then(
+        (ports) => this.logger.info("service restarted", { role: this.role, ...ports }),
+        () => undefined,
+      );
+    }, delayMs);
+  }
+}
 
 /**
- * Starts draft and target (in parallel), then the gateway pointed at them. A draft that dies is restarted
- * (the gateway runs requests in ar meanwhile); a dead target or gateway breaks the stack.
+ * Starts draft and target (in parallel), then the gateway pointed at them. Any of them that dies later
+ * is restarted with backoff: requests run in ar while the draft is away, fail with 503 while the target
+ * is, and the gateway reconnects to either once it is back.
  */
 export async function startStack(stack: StackConfig, logger: Logger, quiet: boolean): Promise<RunningStack> {
   const lineSink = quiet ? () => undefined : undefined;
+  // The gateway's API keys travel in its environment, not on its command line.
+  const gatewayEnv = { ...process.env, ...secretEnv(stack.gateway, GATEWAY_OPTIONS) };
   const spawnRole = (role: string, args: string[]): ServiceProcess =>
-    spawnService([role, ...args], { onLine: lineSink, stderr: quiet ? "ignore" : "inherit" });
-  const draftArgs = toArgs(stack.draft, DRAFT_SERVICE_OPTIONS);
-  const children = new Set<ServiceProcess>();
-  let stopping = false;
-  let reportBroken: (reason: string) => void = () => undefined;
-  const broken = new Promise<string>((resolve) => {
-    reportBroken = resolve;
-  });
-
-  const track = (role: string, service: ServiceProcess, onExit?: () => void): ServiceProcess => {
-    children.add(service);
-    void service.exited.then((code) => {
-      children.delete(service);
-      if (stopping) return;
-      logger.error("service exited", { role, code });
-      if (onExit) onExit();
-      else reportBroken(`the ${role} service exited (${code})`);
+    spawnService([role, ...args], {
+      onLine: lineSink,
+      stderr: quiet ? "ignore" : "inherit",
+      env: role === "gateway" ? gatewayEnv : process.env,
     });
-    return service;
-  };
-
-  const draftRestarts: number[] = [];
-  const startDraft = (): ServiceProcess => track("draft", spawnRole("draft", draftArgs), restartDraft);
-  function restartDraft(): void {
-    const now = Date.now();
-    while (draftRestarts.length > 0 && draftRestarts[0]! < now - 60_000) draftRestarts.shift();
-    if (draftRestarts.length >= DRAFT_RESTARTS_PER_MINUTE) {
-      logger.error("the draft service keeps exiting: not restarting it; requests run in ar");
-      return;
-    }
-    draftRestarts.push(now);
-    setTimeout(() => {
-      if (!stopping) startDraft();
-    }, 1000);
-  }
-
+  const draft = new SupervisedService("draft", toArgs(stack.draft, DRAFT_SERVICE_OPTIONS), spawnRole, logger);
+  const target = new SupervisedService(
+    "target",
+    toArgs(stack.target, TARGET_SERVICE_OPTIONS),
+    spawnRole,
+    logger,
+  );
+  let gateway: SupervisedService | undefined;
   const stop = async (): Promise<void> => {
-    stopping = true;
-    const exits = [...children].map((child) => child.exited);
-    for (const child of children) child.child.kill("SIGTERM");
-    await Promise.all(exits);
+    await gateway?.stop();
+    await Promise.all([draft.stop(), target.stop()]);
   };
 
   try {
-    const draft = startDraft();
-    const target = track("target", spawnRole("target", toArgs(stack.target, TARGET_SERVICE_OPTIONS)));
-    const [draftPorts, targetPorts] = await Promise.all([draft.ready, target.ready]);
-    // A restarted draft must come back on the same port: pin the one it got.
-    draftArgs.push("--port", String(draftPorts.grpcPort));
+    const [draftPorts, targetPorts] = await Promise.all([draft.start(), target.start()]);
     const gatewayConfig: GatewayConfig = {
       ...stack.gateway,
       draftAddress: clientAddress(stack.draft.host, draftPorts.grpcPort),
       targetAddress: clientAddress(stack.target.host, targetPorts.grpcPort),
     };
-    const gateway = track("gateway", spawnRole("gateway", toArgs(gatewayConfig, GATEWAY_OPTIONS)));
-    const gatewayPorts = await gateway.ready;
-    return { gatewayPorts, draftPorts, targetPorts, stop, broken };
+    gateway = new SupervisedService("gateway", toArgs(gatewayConfig, GATEWAY_OPTIONS), spawnRole, logger);
+    const gatewayPorts = await gateway.start();
+    for (const service of [draft, target, gateway]) service.supervise();
+    return { gatewayPorts, draftPorts, targetPorts, stop };
   } catch (error) {
     await stop();
     throw error;

@@ -35,6 +35,10 @@ export interface ModelServiceConfig {
   /** Batch sizes whose step time is measured at start-up (empty: none; measured online anyway). */
   profileBatchSizes: number[];
   logLevel: LogLevel;
+  /** PEM files of the gRPC port's TLS ("": plaintext); a client CA makes it mutual TLS. */
+  tlsCert: string;
+  tlsKey: string;
+  tlsClientCa: string;
 }
 
 export type DraftServiceConfig = ModelServiceConfig;
@@ -73,6 +77,29 @@ export interface GatewayConfig {
   /** How long to wait for the target (and draft) service at start-up. */
   connectTimeoutSeconds: number;
   logLevel: LogLevel;
+  /** Keys a client must present (Authorization: Bearer); empty: no authentication. */
+  apiKeys: string[];
+  /** What stays open without a key. */
+  apiKeyExempt: ("health" | "metrics")[];
+  /** PEM files of TLS on the REST and gRPC ports ("": plaintext); a client CA makes it mutual TLS. */
+  tlsCert: string;
+  tlsKey: string;
+  tlsClientCa: string;
+  /** TLS towards the draft and target services: a CA turns it on, cert and key authenticate the gateway. */
+  linkTlsCa: string;
+  linkTlsCert: string;
+  linkTlsKey: string;
+  /** Most requests running at once, and waiting for one of those places; beyond both: 429. */
+  maxNumSeqs: number;
+  maxWaiting: number;
+  /** Largest request body (REST) or message (gRPC); larger ones: 413 / RESOURCE_EXHAUSTED. */
+  maxBodyBytes: number;
+  /** Longest prompt; 0: the target's context length less one. */
+  maxPromptTokens: number;
+  /** Most seconds a client may take to send its request; slower ones get 408 (slowloris). */
+  bodyTimeoutSeconds: number;
+  /** On SIGTERM: how long requests in flight may take to finish before they are cancelled. */
+  shutdownTimeoutSeconds: number;
 }
 
 export const DEFAULT_HOST = "127.0.0.1";
@@ -95,6 +122,10 @@ export interface OptionSpec<Config> {
   valueName: string;
   /** A switch: the flag alone means true; a value (as the environment variable gives) may follow it. */
   valueOptional?: boolean;
+  /** A list that repeating the flag extends. */
+  repeatable?: boolean;
+  /** Never put on a command line (where `ps` shows it): a child process gets it in its environment. */
+  secret?: boolean;
   env: string;
   description: string;
   defaultValue: unknown;
@@ -178,6 +209,41 @@ function parseBatchSizes(raw: string): number[] {
 }
 
 const BACKENDS: readonly Backend[] = ["cpu", "cuda", "auto"];
+
+function parseApiKeys(raw: string): string[] {
+  const keys = raw.split(",");
+  // The message must not echo the value: it is a secret.
+  if (keys.some((key) => key.trim() === "")) throw new InvalidArgumentError("an API key must not be empty");
+  return keys;
+}
+
+function parseExempt(raw: string): ("health" | "metrics")[] {
+  if (raw === "off" || raw === "none") return [];
+  return raw.split(",").map((part) => oneOf(["health", "metrics"] as const)(part.trim()));
+}
+
+/** A flag naming a PEM file; its variable is `env` followed by the flag in capitals. */
+function pemFileSpec<Config>(key: keyof Config & string, flag: string, env: string, description: string) {
+  const variable = `${env}${flag.toUpperCase().replaceAll("-", "_")}`;
+  return { key, flag, valueName: "file", env: variable, description, defaultValue: "", parse: text };
+}
+
+/** The PEM files of a server's TLS; `env` is the variables' prefix (PEARL_DRAFT_, ...). */
+function tlsServerSpecs<Config extends { tlsCert: string; tlsKey: string; tlsClientCa: string }>(
+  env: string,
+  port: string,
+): OptionSpec<Config>[] {
+  return [
+    pemFileSpec<Config>("tlsCert", "tls-cert", env, `PEM certificate chain: serve the ${port} over TLS`),
+    pemFileSpec<Config>("tlsKey", "tls-key", env, "PEM private key of that certificate"),
+    pemFileSpec<Config>(
+      "tlsClientCa",
+      "tls-client-ca",
+      env,
+      "PEM CA bundle: require client certificates it signed",
+    ),
+  ];
+}
 
 function modelServiceSpecs(
   role: "draft" | "target",
@@ -308,6 +374,7 @@ function modelServiceSpecs(
       defaultValue: [1, 2, 4, 8],
       parse: parseBatchSizes,
     },
+    ...tlsServerSpecs<TargetServiceConfig>(env, "gRPC port"),
   ];
 }
 
@@ -505,6 +572,96 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
     defaultValue: 60,
     parse: numberIn(0, 86400),
   },
+  {
+    key: "apiKeys",
+    flag: "api-key",
+    valueName: "key",
+    repeatable: true,
+    secret: true,
+    env: "PEARL_API_KEY",
+    description:
+      "require this key (Authorization: Bearer <key>) on the REST and gRPC APIs; repeat the flag or " +
+      "separate keys with commas to accept several",
+    defaultValue: [],
+    parse: parseApiKeys,
+  },
+  {
+    key: "apiKeyExempt",
+    flag: "api-key-exempt",
+    valueName: "health,metrics|off",
+    env: "PEARL_API_KEY_EXEMPT",
+    description: "endpoints that stay open without a key (health: /health and the gRPC health service)",
+    defaultValue: ["health", "metrics"],
+    parse: parseExempt,
+  },
+  ...tlsServerSpecs<GatewayConfig>("PEARL_GATEWAY_", "REST and gRPC ports"),
+  pemFileSpec<GatewayConfig>(
+    "linkTlsCa",
+    "link-tls-ca",
+    "PEARL_",
+    "PEM CA bundle: reach the draft and target services over TLS, verifying them with it",
+  ),
+  pemFileSpec<GatewayConfig>(
+    "linkTlsCert",
+    "link-tls-cert",
+    "PEARL_",
+    "PEM client certificate for those links",
+  ),
+  pemFileSpec<GatewayConfig>("linkTlsKey", "link-tls-key", "PEARL_", "PEM private key of --link-tls-cert"),
+  {
+    key: "maxNumSeqs",
+    flag: "max-num-seqs",
+    valueName: "n",
+    env: "PEARL_MAX_NUM_SEQS",
+    description: "most requests running at once; later ones wait",
+    defaultValue: 256,
+    parse: integerIn(1, 1 << 20),
+  },
+  {
+    key: "maxWaiting",
+    flag: "max-waiting",
+    valueName: "n",
+    env: "PEARL_MAX_WAITING",
+    description: "most requests waiting to run; beyond it: 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After",
+    defaultValue: 1024,
+    parse: integerIn(0, 1 << 20),
+  },
+  {
+    key: "maxBodyBytes",
+    flag: "max-body-bytes",
+    valueName: "bytes",
+    env: "PEARL_MAX_BODY_BYTES",
+    description: "largest request body (REST: 413) or message (gRPC: RESOURCE_EXHAUSTED)",
+    defaultValue: 4 * 1024 * 1024,
+    parse: integerIn(1024, 1 << 30),
+  },
+  {
+    key: "maxPromptTokens",
+    flag: "max-prompt-tokens",
+    valueName: "n",
+    env: "PEARL_MAX_PROMPT_TOKENS",
+    description: "longest prompt; longer ones: 400 (0: the target's context length less one)",
+    defaultValue: 0,
+    parse: integerIn(0, 1 << 24),
+  },
+  {
+    key: "bodyTimeoutSeconds",
+    flag: "body-timeout",
+    valueName: "seconds",
+    env: "PEARL_BODY_TIMEOUT",
+    description: "most seconds a REST client may take to send its request; slower ones get 408",
+    defaultValue: 30,
+    parse: numberIn(1, 3600),
+  },
+  {
+    key: "shutdownTimeoutSeconds",
+    flag: "shutdown-timeout",
+    valueName: "seconds",
+    env: "PEARL_SHUTDOWN_TIMEOUT",
+    description: "on SIGTERM: how long requests in flight may take to finish before they are cancelled",
+    defaultValue: 30,
+    parse: numberIn(0, 3600),
+  },
   HOST_SPEC,
   LOG_LEVEL_SPEC,
 ];
@@ -576,7 +733,11 @@ export function addOptions<Config>(
     const value = spec.valueOptional ? `[${spec.valueName}]` : `<${spec.valueName}>`;
     const option = new Option(`${long} ${value}`, spec.description)
       .env(spec.env)
-      .argParser((raw: string) => spec.parse(raw));
+      .argParser((raw: string, previous: unknown) =>
+        spec.repeatable && Array.isArray(previous) && previous !== spec.defaultValue
+          ? [...(previous as unknown[]), ...(spec.parse(raw) as unknown[])]
+          : spec.parse(raw),
+      );
     // An empty default means "not set" (readOptions falls back to it); --help need not show it.
     if (!isEmptyDefault(spec)) {
       option.default(
@@ -607,7 +768,7 @@ export function toArgs<Config>(config: Config, specs: OptionSpec<Config>[]): str
   const args: string[] = [];
   for (const spec of specs) {
     const value = (config as Record<string, unknown>)[spec.key];
-    if (value === undefined) continue;
+    if (value === undefined || spec.secret) continue;
     let raw: string;
     if (Array.isArray(value)) raw = value.length > 0 ? value.join(",") : "off";
     else if (spec.key === "httpPort" && value === -1) raw = "off";
@@ -618,4 +779,17 @@ export function toArgs<Config>(config: Config, specs: OptionSpec<Config>[]): str
     args.push(`--${spec.flag}`, raw);
   }
   return args;
+}
+
+/** The environment variables that carry a config's secrets to a child process (see toArgs). */
+export function secretEnv<Config>(config: Config, specs: OptionSpec<Config>[]): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const spec of specs) {
+    const value = (config as Record<string, unknown>)[spec.key];
+    if (!spec.secret || value === undefined || value === "" || (Array.isArray(value) && value.length === 0)) {
+      continue;
+    }
+    env[spec.env] = Array.isArray(value) ? value.join(",") : String(value);
+  }
+  return env;
 }

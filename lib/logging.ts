@@ -39,6 +39,8 @@ export function announceListening(service: string, fields: Record<string, unknow
       message: "listening",
       service,
       timestamp: new Date().toISOString(),
+      // Lets a supervisor or an operator signal the service itself.
+      pid: process.pid,
       ...fields,
     }) + "\n",
   );

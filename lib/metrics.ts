@@ -5,6 +5,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 
 export { Registry };
+export type { Counter, Gauge };
 
 export function createRegistry(service: string, withProcessMetrics = true): Registry {
   const registry = new Registry();

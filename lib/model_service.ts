@@ -18,6 +18,7 @@ import { createRegistry, type Registry } from "./metrics.js";
 import { type CacheStats, Engine, type EngineOptions, type ModelInfo } from "./native.js";
 import { serveSessionStream } from "./service_streams.js";
 import { StepTimes } from "./step_times.js";
+import { grpcServerCredentials, loadServerTls } from "./tls.js";
 
 export async function loadEngine(config: ModelServiceConfig, role: string, logger: Logger): Promise<Engine> {
   if (config.modelDir === "") {
@@ -218,6 +219,13 @@ export async function startModelService<
 ): Promise<RunningService> {
   const { role } = service;
   const log = logger ?? createLogger(role, config.logLevel);
+  // Before the model loads: a bad certificate file is a start-up error that should not wait for it.
+  const tls = loadServerTls({
+    cert: config.tlsCert,
+    key: config.tlsKey,
+    clientCa: config.tlsClientCa,
+    flags: { cert: "--tls-cert", key: "--tls-key", clientCa: "--tls-client-ca" },
+  });
   const registry = createRegistry(role);
   const parts = await prepareModelService(config, role, log, registry);
   const { engine, modelId, stepTimes } = parts;
@@ -262,9 +270,12 @@ export async function startModelService<
   };
 
   core.start();
-  const grpc = await startGrpcServer(config.host, config.grpcPort, [
-    { ...service.grpc, implementation: { session, info } },
-  ]);
+  const grpc = await startGrpcServer(
+    config.host,
+    config.grpcPort,
+    [{ ...service.grpc, implementation: { session, info } }],
+    { credentials: grpcServerCredentials(tls) },
+  );
   const http =
     config.httpPort >= 0
       ? await startHttpServer({

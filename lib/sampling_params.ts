@@ -17,12 +17,21 @@ export interface SamplingProblem {
   message: string;
 }
 
+/** The largest finite 32-bit float: common.proto's temperature is a `float`, larger ones arrive as inf. */
+const FLOAT32_MAX = 3.4028234663852886e38;
+/** common.proto's top_k is an `int32`. */
+const INT32_MAX = 2 ** 31 - 1;
+
 /** Why `temperature` (a sampling or a draft temperature) is invalid, if it is. NaN is refused; there is no
- * upper bound (OpenAI's is 2, vLLM has none): a high temperature only flattens the distribution. */
+ * upper bound (OpenAI's is 2, vLLM has none): a high temperature only flattens the distribution. Only the
+ * wire's: a 32-bit float. */
 export function temperatureProblem(temperature: number, name = "temperature"): string | undefined {
-  return temperature >= 0 && Number.isFinite(temperature)
+  if (!(temperature >= 0 && Number.isFinite(temperature))) {
+    return `${name} must be a finite number >= 0, got ${temperature}`;
+  }
+  return temperature <= FLOAT32_MAX
     ? undefined
-    : `${name} must be a finite number >= 0, got ${temperature}`;
+    : `${name} must be at most ${FLOAT32_MAX} (a 32-bit float), got ${temperature}`;
 }
 
 /** Why `topLogprobs` (how many most likely tokens to score beside each emitted one) is invalid, if it is:
@@ -52,6 +61,10 @@ export function samplingProblem(params: SamplingParams): SamplingProblem | undef
       param: "top_k",
       message: `top_k must be an integer >= 0 (0 or -1: no top-k cut), got ${params.topK}`,
     };
+  }
+  if (params.topK > INT32_MAX) {
+    // A top_k at least the vocabulary's size cuts nothing; past the wire's int32 it cannot be sent.
+    return { param: "top_k", message: `top_k must be at most ${INT32_MAX}, got ${params.topK}` };
   }
   if (!(Number.isSafeInteger(params.seed) && params.seed >= 0)) {
     return { param: "seed", message: `seed must be an integer in [0, 2^53), got ${params.seed}` };

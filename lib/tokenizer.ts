@@ -5,7 +5,11 @@ import { join } from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 
 export class TextTokenizer {
-  private constructor(private readonly tokenizer: Tokenizer) {}
+  private constructor(
+    private readonly tokenizer: Tokenizer,
+    /** No text of n tokens is longer than n times this many characters. */
+    private readonly maxCharsPerToken: number,
+  ) {}
 
   /** undefined when the folder holds no tokenizer.json. */
   static load(directory: string): TextTokenizer | undefined {
@@ -14,7 +18,15 @@ export class TextTokenizer {
     const configFile = join(directory, "tokenizer_config.json");
     const tokenizerJson: unknown = JSON.parse(readFileSync(tokenizerFile, "utf8"));
     const configJson: unknown = existsSync(configFile) ? JSON.parse(readFileSync(configFile, "utf8")) : {};
-    return new TextTokenizer(new Tokenizer(tokenizerJson as object, configJson as object));
+    return new TextTokenizer(
+      new Tokenizer(tokenizerJson as object, configJson as object),
+      maxCharsPerToken(tokenizerJson as TokenizerJson),
+    );
+  }
+
+  /** The longest text that can encode to `tokens` tokens (an upper bound). */
+  maxTextLength(tokens: number): number {
+    return tokens * this.maxCharsPerToken;
   }
 
   /** addSpecialTokens false for text that already holds them, such as a rendered chat template. */
@@ -75,4 +87,24 @@ export class StreamDecoder {
     this.prefixOffset = this.readOffset = this.tokens.length;
     return fullText.length > prefixText.length ? fullText.slice(prefixText.length) : "";
   }
+}
+
+interface TokenizerJson {
+  normalizer?: unknown;
+  model?: { vocab?: Record<string, number> | [string, number][] };
+  added_tokens?: { content: string }[];
+}
+
+/**
+ * Every token stands for at most as many characters as its own longest spelling: byte-level vocabularies
+ * spell one byte per character, SentencePiece ones a character (or a byte, <0x41>) per character or more.
+ * A normalizer may shrink text before that (NFC composes a few code points into one): 4 covers it.
+ */
+function maxCharsPerToken(json: TokenizerJson): number {
+  const vocab = json.model?.vocab ?? {};
+  const spellings = Array.isArray(vocab) ? vocab.map(([piece]) => piece) : Object.keys(vocab);
+  let longest = 1;
+  for (const piece of spellings) longest = Math.max(longest, piece.length);
+  for (const token of json.added_tokens ?? []) longest = Math.max(longest, token.content.length);
+  return json.normalizer ? 4 * longest : longest;
 }

@@ -454,6 +454,19 @@ describe("OpenAI REST API (pearl serve, openai client)", () => {
         message: /top_k must be an integer >= 0 \(0 or -1: no top-k cut\), got -2/,
       },
       {
+        // Past the wire's int32 (and a temperature past its 32-bit float): refused, not sent.
+        name: "a top_k of 1e20",
+        body: JSON.stringify({ ...valid, top_k: 1e20 }),
+        param: "top_k",
+        message: /at most 2147483647/,
+      },
+      {
+        name: "a temperature of 1e308",
+        body: JSON.stringify({ ...valid, temperature: 1e308 }),
+        param: "temperature",
+        message: /32-bit float/,
+      },
+      {
         name: "a fractional top_k",
         body: JSON.stringify({ ...valid, top_k: 2.5 }),
         param: "top_k",

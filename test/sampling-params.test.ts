@@ -38,6 +38,8 @@ describe("samplingProblem", () => {
     // -1 means no cut only as given (clientSampling, samplingParamsOf); resolved, top_k is >= 0.
     ["negative top_k", { topK: -1 }, "top_k"],
     ["fractional top_k", { topK: 1.5 }, "top_k"],
+    ["a top_k past the wire's int32", { topK: 1e20 }, "top_k"],
+    ["a temperature past the wire's 32-bit float", { temperature: 1e308 }, "temperature"],
     ["NaN top_k", { topK: NaN }, "top_k"],
     ["negative seed", { seed: -1 }, "seed"],
     ["a seed past 2^53", { seed: 2 ** 53 }, "seed"],

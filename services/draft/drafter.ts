@@ -189,6 +189,9 @@ export class Drafter extends SessionLoop<DraftEventSink, DraftSession, DraftOpen
       if (!session.inEngine) {
         await this.engine.addSequence(session.seqId);
         session.inEngine = true;
+        // A close that came during the await stands (the cast undoes TypeScript's narrowing, which
+        // cannot know): the next bookkeeping frees the sequence.
+        if ((session.state as DraftSession["state"]) === "closing") continue;
         session.state = "active";
       }
       const valid = Math.min(session.kvLength, session.dirtyFrom);

@@ -3,7 +3,7 @@
 // hands out the committed tokens as an async stream. The gRPC server (server.ts) and the REST API sit on
 // top of it.
 import { randomInt, randomUUID } from "node:crypto";
-import { connectivityState } from "@grpc/grpc-js";
+import { setTimeout as sleep } from "node:timers/promises";
 import { FinishReason, type ServiceInfo, type TokenLogprobs } from "../../proto/gen/pearl/v1/common.js";
 import type { GatewayConfig } from "../../lib/config.js";
 import { type DecodingModeName, isDecodingModeName } from "../../lib/decoding_modes.js";
@@ -16,13 +16,16 @@ import {
   temperatureProblem,
   topLogprobsProblem,
 } from "../../lib/sampling_params.js";
+import { grpcClientCredentials } from "../../lib/tls.js";
 import { TextTokenizer } from "../../lib/tokenizer.js";
+import { AbandonedError, Admission, ShuttingDownError } from "./admission.js";
 import { AsyncQueue } from "./async_queue.js";
 import { DraftLink, TargetLink } from "./links.js";
 import { MAX_TOP_LOGPROBS, sliceLogprobs } from "./logprobs.js";
 import { type GatewayMetrics, gatewayMetrics } from "./metrics.js";
 import { PearlLoop, type RequestUsage, type ResolvedRequest } from "./pearl_loop.js";
 import { StopStringMatcher } from "./stop_strings.js";
+import { TargetHealth } from "./target_health.js";
 import { Tuner } from "./tuner.js";
 
 /** A request as a client states it; anything unset takes the server's default. */
@@ -76,6 +79,10 @@ export class InvalidRequestError extends Error {
   }
 }
 
+/** Bounds of the gRPC API's stop strings (the OpenAI API allows 4): the matcher's work grows with both. */
+export const MAX_STOP_STRINGS = 64;
+export const MAX_STOP_STRING_LENGTH = 1024;
+
 /**
  * The checks every API makes of a tokenized prompt: ids inside the vocabulary, at least one token, and
  * room left in the context for one generated token. `param` is what the caller's API calls the prompt.
@@ -119,6 +126,8 @@ export function isValidRequestId(id: string): boolean {
 
 const DRAFT_PROBE_INTERVAL_MS = 1000;
 const DRAFT_GRACE_MS = 5000;
+/** After the shutdown timeout cancelled what was left, how long those requests get to say so. */
+const CANCELLED_REQUESTS_GRACE_MS = 1000;
 
 export class Gateway {
   private readonly target: TargetLink;
@@ -127,7 +136,13 @@ export class Gateway {
   private draftAvailable = false;
   private probeTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  private shuttingDown = false;
   private nextSessionId = 1;
+  private readonly admission: Admission;
+  /** Ends a request in flight with an error (the server is shutting down). */
+  private readonly inFlight = new Set<(error: Error) => void>();
+  /** Longest prompt, in tokens. */
+  private readonly promptTokenLimit: number;
   private readonly tuner: Tuner;
   private readonly metrics: GatewayMetrics;
   private readonly eosTokenIds: ReadonlySet<number>;
@@ -142,11 +157,19 @@ export class Gateway {
     readonly tokenizer: TextTokenizer | undefined,
     target: TargetLink,
     draft: DraftLink,
+    private readonly targetHealth: TargetHealth,
   ) {
     this.target = target;
     this.draft = draft;
     this.eosTokenIds = new Set(targetInfo.model?.eosTokenIds ?? []);
+    const contextLimit = targetInfo.model!.maxPositionEmbeddings - 1;
+    this.promptTokenLimit =
+      config.maxPromptTokens > 0 ? Math.min(config.maxPromptTokens, contextLimit) : contextLimit;
     this.metrics = gatewayMetrics(registry);
+    this.admission = new Admission(config.maxNumSeqs, config.maxWaiting, {
+      waiting: this.metrics.waiting,
+      rejected: this.metrics.rejected,
+    });
     this.tuner = new Tuner(config, logger, this.metrics.tuner);
   }
 
@@ -156,8 +179,17 @@ export class Gateway {
    * used as soon as it answers.
    */
   static async connect(config: GatewayConfig, logger: Logger, registry: Registry): Promise<Gateway> {
-    const target = new TargetLink(config.targetAddress, logger);
-    const draft = new DraftLink(config.draftAddress, logger);
+    const linkCredentials = grpcClientCredentials({
+      ca: config.linkTlsCa,
+      cert: config.linkTlsCert,
+      key: config.linkTlsKey,
+      flags: { ca: "--link-tls-ca", cert: "--link-tls-cert", key: "--link-tls-key" },
+    });
+    let targetHealth: TargetHealth | undefined;
+    const target = new TargetLink(config.targetAddress, logger, linkCredentials, (error) =>
+      targetHealth?.lost(error),
+    );
+    const draft = new DraftLink(config.draftAddress, logger, linkCredentials);
     try {
       const deadline = Date.now() + config.connectTimeoutSeconds * 1000;
       // The draft is optional: once the target answers, it gets a short grace, not the whole timeout.
@@ -198,6 +230,12 @@ export class Gateway {
       }
       const servedModelName =
         config.servedModelName !== "" ? config.servedModelName : targetInfo.model!.modelId;
+      targetHealth = new TargetHealth(
+        config.targetAddress,
+        targetInfo.model!,
+        (deadlineMs) => target.info(deadlineMs),
+        logger,
+      );
       const gateway = new Gateway(
         config,
         logger,
@@ -207,6 +245,7 @@ export class Gateway {
         tokenizer,
         target,
         draft,
+        targetHealth,
       );
       if (draftInfo) gateway.useDraft(draftInfo);
       else gateway.scheduleDraftProbe();
@@ -222,6 +261,7 @@ export class Gateway {
       });
       return gateway;
     } catch (error) {
+      targetHealth?.stop();
       target.shutdown();
       draft.shutdown();
       throw error;
@@ -238,10 +278,43 @@ export class Gateway {
 
   /** null while the target service is reachable (without a draft requests still run, in ar). */
   unhealthyReason(): string | null {
-    const state = this.target.client.getChannel().getConnectivityState(false);
-    return state === connectivityState.TRANSIENT_FAILURE || state === connectivityState.SHUTDOWN
-      ? `the target service at ${this.config.targetAddress} is unreachable`
-      : null;
+    if (this.shuttingDown) return "the gateway is shutting down";
+    return this.targetHealth.unhealthyReason;
+  }
+
+  /** Counts a request refused before it reached the gateway's core (authentication). */
+  countRejected(reason: "unauthenticated"): void {
+    this.metrics.rejected.inc({ reason });
+  }
+
+  /** Text to prompt tokens. A text longer than any text of promptTokenLimit tokens can be is refused
+   * without tokenizing it: tokenizing megabytes blocks the event loop, every stream with it, for seconds. */
+  encodePrompt(text: string, param: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    const tokenizer = this.tokenizer;
+    if (!tokenizer) throw new InvalidRequestError("this server has no tokenizer", param);
+    const maxLength = tokenizer.maxTextLength(this.promptTokenLimit);
+    if (text.length > maxLength) {
+      throw new InvalidRequestError(
+        `the ${param} are ${text.length} characters long, more than any prompt of at most ` +
+          `${this.promptTokenLimit} tokens (the limit) can be`,
+        param,
+        "prompt_too_long",
+      );
+    }
+    return tokenizer.encode(text, options);
+  }
+
+  /** checkPromptTokens, and the configured limit (--max-prompt-tokens). */
+  checkPrompt(promptTokenIds: readonly number[], param: string): void {
+    const model = this.targetInfo.model!;
+    checkPromptTokens(promptTokenIds, model.vocabSize, model.maxPositionEmbeddings, param);
+    if (promptTokenIds.length > this.promptTokenLimit) {
+      throw new InvalidRequestError(
+        `the ${param} take ${promptTokenIds.length} tokens, more than the limit of ${this.promptTokenLimit}`,
+        param,
+        "prompt_too_long",
+      );
+    }
   }
 
   /** Runs one request; the stream ends after the chunk that carries the finish reason. Breaking out of
@@ -250,9 +323,11 @@ export class Gateway {
     const request = this.resolve(input);
     const stopMatcher = this.stopMatcher(input.stop);
     if (signal?.aborted) throw new CancelledError("cancelled before it started");
+    const started = performance.now();
+    const release = await this.admit(signal);
+    const admitted = performance.now();
     const queue = new AsyncQueue<GenerateChunk>();
     const decoder = this.tokenizer?.streamDecoder();
-    const started = performance.now();
     let firstTokenAt: number | undefined;
     let lastTokenAt: number | undefined;
     let outcome: { finishReason: FinishReason; usage: RequestUsage } | undefined;
@@ -316,17 +391,26 @@ export class Gateway {
       loop.cancel();
       queue.fail(new CancelledError("cancelled by the client"));
     };
+    const terminate = (error: Error): void => {
+      if (outcome || failure) return;
+      failure = error;
+      loop.cancel();
+      queue.fail(error);
+    };
     signal?.addEventListener("abort", onAbort, { once: true });
+    this.inFlight.add(terminate);
     this.metrics.running.inc();
     this.metrics.promptTokens.inc(request.promptTokenIds.length);
-    loop.start();
     try {
+      loop.start();
       yield* queue;
     } finally {
       signal?.removeEventListener("abort", onAbort);
+      this.inFlight.delete(terminate);
       // Still running when the consumer stopped listening: nobody wants the rest.
       if (!outcome && !failure) loop.cancel();
       this.metrics.running.dec();
+      release();
       const seconds = (performance.now() - started) / 1000;
       const finishReason = outcome ? finishReasonName(outcome.finishReason) : failure ? "error" : "cancelled";
       this.metrics.requests.inc({ mode: outcome?.usage.mode ?? request.mode, finish_reason: finishReason });
@@ -345,6 +429,7 @@ export class Gateway {
         draftFallback: outcome?.usage.draftFallback ?? null,
         speculationOff: outcome?.usage.speculationOff ?? null,
         ttftSeconds: firstTokenAt === undefined ? null : Number(((firstTokenAt - started) / 1000).toFixed(4)),
+        queuedSeconds: Number(((admitted - started) / 1000).toFixed(4)),
         seconds: Number(seconds.toFixed(4)),
         ...(failure ? { error: failure.message } : {}),
       });
@@ -374,17 +459,62 @@ export class Gateway {
     };
   }
 
+  /**
+   * Graceful shutdown: from now on requests are refused (503 / UNAVAILABLE) and /health says so; the ones
+   * in flight get up to `timeoutMs` to finish, then are ended with an error, which closes their sessions
+   * on both services and so frees their KV. Resolves with how many finished and how many were cancelled.
+   */
+  async shutdown(timeoutMs: number): Promise<{ finished: number; cancelled: number }> {
+    this.shuttingDown = true;
+    this.admission.stopAccepting();
+    const inFlight = this.inFlight.size;
+    const timeout = new AbortController();
+    const drained = await Promise.race([
+      this.admission.idle().then(() => true),
+      sleep(timeoutMs, false, { signal: timeout.signal }).catch(() => false),
+    ]);
+    timeout.abort();
+    if (drained) return { finished: inFlight, cancelled: 0 };
+    const left = [...this.inFlight];
+    for (const terminate of left) {
+      terminate(
+        new UnavailableError(
+          `the server is shutting down: the request was cancelled after the ${timeoutMs / 1000} s ` +
+            "shutdown timeout",
+        ),
+      );
+    }
+    const grace = new AbortController();
+    await Promise.race([
+      this.admission.idle(),
+      sleep(CANCELLED_REQUESTS_GRACE_MS, undefined, { signal: grace.signal }).catch(() => undefined),
+    ]);
+    grace.abort();
+    return { finished: inFlight - left.length, cancelled: left.length };
+  }
+
   close(): void {
     this.closed = true;
     clearTimeout(this.probeTimer);
+    this.targetHealth.stop();
     this.target.shutdown();
     this.draft.shutdown();
+  }
+
+  /** A place to run, or the reason there is none (OverloadedError passes through: 429). */
+  private async admit(signal: AbortSignal | undefined): Promise<() => void> {
+    try {
+      return await this.admission.admit(signal);
+    } catch (error) {
+      if (error instanceof AbandonedError) throw new CancelledError(error.message);
+      if (error instanceof ShuttingDownError) throw new UnavailableError(error.message);
+      throw error;
+    }
   }
 
   // ---- requests -----------------------------------------------------------------------------------------
 
   private resolve(input: GenerateInput): ResolvedRequest {
-    const model = this.targetInfo.model!;
     if (input.requestId && !isValidRequestId(input.requestId)) {
       throw new InvalidRequestError("a request id must be 1 to 128 visible ASCII characters");
     }
@@ -400,16 +530,11 @@ export class Gateway {
           "this server has no tokenizer: send prompt_token_ids instead of prompt",
         );
       }
-      promptTokenIds = this.tokenizer.encode(input.prompt!);
+      promptTokenIds = this.encodePrompt(input.prompt!, "prompt");
     } else {
       promptTokenIds = input.promptTokenIds!;
     }
-    checkPromptTokens(
-      promptTokenIds,
-      model.vocabSize,
-      model.maxPositionEmbeddings,
-      hasText ? "prompt" : "prompt_token_ids",
-    );
+    this.checkPrompt(promptTokenIds, hasText ? "prompt" : "prompt_token_ids");
     const maxTokens =
       input.maxTokens === undefined || input.maxTokens === 0 ? this.config.defaultMaxTokens : input.maxTokens;
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {
@@ -441,6 +566,15 @@ export class Gateway {
 
   private stopMatcher(stop: string[] | undefined): StopStringMatcher | undefined {
     if (stop === undefined || stop.length === 0) return undefined;
+    if (stop.length > MAX_STOP_STRINGS) {
+      throw new InvalidRequestError(`at most ${MAX_STOP_STRINGS} stop strings, got ${stop.length}`, "stop");
+    }
+    if (stop.some((text) => text.length > MAX_STOP_STRING_LENGTH)) {
+      throw new InvalidRequestError(
+        `stop strings must be at most ${MAX_STOP_STRING_LENGTH} characters`,
+        "stop",
+      );
+    }
     if (!this.tokenizer) throw new InvalidRequestError("stop strings need a tokenizer: this server has none");
     if (stop.some((text) => text === "")) throw new InvalidRequestError("stop strings must not be empty");
     return new StopStringMatcher(stop);

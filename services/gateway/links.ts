@@ -2,7 +2,7 @@
 // carries every session of this gateway (docs/design.md §2, the session protocol); events are routed to
 // the session's listener by id. When the stream breaks, every session on it hears about it and the next
 // session opens a new stream.
-import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
+import { type ChannelCredentials, type ClientDuplexStream, credentials } from "@grpc/grpc-js";
 import type { ServiceInfo } from "../../proto/gen/pearl/v1/common.js";
 import {
   type DraftCorrect,
@@ -37,6 +37,7 @@ class SessionStreamLink<Request, Event> {
     private readonly openCall: () => ClientDuplexStream<Request, Event>,
     private readonly sessionOf: (event: Event) => number | undefined,
     private readonly logger: Logger,
+    private readonly onLost: (error: Error) => void = () => undefined,
   ) {}
 
   register(sessionId: number, listener: SessionListener<Event>): void {
@@ -76,6 +77,7 @@ class SessionStreamLink<Request, Event> {
       const listeners = [...this.listeners.values()];
       this.listeners.clear();
       for (const listener of listeners) listener.onLinkLost(error);
+      this.onLost(error);
     };
     call.on("error", lost);
     call.on("end", () => lost(new Error(`the ${this.name} service ended the stream`)));
@@ -101,16 +103,20 @@ export class TargetLink {
   readonly client: TargetServiceClient;
   private readonly stream: SessionStreamLink<TargetRequest, TargetEvent>;
 
+  /** @param onStreamLost hears of every break of the session stream (the target may be down) */
   constructor(
     readonly address: string,
     logger: Logger,
+    channelCredentials: ChannelCredentials = credentials.createInsecure(),
+    onStreamLost: (error: Error) => void = () => undefined,
   ) {
-    this.client = new TargetServiceClient(address, credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new TargetServiceClient(address, channelCredentials, CHANNEL_OPTIONS);
     this.stream = new SessionStreamLink(
       "target",
       () => this.client.session(),
       (event) => event.verdict?.sessionId ?? event.failed?.sessionId,
       logger,
+      onStreamLost,
     );
   }
 
@@ -153,8 +159,9 @@ export class DraftLink {
   constructor(
     readonly address: string,
     logger: Logger,
+    channelCredentials: ChannelCredentials = credentials.createInsecure(),
   ) {
-    this.client = new DraftServiceClient(address, credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new DraftServiceClient(address, channelCredentials, CHANNEL_OPTIONS);
     this.stream = new SessionStreamLink(
       "draft",
       () => this.client.session(),

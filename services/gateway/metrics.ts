@@ -48,6 +48,15 @@ export function gatewayMetrics(registry: Registry) {
       ["mode", "finish_reason"],
     ),
     running: metric.gauge("pearl_requests_running_requests", "Requests in progress"),
+    waiting: metric.gauge(
+      "pearl_requests_waiting_requests",
+      "Requests admitted to the queue, waiting for one of the --max-num-seqs places",
+    ),
+    rejected: metric.counter(
+      "pearl_requests_rejected_total",
+      "Requests refused before they ran, by reason (queue_full: 429; shutting_down: 503; unauthenticated: 401)",
+      ["reason"],
+    ),
     timeToFirstToken: metric.histogram(
       "pearl_time_to_first_token_seconds",
       "From request to first committed token",

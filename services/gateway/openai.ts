@@ -9,12 +9,12 @@ import { FinishReason, type TokenLogprobs } from "../../proto/gen/pearl/v1/commo
 import { ChatTemplate, ChatTemplateError } from "../../lib/chat_template.js";
 import { errorMessage, type Logger } from "../../lib/logging.js";
 import type { TextTokenizer } from "../../lib/tokenizer.js";
+import { OverloadedError } from "./admission.js";
 import {
   CancelledError,
   type Gateway,
   type GenerateChunk,
   type GenerateInput,
-  checkPromptTokens,
   InvalidRequestError,
   isValidRequestId,
   REQUEST_ID_HEADER,
@@ -50,11 +50,9 @@ export interface OpenAIApiOptions {
   logger: Logger;
   /** The folder with tokenizer_config.json (the chat template); "" when the gateway has no tokenizer. */
   tokenizerDir: string;
+  /** Larger bodies are refused with 413 before they are parsed (--max-body-bytes). */
+  maxBodyBytes: number;
 }
-
-/** Larger than any prompt that fits a long-context model's window as JSON text, small enough to refuse
- * abuse before parsing it. */
-export const REQUEST_BODY_LIMIT_BYTES = 4 * 1024 * 1024;
 
 interface ServedModel {
   id: string;
@@ -175,6 +173,7 @@ export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApi
   const api = await OpenAIApi.create(options);
   await app.register(
     async (scope) => {
+      useStrictJson(scope, options.maxBodyBytes);
       scope.addHook("onRequest", async (request, reply) => api.assignRequestId(request, reply));
       scope.setErrorHandler((error, request, reply) => api.sendError(request, reply, error));
       scope.setNotFoundHandler((request, reply) =>
@@ -188,10 +187,10 @@ export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApi
       scope.get<{ Params: { model: string } }>("/models/:model", async (request) =>
         api.modelObject(request.params.model),
       );
-      scope.post("/completions", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, (request, reply) =>
+      scope.post("/completions", { bodyLimit: options.maxBodyBytes }, (request, reply) =>
         api.completions(request, reply),
       );
-      scope.post("/chat/completions", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, (request, reply) =>
+      scope.post("/chat/completions", { bodyLimit: options.maxBodyBytes }, (request, reply) =>
         api.chatCompletions(request, reply),
       );
     },
@@ -199,12 +198,13 @@ export async function registerOpenAIApi(app: FastifyInstance, options: OpenAIApi
   );
   // vLLM serves these at the root, beside /health and /metrics.
   await app.register(async (scope) => {
+    useStrictJson(scope, options.maxBodyBytes);
     scope.addHook("onRequest", async (request, reply) => api.assignRequestId(request, reply));
     scope.setErrorHandler((error, request, reply) => api.sendError(request, reply, error));
-    scope.post("/tokenize", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, async (request) =>
+    scope.post("/tokenize", { bodyLimit: options.maxBodyBytes }, async (request) =>
       tokenize(jsonBody(request.body), api.tokenizeContext()),
     );
-    scope.post("/detokenize", { bodyLimit: REQUEST_BODY_LIMIT_BYTES }, async (request) =>
+    scope.post("/detokenize", { bodyLimit: options.maxBodyBytes }, async (request) =>
       detokenize(jsonBody(request.body), api.tokenizeContext()),
     );
     scope.get("/version", async () => version());
@@ -219,6 +219,7 @@ class OpenAIApi {
     private readonly logger: Logger,
     private readonly model: ServedModel,
     private readonly chatTemplate: ChatTemplate | undefined,
+    private readonly maxBodyBytes: number,
   ) {}
 
   static async create(options: OpenAIApiOptions): Promise<OpenAIApi> {
@@ -238,6 +239,7 @@ class OpenAIApi {
         created: Math.floor(Date.now() / 1000),
       },
       chatTemplate,
+      options.maxBodyBytes,
     );
   }
 
@@ -261,7 +263,7 @@ class OpenAIApi {
   }
 
   sendError(request: FastifyRequest, reply: FastifyReply, error: unknown): FastifyReply {
-    const openAIError = toOpenAIError(error);
+    const openAIError = toOpenAIError(error, this.maxBodyBytes);
     const fields = {
       requestId: this.requestId(request),
       method: request.method,
@@ -272,6 +274,8 @@ class OpenAIApi {
     if (openAIError.status >= 500) this.logger.error("request failed", fields);
     else this.logger.info("request rejected", fields);
     reply.code(openAIError.status);
+    // As HTTP says of 429 (and OpenAI's clients obey): when to try again.
+    if (error instanceof OverloadedError) void reply.header("retry-after", String(error.retryAfterSeconds));
     if (openAIError.code === "request_too_large")
       return sendAfterDraining(request, reply, openAIError.body());
     return reply.send(openAIError.body());
@@ -334,7 +338,7 @@ class OpenAIApi {
     this.checkModel(body.model);
     const tokenizer = this.requireTokenizer();
     const prompts = body.prompts.map((prompt) => {
-      const tokenIds = typeof prompt === "string" ? tokenizer.encode(prompt) : prompt;
+      const tokenIds = typeof prompt === "string" ? this.gateway.encodePrompt(prompt, "prompt") : prompt;
       this.checkPrompt(tokenIds, body, "prompt");
       return { tokenIds, text: typeof prompt === "string" ? prompt : tokenizer.decode(tokenIds) };
     });
@@ -347,12 +351,12 @@ class OpenAIApi {
   async chatCompletions(request: FastifyRequest, reply: FastifyReply): Promise<void> {
     const body = parseChatCompletionRequest(jsonBody(request.body));
     this.checkModel(body.model);
-    const tokenizer = this.requireTokenizer();
+    this.requireTokenizer();
     if (!this.chatTemplate)
       throw invalidRequest("this server has no tokenizer, so no chat template", "messages");
     const prompt = this.chatTemplate.render(body.messages);
     // The template already wrote the special tokens (a BOS, say) where the model expects them.
-    const promptTokenIds = tokenizer.encode(prompt, { addSpecialTokens: false });
+    const promptTokenIds = this.gateway.encodePrompt(prompt, "messages", { addSpecialTokens: false });
     this.checkPrompt(promptTokenIds, body, "messages");
     await this.respond(request, reply, body, [{ tokenIds: promptTokenIds, text: prompt }], CHAT_SHAPE, {
       echo: false,
@@ -377,7 +381,7 @@ class OpenAIApi {
     promptParam: "prompt" | "messages",
   ): void {
     const context = this.model.contextLength;
-    checkPromptTokens(promptTokenIds, this.model.vocabSize, context, promptParam);
+    this.gateway.checkPrompt(promptTokenIds, promptParam);
     // OpenAI refuses what the gRPC API would cut short: a completion that cannot fit.
     if (body.maxTokens !== undefined && promptTokenIds.length + body.maxTokens > context) {
       throw invalidRequest(
@@ -567,7 +571,7 @@ class OpenAIApi {
       if (includeUsage) send([], usageOf(lasts, context));
     } catch (error) {
       if (error instanceof CancelledError) throw error;
-      const openAIError = toOpenAIError(error);
+      const openAIError = toOpenAIError(error, this.maxBodyBytes);
       this.logger.error("stream failed", { requestId, error: openAIError.message });
       raw.write(`data: ${JSON.stringify(openAIError.body())}\n\n`);
     } finally {
@@ -609,6 +613,79 @@ function sendAfterDraining(request: FastifyRequest, reply: FastifyReply, body: u
   upload.once("error", send);
   upload.resume();
   return reply;
+}
+
+/** JSON bodies in `scope` up to `maxBodyBytes`, parsed by strictJsonParser. */
+function useStrictJson(scope: FastifyInstance, maxBodyBytes: number): void {
+  scope.removeContentTypeParser("application/json");
+  scope.addContentTypeParser(
+    "application/json",
+    { parseAs: "buffer", bodyLimit: maxBodyBytes },
+    strictJsonParser(scope.getDefaultJsonParser("error", "error")),
+  );
+}
+
+type JsonParser = (
+  request: FastifyRequest,
+  body: string,
+  done: (error: Error | null, value?: unknown) => void,
+) => void;
+
+/**
+ * JSON as fastify parses it (refusing __proto__ and constructor keys), but only from valid UTF-8 and
+ * without lone UTF-16 surrogates ("\ud800"): either would reach the tokenizer as text that no client
+ * meant, where a Python server (vLLM) refuses the body.
+ */
+function strictJsonParser(parseJson: JsonParser) {
+  const decoder = new TextDecoder("utf-8", { fatal: true });
+  return (
+    request: FastifyRequest,
+    body: Buffer,
+    done: (error: Error | null, value?: unknown) => void,
+  ): void => {
+    let text: string;
+    try {
+      text = decoder.decode(body);
+    } catch {
+      done(invalidRequest("the request body is not valid UTF-8", null, "invalid_json"));
+      return;
+    }
+    parseJson(request, text, (error, value) => {
+      if (error) done(error);
+      else if (!wellFormed(value)) {
+        done(
+          invalidRequest(
+            "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff escape)",
+            null,
+            "invalid_json",
+          ),
+        );
+      } else done(null, value);
+    });
+  };
+}
+
+/** A high surrogate not followed by a low one, or a low one not preceded by a high one. */
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+/** Every string in a parsed JSON value (keys included) is well-formed Unicode. Iterative: a body may
+ * nest deeper than the stack. */
+function wellFormed(value: unknown): boolean {
+  const pending: unknown[] = [value];
+  while (pending.length > 0) {
+    const item = pending.pop();
+    if (typeof item === "string") {
+      if (LONE_SURROGATE.test(item)) return false;
+    } else if (Array.isArray(item)) {
+      for (const entry of item) pending.push(entry);
+    } else if (typeof item === "object" && item !== null) {
+      for (const [key, entry] of Object.entries(item)) {
+        if (LONE_SURROGATE.test(key)) return false;
+        pending.push(entry);
+      }
+    }
+  }
+  return true;
 }
 
 /** Fastify parses a body sent as text/plain into a string: say which content type JSON needs. */
@@ -662,8 +739,11 @@ interface FastifyLikeError {
   code?: string;
 }
 
-export function toOpenAIError(error: unknown): OpenAIError {
+export function toOpenAIError(error: unknown, maxBodyBytes: number): OpenAIError {
   if (error instanceof OpenAIError) return error;
+  if (error instanceof OverloadedError) {
+    return new OpenAIError(429, error.message, "requests", null, "rate_limit_exceeded");
+  }
   if (error instanceof ChatTemplateError) return invalidRequest(error.message, "messages");
   if (error instanceof InvalidRequestError) return invalidRequest(error.message, error.param, error.code);
   if (error instanceof UnavailableError) {
@@ -674,7 +754,7 @@ export function toOpenAIError(error: unknown): OpenAIError {
     case "FST_ERR_CTP_BODY_TOO_LARGE":
       return new OpenAIError(
         413,
-        `the request body is larger than the limit of ${REQUEST_BODY_LIMIT_BYTES} bytes`,
+        `the request body is larger than the limit of ${maxBodyBytes} bytes`,
         "invalid_request_error",
         null,
         "request_too_large",

@@ -1,13 +1,14 @@
 // The gateway service: the Generate API over gRPC (proto/pearl/v1/gateway.proto), plus /metrics and
 // /health over HTTP, where the OpenAI-compatible REST API (openai.ts) joins them.
 import { randomUUID } from "node:crypto";
+import { BinaryReader } from "@bufbuild/protobuf/wire";
 import { Metadata, type ServerWritableStream } from "@grpc/grpc-js";
-import { FinishReason } from "../../proto/gen/pearl/v1/common.js";
+import { FinishReason, InfoRequest } from "../../proto/gen/pearl/v1/common.js";
 import {
   DecodingMode,
   type GatewayServer,
   GatewayService,
-  type GenerateRequest,
+  GenerateRequest,
   type GenerateResponse,
 } from "../../proto/gen/pearl/v1/gateway.js";
 import type { GatewayConfig } from "../../lib/config.js";
@@ -17,6 +18,9 @@ import { startHttpServer } from "../../lib/http.js";
 import { announceListening, createLogger, errorMessage, type Logger } from "../../lib/logging.js";
 import { createRegistry } from "../../lib/metrics.js";
 import type { RunningService } from "../../lib/model_service.js";
+import { grpcServerCredentials, loadServerTls } from "../../lib/tls.js";
+import { OverloadedError } from "./admission.js";
+import { ApiKeys, type AuthOptions, grpcAuthentication, restAuthentication } from "./auth.js";
 import {
   CancelledError,
   Gateway,
@@ -27,6 +31,9 @@ import {
   UnavailableError,
 } from "./gateway.js";
 import { registerOpenAIApi } from "./openai.js";
+import { OpenAIError } from "./openai_schema.js";
+
+const HEALTH_SYNC_INTERVAL_MS = 250;
 
 export interface RunningGateway extends RunningService {
   gateway: Gateway;
@@ -53,6 +60,40 @@ function toResponse(chunk: GenerateChunk): GenerateResponse {
   };
 }
 
+/** A request message that did not decode: answered INVALID_ARGUMENT by the handler (grpc-js itself would
+ * answer a deserializer's exception with INTERNAL, a server error, for what is the client's mistake). */
+class MalformedRequest {
+  constructor(readonly reason: string) {}
+}
+
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+/** Decodes strictly: proto3 strings must be valid UTF-8, and a string that is not is refused rather than
+ * patched with U+FFFD. */
+function strictDecoder<Message>(type: {
+  decode(reader: BinaryReader): Message;
+}): (bytes: Buffer) => Message | MalformedRequest {
+  return (bytes) => {
+    try {
+      return type.decode(new BinaryReader(bytes, (data) => strictUtf8.decode(data)));
+    } catch (error) {
+      return new MalformedRequest(errorMessage(error));
+    }
+  };
+}
+
+const GATEWAY_DEFINITION = {
+  ...GatewayService,
+  generate: { ...GatewayService.generate, requestDeserialize: strictDecoder(GenerateRequest) },
+  info: { ...GatewayService.info, requestDeserialize: strictDecoder(InfoRequest) },
+} as typeof GatewayService;
+
+function malformed(request: unknown): { code: GrpcStatus; details: string } | undefined {
+  return request instanceof MalformedRequest
+    ? { code: GrpcStatus.INVALID_ARGUMENT, details: `the request message does not decode: ${request.reason}` }
+    : undefined;
+}
+
 /** The request's id: the request_id field, else the x-request-id metadata entry, else a new one. */
 function requestIdOf(call: ServerWritableStream<GenerateRequest, GenerateResponse>): string {
   const [fromMetadata] = call.metadata.get(REQUEST_ID_HEADER);
@@ -74,6 +115,11 @@ async function serveGenerate(
   logger: Logger,
 ): Promise<void> {
   const request = call.request;
+  const invalid = malformed(request);
+  if (invalid) {
+    call.emit("error", invalid);
+    return;
+  }
   const abort = new AbortController();
   let finished = false;
   // grpc-js reports "cancelled" even after a normal end: only an unfinished call is a cancellation.
@@ -113,6 +159,15 @@ async function serveGenerate(
   } catch (error) {
     finished = true;
     if (error instanceof CancelledError) return;
+    if (error instanceof OverloadedError) {
+      // gRPC's retry-after convention (A6 retry throttling reads grpc-retry-pushback-ms).
+      const trailers = new Metadata();
+      trailers.set("retry-after", String(error.retryAfterSeconds));
+      trailers.set("grpc-retry-pushback-ms", String(error.retryAfterSeconds * 1000));
+      logger.info("request rejected", { error: error.message });
+      call.emit("error", { code: GrpcStatus.RESOURCE_EXHAUSTED, details: error.message, metadata: trailers });
+      return;
+    }
     const code =
       error instanceof InvalidRequestError
         ? GrpcStatus.INVALID_ARGUMENT
@@ -126,12 +181,31 @@ async function serveGenerate(
 
 export async function startGatewayService(config: GatewayConfig, logger?: Logger): Promise<RunningGateway> {
   const log = logger ?? createLogger("gateway", config.logLevel);
+  // Certificates first: a bad file is a start-up error before anything connects.
+  const tls = loadServerTls({
+    cert: config.tlsCert,
+    key: config.tlsKey,
+    clientCa: config.tlsClientCa,
+    flags: { cert: "--tls-cert", key: "--tls-key", clientCa: "--tls-client-ca" },
+  });
   const registry = createRegistry("gateway");
   const gateway = await Gateway.connect(config, log, registry);
+  const keys = new ApiKeys(config.apiKeys);
+  const auth: AuthOptions = {
+    keys,
+    exempt: new Set(config.apiKeyExempt),
+    logger: log,
+    rejected: () => gateway.countRejected("unauthenticated"),
+  };
 
   const implementation: GatewayServer = {
     generate: (call) => void serveGenerate(gateway, call, log),
-    info: (_call, callback) => {
+    info: (call, callback) => {
+      const invalid = malformed(call.request);
+      if (invalid) {
+        callback(invalid);
+        return;
+      }
       gateway.info().then(
         (info) =>
           callback(null, {
@@ -153,14 +227,23 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
   let grpc;
   let http;
   try {
-    grpc = await startGrpcServer(config.host, config.grpcPort, [
+    grpc = await startGrpcServer(
+      config.host,
+      config.grpcPort,
+      [
+        {
+          name: "pearl.v1.Gateway",
+          protoFile: "pearl/v1/gateway.proto",
+          definition: GATEWAY_DEFINITION,
+          implementation,
+        },
+      ],
       {
-        name: "pearl.v1.Gateway",
-        protoFile: "pearl/v1/gateway.proto",
-        definition: GatewayService,
-        implementation,
+        credentials: grpcServerCredentials(tls),
+        interceptors: keys.enabled ? [grpcAuthentication(auth)] : [],
+        maxReceiveBytes: config.maxBodyBytes,
       },
-    ]);
+    );
     http =
       config.httpPort >= 0
         ? await startHttpServer({
@@ -168,8 +251,17 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
             port: config.httpPort,
             registry,
             unhealthyReason: () => gateway.unhealthyReason(),
+            tls,
+            onRequest: keys.enabled ? restAuthentication(auth) : undefined,
+            requestTimeoutMs: config.bodyTimeoutSeconds * 1000,
+            errorBody: (status, message) => new OpenAIError(status, message, "invalid_request_error").body(),
             configure: (app) =>
-              registerOpenAIApi(app, { gateway, logger: log, tokenizerDir: config.tokenizerDir }),
+              registerOpenAIApi(app, {
+                gateway,
+                logger: log,
+                tokenizerDir: config.tokenizerDir,
+                maxBodyBytes: config.maxBodyBytes,
+              }),
           })
         : undefined;
   } catch (error) {
@@ -180,16 +272,33 @@ export async function startGatewayService(config: GatewayConfig, logger?: Logger
   announceListening("gateway", { grpcPort: grpc.port, httpPort: http?.port ?? -1 });
   const grpcServer = grpc;
   const httpServer = http;
+  // The gRPC health service says what /health says: NOT_SERVING while the target is unreachable. Set on
+  // changes only: every setStatus call is pushed to the Watch streams.
+  let serving = true;
+  const healthSync = setInterval(() => {
+    const healthy = gateway.unhealthyReason() === null;
+    if (healthy === serving) return;
+    serving = healthy;
+    grpcServer.health.setStatus("", healthy ? "SERVING" : "NOT_SERVING");
+    grpcServer.health.setStatus("pearl.v1.Gateway", healthy ? "SERVING" : "NOT_SERVING");
+  }, HEALTH_SYNC_INTERVAL_MS);
+  healthSync.unref();
 
   return {
     gateway,
     grpcPort: grpcServer.port,
     httpPort: httpServer?.port ?? -1,
     async close() {
+      clearInterval(healthSync);
+      const health = grpcServer.health;
+      health.setStatus("", "NOT_SERVING");
+      health.setStatus("pearl.v1.Gateway", "NOT_SERVING");
+      log.info("shutting down", { timeoutSeconds: config.shutdownTimeoutSeconds });
+      const { finished, cancelled } = await gateway.shutdown(config.shutdownTimeoutSeconds * 1000);
       await grpcServer.shutdown();
       await httpServer?.close();
       gateway.close();
-      log.info("stopped", { role: "gateway" });
+      log.info("stopped", { role: "gateway", finished, cancelled });
     },
   };
 }

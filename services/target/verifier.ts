@@ -254,6 +254,9 @@ export class Verifier extends SessionLoop<TargetEventSink, TargetSession, Target
       this.waiting.shift();
       await this.engine.addSequence(session.seqId);
       session.inEngine = true;
+      // A close that came during the await stands (the cast undoes TypeScript's narrowing, which
+      // cannot know): the next bookkeeping frees the sequence.
+      if ((session.state as TargetSession["state"]) === "closing") continue;
       session.state = "running";
       session.admittedAt = ++this.admissions;
       free -= need;

@@ -1,6 +1,15 @@
 // The three services as child processes (`pearl draft|target|gateway`, exactly as deployed) on ephemeral
 // loopback ports, and a gRPC client of the gateway.
-import { credentials, type ClientReadableStream } from "@grpc/grpc-js";
+import {
+  type ChannelCredentials,
+  Client,
+  credentials,
+  type ClientReadableStream,
+  type MethodDefinition,
+  type ServiceDefinition,
+} from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
+import { protoPath as healthProtoPath } from "grpc-health-check";
 import { CHANNEL_OPTIONS } from "../../lib/grpc.js";
 import { sampleValue } from "../../lib/metrics.js";
 import { type ServiceProcess, spawnService } from "../../lib/service_process.js";
@@ -47,6 +56,9 @@ export interface StackOptions {
   draftArgs?: string[];
   targetArgs?: string[];
   gatewayArgs?: string[];
+  /** How the test reaches the gateway's gRPC port, and the draft and target (default: plaintext). */
+  gatewayCredentials?: ChannelCredentials;
+  serviceCredentials?: ChannelCredentials;
 }
 
 export class Stack {
@@ -84,7 +96,11 @@ export class Stack {
         ...ALWAYS_DRAFT,
         ...(options.gatewayArgs ?? []),
       ]);
-      stack.client = new GatewayClient(stack.gateway.address, credentials.createInsecure(), CHANNEL_OPTIONS);
+      stack.client = new GatewayClient(
+        stack.gateway.address,
+        options.gatewayCredentials ?? credentials.createInsecure(),
+        CHANNEL_OPTIONS,
+      );
       return stack;
     } catch (error) {
       await stack.stop();
@@ -114,6 +130,24 @@ export class Stack {
     ]);
   }
 
+  /** Starts the target service again on its old port (after it was killed). */
+  async restartTarget(): Promise<void> {
+    this.target = await this.startChild([
+      "target",
+      "--model",
+      this.options.targetModel,
+      ...MODEL_SERVICE_ARGS,
+      ...(this.options.targetArgs ?? []),
+      "--port",
+      String(this.target.grpcPort),
+    ]);
+  }
+
+  /** The gateway's REST base, http://127.0.0.1:port. */
+  get gatewayUrl(): string {
+    return `http://127.0.0.1:${this.gateway.httpPort}`;
+  }
+
   async stop(): Promise<void> {
     this.client?.close();
     const children = [this.gateway, this.draft, this.target].filter((child) => child !== undefined);
@@ -122,7 +156,7 @@ export class Stack {
   }
 
   draftInfo(): Promise<ServiceInfo> {
-    const client = new DraftServiceClient(this.draft.address, credentials.createInsecure());
+    const client = new DraftServiceClient(this.draft.address, this.serviceCredentials());
     return new Promise((resolve, reject) =>
       client.info({}, (error, info) => {
         client.close();
@@ -133,7 +167,7 @@ export class Stack {
   }
 
   targetInfo(): Promise<ServiceInfo> {
-    const client = new TargetServiceClient(this.target.address, credentials.createInsecure());
+    const client = new TargetServiceClient(this.target.address, this.serviceCredentials());
     return new Promise((resolve, reject) =>
       client.info({}, (error, info) => {
         client.close();
@@ -141,6 +175,33 @@ export class Stack {
         else resolve(info);
       }),
     );
+  }
+
+  private serviceCredentials(): ChannelCredentials {
+    return this.options.serviceCredentials ?? credentials.createInsecure();
+  }
+
+  /**
+   * Waits until neither service holds a session or a KV block (cached prefix blocks aside); rejects after
+   * `withinMs`. Resolves with how long it took.
+   */
+  async kvReleased(withinMs: number): Promise<number> {
+    const started = performance.now();
+    for (;;) {
+      const [draft, target] = await Promise.all([this.draftInfo(), this.targetInfo()]);
+      const held = [draft, target].filter(
+        (info) => info.cache!.blocksUsed > 0 || info.cache!.sequences > 0 || info.activeSessions > 0,
+      );
+      const elapsed = performance.now() - started;
+      if (held.length === 0) return elapsed;
+      if (elapsed > withinMs) {
+        throw new Error(
+          `KV still held after ${withinMs} ms: ${JSON.stringify([draft.cache, target.cache])}, ` +
+            `sessions ${draft.activeSessions} / ${target.activeSessions}`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
   }
 
   /** The Prometheus text of one service. */
@@ -232,3 +293,28 @@ export function randomPrompts(count: number, minLength: number, maxLength: numbe
 
 /** The value of a Prometheus sample (summed over the label sets that include `labels`). */
 export const metricValue = sampleValue;
+
+const healthCheck = (
+  loadSync(healthProtoPath, { enums: String })["grpc.health.v1.Health"] as ServiceDefinition
+).Check as MethodDefinition<{ service: string }, { status: string }>;
+
+/** grpc.health.v1.Health/Check of the server's overall status ("SERVING", "NOT_SERVING", ...). */
+export async function grpcHealthStatus(
+  address: string,
+  channelCredentials: ChannelCredentials = credentials.createInsecure(),
+): Promise<string> {
+  const client = new Client(address, channelCredentials);
+  try {
+    return await new Promise((resolve, reject) =>
+      client.makeUnaryRequest(
+        healthCheck.path,
+        healthCheck.requestSerialize,
+        healthCheck.responseDeserialize,
+        { service: "" },
+        (error, response) => (error ? reject(error) : resolve(response!.status)),
+      ),
+    );
+  } finally {
+    client.close();
+  }
+}
