@@ -9,6 +9,8 @@ import {
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
   type ModelServiceConfig,
+  omitOptions,
+  pickOptions,
   PLACEMENT_OPTIONS,
   readOptions,
   TARGET_SERVICE_OPTIONS,
@@ -35,7 +37,7 @@ import { formatBench, loadPrompts, runBench } from "./bench.js";
 import { ProgressBar } from "./progress.js";
 import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
 
-const SHARED_KEYS = new Set(["host", "logLevel"]);
+const SHARED_KEYS = ["host", "logLevel"] as const;
 
 /** Runs an in-process service until SIGINT or SIGTERM, then closes it gracefully. */
 function runUntilSignal(service: RunningService): void {
@@ -172,24 +174,13 @@ async function runGenerate(options: GenerateOptions, values: Record<string, unkn
 // ---- the command line -----------------------------------------------------------------------------------
 
 /** The settings of the stack that `generate --local` and `bench --local` start for themselves. */
-const LOCAL_SERVICE_KEYS = ["modelDir", "backend", "numThreads", "devices", "deterministic"];
-const LOCAL_GATEWAY_KEYS = ["lookahead", "verifyWindow", "minGamma", "maxGamma", "sdGamma"];
+const LOCAL_SERVICE_KEYS = ["modelDir", "backend", "numThreads", "devices", "deterministic"] as const;
+const LOCAL_GATEWAY_KEYS = ["lookahead", "verifyWindow", "minGamma", "maxGamma", "sdGamma"] as const;
 
 function addLocalStackOptions(command: Command): void {
-  addOptions(
-    command,
-    DRAFT_SERVICE_OPTIONS.filter((spec) => LOCAL_SERVICE_KEYS.includes(spec.key)),
-    "draft-",
-  );
-  addOptions(
-    command,
-    TARGET_SERVICE_OPTIONS.filter((spec) => LOCAL_SERVICE_KEYS.includes(spec.key)),
-    "target-",
-  );
-  addOptions(
-    command,
-    GATEWAY_OPTIONS.filter((spec) => LOCAL_GATEWAY_KEYS.includes(spec.key)),
-  );
+  addOptions(command, pickOptions(DRAFT_SERVICE_OPTIONS, LOCAL_SERVICE_KEYS), "draft-");
+  addOptions(command, pickOptions(TARGET_SERVICE_OPTIONS, LOCAL_SERVICE_KEYS), "target-");
+  addOptions(command, pickOptions(GATEWAY_OPTIONS, LOCAL_GATEWAY_KEYS));
   addOptions(command, PLACEMENT_OPTIONS);
 }
 
@@ -200,9 +191,9 @@ const program = new Command("pearl")
 const serve = program
   .command("serve")
   .description("run the draft, target and gateway services as child processes");
-addOptions(serve, DRAFT_SERVICE_OPTIONS, "draft-", SHARED_KEYS);
-addOptions(serve, TARGET_SERVICE_OPTIONS, "target-", SHARED_KEYS);
-addOptions(serve, GATEWAY_OPTIONS, "", new Set(["draftAddress", "targetAddress"]));
+addOptions(serve, omitOptions(DRAFT_SERVICE_OPTIONS, SHARED_KEYS), "draft-");
+addOptions(serve, omitOptions(TARGET_SERVICE_OPTIONS, SHARED_KEYS), "target-");
+addOptions(serve, omitOptions(GATEWAY_OPTIONS, ["draftAddress", "targetAddress"]));
 addOptions(serve, PLACEMENT_OPTIONS);
 serve.action(async (_options, command: Command) => {
   const logger = createLogger("pearl");

@@ -1,105 +1,44 @@
-// Configuration of the three services. Every setting is a command-line flag and an environment variable
-// (PEARL_*); the flag wins. The same variable configures a setting whichever command reads it, so
-// `pearl serve --draft-port` and `pearl draft --port` both read PEARL_DRAFT_PORT.
+// Configuration of the three services. Each setting is declared once, below, and the declaration gives
+// everything about it: the command-line flag, the environment variable (PEARL_*; the flag wins), the
+// --help line, the parser and, through the parser, its type in the config the services read (ConfigOf).
+// The same variable configures a setting whichever command reads it, so `pearl serve --draft-port` and
+// `pearl draft --port` both read PEARL_DRAFT_PORT.
 import { type Command, InvalidArgumentError, Option } from "commander";
-import { DECODING_MODE_NAMES, type DecodingModeName } from "./decoding_modes.js";
+import { DECODING_MODE_NAMES } from "./decoding_modes.js";
 import { isLogLevel, type LogLevel } from "./logging.js";
 import type { Backend } from "./native.js";
 
-/** Settings shared by the draft and the target service: one model, one engine, one gRPC server. */
-export interface ModelServiceConfig {
-  modelDir: string;
-  /** Shown to clients; "" means the model folder's name. */
-  modelId: string;
-  backend: Backend;
-  /** CPU backend threads; 0: all cores. */
-  numThreads: number;
-  /** CUDA device ordinals, one per tensor-parallel rank; empty: automatic (`pearl serve` places the
-   * models, a service started alone takes the engine's default GPU). */
-  devices: number[];
-  /** KV cache capacity in blocks; 0: the engine's default. */
-  numBlocks: number;
-  blockSize: number;
-  /** Batch-invariant numerics on the cuda backend (greedy pearl/sd equals ar whatever shares a step);
-   * the cpu backend always is. */
-  deterministic: boolean;
-  host: string;
-  /** 0 picks a free port (logged at start-up). */
-  grpcPort: number;
-  /** /metrics and /health; 0 picks a free port, -1 disables. */
-  httpPort: number;
-  /** Most prompt tokens prefilled per step, over all sessions; longer prompts take several steps. */
-  prefillChunk: number;
-  /** Most sessions advanced by one step. */
-  maxBatch: number;
-  /** Batch sizes whose step time is measured at start-up (empty: none; measured online anyway). */
-  profileBatchSizes: number[];
-  logLevel: LogLevel;
-  /** PEM files of the gRPC port's TLS ("": plaintext); a client CA makes it mutual TLS. */
-  tlsCert: string;
-  tlsKey: string;
-  tlsClientCa: string;
+/** One setting, whose value has type T. */
+export interface OptionSpec<T> {
+  /** The flag without dashes, e.g. "port"; `pearl serve` may prefix it ("draft-port"). */
+  flag: string;
+  /** Placeholder of the value in --help. */
+  valueName: string;
+  env: string;
+  description: string;
+  defaultValue: T;
+  parse: (raw: string) => T;
+  /** The flag's text for a value, for a child process (default: lists joined by commas, "off" if empty). */
+  format?(value: T): string;
+  /** A switch: the flag alone means true; a value (as the environment variable gives) may follow it. */
+  valueOptional?: boolean;
+  /** A list that repeating the flag extends. */
+  repeatable?: boolean;
+  /** Never put on a command line (where `ps` shows it): a child process gets it in its environment. */
+  secret?: boolean;
 }
 
-export type DraftServiceConfig = ModelServiceConfig;
+/** Settings by config key. */
+export type OptionSet = Record<string, OptionSpec<unknown>>;
 
-export interface TargetServiceConfig extends ModelServiceConfig {
-  /** Most proposed tokens one session gets verified in one step. */
-  maxVerifyWindow: number;
-}
+/** The config that a set of settings yields. */
+export type ConfigOf<Options extends OptionSet> = {
+  [Key in keyof Options]: Options[Key] extends OptionSpec<infer T> ? T : never;
+};
 
-export interface GatewayConfig {
-  host: string;
-  grpcPort: number;
-  httpPort: number;
-  draftAddress: string;
-  targetAddress: string;
-  defaultMode: DecodingModeName;
-  /** Draft tokens past the last verified position; 0: set from measured step times. */
-  lookahead: number;
-  /** Most proposed tokens per verify step; 0: set from measured step times. */
-  verifyWindow: number;
-  /** Upper bound of the automatic draft length. */
-  maxGamma: number;
-  /** Lower bound of the automatic draft length; 0 lets pearl requests run on the target alone while
-   * drafting does not pay. */
-  minGamma: number;
-  /** The fixed draft length of mode sd; 0: chosen like pearl's, for sequential drafting. */
-  sdGamma: number;
-  draftTemperature: number;
-  /** Size of a sampled draft's sparse distribution q. */
-  draftTopK: number;
-  defaultMaxTokens: number;
-  /** A folder with tokenizer.json (and tokenizer_config.json); "": token ids only. */
-  tokenizerDir: string;
-  /** The model name of the OpenAI API; "": the target's model id (its folder name unless configured). */
-  servedModelName: string;
-  /** How long to wait for the target (and draft) service at start-up. */
-  connectTimeoutSeconds: number;
-  logLevel: LogLevel;
-  /** Keys a client must present (Authorization: Bearer); empty: no authentication. */
-  apiKeys: string[];
-  /** What stays open without a key. */
-  apiKeyExempt: ("health" | "metrics")[];
-  /** PEM files of TLS on the REST and gRPC ports ("": plaintext); a client CA makes it mutual TLS. */
-  tlsCert: string;
-  tlsKey: string;
-  tlsClientCa: string;
-  /** TLS towards the draft and target services: a CA turns it on, cert and key authenticate the gateway. */
-  linkTlsCa: string;
-  linkTlsCert: string;
-  linkTlsKey: string;
-  /** Most requests running at once, and waiting for one of those places; beyond both: 429. */
-  maxNumSeqs: number;
-  maxWaiting: number;
-  /** Largest request body (REST) or message (gRPC); larger ones: 413 / RESOURCE_EXHAUSTED. */
-  maxBodyBytes: number;
-  /** Longest prompt; 0: the target's context length less one. */
-  maxPromptTokens: number;
-  /** Most seconds a client may take to send its request; slower ones get 408 (slowloris). */
-  bodyTimeoutSeconds: number;
-  /** On SIGTERM: how long requests in flight may take to finish before they are cancelled. */
-  shutdownTimeoutSeconds: number;
+/** Declares one setting; the parser fixes its type, which the default must have. */
+function option<T>(spec: Omit<OptionSpec<T>, "defaultValue"> & { defaultValue: NoInfer<T> }): OptionSpec<T> {
+  return spec;
 }
 
 export const DEFAULT_HOST = "127.0.0.1";
@@ -112,25 +51,7 @@ export const DEFAULT_PORTS = {
   targetHttp: 8002,
 } as const;
 
-// ---- option specs -------------------------------------------------------------------------------------
-
-export interface OptionSpec<Config> {
-  key: keyof Config & string;
-  /** The flag without dashes, e.g. "port"; `pearl serve` may prefix it ("draft-port"). */
-  flag: string;
-  /** Placeholder of the value in --help. */
-  valueName: string;
-  /** A switch: the flag alone means true; a value (as the environment variable gives) may follow it. */
-  valueOptional?: boolean;
-  /** A list that repeating the flag extends. */
-  repeatable?: boolean;
-  /** Never put on a command line (where `ps` shows it): a child process gets it in its environment. */
-  secret?: boolean;
-  env: string;
-  description: string;
-  defaultValue: unknown;
-  parse: (raw: string) => unknown;
-}
+// ---- parsers ------------------------------------------------------------------------------------------
 
 function integerIn(min: number, max: number): (raw: string) => number {
   return (raw) => {
@@ -222,74 +143,85 @@ function parseExempt(raw: string): ("health" | "metrics")[] {
   return raw.split(",").map((part) => oneOf(["health", "metrics"] as const)(part.trim()));
 }
 
+function formatHttpPort(port: number): string {
+  return port === -1 ? "off" : String(port);
+}
+
 /** A flag naming a PEM file; its variable is `env` followed by the flag in capitals. */
-function pemFileSpec<Config>(key: keyof Config & string, flag: string, env: string, description: string) {
+function pemFile(flag: string, env: string, description: string): OptionSpec<string> {
   const variable = `${env}${flag.toUpperCase().replaceAll("-", "_")}`;
-  return { key, flag, valueName: "file", env: variable, description, defaultValue: "", parse: text };
+  return option({ flag, valueName: "file", env: variable, description, defaultValue: "", parse: text });
 }
 
-/** The PEM files of a server's TLS; `env` is the variables' prefix (PEARL_DRAFT_, ...). */
-function tlsServerSpecs<Config extends { tlsCert: string; tlsKey: string; tlsClientCa: string }>(
-  env: string,
-  port: string,
-): OptionSpec<Config>[] {
-  return [
-    pemFileSpec<Config>("tlsCert", "tls-cert", env, `PEM certificate chain: serve the ${port} over TLS`),
-    pemFileSpec<Config>("tlsKey", "tls-key", env, "PEM private key of that certificate"),
-    pemFileSpec<Config>(
-      "tlsClientCa",
-      "tls-client-ca",
-      env,
-      "PEM CA bundle: require client certificates it signed",
-    ),
-  ];
+/** The PEM files of a server's TLS ("": plaintext; a client CA makes it mutual TLS); `env` is the
+ * variables' prefix (PEARL_DRAFT_, ...). */
+function tlsServerOptions(env: string, port: string) {
+  return {
+    tlsCert: pemFile("tls-cert", env, `PEM certificate chain: serve the ${port} over TLS`),
+    tlsKey: pemFile("tls-key", env, "PEM private key of that certificate"),
+    tlsClientCa: pemFile("tls-client-ca", env, "PEM CA bundle: require client certificates it signed"),
+  };
 }
 
-function modelServiceSpecs(
-  role: "draft" | "target",
-  grpcPort: number,
-  httpPort: number,
-): OptionSpec<TargetServiceConfig>[] {
+// ---- settings -----------------------------------------------------------------------------------------
+
+const SHARED_OPTIONS = {
+  host: option({
+    flag: "host",
+    valueName: "address",
+    env: "PEARL_HOST",
+    description: "address the servers bind to",
+    defaultValue: DEFAULT_HOST,
+    parse: text,
+  }),
+  logLevel: option({
+    flag: "log-level",
+    valueName: "level",
+    env: "PEARL_LOG_LEVEL",
+    description: "error, warn, info or debug",
+    defaultValue: "info",
+    parse: logLevel,
+  }),
+};
+
+/** The settings of a draft or target service: one model, one engine, one gRPC server. */
+function modelServiceOptions(role: "draft" | "target", grpcPort: number, httpPort: number) {
   const env = `PEARL_${role.toUpperCase()}_`;
-  return [
-    {
-      key: "modelDir",
+  return {
+    modelDir: option({
       flag: "model",
       valueName: "dir",
       env: `${env}MODEL`,
       description: `${role} model folder (Hugging Face layout: config.json + *.safetensors)`,
       defaultValue: "",
       parse: text,
-    },
-    {
-      key: "modelId",
+    }),
+    modelId: option({
       flag: "model-id",
       valueName: "name",
       env: `${env}MODEL_ID`,
       description: "model name reported to clients (default: the folder's name)",
       defaultValue: "",
       parse: text,
-    },
-    {
-      key: "backend",
+    }),
+    backend: option({
       flag: "backend",
       valueName: "cpu|cuda|auto",
       env: `${env}BACKEND`,
       description: "compute backend",
       defaultValue: "auto",
       parse: oneOf(BACKENDS),
-    },
-    {
-      key: "numThreads",
+    }),
+    numThreads: option({
       flag: "threads",
       valueName: "n",
       env: `${env}THREADS`,
       description: "CPU backend threads (0: all cores)",
       defaultValue: 0,
       parse: integerIn(0, 1024),
-    },
-    {
-      key: "devices",
+    }),
+    // Empty: automatic (`pearl serve` places the models, a service started alone takes GPU 0).
+    devices: option({
       flag: "devices",
       valueName: "list",
       env: `${env}DEVICES`,
@@ -298,27 +230,24 @@ function modelServiceSpecs(
         "3 GPUs; cuda backend only; default: placed by pearl serve, GPU 0 for a service started alone)",
       defaultValue: [],
       parse: parseDevices,
-    },
-    {
-      key: "numBlocks",
+    }),
+    numBlocks: option({
       flag: "kv-blocks",
       valueName: "n",
       env: `${env}KV_BLOCKS`,
       description: "KV cache capacity in blocks (0: the engine's default)",
       defaultValue: 0,
       parse: integerIn(0, 1 << 24),
-    },
-    {
-      key: "blockSize",
+    }),
+    blockSize: option({
       flag: "block-size",
       valueName: "tokens",
       env: `${env}BLOCK_SIZE`,
       description: "tokens per KV block",
       defaultValue: 16,
       parse: integerIn(1, 1024),
-    },
-    {
-      key: "deterministic",
+    }),
+    deterministic: option({
       flag: "deterministic",
       valueName: "bool",
       valueOptional: true,
@@ -328,176 +257,140 @@ function modelServiceSpecs(
         "backend always is; on cuda it slows steps of more than 16 rows)",
       defaultValue: false,
       parse: parseBoolean,
-    },
-    {
-      key: "grpcPort",
+    }),
+    grpcPort: option({
       flag: "port",
       valueName: "port",
       env: `${env}PORT`,
-      description: "gRPC port (0: any free port)",
+      description: "gRPC port (0: any free port, logged at start-up)",
       defaultValue: grpcPort,
       parse: parsePort,
-    },
-    {
-      key: "httpPort",
+    }),
+    httpPort: option({
       flag: "http-port",
       valueName: "port|off",
       env: `${env}HTTP_PORT`,
       description: "HTTP port of /metrics and /health (0: any free port)",
       defaultValue: httpPort,
       parse: parseHttpPort,
-    },
-    {
-      key: "prefillChunk",
+      format: formatHttpPort,
+    }),
+    // Longer prompts take several steps.
+    prefillChunk: option({
       flag: "prefill-chunk",
       valueName: "tokens",
       env: `${env}PREFILL_CHUNK`,
       description: "most prompt tokens prefilled per step over all sessions",
       defaultValue: 256,
       parse: integerIn(1, 1 << 20),
-    },
-    {
-      key: "maxBatch",
+    }),
+    maxBatch: option({
       flag: "max-batch",
       valueName: "n",
       env: `${env}MAX_BATCH`,
       description: "most sessions advanced by one step",
       defaultValue: 256,
       parse: integerIn(1, 1 << 16),
-    },
-    {
-      key: "profileBatchSizes",
+    }),
+    // Sizes left out are measured online anyway.
+    profileBatchSizes: option({
       flag: "profile",
       valueName: "sizes|off",
       env: `${env}PROFILE`,
       description: "batch sizes whose step time is measured at start-up, comma-separated",
       defaultValue: [1, 2, 4, 8],
       parse: parseBatchSizes,
-    },
-    ...tlsServerSpecs<TargetServiceConfig>(env, "gRPC port"),
-  ];
+    }),
+    ...tlsServerOptions(env, "gRPC port"),
+    ...SHARED_OPTIONS,
+  };
 }
 
-const HOST_SPEC = {
-  key: "host",
-  flag: "host",
-  valueName: "address",
-  env: "PEARL_HOST",
-  description: "address the servers bind to",
-  defaultValue: DEFAULT_HOST,
-  parse: text,
-} as const;
+export const DRAFT_SERVICE_OPTIONS = modelServiceOptions(
+  "draft",
+  DEFAULT_PORTS.draftGrpc,
+  DEFAULT_PORTS.draftHttp,
+);
 
-const LOG_LEVEL_SPEC = {
-  key: "logLevel",
-  flag: "log-level",
-  valueName: "level",
-  env: "PEARL_LOG_LEVEL",
-  description: "error, warn, info or debug",
-  defaultValue: "info",
-  parse: logLevel,
-} as const;
-
-export const DRAFT_SERVICE_OPTIONS: OptionSpec<DraftServiceConfig>[] = [
-  ...(modelServiceSpecs(
-    "draft",
-    DEFAULT_PORTS.draftGrpc,
-    DEFAULT_PORTS.draftHttp,
-  ) as OptionSpec<DraftServiceConfig>[]),
-  HOST_SPEC,
-  LOG_LEVEL_SPEC,
-];
-
-export const TARGET_SERVICE_OPTIONS: OptionSpec<TargetServiceConfig>[] = [
-  ...modelServiceSpecs("target", DEFAULT_PORTS.targetGrpc, DEFAULT_PORTS.targetHttp),
-  {
-    key: "maxVerifyWindow",
+export const TARGET_SERVICE_OPTIONS = {
+  ...modelServiceOptions("target", DEFAULT_PORTS.targetGrpc, DEFAULT_PORTS.targetHttp),
+  maxVerifyWindow: option({
     flag: "max-verify-window",
     valueName: "tokens",
     env: "PEARL_TARGET_MAX_VERIFY_WINDOW",
     description: "most proposed tokens verified per session per step",
     defaultValue: 32,
     parse: integerIn(1, 1024),
-  },
-  HOST_SPEC,
-  LOG_LEVEL_SPEC,
-];
+  }),
+};
 
-export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
-  {
-    key: "grpcPort",
+export const GATEWAY_OPTIONS = {
+  grpcPort: option({
     flag: "port",
     valueName: "port",
     env: "PEARL_GATEWAY_PORT",
     description: "gRPC port of the Generate API (0: any free port)",
     defaultValue: DEFAULT_PORTS.gatewayGrpc,
     parse: parsePort,
-  },
-  {
-    key: "httpPort",
+  }),
+  httpPort: option({
     flag: "http-port",
     valueName: "port|off",
     env: "PEARL_GATEWAY_HTTP_PORT",
     description: "HTTP port of /metrics and /health (0: any free port)",
     defaultValue: DEFAULT_PORTS.gatewayHttp,
     parse: parseHttpPort,
-  },
-  {
-    key: "draftAddress",
+    format: formatHttpPort,
+  }),
+  draftAddress: option({
     flag: "draft",
     valueName: "host:port",
     env: "PEARL_DRAFT_ADDRESS",
     description: "the draft service",
     defaultValue: `localhost:${DEFAULT_PORTS.draftGrpc}`,
     parse: text,
-  },
-  {
-    key: "targetAddress",
+  }),
+  targetAddress: option({
     flag: "target",
     valueName: "host:port",
     env: "PEARL_TARGET_ADDRESS",
     description: "the target service",
     defaultValue: `localhost:${DEFAULT_PORTS.targetGrpc}`,
     parse: text,
-  },
-  {
-    key: "defaultMode",
+  }),
+  defaultMode: option({
     flag: "mode",
     valueName: "pearl|sd|ar",
     env: "PEARL_MODE",
     description: "decoding mode of requests that do not choose one",
     defaultValue: "pearl",
     parse: oneOf(DECODING_MODE_NAMES),
-  },
-  {
-    key: "lookahead",
+  }),
+  lookahead: option({
     flag: "lookahead",
     valueName: "tokens",
     env: "PEARL_LOOKAHEAD",
     description: "pin how far the draft runs past the last verified token (0: from measured step times)",
     defaultValue: 0,
     parse: integerIn(0, 1024),
-  },
-  {
-    key: "verifyWindow",
+  }),
+  verifyWindow: option({
     flag: "verify-window",
     valueName: "tokens",
     env: "PEARL_VERIFY_WINDOW",
     description: "pin the most proposed tokens per verify step (0: from measured step times)",
     defaultValue: 0,
     parse: integerIn(0, 1024),
-  },
-  {
-    key: "maxGamma",
+  }),
+  maxGamma: option({
     flag: "max-gamma",
     valueName: "tokens",
     env: "PEARL_MAX_GAMMA",
     description: "upper bound of the automatic draft length",
     defaultValue: 16,
     parse: integerIn(1, 1024),
-  },
-  {
-    key: "minGamma",
+  }),
+  minGamma: option({
     flag: "min-gamma",
     valueName: "tokens",
     env: "PEARL_MIN_GAMMA",
@@ -506,54 +399,49 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
       "measured step times and acceptance say drafting does not pay; 1: always draft)",
     defaultValue: 0,
     parse: integerIn(0, 1024),
-  },
-  {
-    key: "sdGamma",
+  }),
+  sdGamma: option({
     flag: "sd-gamma",
     valueName: "tokens",
     env: "PEARL_SD_GAMMA",
     description: "draft length of mode sd, vanilla speculative decoding (0: from measured step times)",
     defaultValue: 4,
     parse: integerIn(0, 1024),
-  },
-  {
-    key: "draftTemperature",
+  }),
+  draftTemperature: option({
     flag: "draft-temperature",
     valueName: "t",
     env: "PEARL_DRAFT_TEMPERATURE",
     description: "draft sampling temperature (0: greedy draft)",
     defaultValue: 0,
     parse: numberIn(0, 100),
-  },
-  {
-    key: "draftTopK",
+  }),
+  draftTopK: option({
     flag: "draft-top-k",
     valueName: "k",
     env: "PEARL_DRAFT_TOP_K",
     description: "size of a sampled draft's distribution q sent to the target",
     defaultValue: 16,
     parse: integerIn(1, 1024),
-  },
-  {
-    key: "defaultMaxTokens",
+  }),
+  defaultMaxTokens: option({
     flag: "max-tokens",
     valueName: "n",
     env: "PEARL_MAX_TOKENS",
     description: "max_tokens of requests that do not set it",
     defaultValue: 256,
     parse: integerIn(1, 1 << 24),
-  },
-  {
-    key: "tokenizerDir",
+  }),
+  // A folder with tokenizer.json (and tokenizer_config.json).
+  tokenizerDir: option({
     flag: "tokenizer",
     valueName: "dir",
     env: "PEARL_TOKENIZER",
     description: "folder with tokenizer.json for text prompts (default: none, token ids only)",
     defaultValue: "",
     parse: text,
-  },
-  {
-    key: "servedModelName",
+  }),
+  servedModelName: option({
     flag: "served-model-name",
     valueName: "name",
     env: "PEARL_SERVED_MODEL_NAME",
@@ -562,18 +450,16 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
       "its folder name; pearl serve on the embedded pair: pearl-code)",
     defaultValue: "",
     parse: text,
-  },
-  {
-    key: "connectTimeoutSeconds",
+  }),
+  connectTimeoutSeconds: option({
     flag: "connect-timeout",
     valueName: "seconds",
     env: "PEARL_CONNECT_TIMEOUT",
     description: "how long to wait for the draft and target services at start-up",
     defaultValue: 60,
     parse: numberIn(0, 86400),
-  },
-  {
-    key: "apiKeys",
+  }),
+  apiKeys: option({
     flag: "api-key",
     valueName: "key",
     repeatable: true,
@@ -584,99 +470,81 @@ export const GATEWAY_OPTIONS: OptionSpec<GatewayConfig>[] = [
       "separate keys with commas to accept several",
     defaultValue: [],
     parse: parseApiKeys,
-  },
-  {
-    key: "apiKeyExempt",
+  }),
+  apiKeyExempt: option({
     flag: "api-key-exempt",
     valueName: "health,metrics|off",
     env: "PEARL_API_KEY_EXEMPT",
     description: "endpoints that stay open without a key (health: /health and the gRPC health service)",
     defaultValue: ["health", "metrics"],
     parse: parseExempt,
-  },
-  ...tlsServerSpecs<GatewayConfig>("PEARL_GATEWAY_", "REST and gRPC ports"),
-  pemFileSpec<GatewayConfig>(
-    "linkTlsCa",
+  }),
+  ...tlsServerOptions("PEARL_GATEWAY_", "REST and gRPC ports"),
+  // A CA turns TLS towards the draft and target services on; cert and key authenticate the gateway.
+  linkTlsCa: pemFile(
     "link-tls-ca",
     "PEARL_",
     "PEM CA bundle: reach the draft and target services over TLS, verifying them with it",
   ),
-  pemFileSpec<GatewayConfig>(
-    "linkTlsCert",
-    "link-tls-cert",
-    "PEARL_",
-    "PEM client certificate for those links",
-  ),
-  pemFileSpec<GatewayConfig>("linkTlsKey", "link-tls-key", "PEARL_", "PEM private key of --link-tls-cert"),
-  {
-    key: "maxNumSeqs",
+  linkTlsCert: pemFile("link-tls-cert", "PEARL_", "PEM client certificate for those links"),
+  linkTlsKey: pemFile("link-tls-key", "PEARL_", "PEM private key of --link-tls-cert"),
+  maxNumSeqs: option({
     flag: "max-num-seqs",
     valueName: "n",
     env: "PEARL_MAX_NUM_SEQS",
     description: "most requests running at once; later ones wait",
     defaultValue: 256,
     parse: integerIn(1, 1 << 20),
-  },
-  {
-    key: "maxWaiting",
+  }),
+  maxWaiting: option({
     flag: "max-waiting",
     valueName: "n",
     env: "PEARL_MAX_WAITING",
     description: "most requests waiting to run; beyond it: 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After",
     defaultValue: 1024,
     parse: integerIn(0, 1 << 20),
-  },
-  {
-    key: "maxBodyBytes",
+  }),
+  maxBodyBytes: option({
     flag: "max-body-bytes",
     valueName: "bytes",
     env: "PEARL_MAX_BODY_BYTES",
     description: "largest request body (REST: 413) or message (gRPC: RESOURCE_EXHAUSTED)",
     defaultValue: 4 * 1024 * 1024,
     parse: integerIn(1024, 1 << 30),
-  },
-  {
-    key: "maxPromptTokens",
+  }),
+  maxPromptTokens: option({
     flag: "max-prompt-tokens",
     valueName: "n",
     env: "PEARL_MAX_PROMPT_TOKENS",
     description: "longest prompt; longer ones: 400 (0: the target's context length less one)",
     defaultValue: 0,
     parse: integerIn(0, 1 << 24),
-  },
-  {
-    key: "bodyTimeoutSeconds",
+  }),
+  // Slow senders are how a slowloris client holds connections open.
+  bodyTimeoutSeconds: option({
     flag: "body-timeout",
     valueName: "seconds",
     env: "PEARL_BODY_TIMEOUT",
     description: "most seconds a REST client may take to send its request; slower ones get 408",
     defaultValue: 30,
     parse: numberIn(1, 3600),
-  },
-  {
-    key: "shutdownTimeoutSeconds",
+  }),
+  shutdownTimeoutSeconds: option({
     flag: "shutdown-timeout",
     valueName: "seconds",
     env: "PEARL_SHUTDOWN_TIMEOUT",
     description: "on SIGTERM: how long requests in flight may take to finish before they are cancelled",
     defaultValue: 30,
     parse: numberIn(0, 3600),
-  },
-  HOST_SPEC,
-  LOG_LEVEL_SPEC,
-];
+  }),
+  ...SHARED_OPTIONS,
+};
 
 /** How `pearl serve` (and `generate --local`, `bench --local`) places the draft and the target on GPUs,
  * beyond each one's --devices. */
-export interface PlacementConfig {
-  /** Lets the draft's and the target's GPU groups overlap, and one group name a GPU twice (several
-   * tensor-parallel ranks on one GPU, which exercises the tensor-parallel code on a single card). */
-  allowSharedDevices: boolean;
-}
-
-export const PLACEMENT_OPTIONS: OptionSpec<PlacementConfig>[] = [
-  {
-    key: "allowSharedDevices",
+export const PLACEMENT_OPTIONS = {
+  // Several tensor-parallel ranks on one GPU exercise the tensor-parallel code on a single card.
+  allowSharedDevices: option({
     flag: "allow-shared-devices",
     valueName: "bool",
     valueOptional: true,
@@ -686,11 +554,20 @@ export const PLACEMENT_OPTIONS: OptionSpec<PlacementConfig>[] = [
       "compete for that GPU, which costs PEARL its parallelism)",
     defaultValue: false,
     parse: parseBoolean,
-  },
-];
+  }),
+};
 
-function defaults<Config>(specs: OptionSpec<Config>[]): Config {
-  return Object.fromEntries(specs.map((spec) => [spec.key, spec.defaultValue])) as Config;
+export type DraftServiceConfig = ConfigOf<typeof DRAFT_SERVICE_OPTIONS>;
+export type TargetServiceConfig = ConfigOf<typeof TARGET_SERVICE_OPTIONS>;
+/** What the draft and the target service share. */
+export type ModelServiceConfig = DraftServiceConfig;
+export type GatewayConfig = ConfigOf<typeof GATEWAY_OPTIONS>;
+export type PlacementConfig = ConfigOf<typeof PLACEMENT_OPTIONS>;
+
+function defaults<Options extends OptionSet>(options: Options): ConfigOf<Options> {
+  return Object.fromEntries(
+    Object.entries(options).map(([key, spec]) => [key, spec.defaultValue]),
+  ) as ConfigOf<Options>;
 }
 
 export function draftServiceDefaults(): DraftServiceConfig {
@@ -707,7 +584,25 @@ export function gatewayDefaults(): GatewayConfig {
 
 // ---- commander glue -----------------------------------------------------------------------------------
 
-function isEmptyDefault<Config>(spec: OptionSpec<Config>): boolean {
+/** The settings of `keys` alone. */
+export function pickOptions<Options extends OptionSet, Key extends keyof Options & string>(
+  options: Options,
+  keys: readonly Key[],
+): Pick<Options, Key> {
+  return Object.fromEntries(keys.map((key) => [key, options[key]])) as Pick<Options, Key>;
+}
+
+/** The settings less those of `keys`. */
+export function omitOptions<Options extends OptionSet, Key extends keyof Options & string>(
+  options: Options,
+  keys: readonly Key[],
+): Omit<Options, Key> {
+  return Object.fromEntries(
+    Object.entries(options).filter(([key]) => !(keys as readonly string[]).includes(key)),
+  ) as Omit<Options, Key>;
+}
+
+function isEmptyDefault(spec: OptionSpec<unknown>): boolean {
   return spec.defaultValue === "" || (Array.isArray(spec.defaultValue) && spec.defaultValue.length === 0);
 }
 
@@ -715,23 +610,14 @@ function camelCase(flag: string): string {
   return flag.replace(/-([a-z])/g, (_, letter: string) => letter.toUpperCase());
 }
 
-/**
- * Adds the specs' flags to a command, each prefixed with `prefix` (e.g. "draft-"), except the keys in
- * `skip` (settings the command derives itself).
- */
-export function addOptions<Config>(
-  command: Command,
-  specs: OptionSpec<Config>[],
-  prefix = "",
-  skip: ReadonlySet<string> = new Set(),
-): void {
-  const existing = new Set(command.options.map((option) => option.long));
-  for (const spec of specs) {
-    if (skip.has(spec.key)) continue;
+/** Adds the settings' flags to a command, each prefixed with `prefix` (e.g. "draft-"). */
+export function addOptions(command: Command, options: OptionSet, prefix = ""): void {
+  const existing = new Set(command.options.map((known) => known.long));
+  for (const spec of Object.values(options)) {
     const long = `--${prefix}${spec.flag}`;
     if (existing.has(long)) continue;
     const value = spec.valueOptional ? `[${spec.valueName}]` : `<${spec.valueName}>`;
-    const option = new Option(`${long} ${value}`, spec.description)
+    const flag = new Option(`${long} ${value}`, spec.description)
       .env(spec.env)
       .argParser((raw: string, previous: unknown) =>
         spec.repeatable && Array.isArray(previous) && previous !== spec.defaultValue
@@ -740,56 +626,61 @@ export function addOptions<Config>(
       );
     // An empty default means "not set" (readOptions falls back to it); --help need not show it.
     if (!isEmptyDefault(spec)) {
-      option.default(
+      flag.default(
         spec.defaultValue,
         Array.isArray(spec.defaultValue) ? spec.defaultValue.join(",") : undefined,
       );
     }
-    command.addOption(option);
+    command.addOption(flag);
   }
 }
 
 /** Reads back what addOptions added into a typed config. */
-export function readOptions<Config>(
+export function readOptions<Options extends OptionSet>(
   values: Record<string, unknown>,
-  specs: OptionSpec<Config>[],
+  options: Options,
   prefix = "",
-): Config {
-  const config = defaults(specs) as Record<string, unknown>;
-  for (const spec of specs) {
+): ConfigOf<Options> {
+  const config: Record<string, unknown> = defaults(options);
+  for (const [key, spec] of Object.entries(options)) {
     const value = values[camelCase(`${prefix}${spec.flag}`)];
-    if (value !== undefined) config[spec.key] = value;
+    if (value !== undefined) config[key] = value;
   }
-  return config as Config;
+  return config as ConfigOf<Options>;
+}
+
+function formatValue(spec: OptionSpec<unknown>, value: unknown): string {
+  if (spec.format) return spec.format(value);
+  if (Array.isArray(value)) return value.length > 0 ? value.join(",") : "off";
+  return String(value);
 }
 
 /** The flags that reproduce a config, for starting a service as a child process. */
-export function toArgs<Config>(config: Config, specs: OptionSpec<Config>[]): string[] {
+export function toArgs<Options extends OptionSet>(config: ConfigOf<Options>, options: Options): string[] {
   const args: string[] = [];
-  for (const spec of specs) {
-    const value = (config as Record<string, unknown>)[spec.key];
+  for (const [key, spec] of Object.entries(options)) {
+    const value: unknown = config[key];
     if (value === undefined || spec.secret) continue;
-    let raw: string;
-    if (Array.isArray(value)) raw = value.length > 0 ? value.join(",") : "off";
-    else if (spec.key === "httpPort" && value === -1) raw = "off";
-    else raw = String(value);
     // A text or list left at an empty default stays out: the child falls back to the same default ("off"
     // means an empty list to --profile, but is no device list).
-    if (isEmptyDefault(spec) && (raw === "" || (Array.isArray(value) && value.length === 0))) continue;
-    args.push(`--${spec.flag}`, raw);
+    if (isEmptyDefault(spec) && (value === "" || (Array.isArray(value) && value.length === 0))) continue;
+    args.push(`--${spec.flag}`, formatValue(spec, value));
   }
   return args;
 }
 
 /** The environment variables that carry a config's secrets to a child process (see toArgs). */
-export function secretEnv<Config>(config: Config, specs: OptionSpec<Config>[]): Record<string, string> {
+export function secretEnv<Options extends OptionSet>(
+  config: ConfigOf<Options>,
+  options: Options,
+): Record<string, string> {
   const env: Record<string, string> = {};
-  for (const spec of specs) {
-    const value = (config as Record<string, unknown>)[spec.key];
+  for (const [key, spec] of Object.entries(options)) {
+    const value: unknown = config[key];
     if (!spec.secret || value === undefined || value === "" || (Array.isArray(value) && value.length === 0)) {
       continue;
     }
-    env[spec.env] = Array.isArray(value) ? value.join(",") : String(value);
+    env[spec.env] = formatValue(spec, value);
   }
   return env;
 }

@@ -8,7 +8,6 @@ import { Command } from "commander";
 import OpenAI from "openai";
 import {
   addOptions,
-  type OptionSpec,
   readOptions,
   TARGET_SERVICE_OPTIONS,
   type TargetServiceConfig,
@@ -25,7 +24,7 @@ function parseTarget(argv: string[], env: Record<string, string> = {}): TargetSe
   Object.assign(process.env, env);
   try {
     const command = new Command("t").exitOverride().configureOutput({ writeErr: () => undefined });
-    addOptions(command, TARGET_SERVICE_OPTIONS as OptionSpec<TargetServiceConfig>[]);
+    addOptions(command, TARGET_SERVICE_OPTIONS);
     command.parse(argv, { from: "user" });
     return readOptions(command.opts(), TARGET_SERVICE_OPTIONS);
   } finally {

@@ -11,7 +11,9 @@ import {
   DRAFT_SERVICE_OPTIONS,
   GATEWAY_OPTIONS,
   gatewayDefaults,
-  type OptionSpec,
+  omitOptions,
+  type OptionSet,
+  PLACEMENT_OPTIONS,
   readOptions,
   TARGET_SERVICE_OPTIONS,
   targetServiceDefaults,
@@ -111,16 +113,12 @@ describe("decoding modes", () => {
 });
 
 describe("configuration", () => {
-  function parse<Config>(
-    specs: OptionSpec<Config>[],
-    argv: string[],
-    env: Record<string, string>,
-  ): Record<string, unknown> {
+  function parse(options: OptionSet, argv: string[], env: Record<string, string>): Record<string, unknown> {
     const saved = { ...process.env };
     Object.assign(process.env, env);
     try {
       const command = new Command("t").exitOverride().configureOutput({ writeErr: () => undefined });
-      addOptions(command, specs);
+      addOptions(command, options);
       command.parse(argv, { from: "user" });
       return command.opts();
     } finally {
@@ -130,7 +128,9 @@ describe("configuration", () => {
   }
 
   test("every flag has a PEARL_* environment variable, and the flag wins over it", () => {
-    for (const spec of [...DRAFT_SERVICE_OPTIONS, ...TARGET_SERVICE_OPTIONS, ...GATEWAY_OPTIONS]) {
+    for (const spec of [DRAFT_SERVICE_OPTIONS, TARGET_SERVICE_OPTIONS, GATEWAY_OPTIONS].flatMap(
+      Object.values,
+    )) {
       assert.match(spec.env, /^PEARL_[A-Z_]+$/);
     }
     const values = parse(TARGET_SERVICE_OPTIONS, ["--threads", "3"], {
@@ -168,5 +168,39 @@ describe("configuration", () => {
       readOptions(parse(GATEWAY_OPTIONS, toArgs(config, GATEWAY_OPTIONS), {}), GATEWAY_OPTIONS),
       config,
     );
+  });
+
+  test("each non-empty default reads back from the text a child process is given for it", () => {
+    for (const options of [
+      DRAFT_SERVICE_OPTIONS,
+      TARGET_SERVICE_OPTIONS,
+      GATEWAY_OPTIONS,
+      PLACEMENT_OPTIONS,
+    ]) {
+      const defaults = readOptions({}, options);
+      const args = toArgs(defaults, options);
+      for (const [key, spec] of Object.entries(options)) {
+        const at = args.indexOf(`--${spec.flag}`);
+        if (spec.secret || (at < 0 && (spec.defaultValue === "" || Array.isArray(spec.defaultValue))))
+          continue;
+        assert.ok(at >= 0, `${key} is missing from ${args.join(" ")}`);
+        assert.deepEqual(spec.parse(args[at + 1] ?? ""), spec.defaultValue, key);
+      }
+    }
+  });
+
+  test("pearl serve's flags and variables name one setting each", () => {
+    const served: [string, OptionSet][] = [
+      ["draft-", omitOptions(DRAFT_SERVICE_OPTIONS, ["host", "logLevel"])],
+      ["target-", omitOptions(TARGET_SERVICE_OPTIONS, ["host", "logLevel"])],
+      ["", omitOptions(GATEWAY_OPTIONS, ["draftAddress", "targetAddress"])],
+      ["", PLACEMENT_OPTIONS],
+    ];
+    const flags = served.flatMap(([prefix, options]) =>
+      Object.values(options).map((spec) => prefix + spec.flag),
+    );
+    const variables = served.flatMap(([, options]) => Object.values(options).map((spec) => spec.env));
+    assert.equal(new Set(flags).size, flags.length, flags.join(" "));
+    assert.equal(new Set(variables).size, variables.length, variables.join(" "));
   });
 });
