@@ -4,7 +4,10 @@
 # (default ./gpu-results): card.txt, build.log, test.log, shapes.log, bench.log, bench-<shape>.json.
 #
 #   bash tools/gpu_run.sh [stage ...]   stages: build shapes-8b test bench-1b bench-8b bench-tp bench-qwen
-#                                       profile-8b timeline-8b (default: all, in that order)
+#                                       profile-8b timeline-8b bench-pair (default: all, in that order)
+#
+# PEARL_GPU_TESTS narrows the test stage to some of test/gpu/*.test.ts (a shell glob, default all); the
+# real-shape pair test uses the checkpoints bench-pair writes.
 #
 # Node must be on PATH (the device recipe unpacks it from .gpu/); npm need not be: the stages run the
 # commands of package.json's build:cuda, test:gpu and bench:gpu scripts directly. Each stage has its own time limit so
@@ -22,7 +25,8 @@ export PYTHONUNBUFFERED=1
 export PEARL_CUDA_LOG_TUNING=1  # each engine prints its skinny-GEMM timings per weight shape (bench.log)
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build shapes-8b test bench-1b bench-8b bench-tp bench-qwen profile-8b timeline-8b)
+[ ${#stages[@]} -eq 0 ] &&
+  stages=(build shapes-8b test bench-1b bench-8b bench-tp bench-qwen profile-8b timeline-8b bench-pair)
 status=0
 
 note() { echo "[gpu_run $(date +%H:%M:%S)] $*"; }
@@ -63,6 +67,27 @@ bench_shape() {
   make_shape "$shape" || { fail "make_shapes $shape"; return; }
   run_stage 240 "$OUT/bench.log" node --import tsx bench/gpu.ts --models "$SHAPES_DIR/$shape" --variants "$variants" \
     --baseline "$SHAPES_DIR/hf-$shape.json" --json "$OUT/bench-$shape.json" "$@" || fail "bench $shape"
+}
+
+# pearl bench on the real-shape pair (docs/real-shape-pair.md): the trained embedded pair written into the
+# Llama-3.2-1B and 3.1-8B shapes, padded ids masked so that sampling cannot draw them. Deterministic
+# numerics, so that greedy outputs must agree across modes at every concurrency. With two or more GPUs the
+# draft runs on GPU 0 and the target on GPU 1; with one, they share it.
+bench_pair() {
+  local pair=$SHAPES_DIR/real-pair
+  for role in draft:llama-3.2-1b target:llama-3.1-8b; do
+    local dir="$pair/${role%%:*}-${role##*:}"
+    [ -f "$dir/config.json" ] && continue
+    run_stage 300 "$OUT/shapes.log" python3 tools/embed_pair.py --source "models/${role%%:*}" \
+      --shape "${role##*:}" --out "$dir" --mask-padded-ids || { fail "embed_pair $role"; return; }
+  done
+  local placement=()
+  [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && placement=(--draft-devices 0 --target-devices 1)
+  run_stage 420 "$OUT/bench.log" node --import tsx cli/pearl.ts bench --local --no-progress \
+    --draft-model "$pair/draft-llama-3.2-1b" --target-model "$pair/target-llama-3.1-8b" \
+    --draft-backend cuda --target-backend cuda --draft-deterministic --target-deterministic "${placement[@]}" \
+    --modes ar,sd,pearl --concurrency 1,4,16 --temperatures 0,0.8 --requests 32 --rounds 2 --max-tokens 128 ||
+    fail "pearl bench on the real-shape pair"
 }
 
 # Kernel durations and DRAM traffic of one eager 8B decode step (batch 1) under Nsight Compute, summed per
@@ -237,7 +262,9 @@ for stage in "${stages[@]}"; do
       # answering REST requests, two stacks started, and tensor_parallel.test.ts, which splits the 8B shape
       # when shapes-8b has written it (PEARL_SHAPES_DIR).
       run_stage 60 "$OUT/test.log" native/build/cuda_ops_test || fail "CUDA op tests"
-      PEARL_SHAPES_DIR="$SHAPES_DIR" run_stage 480 "$OUT/test.log" node --import tsx --test --test-force-exit --test-concurrency=1 test/gpu/*.test.ts || fail "GPU tests"
+      # shellcheck disable=SC2086 # the glob is meant to expand
+      PEARL_SHAPES_DIR="$SHAPES_DIR" PEARL_REAL_PAIR_DIR="$SHAPES_DIR/real-pair" run_stage 480 "$OUT/test.log" node --import tsx --test --test-force-exit \
+        --test-concurrency=1 ${PEARL_GPU_TESTS:-test/gpu/*.test.ts} || fail "GPU tests"
       grep -E "^# (tests|pass|fail)|^[0-9]+ tests, " "$OUT/test.log"
       grep -E "^not ok|^ +not ok" "$OUT/test.log" | head -20
       ;;
@@ -248,7 +275,8 @@ for stage in "${stages[@]}"; do
     bench-qwen) bench_shape qwen2.5-7b default --batch 1,16 --windows 8 ;;
     profile-8b) profile_decode llama-3.1-8b 518 291 ;;
     timeline-8b) timeline_decode llama-3.1-8b ;;
-    *) fail "unknown stage $stage (build, shapes-8b, test, bench-1b, bench-8b, bench-tp, bench-qwen, profile-8b, timeline-8b)" ;;
+    bench-pair) bench_pair ;;
+    *) fail "unknown stage $stage (build, shapes-8b, test, bench-1b, bench-8b, bench-tp, bench-qwen, profile-8b, timeline-8b, bench-pair)" ;;
   esac
 done
 [ -f "$OUT/bench.log" ] && grep -E "^\||^ncu:|^cupti:|^step span" "$OUT/bench.log"
