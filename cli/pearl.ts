@@ -13,6 +13,7 @@ import {
   pickOptions,
   PLACEMENT_OPTIONS,
   readOptions,
+  SHARED_OPTION_KEYS,
   TARGET_SERVICE_OPTIONS,
 } from "../lib/config.js";
 import {
@@ -36,8 +37,6 @@ import { startTargetService } from "../services/target/server.js";
 import { formatBench, loadPrompts, runBench } from "./bench.js";
 import { ProgressBar } from "./progress.js";
 import { readStack, type RunningStack, startLocalStack, startStack } from "./stack.js";
-
-const SHARED_KEYS = ["host", "logLevel"] as const;
 
 /** Runs an in-process service until SIGINT or SIGTERM, then closes it gracefully. */
 function runUntilSignal(service: RunningService): void {
@@ -191,8 +190,8 @@ const program = new Command("pearl")
 const serve = program
   .command("serve")
   .description("run the draft, target and gateway services as child processes");
-addOptions(serve, omitOptions(DRAFT_SERVICE_OPTIONS, SHARED_KEYS), "draft-");
-addOptions(serve, omitOptions(TARGET_SERVICE_OPTIONS, SHARED_KEYS), "target-");
+addOptions(serve, omitOptions(DRAFT_SERVICE_OPTIONS, SHARED_OPTION_KEYS), "draft-");
+addOptions(serve, omitOptions(TARGET_SERVICE_OPTIONS, SHARED_OPTION_KEYS), "target-");
 addOptions(serve, omitOptions(GATEWAY_OPTIONS, ["draftAddress", "targetAddress"]));
 addOptions(serve, PLACEMENT_OPTIONS);
 serve.action(async (_options, command: Command) => {

@@ -184,6 +184,9 @@ const SHARED_OPTIONS = {
   }),
 };
 
+/** The settings every service has, which `pearl serve` takes once for all three. */
+export const SHARED_OPTION_KEYS = Object.keys(SHARED_OPTIONS) as (keyof typeof SHARED_OPTIONS)[];
+
 /** The settings of a draft or target service: one model, one engine, one gRPC server. */
 function modelServiceOptions(role: "draft" | "target", grpcPort: number, httpPort: number) {
   const env = `PEARL_${role.toUpperCase()}_`;
@@ -602,8 +605,13 @@ export function omitOptions<Options extends OptionSet, Key extends keyof Options
   ) as Omit<Options, Key>;
 }
 
+/** "" or an empty list: a text or list setting left unset. */
+function isEmpty(value: unknown): boolean {
+  return value === "" || (Array.isArray(value) && value.length === 0);
+}
+
 function isEmptyDefault(spec: OptionSpec<unknown>): boolean {
-  return spec.defaultValue === "" || (Array.isArray(spec.defaultValue) && spec.defaultValue.length === 0);
+  return isEmpty(spec.defaultValue);
 }
 
 function camelCase(flag: string): string {
@@ -663,7 +671,7 @@ export function toArgs<Options extends OptionSet>(config: ConfigOf<Options>, opt
     if (value === undefined || spec.secret) continue;
     // A text or list left at an empty default stays out: the child falls back to the same default ("off"
     // means an empty list to --profile, but is no device list).
-    if (isEmptyDefault(spec) && (value === "" || (Array.isArray(value) && value.length === 0))) continue;
+    if (isEmptyDefault(spec) && isEmpty(value)) continue;
     args.push(`--${spec.flag}`, formatValue(spec, value));
   }
   return args;
@@ -677,9 +685,7 @@ export function secretEnv<Options extends OptionSet>(
   const env: Record<string, string> = {};
   for (const [key, spec] of Object.entries(options)) {
     const value: unknown = config[key];
-    if (!spec.secret || value === undefined || value === "" || (Array.isArray(value) && value.length === 0)) {
-      continue;
-    }
+    if (!spec.secret || value === undefined || isEmpty(value)) continue;
     env[spec.env] = formatValue(spec, value);
   }
   return env;

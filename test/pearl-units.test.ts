@@ -15,6 +15,7 @@ import {
   type OptionSet,
   PLACEMENT_OPTIONS,
   readOptions,
+  SHARED_OPTION_KEYS,
   TARGET_SERVICE_OPTIONS,
   targetServiceDefaults,
   toArgs,
@@ -191,8 +192,8 @@ describe("configuration", () => {
 
   test("pearl serve's flags and variables name one setting each", () => {
     const served: [string, OptionSet][] = [
-      ["draft-", omitOptions(DRAFT_SERVICE_OPTIONS, ["host", "logLevel"])],
-      ["target-", omitOptions(TARGET_SERVICE_OPTIONS, ["host", "logLevel"])],
+      ["draft-", omitOptions(DRAFT_SERVICE_OPTIONS, SHARED_OPTION_KEYS)],
+      ["target-", omitOptions(TARGET_SERVICE_OPTIONS, SHARED_OPTION_KEYS)],
       ["", omitOptions(GATEWAY_OPTIONS, ["draftAddress", "targetAddress"])],
       ["", PLACEMENT_OPTIONS],
     ];
